@@ -1,0 +1,51 @@
+# Tessera: every target creates or updates .venv itself (bpy 5.0.1 needs Python 3.11).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_SCENE := resources/scenes/demo.blend
+PYTEST_ARGS ?=
+
+# Find a Python 3.11: an explicit PYTHON=..., python3.11 on PATH, or python3 if it is 3.11.
+PYTHON ?= $(shell for p in python3.11 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null \
+	&& { command -v $$p; break; }; done)
+
+.PHONY: demo test bench app lint venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if [ -z "$(PYTHON)" ]; then \
+	  echo "error: Python 3.11 not found. Blender's bpy 5.0.1 module exists for Python 3.11 only."; \
+	  echo "  Install it (e.g. 'apt-get install python3.11 python3.11-venv', 'pyenv install 3.11'"; \
+	  echo "  or 'uv python install 3.11') and re-run, or pass PYTHON=/path/to/python3.11."; \
+	  exit 1; fi
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[blender,dev]'
+	@touch $(STAMP)
+
+$(DEMO_SCENE): resources/scenes/make_demo.py $(STAMP)
+	$(PY) -I resources/scenes/make_demo.py $(DEMO_SCENE)
+
+demo: $(STAMP) $(DEMO_SCENE)
+	$(VENV)/bin/tessera demo
+
+test: $(STAMP)
+	QT_QPA_PLATFORM=offscreen $(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP) $(DEMO_SCENE)
+	$(PY) -m benchmarks.run_all
+
+app: $(STAMP)
+	@echo "The desktop app arrives with the app issue; try '$(VENV)/bin/tessera --help'."
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+clean:
+	rm -rf $(VENV) out benchmarks/results $(DEMO_SCENE) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,515 @@
+"""The program that runs INSIDE Blender: a warm render worker speaking JSON lines.
+
+Started by `renderers.worker.RenderWorker` either as `python -I -u worker_main.py` (the
+bpy module) or as `blender -b --factory-startup --disable-autoexec --python
+worker_main.py`. It reads one JSON request per line on stdin and writes JSON events on
+the original stdout; everything Blender itself prints is sent to stderr so it can never
+corrupt the protocol.
+
+Requests (`op`): `hello`, `devices`, `inspect`, `render`, `denoise`, `quit`. Every
+request carries an `id`; the worker answers with zero or more `progress` events and
+exactly one `result` or `error` event with that id.
+
+It must stay self-contained: standard library and bpy only (Blender's bundled Python
+has nothing else), and it must never let a scene run Python: files are opened with
+scripts disabled, factory settings, and no user add-ons.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+# Keep the real stdout for the protocol, then point fd 1 at stderr so that Cycles'
+# C-level prints ("Fra:1 Mem:...") cannot interleave with our JSON lines.
+_PROTOCOL = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+os.dup2(2, 1)
+sys.stdout = sys.stderr
+
+import bpy  # noqa: E402  (the redirect above must happen before Blender prints anything)
+
+GPU_TYPES = ("CUDA", "OPTIX", "HIP", "METAL", "ONEAPI")
+SAMPLE_RE = re.compile(r"Sample (\d+)/(\d+)")
+
+
+_STATS_LISTENERS: list[Any] = []
+
+
+# Blender drops app handlers when a file is opened unless they are marked persistent.
+@bpy.app.handlers.persistent
+def _forward_render_stats(stats: Any, *_: Any) -> None:
+    for listener in _STATS_LISTENERS:
+        listener(stats)
+
+
+class WorkerFailureError(Exception):
+    """An error with a machine-readable kind, sent back as an `error` event."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+def send(event: dict[str, Any]) -> None:
+    _PROTOCOL.write(json.dumps(event) + "\n")
+    _PROTOCOL.flush()
+
+
+class Worker:
+    def __init__(self) -> None:
+        self.scene_path: str | None = None
+        self.scene_mtime: float | None = None
+        self.originals: dict[str, Any] = {}
+        self.active_device: str | None = None
+        self.current_id: str | None = None
+        self.last_progress = 0.0
+        bpy.context.preferences.filepaths.use_scripts_auto_execute = False
+        _STATS_LISTENERS.append(self._on_render_stats)
+        bpy.app.handlers.render_stats.append(_forward_render_stats)
+
+    # --- protocol ---------------------------------------------------------------------
+
+    def serve(self) -> None:
+        send(
+            {
+                "event": "ready",
+                "version": bpy.app.version_string,
+                "build_hash": _build_hash(),
+                "pid": os.getpid(),
+            }
+        )
+        for raw_line in sys.stdin:
+            line = raw_line.strip()
+            if not line:
+                continue
+            try:
+                request = json.loads(line)
+            except json.JSONDecodeError as exc:
+                send(
+                    {
+                        "event": "error",
+                        "id": None,
+                        "kind": "bad_request",
+                        "message": f"not JSON: {exc}",
+                    }
+                )
+                continue
+            request_id = request.get("id")
+            op = request.get("op")
+            if op == "quit":
+                send({"event": "result", "id": request_id})
+                return
+            handler = getattr(self, f"op_{op}", None)
+            if handler is None:
+                send(
+                    {
+                        "event": "error",
+                        "id": request_id,
+                        "kind": "bad_request",
+                        "message": f"unknown op {op!r}",
+                    }
+                )
+                continue
+            self.current_id = request_id
+            try:
+                result = handler(request)
+            except WorkerFailureError as exc:
+                send({"event": "error", "id": request_id, "kind": exc.kind, "message": exc.message})
+            except Exception as exc:
+                send(
+                    {
+                        "event": "error",
+                        "id": request_id,
+                        "kind": "render_failed",
+                        "message": str(exc).strip() or type(exc).__name__,
+                        "traceback": traceback.format_exc(),
+                    }
+                )
+            else:
+                send({"event": "result", "id": request_id, **result})
+            finally:
+                self.current_id = None
+
+    def _on_render_stats(self, stats: Any) -> None:
+        if self.current_id is None:
+            return
+        match = SAMPLE_RE.search(str(stats))
+        now = time.monotonic()
+        if match is None or now - self.last_progress < 0.2:
+            return
+        self.last_progress = now
+        done, total = int(match.group(1)), int(match.group(2))
+        send(
+            {
+                "event": "progress",
+                "id": self.current_id,
+                "samples_done": done,
+                "samples_total": total,
+            }
+        )
+
+    # --- ops ---------------------------------------------------------------------------
+
+    def op_hello(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"version": bpy.app.version_string, "build_hash": _build_hash(), "pid": os.getpid()}
+
+    def op_devices(self, request: dict[str, Any]) -> dict[str, Any]:
+        prefs = _cycles_prefs()
+        devices: list[dict[str, str]] = []
+        available_types = [t[0] for t in prefs.get_device_types(bpy.context)]
+        for device_type in GPU_TYPES:
+            if device_type not in available_types:
+                continue
+            try:
+                found = prefs.get_devices_for_type(device_type)
+            except Exception:
+                continue
+            devices.extend(
+                {"type": d.type, "name": d.name, "id": d.id} for d in found if d.type == device_type
+            )
+        cpu_name = _cpu_name()
+        devices.insert(0, {"type": "CPU", "name": cpu_name, "id": "CPU"})
+        return {"devices": devices, "compute_types": available_types}
+
+    def op_inspect(self, request: dict[str, Any]) -> dict[str, Any]:
+        self._open(request["scene"])
+        return {"scene": _describe_scene(bpy.context.scene)}
+
+    def op_render(self, request: dict[str, Any]) -> dict[str, Any]:
+        started = time.monotonic()
+        self._open(request["scene"])
+        scene = bpy.context.scene
+        if scene.camera is None:
+            raise WorkerFailureError("no_camera", f"Scene '{scene.name}' has no active camera.")
+        if scene.render.engine != "CYCLES":
+            raise WorkerFailureError(
+                "unsupported_engine",
+                f"Scene uses render engine {scene.render.engine}; "
+                "the farm renders with Cycles only.",
+            )
+        self._restore_originals(scene)
+        self._select_device(scene, request.get("device", "CPU"))
+        _apply_render_settings(scene, request)
+        output = request["output"]
+        scene.render.filepath = output
+        self.last_progress = 0.0
+        bpy.ops.render.render(write_still=True, scene=scene.name)
+        if not Path(output).exists():
+            raise WorkerFailureError(
+                "render_failed", f"Blender rendered but wrote no file at {output}"
+            )
+        width, height = _render_size(scene)
+        return {
+            "output": output,
+            "seconds": time.monotonic() - started,
+            "frame_width": width,
+            "frame_height": height,
+            "device": self.active_device or "CPU",
+        }
+
+    def op_denoise(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Denoise a single-part multilayer EXR with Cycles' own OpenImageDenoise path."""
+        started = time.monotonic()
+        scene = bpy.context.scene
+        scene.render.engine = "CYCLES"
+        for layer in scene.view_layers:
+            layer.cycles.denoising_store_passes = True
+        try:
+            bpy.ops.cycles.denoise_animation(
+                input_filepath=request["input"], output_filepath=request["output"]
+            )
+        except RuntimeError as exc:
+            raise WorkerFailureError("denoise_failed", str(exc).strip()) from exc
+        if not Path(request["output"]).exists():
+            raise WorkerFailureError("denoise_failed", "the denoiser wrote no output file")
+        return {"output": request["output"], "seconds": time.monotonic() - started}
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _open(self, path: str) -> None:
+        mtime = Path(path).stat().st_mtime
+        if path == self.scene_path and mtime == self.scene_mtime:
+            return
+        try:
+            bpy.ops.wm.open_mainfile(filepath=path, load_ui=False, use_scripts=False)
+        except RuntimeError as exc:
+            self.scene_path = None
+            raise WorkerFailureError("corrupt_scene", _clean_blender_error(str(exc))) from exc
+        self.scene_path, self.scene_mtime = path, mtime
+        self.active_device = None
+        self.originals = _snapshot_settings(bpy.context.scene)
+
+    def _restore_originals(self, scene: Any) -> None:
+        for key, value in self.originals.items():
+            owner_name, attr = key.split(":", 1)
+            if owner_name.startswith("layer"):
+                layer_index = int(owner_name[len("layer") :])
+                setattr(scene.view_layers[layer_index].cycles, attr, value)
+            else:
+                setattr(_settings_owner(scene, owner_name), attr, value)
+
+    def _select_device(self, scene: Any, device: str) -> None:
+        if device == "CPU":
+            scene.cycles.device = "CPU"
+            self.active_device = "CPU"
+            return
+        if device != self.active_device:
+            prefs = _cycles_prefs()
+            available_types = [t[0] for t in prefs.get_device_types(bpy.context)]
+            if device not in available_types:
+                raise WorkerFailureError(
+                    "device_unavailable",
+                    f"This Blender build has no {device} support "
+                    f"(it offers: {', '.join(available_types) or 'CPU only'}).",
+                )
+            prefs.compute_device_type = device
+            prefs.refresh_devices()
+            matching = [d for d in prefs.devices if d.type == device]
+            if not matching:
+                raise WorkerFailureError(
+                    "device_unavailable", f"No {device} device found on this machine."
+                )
+            for d in prefs.devices:
+                d.use = d.type == device
+            # With no usable GPU, device='GPU' silently renders on the CPU: refuse instead.
+            if not prefs.has_active_device():
+                raise WorkerFailureError(
+                    "device_unavailable", f"Cycles could not activate any {device} device."
+                )
+            self.active_device = device
+        scene.cycles.device = "GPU"
+
+
+# --- scene settings ------------------------------------------------------------------------
+
+SNAPSHOT_ATTRS: dict[str, tuple[str, ...]] = {
+    "render": (
+        "resolution_percentage",
+        "use_border",
+        "use_crop_to_border",
+        "border_min_x",
+        "border_max_x",
+        "border_min_y",
+        "border_max_y",
+        "use_compositing",
+        "use_sequencer",
+        "threads_mode",
+        "threads",
+        "use_persistent_data",
+        "filepath",
+        "use_file_extension",
+    ),
+    "cycles": ("samples", "seed", "use_adaptive_sampling", "use_denoising", "device"),
+}
+
+
+def _settings_owner(scene: Any, name: str) -> Any:
+    return {"render": scene.render, "cycles": scene.cycles}.get(name)
+
+
+def _snapshot_settings(scene: Any) -> dict[str, Any]:
+    snapshot: dict[str, Any] = {}
+    for owner_name, attrs in SNAPSHOT_ATTRS.items():
+        owner = _settings_owner(scene, owner_name)
+        for attr in attrs:
+            snapshot[f"{owner_name}:{attr}"] = getattr(owner, attr)
+    for index, layer in enumerate(scene.view_layers):
+        snapshot[f"layer{index}:denoising_store_passes"] = layer.cycles.denoising_store_passes
+    return snapshot
+
+
+def _apply_render_settings(scene: Any, request: dict[str, Any]) -> None:
+    render = scene.render
+    scene.frame_set(int(request["frame"]))
+    if request.get("percentage"):
+        render.resolution_percentage = int(request["percentage"])
+    if request.get("samples"):
+        scene.cycles.samples = int(request["samples"])
+    if request.get("seed") is not None:
+        scene.cycles.seed = int(request["seed"])
+    if request.get("adaptive_sampling") is not None:
+        scene.cycles.use_adaptive_sampling = bool(request["adaptive_sampling"])
+    border = request.get("border")
+    if border:
+        render.use_border = True
+        render.use_crop_to_border = True
+        render.border_min_x, render.border_max_x = border["min_x"], border["max_x"]
+        render.border_min_y, render.border_max_y = border["min_y"], border["max_y"]
+    else:
+        render.use_border = False
+    # Tiles carry raw passes; the denoiser runs once on the merged frame (no seams), and
+    # compositing/sequencing would act on a tile as if it were the whole frame.
+    denoise_data = bool(request.get("denoise_data", False))
+    scene.cycles.use_denoising = False
+    for layer in scene.view_layers:
+        layer.cycles.denoising_store_passes = denoise_data or layer.cycles.denoising_store_passes
+    render.use_compositing = False
+    render.use_sequencer = False
+    render.use_persistent_data = True
+    threads = int(request.get("threads") or 0)
+    render.threads_mode = "FIXED" if threads else "AUTO"
+    if threads:
+        render.threads = threads
+    settings = render.image_settings
+    settings.media_type = "MULTI_LAYER_IMAGE"  # must precede file_format (else TypeError)
+    settings.file_format = "OPEN_EXR_MULTILAYER"
+    settings.color_depth = "32"
+    settings.exr_codec = "ZIP"
+    render.use_file_extension = False
+
+
+def _render_size(scene: Any) -> tuple[int, int]:
+    render = scene.render
+    pct = render.resolution_percentage
+    return (max(1, render.resolution_x * pct // 100), max(1, render.resolution_y * pct // 100))
+
+
+def _describe_scene(scene: Any) -> dict[str, Any]:
+    render = scene.render
+    width, height = _render_size(scene)
+    cameras = sorted(o.name for o in scene.objects if o.type == "CAMERA")
+    layers = []
+    for layer in scene.view_layers:
+        passes = sorted(
+            attr[len("use_pass_") :]
+            for attr in dir(layer)
+            if attr.startswith("use_pass_") and getattr(layer, attr) is True
+        )
+        layers.append(
+            {
+                "name": layer.name,
+                "use": bool(layer.use),
+                "passes": passes,
+                "denoising_store_passes": bool(layer.cycles.denoising_store_passes),
+            }
+        )
+    cycles = scene.cycles
+    return {
+        "name": scene.name,
+        "file": bpy.data.filepath,
+        "frame_start": scene.frame_start,
+        "frame_end": scene.frame_end,
+        "frame_step": scene.frame_step,
+        "frame_current": scene.frame_current,
+        "fps": render.fps / render.fps_base,
+        "resolution_x": render.resolution_x,
+        "resolution_y": render.resolution_y,
+        "resolution_percentage": render.resolution_percentage,
+        "width": width,
+        "height": height,
+        "engine": render.engine,
+        "samples": cycles.samples,
+        "adaptive_sampling": bool(cycles.use_adaptive_sampling),
+        "adaptive_threshold": cycles.adaptive_threshold,
+        "denoising": bool(cycles.use_denoising),
+        "denoiser": cycles.denoiser,
+        "seed": cycles.seed,
+        "animated_seed": bool(cycles.use_animated_seed),
+        "device": cycles.device,
+        "camera": scene.camera.name if scene.camera else None,
+        "cameras": cameras,
+        "output_format": render.image_settings.file_format,
+        "output_path": render.filepath,
+        "use_compositing": bool(render.use_compositing and _has_compositor(scene)),
+        "view_layers": layers,
+        "python_warnings": _python_warnings(),
+        "missing_files": _missing_files(),
+        "libraries": sorted(lib.filepath for lib in bpy.data.libraries),
+        "blender_version": bpy.app.version_string,
+        "file_version": ".".join(str(v) for v in bpy.data.version),
+    }
+
+
+def _has_compositor(scene: Any) -> bool:
+    tree = getattr(scene, "compositing_node_group", None) or getattr(scene, "node_tree", None)
+    return tree is not None and len(tree.nodes) > 0
+
+
+def _python_warnings() -> list[str]:
+    """What in this file relies on Python, which never runs on the farm."""
+    warnings: list[str] = []
+    for text in bpy.data.texts:
+        if text.use_module:
+            warnings.append(
+                f"Text block '{text.name}' is registered to run on load; "
+                "it will not run on the farm."
+            )
+    seen: set[str] = set()
+    for collection_name in (
+        "objects",
+        "materials",
+        "node_groups",
+        "meshes",
+        "shape_keys",
+        "scenes",
+        "worlds",
+        "cameras",
+        "lights",
+        "armatures",
+    ):
+        for datablock in getattr(bpy.data, collection_name, ()):
+            anim = getattr(datablock, "animation_data", None)
+            if anim is None:
+                continue
+            for fcurve in anim.drivers:
+                driver = fcurve.driver
+                if driver.type == "SCRIPTED" and not driver.is_simple_expression:
+                    key = f"{datablock.name}:{fcurve.data_path}"
+                    if key not in seen:
+                        seen.add(key)
+                        warnings.append(
+                            f"Driver on '{datablock.name}' ({fcurve.data_path}) uses a Python "
+                            f"expression '{driver.expression}'; it will not be evaluated."
+                        )
+    return warnings
+
+
+def _missing_files() -> list[str]:
+    missing: set[str] = set()
+    for image in bpy.data.images:
+        if image.source in {"FILE", "SEQUENCE", "TILED"} and image.packed_file is None:
+            path = bpy.path.abspath(image.filepath, library=image.library)
+            if path and not Path(path).exists() and image.source != "SEQUENCE":
+                missing.add(path)
+    for library in bpy.data.libraries:
+        path = bpy.path.abspath(library.filepath)
+        if not Path(path).exists():
+            missing.add(path)
+    return sorted(missing)
+
+
+def _cycles_prefs() -> Any:
+    return bpy.context.preferences.addons["cycles"].preferences
+
+
+def _cpu_name() -> str:
+    try:
+        with Path("/proc/cpuinfo").open(encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "CPU"
+
+
+def _build_hash() -> str:
+    value = bpy.app.build_hash
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _clean_blender_error(text: str) -> str:
+    return text.replace("Error: ", "").strip() or "Blender could not read the file"
+
+
+if __name__ == "__main__":
+    Worker().serve()

@@ -1,0 +1,1 @@
+"""Tessera test suite (real Blender, real files, real processes)."""

@@ -1,0 +1,133 @@
+"""The `tessera` command line as a user runs it: real processes, real Blender."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from renderers.exr import read_exr
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tessera(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_inspect_json(demo_scene: Path) -> None:
+    done = tessera("inspect", demo_scene, "--json")
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert info["engine"] == "CYCLES" and info["frame_end"] == 24
+
+
+def test_inspect_text(demo_scene: Path) -> None:
+    done = tessera("inspect", demo_scene)
+    assert done.returncode == 0, done.stderr
+    assert "Resolution   640x360" in done.stdout
+    assert "Warnings:    none" in done.stdout
+
+
+def test_inspect_bad_file_exits_2_with_a_message(tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.blend"
+    bogus.write_text("hello")
+    done = tessera("inspect", bogus)
+    assert done.returncode == 2
+    assert "not a Blender file" in done.stderr and "hint:" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_inspect_bad_file_json_error(tmp_path: Path) -> None:
+    done = tessera("inspect", tmp_path / "missing.blend", "--json")
+    assert done.returncode == 2
+    assert json.loads(done.stdout)["error"]["kind"] == "SceneNotFoundError"
+
+
+def test_render_local_tiles_writes_exr_and_png(demo_scene: Path, tmp_path: Path) -> None:
+    out = tmp_path / "frames" / "f.exr"
+    done = tessera(
+        "render-local",
+        demo_scene,
+        "--frame",
+        "7",
+        "--tiles",
+        "2x2",
+        "--samples",
+        "4",
+        "--percentage",
+        "10",
+        "--out",
+        out,
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["tiles"] == 4 and summary["frame"] == 7 and summary["denoised"] is True
+    assert (summary["width"], summary["height"]) == (64, 36)
+    assert read_exr(out).width == 64
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_render_local_text_output_says_where_the_files_are(
+    demo_scene: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "f.exr"
+    done = tessera(
+        "render-local",
+        demo_scene,
+        "--samples",
+        "2",
+        "--percentage",
+        "5",
+        "--no-denoise",
+        "--out",
+        out,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"EXR: {out}" in done.stdout and "tile 1/1" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tiles", "0x3"], "no tiles"),
+        (["--tiles", "three"], "CxR"),
+        (["--samples", "0"], "--samples must be at least 1"),
+        (["--percentage", "0"], "--percentage must be between"),
+        (["--tiles", "100x1"], "columns"),
+        (["--device", "OPTIX"], "OPTIX"),
+        (["--device", "TPU"], "TPU"),
+    ],
+)
+def test_render_local_bad_options(
+    demo_scene: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    done = tessera(
+        "render-local", demo_scene, "--percentage", "5", *args, "--out", tmp_path / "x.exr"
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "x.exr").exists()
+
+
+def test_devices_json_lists_cpu_and_the_bpy_build() -> None:
+    done = tessera("devices", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["builds"][0]["version"] == "5.0.1"
+    assert report["devices"][0]["type"] == "CPU"
