@@ -180,6 +180,7 @@ class Worker:
 
     def op_inspect(self, request: dict[str, Any]) -> dict[str, Any]:
         self._open(request["scene"])
+        _set_changed(bpy.context.scene, self.originals)  # describe the file, not our overrides
         return {"scene": _describe_scene(bpy.context.scene)}
 
     def op_render(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -194,11 +195,9 @@ class Worker:
                 f"Scene uses render engine {scene.render.engine}; "
                 "the farm renders with Cycles only.",
             )
-        self._restore_originals(scene)
         self._select_device(scene, request.get("device", "CPU"))
-        _apply_render_settings(scene, request)
+        _apply_render_settings(scene, request, self.originals)
         output = request["output"]
-        scene.render.filepath = output
         self.last_progress = 0.0
         bpy.ops.render.render(write_still=True, scene=scene.name)
         if not Path(output).exists():
@@ -246,18 +245,10 @@ class Worker:
         self.active_device = None
         self.originals = _snapshot_settings(bpy.context.scene)
 
-    def _restore_originals(self, scene: Any) -> None:
-        for key, value in self.originals.items():
-            owner_name, attr = key.split(":", 1)
-            if owner_name.startswith("layer"):
-                layer_index = int(owner_name[len("layer") :])
-                setattr(scene.view_layers[layer_index].cycles, attr, value)
-            else:
-                setattr(_settings_owner(scene, owner_name), attr, value)
-
     def _select_device(self, scene: Any, device: str) -> None:
         if device == "CPU":
-            scene.cycles.device = "CPU"
+            if scene.cycles.device != "CPU":
+                scene.cycles.device = "CPU"
             self.active_device = "CPU"
             return
         if device != self.active_device:
@@ -284,7 +275,8 @@ class Worker:
                     "device_unavailable", f"Cycles could not activate any {device} device."
                 )
             self.active_device = device
-        scene.cycles.device = "GPU"
+        if scene.cycles.device != "GPU":
+            scene.cycles.device = "GPU"
 
 
 # --- scene settings ------------------------------------------------------------------------
@@ -306,12 +298,14 @@ SNAPSHOT_ATTRS: dict[str, tuple[str, ...]] = {
         "filepath",
         "use_file_extension",
     ),
-    "cycles": ("samples", "seed", "use_adaptive_sampling", "use_denoising", "device"),
+    "cycles": ("samples", "seed", "use_adaptive_sampling", "use_denoising"),
 }
 
 
 def _settings_owner(scene: Any, name: str) -> Any:
-    return {"render": scene.render, "cycles": scene.cycles}.get(name)
+    if name.startswith("layer"):
+        return scene.view_layers[int(name[len("layer") :])].cycles
+    return {"render": scene.render, "cycles": scene.cycles}[name]
 
 
 def _snapshot_settings(scene: Any) -> dict[str, Any]:
@@ -325,44 +319,65 @@ def _snapshot_settings(scene: Any) -> dict[str, Any]:
     return snapshot
 
 
-def _apply_render_settings(scene: Any, request: dict[str, Any]) -> None:
-    render = scene.render
-    scene.frame_set(int(request["frame"]))
+def _apply_render_settings(scene: Any, request: dict[str, Any], originals: dict[str, Any]) -> None:
+    """Bring the scene to what `request` asks for, starting from the file's own values.
+
+    Only properties whose value differs are written, and the frame is only changed when
+    it differs: every write tags the depsgraph, and with persistent data on, a needless
+    tag costs a scene re-sync per tile (measured: 1.9x instead of 1.05x for 4x4 tiles).
+    """
+    desired = dict(originals)
     if request.get("percentage"):
-        render.resolution_percentage = int(request["percentage"])
+        desired["render:resolution_percentage"] = int(request["percentage"])
     if request.get("samples"):
-        scene.cycles.samples = int(request["samples"])
+        desired["cycles:samples"] = int(request["samples"])
     if request.get("seed") is not None:
-        scene.cycles.seed = int(request["seed"])
+        desired["cycles:seed"] = int(request["seed"])
     if request.get("adaptive_sampling") is not None:
-        scene.cycles.use_adaptive_sampling = bool(request["adaptive_sampling"])
+        desired["cycles:use_adaptive_sampling"] = bool(request["adaptive_sampling"])
     border = request.get("border")
+    desired["render:use_border"] = bool(border)
     if border:
-        render.use_border = True
-        render.use_crop_to_border = True
-        render.border_min_x, render.border_max_x = border["min_x"], border["max_x"]
-        render.border_min_y, render.border_max_y = border["min_y"], border["max_y"]
-    else:
-        render.use_border = False
+        desired["render:use_crop_to_border"] = True
+        for edge in ("min_x", "max_x", "min_y", "max_y"):
+            desired[f"render:border_{edge}"] = float(border[edge])
     # Tiles carry raw passes; the denoiser runs once on the merged frame (no seams), and
     # compositing/sequencing would act on a tile as if it were the whole frame.
-    denoise_data = bool(request.get("denoise_data", False))
-    scene.cycles.use_denoising = False
-    for layer in scene.view_layers:
-        layer.cycles.denoising_store_passes = denoise_data or layer.cycles.denoising_store_passes
-    render.use_compositing = False
-    render.use_sequencer = False
-    render.use_persistent_data = True
+    desired["cycles:use_denoising"] = False
+    if request.get("denoise_data"):
+        for index in range(len(scene.view_layers)):
+            desired[f"layer{index}:denoising_store_passes"] = True
+    desired["render:use_compositing"] = False
+    desired["render:use_sequencer"] = False
+    desired["render:use_persistent_data"] = True
     threads = int(request.get("threads") or 0)
-    render.threads_mode = "FIXED" if threads else "AUTO"
+    desired["render:threads_mode"] = "FIXED" if threads else "AUTO"
     if threads:
-        render.threads = threads
-    settings = render.image_settings
-    settings.media_type = "MULTI_LAYER_IMAGE"  # must precede file_format (else TypeError)
-    settings.file_format = "OPEN_EXR_MULTILAYER"
-    settings.color_depth = "32"
-    settings.exr_codec = "ZIP"
-    render.use_file_extension = False
+        desired["render:threads"] = threads
+    desired["render:filepath"] = request["output"]
+    desired["render:use_file_extension"] = False
+    _set_changed(scene, desired)
+    settings = scene.render.image_settings
+    # media_type must precede file_format (the other order raises TypeError).
+    for attr, value in (
+        ("media_type", "MULTI_LAYER_IMAGE"),
+        ("file_format", "OPEN_EXR_MULTILAYER"),
+        ("color_depth", "32"),
+        ("exr_codec", "ZIP"),
+    ):
+        if getattr(settings, attr) != value:
+            setattr(settings, attr, value)
+    frame = int(request["frame"])
+    if scene.frame_current != frame:
+        scene.frame_set(frame)
+
+
+def _set_changed(scene: Any, values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        owner_name, attr = key.split(":", 1)
+        owner = _settings_owner(scene, owner_name)
+        if getattr(owner, attr) != value:
+            setattr(owner, attr, value)
 
 
 def _render_size(scene: Any) -> tuple[int, int]:

@@ -55,6 +55,9 @@ if "samples" in opts:
     scene.cycles.samples = opts["samples"]
 if "adaptive" in opts:
     scene.cycles.use_adaptive_sampling = opts["adaptive"]
+if "adaptive_threshold" in opts:
+    scene.cycles.adaptive_threshold = opts["adaptive_threshold"]
+    scene.cycles.adaptive_min_samples = opts.get("adaptive_min_samples", 0)
 if "denoise" in opts:
     scene.cycles.use_denoising = opts["denoise"]
 if "output_format" in opts:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from renderers import local_render
 from renderers.exr import ExrImage, read_exr
 from renderers.local_render import LocalRenderOptions, render_frame_local
 from renderers.worker import RenderWorker
@@ -81,3 +82,36 @@ def test_uneven_grid_with_percentage_equals_one_piece(
     tiled = _render(worker, demo_scene, tmp_path / "tiled.exr", (4, 3), **common)
     assert (whole.width, whole.height) == (70, 39)
     _assert_identical(tiled, whole)
+
+
+@pytest.fixture(scope="module")
+def converging_scene(demo_scene: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo scene with a loose adaptive threshold, so that pixels really stop early
+    (at the demo's own settings few pixels converge before the last sample)."""
+    return prepare_scene(
+        demo_scene,
+        tmp_path_factory.mktemp("adaptive") / "adaptive.blend",
+        adaptive_threshold=0.1,
+        adaptive_min_samples=4,
+    )
+
+
+@pytest.mark.parametrize("frame", [4, 13, 19])
+def test_converging_adaptive_sampling_needs_and_gets_its_margin(
+    worker: RenderWorker,
+    converging_scene: Path,
+    tmp_path: Path,
+    frame: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    common = {"frame": frame, "percentage": 10, "samples": 512}
+    whole = _render(worker, converging_scene, tmp_path / "whole.exr", (1, 1), **common)
+    tiled = _render(worker, converging_scene, tmp_path / "tiled.exr", (4, 4), **common)
+    _assert_identical(tiled, whole)
+    # Without the margin, the convergence mask differs along tile edges: the check bites.
+    monkeypatch.setattr(local_render, "ADAPTIVE_SAMPLING_MARGIN", 0)
+    naive = _render(worker, converging_scene, tmp_path / "naive.exr", (4, 4), **common)
+    differing = sum(
+        int(np.count_nonzero(naive.channel(n) != whole.channel(n))) for n in whole.channel_names()
+    )
+    assert differing > 0
