@@ -92,7 +92,9 @@ def test_killed_worker_is_reported_and_the_next_request_starts_a_new_one(
 
     with pytest.raises(WorkerCrashedError, match="SIGKILL"):
         fresh_worker.render(
-            _request(demo_scene, tmp_path / "x.exr", samples=ENDLESS_SAMPLES),
+            _request(
+                demo_scene, tmp_path / "x.exr", samples=ENDLESS_SAMPLES, adaptive_sampling=False
+            ),
             on_progress=kill_blender,
         )
     assert not fresh_worker.is_alive()
@@ -109,7 +111,10 @@ def test_timeout_kills_the_whole_process_group(
     assert pid is not None and os.getpgid(pid) == pid, "Blender leads its own process group"
     with pytest.raises(RenderTimeoutError, match="longer than 2 s"):
         fresh_worker.render(
-            _request(demo_scene, tmp_path / "x.exr", samples=ENDLESS_SAMPLES), timeout=2
+            _request(
+                demo_scene, tmp_path / "x.exr", samples=ENDLESS_SAMPLES, adaptive_sampling=False
+            ),
+            timeout=2,
         )
     assert not _pid_alive(pid)
     assert fresh_worker.render(_request(demo_scene, tmp_path / "y.exr")).output.exists()
@@ -127,7 +132,9 @@ def test_cancel_from_another_thread_stops_the_render(
 
     with pytest.raises(RenderCancelledError):
         fresh_worker.render(
-            _request(demo_scene, tmp_path / "x.exr", samples=ENDLESS_SAMPLES),
+            _request(
+                demo_scene, tmp_path / "x.exr", samples=ENDLESS_SAMPLES, adaptive_sampling=False
+            ),
             on_progress=cancel_soon,
         )
     for thread in cancellers:
