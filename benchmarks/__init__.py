@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that time Tessera's hot paths, print a table and write JSON."""
