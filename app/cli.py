@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.errors import TesseraError
+from common.errors import TesseraError, UsageError
 from common.settings import Settings, load_settings
 from renderers.builds import BlenderBuild, default_build, find_builds
 from renderers.demo_scene import ensure_demo_scene
@@ -88,6 +88,44 @@ def build_parser() -> argparse.ArgumentParser:
     devices.add_argument("--json", action="store_true", help="print JSON instead of text")
     _add_blender_option(devices)
     devices.set_defaults(handler=cmd_devices)
+
+    coordinator = sub.add_parser(
+        "coordinator",
+        help="run the farm's coordinator (HTTP API)",
+        description="Run the coordinator: accounts, jobs, scheduling, uploads, frame "
+        "assembly. The first start creates an admin token and says where it is.",
+    )
+    coordinator.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 for a LAN)",
+    )
+    coordinator.add_argument(
+        "--port", type=int, default=8400, help="port (default 8400; 0 lets the OS choose)"
+    )
+    coordinator.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="data folder (default: $TESSERA_HOME/coordinator)",
+    )
+    coordinator.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=60.0,
+        help="a lease without heartbeats expires after this long",
+    )
+    coordinator.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=5.0,
+        help="how often nodes report while rendering",
+    )
+    coordinator.add_argument("--tls-cert", type=Path, default=None, help="TLS certificate (PEM)")
+    coordinator.add_argument("--tls-key", type=Path, default=None, help="TLS private key (PEM)")
+    coordinator.add_argument("--farm", default=None, help="farm name (shown to nodes)")
+    coordinator.set_defaults(handler=cmd_coordinator)
 
     demo = sub.add_parser(
         "demo",
@@ -349,6 +387,35 @@ def cmd_devices(args: argparse.Namespace, settings: Settings) -> int:
     for row in rows:
         details = ", ".join(f"{k}={v}" for k, v in row.items() if k not in {"type", "name"})
         print(f"  {row['type']:<7} {row['name']}" + (f"  ({details})" if details else ""))
+    return 0
+
+
+# --- coordinator ------------------------------------------------------------------------------
+
+
+def cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
+    from coordinator.config import CoordinatorConfig
+    from coordinator.server import serve
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together.")
+    data_dir = args.data or settings.home / "coordinator"
+    config = CoordinatorConfig(
+        data_dir=data_dir,
+        lease_seconds=args.lease_seconds,
+        heartbeat_interval=args.heartbeat_interval,
+        farm_name=args.farm,
+    )
+
+    def ready(url: str, admin_token: str | None) -> None:
+        print(f"Tessera coordinator listening on {url}", flush=True)
+        print(f"  data: {data_dir}", flush=True)
+        if admin_token:
+            print(f"  first start: admin token written to {config.admin_token_path}", flush=True)
+
+    serve(
+        config, args.host, args.port, on_ready=ready, certfile=args.tls_cert, keyfile=args.tls_key
+    )
     return 0
 
 

@@ -121,3 +121,25 @@ class ExrError(TesseraError):
 
 class MergeError(ExrError):
     """Tiles that cannot be merged into one frame (missing, mismatched passes or sizes)."""
+
+
+# --- the farm's HTTP API ---------------------------------------------------------------------
+
+
+class ApiError(TesseraError):
+    """The coordinator refused a request; `status` is the HTTP status code."""
+
+    def __init__(self, message: str, *, status: int, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
+
+
+class CoordinatorUnreachableError(TesseraError):
+    default_hint = (
+        "Check the coordinator URL and that it is running (`tessera coordinator`), "
+        "or use --lan to find one on this network."
+    )
+
+
+class BundleError(TesseraError):
+    """A scene bundle that cannot be packed, uploaded, fetched or safely extracted."""

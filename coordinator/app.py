@@ -1,0 +1,456 @@
+"""The coordinator's HTTP API (FastAPI), version 1, under /api/v1.
+
+This module is only the HTTP skin over `Farm`: authentication (bearer tokens), request
+and response models from `protocol.models`, streaming uploads to temporary files, long-
+polling for leases, the server-sent event stream, file downloads, and turning every
+error into a JSON `ErrorBody` that says what to fix. The rules live in `farm.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from common.errors import ApiError
+from coordinator.assembly import Assembler
+from coordinator.config import CoordinatorConfig
+from coordinator.db import Database
+from coordinator.events import EventBus
+from coordinator.farm import Farm, Principal
+from coordinator.store import ContentStore
+from protocol.models import (
+    API_PREFIX,
+    SHA256_PATTERN,
+    AccountCreate,
+    AccountToken,
+    ErrorBody,
+    Health,
+    Heartbeat,
+    HeartbeatReply,
+    Job,
+    JobPatch,
+    JobSpec,
+    Lease,
+    LeaseRequest,
+    Me,
+    NodeCapabilities,
+    NodeInfo,
+    NodeRegistration,
+    Role,
+    Task,
+    TaskFailure,
+    UploadReceipt,
+)
+from renderers.exr import read_exr
+from renderers.preview import write_preview_png
+
+log = logging.getLogger(__name__)
+CHUNK = 1 << 20
+SWEEP_SECONDS = 1.0
+bearer = HTTPBearer(auto_error=False)
+
+
+class Services:
+    """Everything a request handler may touch, built once per app."""
+
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        self.db = Database(config.db_path)
+        self.store = ContentStore(config.store_dir)
+        self.bus = EventBus()
+        self.farm = Farm(config, self.db, self.store, self.bus)
+        self.assembler = Assembler(self.db, self.store, self.bus)
+        self.farm.on_frame_ready.append(self.assembler.submit)
+        self.stopping = threading.Event()
+        self._sweeper: threading.Thread | None = None
+        self.admin_token = self.farm.ensure_admin()
+
+    def start(self) -> None:
+        self.assembler.start()
+        self._sweeper = threading.Thread(target=self._sweep, name="lease-sweeper", daemon=True)
+        self._sweeper.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self._sweeper is not None:
+            self._sweeper.join(timeout=10)
+        self.assembler.stop()
+        self.db.close()
+
+    def _sweep(self) -> None:
+        while not self.stopping.wait(SWEEP_SECONDS):
+            try:
+                self.farm.requeue_expired()
+            except Exception:
+                log.exception("lease sweep failed")
+
+
+def create_app(config: CoordinatorConfig) -> FastAPI:
+    services = Services(config)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        services.start()
+        try:
+            yield
+        finally:
+            services.stop()
+
+    app = FastAPI(
+        title="Tessera coordinator",
+        version=config.version,
+        lifespan=lifespan,
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        docs_url=f"{API_PREFIX}/docs",
+    )
+    app.state.services = services
+    _install_error_handlers(app)
+    app.include_router(_router(services))
+    return app
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def _error(
+    status: int, error: str, detail: str, hint: str = "", headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = ErrorBody(error=error, detail=detail, hint=hint)
+    return JSONResponse(status_code=status, content=body.model_dump(), headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, _reason(exc.status), exc.message, exc.hint)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for item in exc.errors():
+            where = ".".join(str(part) for part in item.get("loc", ()) if part != "body")
+            message = str(item.get("msg", "invalid")).removeprefix("Value error, ")
+            problems.append(f"{where}: {message}" if where else message)
+        return _error(
+            422,
+            "invalid request",
+            "; ".join(problems),
+            "Fix the fields named above and send the request again.",
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, _reason(exc.status_code), str(exc.detail))
+
+
+def _reason(status: int) -> str:
+    return {
+        400: "bad request",
+        401: "unauthorized",
+        403: "forbidden",
+        404: "not found",
+        409: "conflict",
+        413: "too large",
+        422: "invalid request",
+        503: "unavailable",
+    }.get(status, "error")
+
+
+# --- routes ------------------------------------------------------------------------------------
+
+
+def principal(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal:
+    """The account behind the request's bearer token (401 if none or unknown)."""
+    if credentials is None:
+        raise ApiError(
+            "This endpoint needs a token.", status=401, hint="Send 'Authorization: Bearer <token>'."
+        )
+    farm: Farm = request.app.state.services.farm
+    who = farm.authenticate(credentials.credentials)
+    if who is None:
+        raise ApiError(
+            "The token is not valid.",
+            status=401,
+            hint="Check the token, or ask the farm's admin for a new one.",
+        )
+    return who
+
+
+Who = Annotated[Principal, Depends(principal)]
+
+
+def _router(services: Services) -> APIRouter:
+    farm = services.farm
+    router = APIRouter(prefix=API_PREFIX)
+
+    @router.get("/health", response_model=Health)
+    def health() -> Health:
+        return Health(status="ok", version=services.config.version, farm=services.config.farm_name)
+
+    @router.get("/me", response_model=Me)
+    def me(who: Who) -> Me:
+        return Me(account=who.account, role=who.role)
+
+    @router.post("/accounts", response_model=AccountToken, status_code=201)
+    def create_account(body: AccountCreate, who: Who) -> AccountToken:
+        if who.role is not Role.ADMIN:
+            raise ApiError("Only an admin can create accounts.", status=403)
+        return farm.create_account(body.name, body.role)
+
+    # bundles
+
+    @router.head("/bundles/{sha256}")
+    def has_bundle(sha256: str, who: Who) -> Response:
+        return Response(status_code=200 if services.store.exists(sha256) else 404)
+
+    @router.put("/bundles/{sha256}")
+    async def put_bundle(sha256: str, request: Request, who: Who) -> dict[str, Any]:
+        _check_sha(sha256)
+        if not who.can(Role.REQUESTER):
+            raise ApiError("Only requesters upload bundles.", status=403)
+        path = await _spool(services, request, services.config.max_bundle_bytes)
+        try:
+            size = await run_in_threadpool(farm.put_bundle, sha256, _chunks(path))
+        finally:
+            path.unlink(missing_ok=True)
+        return {"sha256": sha256, "size": size}
+
+    @router.get("/bundles/{sha256}")
+    def get_bundle(sha256: str, who: Who) -> FileResponse:
+        _check_sha(sha256)
+        if not services.store.exists(sha256):
+            raise ApiError(f"No bundle {sha256[:12]}...", status=404)
+        return FileResponse(services.store.path(sha256), media_type="application/zip")
+
+    # jobs
+
+    @router.post("/jobs", response_model=Job, status_code=201)
+    def submit(spec: JobSpec, who: Who) -> Job:
+        return farm.submit(who, spec)
+
+    @router.get("/jobs", response_model=list[Job])
+    def jobs(who: Who) -> list[Job]:
+        return farm.jobs(who)
+
+    @router.get("/jobs/{job_id}", response_model=Job)
+    def job(job_id: str, who: Who) -> Job:
+        return farm.job(who, job_id)
+
+    @router.patch("/jobs/{job_id}", response_model=Job)
+    def patch_job(job_id: str, body: JobPatch, who: Who) -> Job:
+        if body.priority is not None:
+            return farm.set_priority(who, job_id, body.priority)
+        return farm.job(who, job_id)
+
+    @router.post("/jobs/{job_id}/pause", response_model=Job)
+    def pause(job_id: str, who: Who) -> Job:
+        return farm.pause(who, job_id)
+
+    @router.post("/jobs/{job_id}/resume", response_model=Job)
+    def resume(job_id: str, who: Who) -> Job:
+        return farm.resume(who, job_id)
+
+    @router.post("/jobs/{job_id}/cancel", response_model=Job)
+    def cancel(job_id: str, who: Who) -> Job:
+        return farm.cancel(who, job_id)
+
+    @router.get("/jobs/{job_id}/tasks", response_model=list[Task])
+    def tasks(job_id: str, who: Who) -> list[Task]:
+        return farm.tasks(who, job_id)
+
+    @router.get("/jobs/{job_id}/frames/{frame}.{kind}")
+    def frame_file(job_id: str, frame: int, kind: str, who: Who) -> FileResponse:
+        farm.job(who, job_id)
+        if kind not in ("exr", "png"):
+            raise ApiError(f"Frames come as .exr or .png, not .{kind}.", status=404)
+        row = services.db.query_one(
+            "SELECT * FROM frames WHERE job_id = ? AND frame = ?", (job_id, frame)
+        )
+        if row is None or row["status"] != "done":
+            raise ApiError(
+                f"Frame {frame} of job {job_id} is not finished.",
+                status=404,
+                hint="Follow /api/v1/events or poll the job until it is.",
+            )
+        sha = row["exr_sha"] if kind == "exr" else row["png_sha"]
+        media = "image/x-exr" if kind == "exr" else "image/png"
+        return FileResponse(services.store.path(sha), media_type=media)
+
+    @router.get("/tasks/{task_id}/preview.png")
+    def task_preview(task_id: str, who: Who) -> FileResponse:
+        row = services.db.query_one("SELECT job_id, result_sha FROM tasks WHERE id = ?", (task_id,))
+        if row is None:
+            raise ApiError(f"No task {task_id}.", status=404)
+        farm.job(who, row["job_id"])
+        if not row["result_sha"]:
+            raise ApiError(f"Task {task_id} has no result yet.", status=404)
+        return FileResponse(_preview(services, task_id, row["result_sha"]), media_type="image/png")
+
+    @router.get("/events")
+    async def events(
+        request: Request, who: Who, after: int = 0, job: str | None = None
+    ) -> StreamingResponse:
+        if job is not None:
+            await run_in_threadpool(farm.job, who, job)
+        return StreamingResponse(
+            _event_stream(services, request, who, after, job),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    # nodes and leases
+
+    @router.post("/nodes", response_model=NodeRegistration)
+    def register(body: NodeCapabilities, who: Who) -> NodeRegistration:
+        return farm.register_node(who, body)
+
+    @router.get("/nodes", response_model=list[NodeInfo])
+    def nodes(who: Who) -> list[NodeInfo]:
+        return farm.nodes(who)
+
+    @router.post(
+        "/nodes/{node_id}/lease",
+        response_model=Lease,
+        responses={204: {"description": "no task within the wait"}},
+    )
+    async def lease(node_id: str, body: LeaseRequest, who: Who) -> Any:
+        deadline = time.monotonic() + min(body.wait, services.config.poll_timeout)
+        seen, tried_at = -1, 0.0
+        while True:
+            version = services.bus.work_version
+            if version != seen or time.monotonic() - tried_at > SWEEP_SECONDS:
+                seen, tried_at = version, time.monotonic()
+                granted = await run_in_threadpool(farm.try_lease, who, node_id, body)
+                if granted is not None:
+                    return granted
+            if time.monotonic() >= deadline or services.stopping.is_set():
+                return Response(status_code=204)
+            await asyncio.sleep(0.05)
+
+    @router.post("/leases/{lease_id}/heartbeat", response_model=HeartbeatReply)
+    def heartbeat(lease_id: str, body: Heartbeat, who: Who) -> HeartbeatReply:
+        return farm.heartbeat(who, lease_id, body)
+
+    @router.put("/leases/{lease_id}/result", response_model=UploadReceipt)
+    async def upload(lease_id: str, request: Request, who: Who) -> UploadReceipt:
+        claimed = request.headers.get("x-content-sha256")
+        path = await _spool(services, request, services.config.max_result_bytes)
+        try:
+            receipt: UploadReceipt = await run_in_threadpool(
+                farm.accept_result, who, lease_id, claimed, _chunks(path)
+            )
+        finally:
+            path.unlink(missing_ok=True)
+        return receipt
+
+    @router.post("/leases/{lease_id}/failure", status_code=204)
+    def failure(lease_id: str, body: TaskFailure, who: Who) -> Response:
+        farm.report_failure(who, lease_id, body)
+        return Response(status_code=204)
+
+    @router.post("/leases/{lease_id}/release", status_code=204)
+    def release(lease_id: str, who: Who) -> Response:
+        farm.release(who, lease_id)
+        return Response(status_code=204)
+
+    @router.get("/leases/{lease_id}/denoise-input")
+    def denoise_input(lease_id: str, who: Who) -> FileResponse:
+        row = farm._lease_row(who, lease_id)
+        if not row["denoise_input"]:
+            raise ApiError("This lease is not a denoise task.", status=404)
+        return FileResponse(services.store.path(row["denoise_input"]), media_type="image/x-exr")
+
+    return router
+
+
+def _check_sha(sha256: str) -> None:
+    if not re.fullmatch(SHA256_PATTERN, sha256):
+        raise ApiError(f"'{sha256[:80]}' is not a SHA-256 (64 lower-case hex digits).", status=400)
+
+
+async def _spool(services: Services, request: Request, limit: int) -> Path:
+    """Stream the request body to a temporary file, refusing it past `limit` bytes.
+    The caller deletes the file."""
+    handle, name = tempfile.mkstemp(dir=services.store.root / "tmp", suffix=".upload")
+    path = Path(name)
+    size = 0
+    try:
+        with os.fdopen(handle, "wb") as out:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(
+                        f"The upload is larger than the limit of {limit} bytes.", status=413
+                    )
+                out.write(chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        yield from iter(lambda: handle.read(CHUNK), b"")
+
+
+def _preview(services: Services, task_id: str, result_sha: str) -> Path:
+    row = services.db.query_one("SELECT png_sha FROM previews WHERE task_id = ?", (task_id,))
+    if row is not None and services.store.exists(row["png_sha"]):
+        return services.store.path(row["png_sha"])
+    with tempfile.TemporaryDirectory(dir=services.store.root / "tmp") as scratch:
+        png = write_preview_png(
+            read_exr(services.store.path(result_sha)), Path(scratch) / "tile.png"
+        )
+        png_sha = services.store.put_file(png)
+    with services.db.transaction() as conn:
+        conn.execute(
+            "INSERT OR REPLACE INTO previews (task_id, png_sha) VALUES (?, ?)", (task_id, png_sha)
+        )
+    return services.store.path(png_sha)
+
+
+async def _event_stream(
+    services: Services, request: Request, who: Principal, after: int, job: str | None
+) -> AsyncIterator[str]:
+    last, quiet_since = after, time.monotonic()
+    yield ": connected\n\n"
+    while not services.stopping.is_set():
+        if await request.is_disconnected():
+            return
+        batch = services.bus.since(last, job)
+        if batch and who.role is not Role.ADMIN and job is None:
+            owned = {
+                row["id"]
+                for row in services.db.query("SELECT id FROM jobs WHERE owner = ?", (who.account,))
+            }
+            visible = [e for e in batch if e.job_id in owned]
+        else:
+            visible = batch
+        for event in visible:
+            yield f"id: {event.seq}\ndata: {event.model_dump_json()}\n\n"
+        if batch:
+            last, quiet_since = batch[-1].seq, time.monotonic()
+        elif time.monotonic() - quiet_since > 15:
+            quiet_since = time.monotonic()
+            yield ": keep-alive\n\n"
+        await asyncio.sleep(0.1)

@@ -1,0 +1,192 @@
+"""Frame assembly: when every tile of a frame is accepted, merge them into the frame.
+
+Runs in one background thread so uploads return quickly. A frame whose scene asks for
+denoising is merged, stored, and handed to a node as a `denoise` task (the coordinator
+never runs Blender); its result becomes the final frame. Every step is recorded in the
+`frames` table, and `recover()` re-queues frames that a crash interrupted, so a restart
+never loses or repeats accepted work.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import tempfile
+import threading
+from pathlib import Path
+
+from coordinator.db import Database
+from coordinator.events import EventBus
+from coordinator.farm import now_iso, plan_for
+from coordinator.store import ContentStore
+from protocol.models import JobSpec, JobStatus, TaskKind, TaskStatus
+from renderers.exr import ExrImage, read_exr, write_exr
+from renderers.merge import merge_tiles
+from renderers.preview import write_preview_png
+
+log = logging.getLogger(__name__)
+PREVIEW_SIZE = 1024
+
+
+class Assembler:
+    def __init__(self, db: Database, store: ContentStore, bus: EventBus) -> None:
+        self.db = db
+        self.store = store
+        self.bus = bus
+        self._queue: queue.Queue[tuple[str, int] | threading.Event] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="frame-assembly", daemon=True)
+        self._thread.start()
+        self.recover()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, job_id: str, frame: int) -> None:
+        self._queue.put((job_id, frame))
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Block until queued assemblies are done (tests and benchmarks)."""
+        done = threading.Event()
+        self._queue.put(done)
+        done.wait(timeout)
+
+    def recover(self) -> None:
+        """Queue frames a crash interrupted: all tiles in but no final frame yet."""
+        rows = self.db.query(
+            "SELECT f.job_id, f.frame FROM frames f JOIN jobs j ON j.id = f.job_id WHERE"
+            " f.status != 'done' AND j.status IN ('queued', 'active') AND NOT EXISTS (SELECT 1"
+            " FROM tasks t WHERE t.job_id = f.job_id AND t.frame = f.frame AND t.kind = ? AND"
+            " t.status != ?)",
+            (TaskKind.RENDER.value, TaskStatus.COMPLETED.value),
+        )
+        for row in rows:
+            self.submit(row["job_id"], row["frame"])
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            job_id, frame = item
+            try:
+                self.assemble(job_id, frame)
+            except Exception:
+                log.exception("assembling frame %s of job %s failed", frame, job_id)
+                self._fail_job(job_id, frame)
+
+    def assemble(self, job_id: str, frame: int) -> None:
+        job = self.db.query_one("SELECT spec, status FROM jobs WHERE id = ?", (job_id,))
+        state = self.db.query_one(
+            "SELECT * FROM frames WHERE job_id = ? AND frame = ?", (job_id, frame)
+        )
+        if job is None or state is None or state["status"] == "done":
+            return
+        spec = JobSpec.model_validate_json(job["spec"])
+        if state["status"] == "denoising":
+            denoised = self.db.query_one(
+                "SELECT result_sha FROM tasks WHERE job_id = ? AND frame = ? AND kind = ? AND"
+                " status = ?",
+                (job_id, frame, TaskKind.DENOISE.value, TaskStatus.COMPLETED.value),
+            )
+            if denoised is not None:
+                image = read_exr(self.store.path(denoised["result_sha"]))
+                self._finish(job_id, frame, image, exr_sha=denoised["result_sha"])
+            return
+        tiles = self.db.query(
+            "SELECT tile_index, result_sha, status FROM tasks WHERE job_id = ? AND frame = ?"
+            " AND kind = ?",
+            (job_id, frame, TaskKind.RENDER.value),
+        )
+        if any(t["status"] != TaskStatus.COMPLETED.value for t in tiles):
+            return
+        merged = merge_tiles(
+            plan_for(spec), {t["tile_index"]: self.store.path(t["result_sha"]) for t in tiles}
+        )
+        if spec.wants_denoise:
+            self._start_denoise(job_id, frame, merged)
+        else:
+            self._finish(job_id, frame, merged)
+
+    def _store_exr(self, image: ExrImage) -> str:
+        with tempfile.TemporaryDirectory(dir=self.store.root / "tmp") as scratch:
+            path = Path(scratch) / "frame.exr"
+            write_exr(path, image)
+            return self.store.put_file(path)
+
+    def _start_denoise(self, job_id: str, frame: int, merged: ExrImage) -> None:
+        merged_sha = self._store_exr(merged)
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO tasks (id, job_id, kind, frame, tile_index, status,"
+                " denoise_input, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    f"{job_id}-f{frame}-denoise",
+                    job_id,
+                    TaskKind.DENOISE.value,
+                    frame,
+                    0,
+                    TaskStatus.QUEUED.value,
+                    merged_sha,
+                    now_iso(),
+                ),
+            )
+            conn.execute(
+                "UPDATE frames SET status = 'denoising', merged_sha = ? WHERE"
+                " job_id = ? AND frame = ?",
+                (merged_sha, job_id, frame),
+            )
+        self.bus.publish("frame", job_id=job_id, frame=frame, status="denoising")
+        self.bus.work_changed()
+
+    def _finish(self, job_id: str, frame: int, image: ExrImage, exr_sha: str | None = None) -> None:
+        exr_sha = exr_sha or self._store_exr(image)
+        with tempfile.TemporaryDirectory(dir=self.store.root / "tmp") as scratch:
+            png = write_preview_png(image, Path(scratch) / "frame.png")
+            png_sha = self.store.put_file(png)
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE frames SET status = 'done', exr_sha = ?, png_sha = ? WHERE"
+                " job_id = ? AND frame = ?",
+                (exr_sha, png_sha, job_id, frame),
+            )
+            pending = conn.execute(
+                "SELECT COUNT(*) FROM frames WHERE job_id = ? AND status != 'done'", (job_id,)
+            ).fetchone()[0]
+            if pending == 0:
+                conn.execute(
+                    "UPDATE jobs SET status = ?, message = '', updated_at = ? WHERE"
+                    " id = ? AND status IN ('queued', 'active', 'paused')",
+                    (JobStatus.COMPLETED.value, now_iso(), job_id),
+                )
+        self.bus.publish(
+            "frame",
+            job_id=job_id,
+            frame=frame,
+            status="done",
+            url=f"/api/v1/jobs/{job_id}/frames/{frame}.exr",
+        )
+        if pending == 0:
+            self.bus.publish("job", job_id=job_id, status=JobStatus.COMPLETED.value)
+
+    def _fail_job(self, job_id: str, frame: int) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE jobs SET status = ?, message = ?, updated_at = ? WHERE id = ?",
+                (
+                    JobStatus.FAILED.value,
+                    f"Frame {frame} could not be assembled; see the coordinator log.",
+                    now_iso(),
+                    job_id,
+                ),
+            )
+        self.bus.publish("job", job_id=job_id, status=JobStatus.FAILED.value)

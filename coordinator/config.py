@@ -1,0 +1,33 @@
+"""The coordinator's configuration: one frozen object built at start-up and passed in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorConfig:
+    data_dir: Path
+    lease_seconds: float = 60.0
+    heartbeat_interval: float = 5.0
+    poll_timeout: float = 20.0
+    max_attempts: int = 3
+    blocklist_after: int = 3
+    max_bundle_bytes: int = 10 * 2**30
+    max_result_bytes: int = 2 * 2**30
+    node_offline_after: float = 120.0
+    farm_name: str | None = None
+    version: str = "0.1.0"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "coordinator.sqlite"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "store"
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.data_dir / "admin.token"

@@ -1,0 +1,165 @@
+"""The coordinator's SQLite database: schema migrations and the single connection.
+
+SQLite allows one writer; rather than let request threads race for it, every access
+goes through one connection guarded by one lock (`Database.lock`), and every multi-step
+change runs inside `Database.transaction()`, which commits or rolls back as a whole.
+WAL mode keeps readers cheap and makes a crash mid-write leave the last committed state.
+
+This module knows tables, not jobs: the domain logic lives in `farm.py`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the farm's first schema
+    """
+    CREATE TABLE accounts (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL,
+        token_hash TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE nodes (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL REFERENCES accounts(name),
+        name TEXT NOT NULL,
+        capabilities TEXT NOT NULL,
+        registered_at TEXT NOT NULL,
+        last_seen REAL NOT NULL,
+        current_task TEXT,
+        tasks_completed INTEGER NOT NULL DEFAULT 0,
+        tasks_failed INTEGER NOT NULL DEFAULT 0,
+        render_seconds REAL NOT NULL DEFAULT 0
+    );
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL REFERENCES accounts(name),
+        name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        spec TEXT NOT NULL,
+        bundle TEXT NOT NULL,
+        message TEXT NOT NULL DEFAULT '',
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE tasks (
+        id TEXT PRIMARY KEY,
+        job_id TEXT NOT NULL REFERENCES jobs(id),
+        kind TEXT NOT NULL,
+        frame INTEGER NOT NULL,
+        tile_index INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        assignment TEXT,
+        denoise_input TEXT,
+        lease_id TEXT UNIQUE,
+        node_id TEXT,
+        lease_expires REAL,
+        result_sha TEXT,
+        render_seconds REAL,
+        message TEXT NOT NULL DEFAULT '',
+        updated_at TEXT NOT NULL
+    );
+    CREATE INDEX tasks_by_status ON tasks(status, job_id);
+    CREATE INDEX tasks_by_frame ON tasks(job_id, frame);
+    CREATE TABLE failures (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        task_id TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        node_id TEXT,
+        kind TEXT NOT NULL,
+        message TEXT NOT NULL,
+        at TEXT NOT NULL
+    );
+    CREATE TABLE blocklist (
+        job_id TEXT NOT NULL,
+        node_id TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        PRIMARY KEY (job_id, node_id)
+    );
+    CREATE TABLE frames (
+        job_id TEXT NOT NULL,
+        frame INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        merged_sha TEXT,
+        exr_sha TEXT,
+        png_sha TEXT,
+        PRIMARY KEY (job_id, frame)
+    );
+    CREATE TABLE previews (
+        task_id TEXT PRIMARY KEY,
+        png_sha TEXT NOT NULL
+    );
+    """,
+)
+
+
+class Database:
+    """One SQLite connection for the whole coordinator, serialised by `lock`."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.lock = threading.RLock()
+        self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        self.conn.execute("PRAGMA busy_timeout=5000")
+        self.db = sqlite_utils.Database(self.conn)
+        self._migrate()
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+    def _migrate(self) -> None:
+        with self.lock:
+            version = int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                with self.transaction():
+                    for statement in script.split(";"):
+                        if statement.strip():
+                            self.conn.execute(statement)
+                    self.conn.execute(f"PRAGMA user_version={number}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Hold the lock and one IMMEDIATE transaction; commit on success, else roll back."""
+        with self.lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[sqlite3.Row]:
+        with self.lock:
+            return list(self.conn.execute(sql, params))
+
+    def query_one(
+        self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()
+    ) -> sqlite3.Row | None:
+        with self.lock:
+            row: sqlite3.Row | None = self.conn.execute(sql, params).fetchone()
+            return row
+
+    def fetch_one(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> sqlite3.Row:
+        """Like query_one, for queries that always return a row (aggregates, known keys)."""
+        row = self.query_one(sql, params)
+        if row is None:
+            raise LookupError(f"no row for {sql!r} {params!r}")
+        return row

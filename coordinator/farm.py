@@ -1,0 +1,884 @@
+"""The farm's rules: accounts, bundles, jobs and their tasks, leases, uploads, failures.
+
+Every state change is one database transaction, so a coordinator killed at any moment
+restarts into a consistent state: an accepted tile stays accepted, a lease that was
+running either gets its upload (the lease survives the restart) or expires and its task
+is queued again. Errors are `ApiError`s with the HTTP status and a message saying what
+to fix. HTTP itself (routing, streaming) lives in `app.py`; merging frames in
+`assembly.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import sqlite3
+import time
+import uuid
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import numpy as np
+
+from common.errors import ApiError, ExrError
+from coordinator.config import CoordinatorConfig
+from coordinator.db import Database
+from coordinator.events import EventBus
+from coordinator.store import ContentStore, HashMismatchError, TooLargeError
+from protocol.models import (
+    FINISHED_JOB_STATES,
+    AccountToken,
+    Heartbeat,
+    HeartbeatReply,
+    Job,
+    JobProgress,
+    JobSpec,
+    JobStatus,
+    Lease,
+    LeaseRequest,
+    NodeCapabilities,
+    NodeInfo,
+    NodeRegistration,
+    Region,
+    RenderAssignment,
+    Role,
+    Task,
+    TaskFailure,
+    TaskKind,
+    TaskStatus,
+    UploadReceipt,
+)
+from renderers.exr import read_exr
+from renderers.regions import ADAPTIVE_SAMPLING_MARGIN, RegionPlan, plan_grid
+from renderers.scene_info import BLEND_MAGICS
+
+LEASABLE = (TaskStatus.QUEUED.value, TaskStatus.SOFT_FAILED.value)
+RUNNABLE_JOBS = (JobStatus.QUEUED.value, JobStatus.ACTIVE.value)
+#: Scene errors that no other node will fix: the task fails at once.
+FATAL_FAILURE_KINDS = frozenset(
+    {
+        "no_camera",
+        "corrupt_scene",
+        "unsupported_engine",
+        "NoCameraError",
+        "CorruptSceneError",
+        "UnsupportedEngineError",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    account: str
+    role: Role
+
+    def can(self, *roles: Role) -> bool:
+        return self.role is Role.ADMIN or self.role in roles
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def plan_for(spec: JobSpec) -> RegionPlan:
+    """The region plan of every frame of a job (the same for all its frames)."""
+    width, height = spec.effective_size()
+    adaptive = spec.scene.adaptive_sampling
+    margin = ADAPTIVE_SAMPLING_MARGIN if adaptive else 0
+    return plan_grid(width, height, spec.tiles.columns, spec.tiles.rows, margin=margin)
+
+
+class Farm:
+    def __init__(
+        self, config: CoordinatorConfig, db: Database, store: ContentStore, bus: EventBus
+    ) -> None:
+        self.config = config
+        self.db = db
+        self.store = store
+        self.bus = bus
+        #: Called with (job_id, frame) when every tile of a frame is accepted.
+        self.on_frame_ready: list[Any] = []
+
+    # --- accounts -----------------------------------------------------------------------
+
+    def ensure_admin(self) -> str | None:
+        """Create the admin account on first start; returns its new token (else None)."""
+        if self.db.query_one("SELECT 1 FROM accounts WHERE role = ?", (Role.ADMIN.value,)):
+            return None
+        token = self.create_account("admin", Role.ADMIN).token
+        path = self.config.admin_token_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(token + "\n")
+        path.chmod(0o600)
+        return token
+
+    def create_account(self, name: str, role: Role) -> AccountToken:
+        token = "tsr_" + secrets.token_urlsafe(32)
+        try:
+            with self.db.transaction() as conn:
+                conn.execute(
+                    "INSERT INTO accounts (name, role, token_hash, created_at) VALUES (?,?,?,?)",
+                    (name, role.value, hash_token(token), now_iso()),
+                )
+        except sqlite3.IntegrityError:
+            raise ApiError(
+                f"An account named '{name}' already exists.",
+                status=409,
+                hint="Choose another name.",
+            ) from None
+        return AccountToken(account=name, role=role, token=token)
+
+    def authenticate(self, token: str) -> Principal | None:
+        row = self.db.query_one(
+            "SELECT name, role FROM accounts WHERE token_hash = ?", (hash_token(token),)
+        )
+        if row is None:
+            return None
+        return Principal(account=row["name"], role=Role(row["role"]))
+
+    # --- bundles --------------------------------------------------------------------------
+
+    def put_bundle(self, sha256: str, chunks: Iterable[bytes]) -> int:
+        if self.store.exists(sha256):
+            return self.store.size(sha256)
+        try:
+            _, size = self.store.put_stream(
+                chunks, max_bytes=self.config.max_bundle_bytes, expected_sha256=sha256
+            )
+        except HashMismatchError as exc:
+            raise ApiError(exc.message, status=400, hint=exc.hint) from None
+        except TooLargeError as exc:
+            raise ApiError(
+                exc.message, status=413, hint="Split the scene or raise the coordinator's limit."
+            ) from None
+        return size
+
+    def _check_bundle(self, spec: JobSpec) -> None:
+        if not self.store.exists(spec.bundle):
+            raise ApiError(
+                f"Bundle {spec.bundle[:12]}... has not been uploaded.",
+                status=422,
+                hint="Upload it first (PUT /api/v1/bundles/<sha256>).",
+            )
+        path = self.store.path(spec.bundle)
+        try:
+            with zipfile.ZipFile(path) as archive:
+                try:
+                    with archive.open(spec.scene_path) as scene:
+                        head = scene.read(8)
+                except KeyError:
+                    raise ApiError(
+                        f"The bundle has no file '{spec.scene_path}'.",
+                        status=422,
+                        hint="scene_path must name the .blend inside the bundle.",
+                    ) from None
+        except zipfile.BadZipFile:
+            raise ApiError(
+                "The bundle is not a zip archive.",
+                status=422,
+                hint="Pack the scene with `tessera submit`.",
+            ) from None
+        if not head.startswith(BLEND_MAGICS):
+            raise ApiError(
+                f"'{spec.scene_path}' in the bundle is not a .blend file.",
+                status=422,
+                hint="Point scene_path at a Blender file.",
+            )
+
+    # --- jobs -----------------------------------------------------------------------------
+
+    def submit(self, who: Principal, spec: JobSpec) -> Job:
+        self._require(who, Role.REQUESTER)
+        self._check_bundle(spec)
+        plan = plan_for(spec)
+        job_id = uuid.uuid4().hex[:12]
+        stamp = now_iso()
+        rows = []
+        for frame in spec.frames.frames():
+            for tile in plan.tiles:
+                assignment = RenderAssignment(
+                    frame=frame,
+                    width=plan.width,
+                    height=plan.height,
+                    render_region=Region(**_rect(tile.render)),
+                    core_region=Region(**_rect(tile.core)),
+                    whole_frame=plan.is_whole_frame,
+                    samples=spec.samples,
+                    percentage=spec.percentage,
+                    denoise_data=spec.wants_denoise,
+                )
+                rows.append(
+                    (
+                        f"{job_id}-f{frame}-t{tile.index}",
+                        job_id,
+                        TaskKind.RENDER.value,
+                        frame,
+                        tile.index,
+                        TaskStatus.QUEUED.value,
+                        assignment.model_dump_json(),
+                        stamp,
+                    )
+                )
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO jobs (id, owner, name, status, priority, spec, bundle, created_at,"
+                " updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    job_id,
+                    who.account,
+                    spec.name,
+                    JobStatus.QUEUED.value,
+                    spec.priority,
+                    spec.model_dump_json(),
+                    spec.bundle,
+                    stamp,
+                    stamp,
+                ),
+            )
+            conn.executemany(
+                "INSERT INTO tasks (id, job_id, kind, frame, tile_index, status, assignment,"
+                " updated_at) VALUES (?,?,?,?,?,?,?,?)",
+                rows,
+            )
+            conn.executemany(
+                "INSERT INTO frames (job_id, frame, status) VALUES (?,?,?)",
+                [(job_id, frame, "pending") for frame in spec.frames.frames()],
+            )
+        self.bus.publish("job", job_id=job_id, status=JobStatus.QUEUED.value)
+        self.bus.work_changed()
+        return self.job(who, job_id)
+
+    def jobs(self, who: Principal) -> list[Job]:
+        if who.role is Role.ADMIN:
+            rows = self.db.query("SELECT * FROM jobs ORDER BY created_at")
+        else:
+            rows = self.db.query(
+                "SELECT * FROM jobs WHERE owner = ? ORDER BY created_at", (who.account,)
+            )
+        return [self._job_model(row) for row in rows]
+
+    def job(self, who: Principal, job_id: str) -> Job:
+        return self._job_model(self._job_row(who, job_id))
+
+    def tasks(self, who: Principal, job_id: str) -> list[Task]:
+        self._job_row(who, job_id)
+        rows = self.db.query(
+            "SELECT * FROM tasks WHERE job_id = ? ORDER BY frame, kind, tile_index", (job_id,)
+        )
+        return [_task_model(row) for row in rows]
+
+    def set_priority(self, who: Principal, job_id: str, priority: int) -> Job:
+        self._job_row(who, job_id)
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE jobs SET priority = ?, updated_at = ? WHERE id = ?",
+                (priority, now_iso(), job_id),
+            )
+        self.bus.work_changed()
+        return self.job(who, job_id)
+
+    def pause(self, who: Principal, job_id: str) -> Job:
+        row = self._job_row(who, job_id)
+        if row["status"] in RUNNABLE_JOBS:
+            self._set_job_status(
+                job_id, JobStatus.PAUSED, "Paused: running tiles finish, no new tiles start."
+            )
+        elif row["status"] != JobStatus.PAUSED.value:
+            raise ApiError(
+                f"Job {job_id} is {row['status']}; only a queued or active job can be paused.",
+                status=409,
+            )
+        return self.job(who, job_id)
+
+    def resume(self, who: Principal, job_id: str) -> Job:
+        row = self._job_row(who, job_id)
+        if row["status"] == JobStatus.PAUSED.value:
+            self._set_job_status(job_id, JobStatus.QUEUED, "")
+            self.bus.work_changed()
+        elif row["status"] not in RUNNABLE_JOBS:
+            raise ApiError(f"Job {job_id} is {row['status']} and cannot be resumed.", status=409)
+        return self.job(who, job_id)
+
+    def cancel(self, who: Principal, job_id: str) -> Job:
+        row = self._job_row(who, job_id)
+        if row["status"] in {s.value for s in FINISHED_JOB_STATES}:
+            return self.job(who, job_id)
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE tasks SET status = ?, updated_at = ? WHERE job_id = ? AND status NOT IN"
+                " (?, ?)",
+                (
+                    TaskStatus.CANCELED.value,
+                    now_iso(),
+                    job_id,
+                    TaskStatus.COMPLETED.value,
+                    TaskStatus.FAILED.value,
+                ),
+            )
+            conn.execute(
+                "UPDATE jobs SET status = ?, message = ?, updated_at = ? WHERE id = ?",
+                (JobStatus.CANCELED.value, "Canceled by its owner.", now_iso(), job_id),
+            )
+        self.bus.publish("job", job_id=job_id, status=JobStatus.CANCELED.value)
+        return self.job(who, job_id)
+
+    # --- nodes ------------------------------------------------------------------------------
+
+    def register_node(self, who: Principal, caps: NodeCapabilities) -> NodeRegistration:
+        self._require(who, Role.PROVIDER)
+        existing = self.db.query_one(
+            "SELECT id FROM nodes WHERE owner = ? AND name = ?", (who.account, caps.name)
+        )
+        node_id = existing["id"] if existing else uuid.uuid4().hex[:12]
+        with self.db.transaction() as conn:
+            if existing:
+                conn.execute(
+                    "UPDATE nodes SET capabilities = ?, last_seen = ?, current_task ="
+                    " NULL WHERE id = ?",
+                    (caps.model_dump_json(), time.time(), node_id),
+                )
+            else:
+                conn.execute(
+                    "INSERT INTO nodes (id, owner, name, capabilities, registered_at, last_seen)"
+                    " VALUES (?,?,?,?,?,?)",
+                    (
+                        node_id,
+                        who.account,
+                        caps.name,
+                        caps.model_dump_json(),
+                        now_iso(),
+                        time.time(),
+                    ),
+                )
+        self.bus.publish("node", node=node_id, status="idle")
+        return NodeRegistration(
+            node_id=node_id,
+            heartbeat_interval=self.config.heartbeat_interval,
+            poll_timeout=self.config.poll_timeout,
+        )
+
+    def nodes(self, who: Principal) -> list[NodeInfo]:
+        rows = self.db.query("SELECT * FROM nodes ORDER BY name")
+        if who.role is not Role.ADMIN and who.role is not Role.REQUESTER:
+            rows = [row for row in rows if row["owner"] == who.account]
+        return [self._node_model(row) for row in rows]
+
+    def _node_row(self, who: Principal, node_id: str) -> sqlite3.Row:
+        self._require(who, Role.PROVIDER)
+        row = self.db.query_one("SELECT * FROM nodes WHERE id = ?", (node_id,))
+        if row is None:
+            raise ApiError(
+                f"Unknown node {node_id}.",
+                status=404,
+                hint="Register the node again (restart `tessera node`).",
+            )
+        if row["owner"] != who.account and who.role is not Role.ADMIN:
+            raise ApiError(f"Node {node_id} belongs to another account.", status=403)
+        return row
+
+    # --- leasing ---------------------------------------------------------------------------
+
+    def try_lease(self, who: Principal, node_id: str, request: LeaseRequest) -> Lease | None:
+        """Lease the best matching task to the node, or None if nothing fits now."""
+        node = self._node_row(who, node_id)
+        self.requeue_expired()
+        caps = NodeCapabilities.model_validate_json(node["capabilities"])
+        warm, cached = set(request.warm_bundles), set(request.cached_bundles)
+        with self.db.transaction() as conn:
+            conn.execute("UPDATE nodes SET last_seen = ? WHERE id = ?", (time.time(), node_id))
+            candidates = conn.execute(
+                "SELECT t.id, t.kind, t.frame, t.tile_index, j.id AS job_id, j.owner,"
+                " j.priority, j.bundle, j.spec, j.created_at FROM tasks t JOIN jobs j ON"
+                " j.id = t.job_id WHERE t.status IN (?, ?) AND j.status IN (?, ?) AND NOT"
+                " EXISTS (SELECT 1 FROM blocklist b WHERE b.job_id = t.job_id AND"
+                " b.node_id = ?) ORDER BY j.priority DESC, t.kind DESC, j.created_at, t.frame,"
+                " t.tile_index LIMIT 500",
+                (*LEASABLE, *RUNNABLE_JOBS, node_id),
+            ).fetchall()
+            if not candidates:
+                return None
+            busy = dict(
+                conn.execute(
+                    "SELECT j.owner, COUNT(*) FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE"
+                    " t.status = ? GROUP BY j.owner",
+                    (TaskStatus.ACTIVE.value,),
+                ).fetchall()
+            )
+            specs: dict[str, JobSpec] = {}
+            best: tuple[Any, ...] | None = None
+            for row in candidates:
+                spec = specs.get(row["job_id"])
+                if spec is None:
+                    spec = specs[row["job_id"]] = JobSpec.model_validate_json(row["spec"])
+                if not _node_can_run(caps, spec):
+                    continue
+                locality = 2 if row["bundle"] in warm else 1 if row["bundle"] in cached else 0
+                # Higher priority first; then a bundle the node already has; then the owner
+                # with the fewest tiles in flight (fairness); then submission order.
+                key = (
+                    -row["priority"],
+                    -locality,
+                    busy.get(row["owner"], 0),
+                    row["created_at"],
+                    row["frame"],
+                    row["tile_index"],
+                )
+                if best is None or key < best[0]:
+                    best = (key, row, spec)
+            if best is None:
+                return None
+            _, row, spec = best
+            lease_id = uuid.uuid4().hex
+            expires = time.time() + self.config.lease_seconds
+            conn.execute(
+                "UPDATE tasks SET status = ?, lease_id = ?, node_id = ?, lease_expires = ?,"
+                " updated_at = ? WHERE id = ?",
+                (TaskStatus.ACTIVE.value, lease_id, node_id, expires, now_iso(), row["id"]),
+            )
+            conn.execute(
+                "UPDATE jobs SET status = ?, updated_at = ? WHERE id = ? AND status = ?",
+                (JobStatus.ACTIVE.value, now_iso(), row["job_id"], JobStatus.QUEUED.value),
+            )
+            conn.execute("UPDATE nodes SET current_task = ? WHERE id = ?", (row["id"], node_id))
+            task_row = conn.execute("SELECT * FROM tasks WHERE id = ?", (row["id"],)).fetchone()
+        self.bus.publish(
+            "task",
+            job_id=row["job_id"],
+            task_id=row["id"],
+            frame=row["frame"],
+            status=TaskStatus.ACTIVE.value,
+            node=caps.name,
+        )
+        return self._lease_model(task_row, spec, lease_id, expires)
+
+    def _lease_model(
+        self, task_row: sqlite3.Row, spec: JobSpec, lease_id: str, expires: float
+    ) -> Lease:
+        assignment = (
+            RenderAssignment.model_validate_json(task_row["assignment"])
+            if task_row["assignment"]
+            else None
+        )
+        return Lease(
+            lease_id=lease_id,
+            task=_task_model(task_row),
+            job_name=spec.name,
+            bundle=spec.bundle,
+            bundle_size=self.store.size(spec.bundle),
+            scene_path=spec.scene_path,
+            assignment=assignment,
+            denoise_input=task_row["denoise_input"],
+            device="CPU" if spec.device == "ANY" else spec.device,
+            samples=spec.samples or spec.scene.samples,
+            expires_at=datetime.fromtimestamp(expires, UTC),
+            heartbeat_interval=self.config.heartbeat_interval,
+        )
+
+    def requeue_expired(self) -> int:
+        """Put tasks whose lease ran out back in the queue (the node died or hung)."""
+        now = time.time()
+        with self.db.transaction() as conn:
+            expired = conn.execute(
+                "SELECT id, job_id, node_id, frame FROM tasks WHERE status = ? AND"
+                " lease_expires < ?",
+                (TaskStatus.ACTIVE.value, now),
+            ).fetchall()
+            for row in expired:
+                self._record_failure(
+                    conn,
+                    row["id"],
+                    row["job_id"],
+                    row["node_id"],
+                    "lease_expired",
+                    "The node stopped sending heartbeats.",
+                )
+                conn.execute(
+                    "UPDATE tasks SET status = ?, lease_id = NULL, node_id = NULL,"
+                    " lease_expires = NULL, updated_at = ? WHERE id = ?",
+                    (TaskStatus.QUEUED.value, now_iso(), row["id"]),
+                )
+                conn.execute(
+                    "UPDATE nodes SET current_task = NULL WHERE id = ? AND current_task = ?",
+                    (row["node_id"], row["id"]),
+                )
+        for row in expired:
+            self.bus.publish(
+                "task",
+                job_id=row["job_id"],
+                task_id=row["id"],
+                frame=row["frame"],
+                status=TaskStatus.QUEUED.value,
+            )
+        if expired:
+            self.bus.work_changed()
+        return len(expired)
+
+    def _lease_row(self, who: Principal, lease_id: str) -> sqlite3.Row:
+        row = self.db.query_one(
+            "SELECT t.*, n.owner AS node_owner, j.status AS job_status FROM tasks t"
+            " JOIN jobs j ON j.id = t.job_id LEFT JOIN nodes n ON n.id = t.node_id"
+            " WHERE t.lease_id = ?",
+            (lease_id,),
+        )
+        if row is None:
+            raise ApiError(
+                "Unknown lease: it expired and the task was given to another node, "
+                "or it never existed.",
+                status=404,
+                hint="Drop this task and ask for a new lease.",
+            )
+        if row["node_owner"] != who.account and who.role is not Role.ADMIN:
+            raise ApiError("This lease is held by another provider's node.", status=403)
+        return row
+
+    def heartbeat(self, who: Principal, lease_id: str, beat: Heartbeat) -> HeartbeatReply:
+        row = self._lease_row(who, lease_id)
+        if row["status"] != TaskStatus.ACTIVE.value:
+            cancel = row["status"] == TaskStatus.CANCELED.value
+            if not cancel:
+                raise ApiError(f"The task is {row['status']}; this lease is over.", status=409)
+            return HeartbeatReply(expires_at=datetime.now(UTC), cancel=True)
+        expires = time.time() + self.config.lease_seconds
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE tasks SET lease_expires = ? WHERE lease_id = ?", (expires, lease_id)
+            )
+            conn.execute(
+                "UPDATE nodes SET last_seen = ? WHERE id = ?", (time.time(), row["node_id"])
+            )
+        return HeartbeatReply(
+            expires_at=datetime.fromtimestamp(expires, UTC),
+            cancel=row["job_status"] == JobStatus.CANCELED.value,
+        )
+
+    def release(self, who: Principal, lease_id: str) -> None:
+        row = self._lease_row(who, lease_id)
+        if row["status"] != TaskStatus.ACTIVE.value:
+            return
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE tasks SET status = ?, lease_id = NULL, node_id = NULL, lease_expires ="
+                " NULL, updated_at = ? WHERE id = ?",
+                (TaskStatus.QUEUED.value, now_iso(), row["id"]),
+            )
+            conn.execute("UPDATE nodes SET current_task = NULL WHERE id = ?", (row["node_id"],))
+        self.bus.publish(
+            "task",
+            job_id=row["job_id"],
+            task_id=row["id"],
+            frame=row["frame"],
+            status=TaskStatus.QUEUED.value,
+        )
+        self.bus.work_changed()
+
+    def report_failure(self, who: Principal, lease_id: str, failure: TaskFailure) -> None:
+        row = self._lease_row(who, lease_id)
+        if row["status"] != TaskStatus.ACTIVE.value:
+            raise ApiError(f"The task is {row['status']}; this lease is over.", status=409)
+        self._fail_task(
+            row,
+            failure.kind,
+            failure.message,
+            retryable=failure.retryable and failure.kind not in FATAL_FAILURE_KINDS,
+        )
+
+    def _fail_task(self, row: sqlite3.Row, kind: str, message: str, *, retryable: bool) -> None:
+        job_id, node_id = row["job_id"], row["node_id"]
+        attempts = row["attempts"] + 1
+        final = not retryable or attempts >= self.config.max_attempts
+        status = TaskStatus.FAILED if final else TaskStatus.SOFT_FAILED
+        with self.db.transaction() as conn:
+            self._record_failure(conn, row["id"], job_id, node_id, kind, message)
+            conn.execute(
+                "UPDATE tasks SET status = ?, attempts = ?, lease_id = NULL, node_id = NULL,"
+                " lease_expires = NULL, message = ?, updated_at = ? WHERE id = ?",
+                (status.value, attempts, message[:2000], now_iso(), row["id"]),
+            )
+            conn.execute(
+                "UPDATE nodes SET current_task = NULL, tasks_failed = tasks_failed + 1"
+                " WHERE id = ?",
+                (node_id,),
+            )
+            node_failures = conn.execute(
+                "SELECT COUNT(*) FROM failures WHERE job_id = ? AND node_id = ?", (job_id, node_id)
+            ).fetchone()[0]
+            if node_failures >= self.config.blocklist_after:
+                conn.execute(
+                    "INSERT OR IGNORE INTO blocklist (job_id, node_id, reason) VALUES (?,?,?)",
+                    (job_id, node_id, f"{node_failures} failed tasks on this job"),
+                )
+            if final:
+                reasons = [
+                    f"{r['kind']}: {r['message']}"
+                    for r in conn.execute(
+                        "SELECT kind, message FROM failures WHERE task_id = ? ORDER BY id",
+                        (row["id"],),
+                    )
+                ]
+                summary = f"Task {row['id']} failed: " + " | ".join(reasons[-3:])
+                conn.execute(
+                    "UPDATE jobs SET status = ?, message = ?, updated_at = ? WHERE id = ?",
+                    (JobStatus.FAILED.value, summary[:4000], now_iso(), job_id),
+                )
+                conn.execute(
+                    "UPDATE tasks SET status = ? WHERE job_id = ? AND status IN (?, ?)",
+                    (TaskStatus.CANCELED.value, job_id, *LEASABLE),
+                )
+        self.bus.publish(
+            "task", job_id=job_id, task_id=row["id"], frame=row["frame"], status=status.value
+        )
+        if final:
+            self.bus.publish("job", job_id=job_id, status=JobStatus.FAILED.value)
+        self.bus.work_changed()
+
+    @staticmethod
+    def _record_failure(
+        conn: sqlite3.Connection,
+        task_id: str,
+        job_id: str,
+        node_id: str | None,
+        kind: str,
+        message: str,
+    ) -> None:
+        conn.execute(
+            "INSERT INTO failures (task_id, job_id, node_id, kind, message, at) VALUES"
+            " (?,?,?,?,?,?)",
+            (task_id, job_id, node_id, kind, message[:2000], now_iso()),
+        )
+
+    # --- results ----------------------------------------------------------------------------
+
+    def accept_result(
+        self, who: Principal, lease_id: str, claimed_sha256: str | None, chunks: Iterable[bytes]
+    ) -> UploadReceipt:
+        """Store, check and accept a task's EXR from the node that holds its lease."""
+        if not claimed_sha256:
+            raise ApiError(
+                "The upload has no X-Content-SHA256 header.",
+                status=400,
+                hint="Send the SHA-256 of the EXR with the upload.",
+            )
+        row = self._lease_row(who, lease_id)
+        if row["status"] == TaskStatus.COMPLETED.value and row["result_sha"] == claimed_sha256:
+            # A retried upload of an accepted result: acknowledge, change nothing.
+            return UploadReceipt(task_id=row["id"], sha256=claimed_sha256, accepted=True)
+        if row["status"] != TaskStatus.ACTIVE.value:
+            raise ApiError(
+                f"The task is {row['status']}; this lease no longer accepts results.",
+                status=409,
+                hint="Drop the result and ask for a new lease.",
+            )
+        try:
+            sha256, _ = self.store.put_stream(
+                chunks, max_bytes=self.config.max_result_bytes, expected_sha256=claimed_sha256
+            )
+        except HashMismatchError as exc:
+            raise ApiError(exc.message, status=400, hint=exc.hint) from None
+        except TooLargeError as exc:
+            raise ApiError(exc.message, status=413) from None
+        problem = self._check_result(row, sha256)
+        if problem:
+            self._fail_task(row, "bad_result", problem, retryable=True)
+            raise ApiError(
+                f"The result was refused: {problem}",
+                status=422,
+                hint="The task goes back to the queue.",
+            )
+        frame_ready = False
+        with self.db.transaction() as conn:
+            current = conn.execute(
+                "SELECT status, lease_id FROM tasks WHERE id = ?", (row["id"],)
+            ).fetchone()
+            if current["status"] != TaskStatus.ACTIVE.value or current["lease_id"] != lease_id:
+                raise ApiError("The lease ended while the result was uploading.", status=409)
+            conn.execute(
+                "UPDATE tasks SET status = ?, result_sha = ?, lease_expires = NULL,"
+                " updated_at = ? WHERE id = ?",
+                (TaskStatus.COMPLETED.value, sha256, now_iso(), row["id"]),
+            )
+            conn.execute(
+                "UPDATE nodes SET current_task = NULL, tasks_completed ="
+                " tasks_completed + 1 WHERE id = ?",
+                (row["node_id"],),
+            )
+            if row["kind"] == TaskKind.RENDER.value:
+                remaining = conn.execute(
+                    "SELECT COUNT(*) FROM tasks WHERE job_id = ? AND frame = ? AND kind = ? AND"
+                    " status != ?",
+                    (
+                        row["job_id"],
+                        row["frame"],
+                        TaskKind.RENDER.value,
+                        TaskStatus.COMPLETED.value,
+                    ),
+                ).fetchone()[0]
+                frame_ready = remaining == 0
+            else:
+                frame_ready = True
+        self.bus.publish(
+            "task",
+            job_id=row["job_id"],
+            task_id=row["id"],
+            frame=row["frame"],
+            status=TaskStatus.COMPLETED.value,
+            url=f"/api/v1/tasks/{row['id']}/preview.png",
+        )
+        if frame_ready:
+            for callback in self.on_frame_ready:
+                callback(row["job_id"], row["frame"])
+        return UploadReceipt(
+            task_id=row["id"], sha256=sha256, accepted=True, frame_completed=frame_ready
+        )
+
+    def _check_result(self, row: sqlite3.Row, sha256: str) -> str | None:
+        """Structure and values of an uploaded EXR against its task; None when fine."""
+        try:
+            image = read_exr(self.store.path(sha256))
+        except ExrError as exc:
+            return f"not a readable EXR ({exc.message})"
+        if row["kind"] == TaskKind.RENDER.value:
+            region = RenderAssignment.model_validate_json(row["assignment"]).render_region
+            expected = (region.x1 - region.x0, region.y1 - region.y0)
+        else:
+            spec = JobSpec.model_validate_json(
+                self.db.fetch_one("SELECT spec FROM jobs WHERE id = ?", (row["job_id"],))["spec"]
+            )
+            expected = spec.effective_size()
+        if (image.width, image.height) != expected:
+            return (
+                f"it is {image.width}x{image.height} pixels, the task asked for "
+                f"{expected[0]}x{expected[1]}"
+            )
+        try:
+            rgba = image.combined_rgba()
+        except ExrError:
+            return "it has no Combined pass"
+        if not np.isfinite(rgba).all():
+            return "it contains NaN or infinite values"
+        return None
+
+    # --- models -----------------------------------------------------------------------------
+
+    def _require(self, who: Principal, role: Role) -> None:
+        if not who.can(role):
+            raise ApiError(
+                f"This needs a {role.value} token; yours is {who.role.value}.", status=403
+            )
+
+    def _job_row(self, who: Principal, job_id: str) -> sqlite3.Row:
+        row = self.db.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        if row is None or (row["owner"] != who.account and who.role is not Role.ADMIN):
+            raise ApiError(f"No job {job_id}.", status=404, hint="`tessera jobs` lists yours.")
+        return row
+
+    def _set_job_status(self, job_id: str, status: JobStatus, message: str) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE jobs SET status = ?, message = ?, updated_at = ? WHERE id = ?",
+                (status.value, message, now_iso(), job_id),
+            )
+        self.bus.publish("job", job_id=job_id, status=status.value)
+
+    def _job_model(self, row: sqlite3.Row) -> Job:
+        spec = JobSpec.model_validate_json(row["spec"])
+        counts = self.db.fetch_one(
+            "SELECT COUNT(*) AS total, SUM(status = ?) AS done FROM tasks WHERE job_id = ?"
+            " AND kind = ?",
+            (TaskStatus.COMPLETED.value, row["id"], TaskKind.RENDER.value),
+        )
+        frames = self.db.query(
+            "SELECT frame FROM frames WHERE job_id = ? AND status = 'done' ORDER BY frame",
+            (row["id"],),
+        )
+        message = row["message"]
+        if row["status"] in RUNNABLE_JOBS and not message:
+            message = self._no_node_message(spec)
+        return Job(
+            id=row["id"],
+            name=row["name"],
+            owner=row["owner"],
+            status=JobStatus(row["status"]),
+            priority=row["priority"],
+            spec=spec,
+            progress=JobProgress(
+                tasks_total=counts["total"] or 0,
+                tasks_done=counts["done"] or 0,
+                frames_total=len(spec.frames.frames()),
+                frames_done=len(frames),
+            ),
+            created_at=datetime.fromisoformat(row["created_at"]),
+            updated_at=datetime.fromisoformat(row["updated_at"]),
+            message=message,
+            frames_done=[r["frame"] for r in frames],
+        )
+
+    def _no_node_message(self, spec: JobSpec) -> str:
+        cutoff = time.time() - self.config.node_offline_after
+        rows = self.db.query("SELECT capabilities FROM nodes WHERE last_seen >= ?", (cutoff,))
+        if not rows:
+            return "Waiting for a node: none is connected."
+        caps = [NodeCapabilities.model_validate_json(r["capabilities"]) for r in rows]
+        if any(_node_can_run(c, spec) for c in caps):
+            return ""
+        offered = sorted({d for c in caps for d in c.devices})
+        return (
+            f"No connected node can run this job: it needs {spec.device}"
+            + (f" and Blender {spec.blender_version}" if spec.blender_version else "")
+            + f"; nodes offer {', '.join(offered) or 'nothing'}."
+        )
+
+    def _node_model(self, row: sqlite3.Row) -> NodeInfo:
+        offline = time.time() - row["last_seen"] > self.config.node_offline_after
+        status: Literal["idle", "busy", "offline"] = (
+            "offline" if offline else "busy" if row["current_task"] else "idle"
+        )
+        return NodeInfo(
+            id=row["id"],
+            owner=row["owner"],
+            capabilities=NodeCapabilities.model_validate_json(row["capabilities"]),
+            status=status,
+            current_task=row["current_task"],
+            last_seen=datetime.fromtimestamp(row["last_seen"], UTC),
+            tasks_completed=row["tasks_completed"],
+            tasks_failed=row["tasks_failed"],
+            render_seconds=row["render_seconds"],
+        )
+
+
+def _rect(rect: Any) -> dict[str, int]:
+    return {"x0": rect.x0, "y0": rect.y0, "x1": rect.x1, "y1": rect.y1}
+
+
+def _node_can_run(caps: NodeCapabilities, spec: JobSpec) -> bool:
+    if spec.blender_version and spec.blender_version not in caps.blender_versions:
+        return False
+    if "CYCLES" not in caps.engines:
+        return False
+    if spec.device in ("ANY", "CPU"):
+        return "CPU" in caps.devices
+    if spec.device == "GPU":
+        return any(d != "CPU" for d in caps.devices)
+    return spec.device in caps.devices
+
+
+def _task_model(row: sqlite3.Row) -> Task:
+    return Task(
+        id=row["id"],
+        job_id=row["job_id"],
+        kind=TaskKind(row["kind"]),
+        frame=row["frame"],
+        tile_index=row["tile_index"],
+        status=TaskStatus(row["status"]),
+        attempts=row["attempts"],
+        node=row["node_id"],
+        message=row["message"],
+        result_sha256=row["result_sha"],
+        render_seconds=row["render_seconds"],
+    )

@@ -1,0 +1,64 @@
+"""Run the coordinator: bind a socket (port 0 lets the OS choose), serve with uvicorn, and
+announce the URL only once the server accepts connections. TLS when given a certificate.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import uvicorn
+
+from coordinator.app import create_app
+from coordinator.config import CoordinatorConfig
+
+
+class _AnnouncingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, on_ready: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_ready = on_ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self._on_ready()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def serve(
+    config: CoordinatorConfig,
+    host: str = "127.0.0.1",
+    port: int = 8400,
+    *,
+    on_ready: Callable[[str, str | None], None] | None = None,
+    certfile: Path | None = None,
+    keyfile: Path | None = None,
+) -> None:
+    """Serve until interrupted; `on_ready(url, new_admin_token_or_None)` once listening."""
+    app = create_app(config)
+    sock = bind(host, port)
+    scheme = "https" if certfile else "http"
+    shown_host = f"[{host}]" if ":" in host else host
+    url = f"{scheme}://{shown_host}:{sock.getsockname()[1]}"
+
+    def ready() -> None:
+        (config.data_dir / "coordinator.url").write_text(url + "\n")
+        if on_ready is not None:
+            on_ready(url, app.state.services.admin_token)
+
+    uv_config = uvicorn.Config(
+        app,
+        log_level="warning",
+        timeout_graceful_shutdown=3,
+        ssl_certfile=str(certfile) if certfile else None,
+        ssl_keyfile=str(keyfile) if keyfile else None,
+    )
+    _AnnouncingServer(uv_config, ready).run(sockets=[sock])

@@ -1,0 +1,390 @@
+"""Wire models shared by the coordinator, the nodes and the clients (API v1).
+
+Every request and response body of the HTTP API is one of these pydantic models, so the
+OpenAPI document, the server's validation and the client's parsing cannot drift apart.
+Models reject unknown fields (`extra="forbid"`): a typo in a job spec is an error with
+the field's name, not a silently ignored option.
+
+This module holds data shapes and their validation only: no I/O, no Blender, no Qt.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+API_PREFIX = "/api/v1"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+MAX_TILES_PER_AXIS = 64
+MAX_FRAMES_PER_JOB = 100_000
+MAX_SAMPLES = 1 << 20
+DEVICE_CLASSES = ("CPU", "GPU", "CUDA", "OPTIX", "HIP", "METAL", "ONEAPI")
+
+Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN, description="lower-case hex SHA-256")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- states (modelled on Flamenco's) ----------------------------------------------------
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    ACTIVE = "active"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+class TaskStatus(StrEnum):
+    QUEUED = "queued"
+    ACTIVE = "active"
+    SOFT_FAILED = "soft-failed"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    PAUSED = "paused"
+
+
+class TaskKind(StrEnum):
+    RENDER = "render"
+    DENOISE = "denoise"
+
+
+class Role(StrEnum):
+    REQUESTER = "requester"
+    PROVIDER = "provider"
+    ADMIN = "admin"
+
+
+FINISHED_JOB_STATES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED})
+
+
+# --- what the client knows about the scene ----------------------------------------------
+
+
+class SceneSummary(Strict):
+    """What the submitter's inspection found; the coordinator checks it against the spec."""
+
+    name: str = Field(min_length=1, max_length=200)
+    frame_start: int
+    frame_end: int
+    resolution_x: int = Field(ge=1, le=65536)
+    resolution_y: int = Field(ge=1, le=65536)
+    resolution_percentage: int = Field(ge=1, le=32767)
+    samples: int = Field(ge=1, le=MAX_SAMPLES)
+    adaptive_sampling: bool
+    denoising: bool
+    camera: str | None
+    engine: str = "CYCLES"
+    blender_version: str = ""
+
+
+# --- jobs ------------------------------------------------------------
+
+
+class FrameRange(Strict):
+    start: int = Field(ge=-1_048_574, le=1_048_574)
+    end: int = Field(ge=-1_048_574, le=1_048_574)
+    step: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FrameRange:
+        if self.end < self.start:
+            raise ValueError(f"frames {self.start}-{self.end}: the end is before the start")
+        if len(self.frames()) > MAX_FRAMES_PER_JOB:
+            raise ValueError(f"at most {MAX_FRAMES_PER_JOB} frames per job")
+        return self
+
+    def frames(self) -> range:
+        return range(self.start, self.end + 1, self.step)
+
+    @classmethod
+    def parse(cls, text: str) -> FrameRange:
+        """'7', '1-24' or '1-24x2' (every second frame)."""
+        match = re.fullmatch(r"\s*(-?\d+)(?:\s*-\s*(-?\d+)(?:\s*x\s*(\d+))?)?\s*", text)
+        if match is None:
+            raise ValueError(f"'{text}' is not a frame range: use N, A-B or A-BxSTEP")
+        start = int(match.group(1))
+        end = int(match.group(2)) if match.group(2) is not None else start
+        step = int(match.group(3)) if match.group(3) is not None else 1
+        return cls(start=start, end=end, step=step)
+
+
+class TileGrid(Strict):
+    columns: int = Field(default=1, ge=1, le=MAX_TILES_PER_AXIS)
+    rows: int = Field(default=1, ge=1, le=MAX_TILES_PER_AXIS)
+
+
+class JobSpec(Strict):
+    """What a requester submits. The bundle must already be uploaded."""
+
+    name: str = Field(min_length=1, max_length=200)
+    bundle: Sha256
+    scene_path: str = Field(
+        min_length=1,
+        max_length=1000,
+        description="path of the .blend inside the bundle, '/'-separated",
+    )
+    scene: SceneSummary
+    frames: FrameRange
+    tiles: TileGrid = TileGrid()
+    samples: int | None = Field(default=None, ge=1, le=MAX_SAMPLES)
+    percentage: int | None = Field(default=None, ge=1, le=32767)
+    denoise: bool | None = None
+    priority: int = Field(default=50, ge=0, le=100)
+    device: Literal["CPU", "GPU", "CUDA", "OPTIX", "HIP", "METAL", "ONEAPI", "ANY"] = "ANY"
+    blender_version: str | None = Field(default=None, max_length=40)
+
+    @field_validator("scene_path")
+    @classmethod
+    def _relative_blend(cls, value: str) -> str:
+        parts = value.split("/")
+        if value.startswith("/") or ".." in parts or "\\" in value:
+            raise ValueError("scene_path must be a relative path inside the bundle")
+        if not value.lower().endswith(".blend"):
+            raise ValueError(f"scene_path '{value}' is not a .blend file")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        if self.scene.camera is None:
+            raise ValueError(
+                "the scene has no active camera: set one in Blender (Ctrl+Numpad0) and save"
+            )
+        if self.scene.engine != "CYCLES":
+            raise ValueError(f"the scene uses {self.scene.engine}; the farm renders Cycles only")
+        first, last = self.frames.start, self.frames.end
+        if first < self.scene.frame_start or last > self.scene.frame_end:
+            raise ValueError(
+                f"frames {first}-{last} are outside the scene's range "
+                f"{self.scene.frame_start}-{self.scene.frame_end}"
+            )
+        width, height = self.effective_size()
+        if self.tiles.columns > width or self.tiles.rows > height:
+            raise ValueError(
+                f"{self.tiles.columns}x{self.tiles.rows} tiles do not fit a {width}x{height} frame"
+            )
+        return self
+
+    def effective_size(self) -> tuple[int, int]:
+        percentage = self.percentage or self.scene.resolution_percentage
+        return (
+            max(1, self.scene.resolution_x * percentage // 100),
+            max(1, self.scene.resolution_y * percentage // 100),
+        )
+
+    @property
+    def wants_denoise(self) -> bool:
+        return self.scene.denoising if self.denoise is None else self.denoise
+
+
+class JobProgress(Strict):
+    tasks_total: int
+    tasks_done: int
+    frames_total: int
+    frames_done: int
+
+
+class Job(Strict):
+    id: str
+    name: str
+    owner: str
+    status: JobStatus
+    priority: int
+    spec: JobSpec
+    progress: JobProgress
+    created_at: datetime
+    updated_at: datetime
+    message: str = ""
+    frames_done: list[int] = Field(default_factory=list)
+
+
+class JobPatch(Strict):
+    priority: int | None = Field(default=None, ge=0, le=100)
+
+
+# --- tasks and leases ------------------------------------------------------------
+
+
+class Region(Strict):
+    """Pixel rectangle, half-open, origin top-left (see renderers.regions.PixelRect)."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+
+class RenderAssignment(Strict):
+    """Everything a node needs to render one task; any node renders the same pixels."""
+
+    frame: int
+    width: int
+    height: int
+    render_region: Region
+    core_region: Region
+    whole_frame: bool
+    samples: int | None
+    percentage: int | None
+    seed: int | None = None
+    denoise_data: bool
+
+
+class Task(Strict):
+    id: str
+    job_id: str
+    kind: TaskKind
+    frame: int
+    tile_index: int
+    status: TaskStatus
+    attempts: int
+    node: str | None = None
+    message: str = ""
+    result_sha256: str | None = None
+    render_seconds: float | None = None
+
+
+class Lease(Strict):
+    lease_id: str
+    task: Task
+    job_name: str
+    bundle: Sha256
+    bundle_size: int
+    scene_path: str
+    assignment: RenderAssignment | None = None
+    denoise_input: Sha256 | None = None
+    device: str
+    samples: int = Field(description="effective samples (the spec's or the scene's)")
+    expires_at: datetime
+    heartbeat_interval: float
+
+
+class Heartbeat(Strict):
+    progress: float = Field(default=0.0, ge=0.0, le=1.0)
+    message: str = Field(default="", max_length=500)
+
+
+class HeartbeatReply(Strict):
+    expires_at: datetime
+    cancel: bool = False
+
+
+class TaskFailure(Strict):
+    kind: str = Field(max_length=60)
+    message: str = Field(max_length=4000)
+    retryable: bool = True
+
+
+class UploadReceipt(Strict):
+    task_id: str
+    sha256: Sha256
+    accepted: bool
+    frame_completed: bool = False
+
+
+# --- nodes ------------------------------------------------------------
+
+
+class GpuInfo(Strict):
+    type: str
+    name: str
+    vram_mib: int | None = None
+
+
+class NodeCapabilities(Strict):
+    name: str = Field(min_length=1, max_length=100)
+    hostname: str = Field(default="", max_length=255)
+    cpu: str = ""
+    cpu_threads: int = Field(default=1, ge=1)
+    ram_mib: int = Field(default=0, ge=0)
+    devices: list[str] = Field(
+        default_factory=lambda: ["CPU"], description="Cycles device types this node can render with"
+    )
+    gpus: list[GpuInfo] = Field(default_factory=list)
+    blender_versions: list[str] = Field(default_factory=list)
+    engines: list[str] = Field(default_factory=lambda: ["CYCLES"])
+    benchmark_score: float | None = None
+    cpu_kernel: str = ""
+
+
+class NodeRegistration(Strict):
+    node_id: str
+    heartbeat_interval: float
+    poll_timeout: float
+
+
+class NodeInfo(Strict):
+    id: str
+    owner: str
+    capabilities: NodeCapabilities
+    status: Literal["idle", "busy", "offline"]
+    current_task: str | None = None
+    last_seen: datetime
+    tasks_completed: int = 0
+    tasks_failed: int = 0
+    render_seconds: float = 0.0
+
+
+class LeaseRequest(Strict):
+    cached_bundles: list[Sha256] = Field(default_factory=list, max_length=1000)
+    warm_bundles: list[Sha256] = Field(default_factory=list, max_length=100)
+    wait: float = Field(default=20.0, ge=0.0, le=60.0)
+
+
+# --- accounts ------------------------------------------------------------
+
+
+class AccountCreate(Strict):
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.@-]+$")
+    role: Role
+
+
+class AccountToken(Strict):
+    account: str
+    role: Role
+    token: str
+
+
+class Me(Strict):
+    account: str
+    role: Role
+
+
+# --- events ------------------------------------------------------------
+
+
+class Event(Strict):
+    """One entry of the live event stream (SSE `data:` payload)."""
+
+    seq: int
+    type: Literal["job", "task", "frame", "node"]
+    job_id: str | None = None
+    task_id: str | None = None
+    frame: int | None = None
+    status: str | None = None
+    node: str | None = None
+    url: str | None = Field(default=None, description="where to fetch the tile/frame preview")
+    at: datetime
+
+
+class ErrorBody(Strict):
+    """The body of every 4xx/5xx reply: what is wrong and what to do."""
+
+    error: str
+    detail: str
+    hint: str = ""
+
+
+class Health(Strict):
+    status: Literal["ok"]
+    version: str
+    api: str = "v1"
+    farm: str | None = None

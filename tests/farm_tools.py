@@ -1,0 +1,200 @@
+"""Test helpers for the farm: a real coordinator process on 127.0.0.1 (port 0), accounts,
+bundles, job specs, and a minimal node loop that renders leases with a real worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol.client import TesseraClient, sha256_file
+from protocol.models import (
+    FrameRange,
+    Heartbeat,
+    JobSpec,
+    LeaseRequest,
+    NodeCapabilities,
+    SceneSummary,
+    TileGrid,
+)
+from renderers.regions import PixelRect, border_fractions
+from renderers.scene_info import SceneInfo
+from renderers.worker import RenderRequest, RenderWorker
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RunningCoordinator:
+    process: subprocess.Popen[bytes]
+    url: str
+    data_dir: Path
+    log: Path
+
+    @property
+    def admin_token(self) -> str:
+        return (self.data_dir / "admin.token").read_text().strip()
+
+    def client(self, token: str | None = None, **options: float) -> TesseraClient:
+        return TesseraClient(self.url, token, **options)  # type: ignore[arg-type]
+
+    def kill(self) -> None:
+        """Kill -9, as a crash would."""
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+
+
+def start_coordinator(data_dir: Path, *extra: str, port: int = 0) -> RunningCoordinator:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = data_dir / f"coordinator-{time.monotonic_ns()}.log"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "app.cli",
+                "coordinator",
+                "--port",
+                str(port),
+                "--data",
+                str(data_dir),
+                *extra,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        for line in text.splitlines():
+            if "listening on " in line:
+                return RunningCoordinator(
+                    process, line.split("listening on ", 1)[1].strip(), data_dir, log
+                )
+        if process.poll() is not None:
+            raise RuntimeError(f"coordinator exited:\n{text}")
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    raise RuntimeError(f"coordinator did not start:\n{log.read_text()}")
+
+
+def make_bundle(scene: Path, folder: Path, name: str = "scene.blend") -> tuple[Path, str]:
+    """A bundle zip holding the scene (assets would sit beside it); returns (path, sha)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "bundle.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.write(scene, name)
+    return path, sha256_file(path)
+
+
+def summary(info: SceneInfo) -> SceneSummary:
+    return SceneSummary(
+        name=info.name,
+        frame_start=info.frame_start,
+        frame_end=info.frame_end,
+        resolution_x=info.resolution_x,
+        resolution_y=info.resolution_y,
+        resolution_percentage=info.resolution_percentage,
+        samples=info.samples,
+        adaptive_sampling=info.adaptive_sampling,
+        denoising=info.denoising,
+        camera=info.camera,
+        engine=info.engine,
+        blender_version=info.blender_version,
+    )
+
+
+def job_spec(
+    info: SceneInfo,
+    bundle_sha: str,
+    frames: str = "1-2",
+    tiles: tuple[int, int] = (2, 2),
+    **options: object,
+) -> JobSpec:
+    fields: dict[str, object] = {
+        "name": "test job",
+        "bundle": bundle_sha,
+        "scene_path": "scene.blend",
+        "scene": summary(info),
+        "frames": FrameRange.parse(frames),
+        "tiles": TileGrid(columns=tiles[0], rows=tiles[1]),
+        "percentage": 10,
+        "samples": 4,
+    }
+    fields.update(options)
+    return JobSpec.model_validate(fields)
+
+
+def serve_leases(
+    client: TesseraClient,
+    worker: RenderWorker,
+    scene: Path,
+    scratch: Path,
+    *,
+    until_idle: float = 3.0,
+    name: str = "test-node",
+) -> int:
+    """A minimal node: lease, render with `worker`, upload; stop after `until_idle` seconds
+    without work. Returns the number of tasks done. (The real node is farm_node.)"""
+    from renderers.denoise import denoise_frame
+    from renderers.exr import read_exr, write_exr
+
+    node = client.register_node(NodeCapabilities(name=name, blender_versions=["5.0.1"]))
+    done, idle_since = 0, time.monotonic()
+    while time.monotonic() - idle_since < until_idle:
+        lease = client.lease(node.node_id, LeaseRequest(wait=0.5))
+        if lease is None:
+            continue
+        output = scratch / f"{lease.task.id}.exr"
+        if lease.assignment is not None:
+            a = lease.assignment
+            region = PixelRect(
+                a.render_region.x0, a.render_region.y0, a.render_region.x1, a.render_region.y1
+            )
+            worker.render(
+                RenderRequest(
+                    scene=scene,
+                    frame=a.frame,
+                    output=output,
+                    border=None if a.whole_frame else border_fractions(region, a.width, a.height),
+                    samples=a.samples,
+                    percentage=a.percentage,
+                    denoise_data=a.denoise_data,
+                )
+            )
+        else:
+            merged = client.download_denoise_input(lease.lease_id, scratch / "merged.exr")
+            write_exr(output, denoise_frame(worker, read_exr(merged), samples=lease.samples))
+        client.heartbeat(lease.lease_id, Heartbeat(progress=1.0))
+        client.upload_result(lease.lease_id, output)
+        done += 1
+        idle_since = time.monotonic()
+    return done
+
+
+def wait_for_job(client: TesseraClient, job_id: str, timeout: float = 120.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.job(job_id).status.value
+        if status in ("completed", "failed", "canceled"):
+            return status
+        time.sleep(0.1)
+    raise TimeoutError(f"job {job_id} still {client.job(job_id).status} after {timeout}s")
