@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 from common.errors import TesseraError, UsageError
 from common.settings import Settings, load_settings
+from protocol.discovery import COORDINATOR_TYPE, Advertisement, coordinator_info
 from renderers.builds import BlenderBuild, default_build, find_builds
 from renderers.demo_scene import ensure_demo_scene
 from renderers.devices import parse_cycles_devices, probe_nvidia, summarise
@@ -125,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     coordinator.add_argument("--tls-cert", type=Path, default=None, help="TLS certificate (PEM)")
     coordinator.add_argument("--tls-key", type=Path, default=None, help="TLS private key (PEM)")
     coordinator.add_argument("--farm", default=None, help="farm name (shown to nodes)")
+    _add_lan_options(
+        coordinator,
+        "advertise this coordinator on the LAN (zeroconf) and let "
+        "nodes that know the farm's secret join",
+    )
     coordinator.set_defaults(handler=cmd_coordinator)
 
     demo = sub.add_parser(
@@ -151,6 +158,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_blender_option(demo)
     demo.set_defaults(handler=cmd_demo)
     return parser
+
+
+def _add_lan_options(parser: argparse.ArgumentParser, lan_help: str) -> None:
+    parser.add_argument("--lan", action="store_true", help=lan_help)
+    parser.add_argument(
+        "--secret", default=None, help="the farm's join secret (or env TESSERA_FARM_SECRET)"
+    )
+    parser.add_argument(
+        "--interface",
+        default=None,
+        metavar="ADDRESS",
+        help="bind zeroconf to this address only (e.g. 127.0.0.1)",
+    )
+
+
+def _lan_farm(args: argparse.Namespace) -> tuple[str, str]:
+    secret = args.secret or os.environ.get("TESSERA_FARM_SECRET")
+    if not args.farm or not secret:
+        raise UsageError("--lan needs --farm NAME and --secret S (or TESSERA_FARM_SECRET).")
+    return args.farm, secret
 
 
 def _add_blender_option(parser: argparse.ArgumentParser) -> None:
@@ -399,23 +426,39 @@ def cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
 
     if (args.tls_cert is None) != (args.tls_key is None):
         raise UsageError("--tls-cert and --tls-key go together.")
+    farm, secret = _lan_farm(args) if args.lan else (args.farm, None)
     data_dir = args.data or settings.home / "coordinator"
     config = CoordinatorConfig(
         data_dir=data_dir,
         lease_seconds=args.lease_seconds,
         heartbeat_interval=args.heartbeat_interval,
-        farm_name=args.farm,
+        farm_name=farm,
+        lan_secret=secret,
     )
+    advertisements: list[Advertisement] = []
 
     def ready(url: str, admin_token: str | None) -> None:
         print(f"Tessera coordinator listening on {url}", flush=True)
         print(f"  data: {data_dir}", flush=True)
         if admin_token:
             print(f"  first start: admin token written to {config.admin_token_path}", flush=True)
+        if farm and secret:
+            info = coordinator_info(url, farm, secret, args.interface, config.version)
+            advertisements.append(Advertisement(info, args.interface))
+            print(f"  LAN: advertising farm '{farm}' as {COORDINATOR_TYPE}", flush=True)
 
-    serve(
-        config, args.host, args.port, on_ready=ready, certfile=args.tls_cert, keyfile=args.tls_key
-    )
+    try:
+        serve(
+            config,
+            args.host,
+            args.port,
+            on_ready=ready,
+            certfile=args.tls_cert,
+            keyfile=args.tls_key,
+        )
+    finally:
+        for advertisement in advertisements:
+            advertisement.close()
     return 0
 
 

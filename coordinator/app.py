@@ -9,9 +9,11 @@ error into a JSON `ErrorBody` that says what to fix. The rules live in `farm.py`
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import re
+import secrets
 import tempfile
 import threading
 import time
@@ -34,6 +36,7 @@ from coordinator.db import Database
 from coordinator.events import EventBus
 from coordinator.farm import Farm, Principal
 from coordinator.store import ContentStore
+from protocol.discovery import join_proof
 from protocol.models import (
     API_PREFIX,
     SHA256_PATTERN,
@@ -46,6 +49,8 @@ from protocol.models import (
     Job,
     JobPatch,
     JobSpec,
+    JoinChallenge,
+    JoinRequest,
     Lease,
     LeaseRequest,
     Me,
@@ -63,6 +68,7 @@ from renderers.preview import write_preview_png
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 SWEEP_SECONDS = 1.0
+JOIN_NONCE_SECONDS = 60.0
 bearer = HTTPBearer(auto_error=False)
 
 
@@ -78,6 +84,8 @@ class Services:
         self.assembler = Assembler(self.db, self.store, self.bus)
         self.farm.on_frame_ready.append(self.assembler.submit)
         self.stopping = threading.Event()
+        self.join_nonces: dict[str, float] = {}
+        self.join_lock = threading.Lock()
         self._sweeper: threading.Thread | None = None
         self.admin_token = self.farm.ensure_admin()
 
@@ -215,6 +223,39 @@ def _router(services: Services) -> APIRouter:
         if who.role is not Role.ADMIN:
             raise ApiError("Only an admin can create accounts.", status=403)
         return farm.create_account(body.name, body.role)
+
+    # LAN join: a node that knows the farm's secret gets a provider token
+
+    @router.get("/join/challenge", response_model=JoinChallenge)
+    def join_challenge() -> JoinChallenge:
+        _require_lan(services)
+        nonce = secrets.token_hex(16)
+        with services.join_lock:
+            now = time.monotonic()
+            for stale in [n for n, t in services.join_nonces.items() if t < now]:
+                del services.join_nonces[stale]
+            services.join_nonces[nonce] = now + JOIN_NONCE_SECONDS
+        return JoinChallenge(nonce=nonce)
+
+    @router.post("/join", response_model=AccountToken)
+    def join(body: JoinRequest) -> AccountToken:
+        secret = _require_lan(services)
+        with services.join_lock:
+            expires = services.join_nonces.pop(body.nonce, 0.0)  # each nonce works once
+        if expires < time.monotonic():
+            raise ApiError(
+                "The join challenge expired or was already used.",
+                status=401,
+                hint="Ask for a new challenge (GET /api/v1/join/challenge).",
+            )
+        expected = join_proof(secret, body.nonce, body.name)
+        if not hmac.compare_digest(expected, body.proof):
+            raise ApiError(
+                "Wrong farm secret.",
+                status=401,
+                hint="Use the --secret the coordinator was started with.",
+            )
+        return farm.issue_token(f"lan-{body.name}", Role.PROVIDER)
 
     # bundles
 
@@ -380,6 +421,16 @@ def _router(services: Services) -> APIRouter:
         return FileResponse(services.store.path(row["denoise_input"]), media_type="image/x-exr")
 
     return router
+
+
+def _require_lan(services: Services) -> str:
+    if not services.config.lan_secret:
+        raise ApiError(
+            "This coordinator does not accept LAN joins.",
+            status=404,
+            hint="Start it with --lan --farm NAME --secret S, or use a token.",
+        )
+    return services.config.lan_secret
 
 
 def _check_sha(sha256: str) -> None:

@@ -18,6 +18,7 @@ class CoordinatorConfig:
     max_result_bytes: int = 2 * 2**30
     node_offline_after: float = 120.0
     farm_name: str | None = None
+    lan_secret: str | None = None
     version: str = "0.1.0"
 
     @property

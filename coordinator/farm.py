@@ -135,6 +135,28 @@ class Farm:
             ) from None
         return AccountToken(account=name, role=role, token=token)
 
+    def issue_token(self, name: str, role: Role) -> AccountToken:
+        """A fresh token for `name` (created if new); the old token stops working."""
+        token = "tsr_" + secrets.token_urlsafe(32)
+        taken = self.db.query_one("SELECT role FROM accounts WHERE name = ?", (name,))
+        if taken is not None and taken["role"] != role.value:
+            raise ApiError(
+                f"The account name '{name}' is taken by a {taken['role']}.",
+                status=409,
+                hint="Choose another node name.",
+            )
+        with self.db.transaction() as conn:
+            updated = conn.execute(
+                "UPDATE accounts SET token_hash = ? WHERE name = ? AND role = ?",
+                (hash_token(token), name, role.value),
+            ).rowcount
+            if not updated:
+                conn.execute(
+                    "INSERT INTO accounts (name, role, token_hash, created_at) VALUES (?,?,?,?)",
+                    (name, role.value, hash_token(token), now_iso()),
+                )
+        return AccountToken(account=name, role=role, token=token)
+
     def authenticate(self, token: str) -> Principal | None:
         row = self.db.query_one(
             "SELECT name, role FROM accounts WHERE token_hash = ?", (hash_token(token),)

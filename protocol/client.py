@@ -32,6 +32,8 @@ from protocol.models import (
     Job,
     JobPatch,
     JobSpec,
+    JoinChallenge,
+    JoinRequest,
     Lease,
     LeaseRequest,
     Me,
@@ -156,6 +158,14 @@ class TesseraClient:
     def create_account(self, name: str, role: str) -> AccountToken:
         body = AccountCreate.model_validate({"name": name, "role": role})
         return self._json("POST", "/accounts", AccountToken, idempotent=False, **self._body(body))
+
+    def join_lan_farm(self, name: str, secret: str) -> AccountToken:
+        """Trade knowledge of a LAN farm's secret for a provider token (challenge-response)."""
+        from protocol.discovery import join_proof
+
+        nonce = self._json("GET", "/join/challenge", JoinChallenge).nonce
+        request = JoinRequest(name=name, nonce=nonce, proof=join_proof(secret, nonce, name))
+        return self._json("POST", "/join", AccountToken, idempotent=False, **self._body(request))
 
     # --- bundles -----------------------------------------------------------------------------
 

@@ -353,6 +353,18 @@ class AccountToken(Strict):
     token: str
 
 
+class JoinChallenge(Strict):
+    nonce: str
+
+
+class JoinRequest(Strict):
+    """A LAN node proving it knows the farm's secret (HMAC of the nonce, not the secret)."""
+
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")
+    nonce: str = Field(min_length=16, max_length=100)
+    proof: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class Me(Strict):
     account: str
     role: Role

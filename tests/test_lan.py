@@ -1,0 +1,87 @@
+"""LAN mode over zeroconf, bound to 127.0.0.1 only (multicast elsewhere is off-limits):
+coordinators and nodes are found, and only a node that knows the secret may join."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.errors import ApiError
+from protocol.client import TesseraClient
+from protocol.discovery import Advertisement, browse, find_coordinator, node_info
+from protocol.models import LeaseRequest, NodeCapabilities, Role
+from tests.farm_tools import RunningCoordinator, start_coordinator
+
+LOOPBACK = "127.0.0.1"
+
+
+@pytest.fixture()
+def farm() -> str:
+    """A farm name of this test's own, so no other farm on the machine can answer."""
+    return f"studio-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture()
+def lan_coordinator(tmp_path: Path, farm: str) -> Iterator[RunningCoordinator]:
+    running = start_coordinator(
+        tmp_path / "lan", "--lan", "--farm", farm, "--secret", "s3cret", "--interface", LOOPBACK
+    )
+    yield running
+    running.stop()
+
+
+def test_node_finds_the_coordinator_and_joins_with_the_secret(
+    lan_coordinator: RunningCoordinator, farm: str
+) -> None:
+    found = find_coordinator(farm, "s3cret", interface=LOOPBACK, timeout=10)
+    assert found is not None
+    assert found.url == lan_coordinator.url
+    assert found.properties["farm"] == farm
+    assert "s3cret" not in str(found.properties), "the secret is never advertised"
+    with TesseraClient(found.url) as anonymous:
+        token = anonymous.join_lan_farm("render-box", "s3cret")
+    assert token.role is Role.PROVIDER and token.account == "lan-render-box"
+    with TesseraClient(found.url, token.token) as node:
+        registration = node.register_node(NodeCapabilities(name="render-box"))
+        assert node.lease(registration.node_id, LeaseRequest(wait=0)) is None
+
+
+def test_wrong_secret_or_farm_is_not_found_and_cannot_join(
+    lan_coordinator: RunningCoordinator, farm: str
+) -> None:
+    assert find_coordinator(farm, "guess", interface=LOOPBACK, timeout=2) is None
+    assert find_coordinator(farm + "-other", "s3cret", interface=LOOPBACK, timeout=2) is None
+    with TesseraClient(lan_coordinator.url) as anonymous:
+        with pytest.raises(ApiError, match="Wrong farm secret") as caught:
+            anonymous.join_lan_farm("intruder", "guess")
+        assert caught.value.status == 401
+
+
+def test_a_coordinator_without_lan_refuses_joins(tmp_path: Path) -> None:
+    plain = start_coordinator(tmp_path / "plain")
+    try:
+        with TesseraClient(plain.url) as anonymous, pytest.raises(ApiError) as caught:
+            anonymous.join_lan_farm("node", "anything")
+        assert caught.value.status == 404
+        assert "--lan" in caught.value.hint
+    finally:
+        plain.stop()
+
+
+def test_nodes_advertise_their_hardware() -> None:
+    info = node_info(
+        "gpu-box", LOOPBACK, {"devices": "CPU,OPTIX", "threads": 32, "blender": "5.0.1"}
+    )
+    with Advertisement(info, LOOPBACK):
+        seen = browse(
+            ("node",),
+            interface=LOOPBACK,
+            seconds=5,
+            until=lambda items: any(i.name == "gpu-box" for i in items),
+        )
+    node = next(item for item in seen if item.name == "gpu-box")
+    assert node.properties["devices"] == "CPU,OPTIX"
+    assert node.properties["blender"] == "5.0.1"
