@@ -15,9 +15,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.errors import TesseraError, UsageError
+from common.errors import CoordinatorUnreachableError, TesseraError, UsageError
 from common.settings import Settings, load_settings
-from protocol.discovery import COORDINATOR_TYPE, Advertisement, coordinator_info
+from protocol.client import TesseraClient
+from protocol.discovery import (
+    COORDINATOR_TYPE,
+    Advertisement,
+    coordinator_info,
+    find_coordinator,
+    node_info,
+)
 from renderers.builds import BlenderBuild, default_build, find_builds
 from renderers.demo_scene import ensure_demo_scene
 from renderers.devices import parse_cycles_devices, probe_nvidia, summarise
@@ -133,6 +140,47 @@ def build_parser() -> argparse.ArgumentParser:
         "nodes that know the farm's secret join",
     )
     coordinator.set_defaults(handler=cmd_coordinator)
+
+    node = sub.add_parser(
+        "node",
+        help="share this machine: render tasks for a coordinator",
+        description="Run a provider node: register this machine's hardware, lease tasks, "
+        "render them with a warm Blender, upload the results. Ctrl-C finishes or hands back "
+        "the current task, then exits.",
+    )
+    node.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="URL",
+        help="coordinator URL (default: $TESSERA_COORDINATOR)",
+    )
+    node.add_argument("--token", default=None, help="provider token (default: $TESSERA_TOKEN)")
+    node.add_argument("--farm", default=None, help="with --lan: the farm to join")
+    _add_lan_options(
+        node,
+        "find the coordinator on the LAN (zeroconf) and join with the "
+        "farm's secret instead of a URL and token",
+    )
+    node.add_argument("--name", default=None, help="node name (default: the host name)")
+    node.add_argument(
+        "--device", default=None, help="CPU (default), GPU, OPTIX, CUDA, HIP, METAL or ONEAPI"
+    )
+    node.add_argument("--threads", type=int, default=None, help="render threads (0 = all)")
+    node.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="cache and results folder (default: $TESSERA_HOME/node)",
+    )
+    node.add_argument(
+        "--cache-gb", type=float, default=50.0, help="bundle cache size limit in GiB (default 50)"
+    )
+    node.add_argument(
+        "--no-benchmark", action="store_true", help="skip the start-up benchmark render"
+    )
+    _add_blender_option(node)
+    node.set_defaults(handler=cmd_node)
 
     demo = sub.add_parser(
         "demo",
@@ -460,6 +508,62 @@ def cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
         for advertisement in advertisements:
             advertisement.close()
     return 0
+
+
+# --- node ------------------------------------------------------------------------------------
+
+
+def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
+    import socket
+
+    from farm_node.daemon import NodeConfig, run_node
+
+    name = args.name or socket.gethostname()
+    url, token = args.coordinator or settings.coordinator, args.token or settings.resolved_token()
+    advertisement: Advertisement | None = None
+    if args.lan:
+        farm, secret = _lan_farm(args)
+        print(f"Looking for farm '{farm}' on the LAN...", flush=True)
+        found = find_coordinator(farm, secret, interface=args.interface, timeout=30)
+        if found is None:
+            raise CoordinatorUnreachableError(
+                f"No coordinator of farm '{farm}' with that secret answered on the LAN.",
+                hint="Start it with `tessera coordinator --lan --farm NAME --secret S` and "
+                "check that both use the same network (and --interface).",
+            )
+        url = found.url
+        with TesseraClient(url) as anonymous:
+            token = anonymous.join_lan_farm(name, secret).token
+        print(f"Joined farm '{farm}' at {url} as {name}", flush=True)
+    elif not token:
+        raise UsageError(
+            "A node needs a provider token: pass --token, set TESSERA_TOKEN, or "
+            "join a LAN farm with --lan --farm NAME --secret S."
+        )
+    config = NodeConfig(
+        coordinator_url=url,
+        token=token,
+        name=name,
+        device=args.device or settings.device,
+        threads=args.threads if args.threads is not None else settings.threads,
+        data_dir=args.data or settings.home / "node",
+        cache_max_bytes=int(args.cache_gb * 2**30),
+        blender_executables=[args.blender] if args.blender else list(settings.blender),
+        use_bpy=settings.use_bpy and args.blender is None,
+        benchmark=not args.no_benchmark,
+    )
+    if args.lan:
+        properties = {
+            "devices": config.device,
+            "threads": config.threads or os.cpu_count(),
+            "coordinator": url,
+        }
+        advertisement = Advertisement(node_info(name, args.interface, properties), args.interface)
+    try:
+        return run_node(config)
+    finally:
+        if advertisement is not None:
+            advertisement.close()
 
 
 # --- demo -----------------------------------------------------------------------------------

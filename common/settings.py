@@ -33,6 +33,18 @@ class Settings(BaseSettings):
     )
     device: str = Field(default="CPU", description="Default render device (CPU, GPU, OPTIX...).")
     threads: int = Field(default=0, ge=0, description="Render threads; 0 means all cores.")
+    coordinator: str = Field(
+        default="http://127.0.0.1:8400",
+        description="URL of the coordinator clients and nodes talk to.",
+    )
+    token: str | None = Field(default=None, description="API token (else $TESSERA_HOME/token).")
+
+    def resolved_token(self) -> str | None:
+        """The token from the environment, else from the token file in TESSERA_HOME."""
+        if self.token:
+            return self.token
+        path = self.home / "token"
+        return path.read_text().strip() if path.is_file() else None
 
 
 def load_settings() -> Settings:

@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 SWEEP_SECONDS = 1.0
 JOIN_NONCE_SECONDS = 60.0
+#: Work appearing wakes long polls at once (EventBus.work_version); this is a safety net.
+IDLE_RETRY_SECONDS = 5.0
 bearer = HTTPBearer(auto_error=False)
 
 
@@ -378,7 +380,7 @@ def _router(services: Services) -> APIRouter:
         seen, tried_at = -1, 0.0
         while True:
             version = services.bus.work_version
-            if version != seen or time.monotonic() - tried_at > SWEEP_SECONDS:
+            if version != seen or time.monotonic() - tried_at > IDLE_RETRY_SECONDS:
                 seen, tried_at = version, time.monotonic()
                 granted = await run_in_threadpool(farm.try_lease, who, node_id, body)
                 if granted is not None:

@@ -55,6 +55,7 @@ from renderers.exr import read_exr
 from renderers.regions import ADAPTIVE_SAMPLING_MARGIN, RegionPlan, plan_grid
 from renderers.scene_info import BLEND_MAGICS
 
+NODE_TOUCH_SECONDS = 5.0
 LEASABLE = (TaskStatus.QUEUED.value, TaskStatus.SOFT_FAILED.value)
 RUNNABLE_JOBS = (JobStatus.QUEUED.value, JobStatus.ACTIVE.value)
 #: Scene errors that no other node will fix: the task fails at once.
@@ -105,6 +106,8 @@ class Farm:
         self.bus = bus
         #: Called with (job_id, frame) when every tile of a frame is accepted.
         self.on_frame_ready: list[Any] = []
+        self._specs: dict[str, JobSpec] = {}
+        self._last_touch: dict[str, float] = {}
 
     # --- accounts -----------------------------------------------------------------------
 
@@ -408,14 +411,18 @@ class Farm:
     # --- leasing ---------------------------------------------------------------------------
 
     def try_lease(self, who: Principal, node_id: str, request: LeaseRequest) -> Lease | None:
-        """Lease the best matching task to the node, or None if nothing fits now."""
+        """Lease the best matching task to the node, or None if nothing fits now.
+
+        The search is read-only; only a grant writes. Both happen under the database
+        lock, so no other request can take the chosen task in between. (Expired leases
+        are re-queued by the sweeper thread, not here: hundreds of idle nodes poll.)
+        """
         node = self._node_row(who, node_id)
-        self.requeue_expired()
         caps = NodeCapabilities.model_validate_json(node["capabilities"])
         warm, cached = set(request.warm_bundles), set(request.cached_bundles)
-        with self.db.transaction() as conn:
-            conn.execute("UPDATE nodes SET last_seen = ? WHERE id = ?", (time.time(), node_id))
-            candidates = conn.execute(
+        self._touch_node(node_id)
+        with self.db.lock:
+            candidates = self.db.query(
                 "SELECT t.id, t.kind, t.frame, t.tile_index, j.id AS job_id, j.owner,"
                 " j.priority, j.bundle, j.spec, j.created_at FROM tasks t JOIN jobs j ON"
                 " j.id = t.job_id WHERE t.status IN (?, ?) AND j.status IN (?, ?) AND NOT"
@@ -423,22 +430,20 @@ class Farm:
                 " b.node_id = ?) ORDER BY j.priority DESC, t.kind DESC, j.created_at, t.frame,"
                 " t.tile_index LIMIT 500",
                 (*LEASABLE, *RUNNABLE_JOBS, node_id),
-            ).fetchall()
+            )
             if not candidates:
                 return None
-            busy = dict(
-                conn.execute(
+            busy = {
+                row[0]: row[1]
+                for row in self.db.query(
                     "SELECT j.owner, COUNT(*) FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE"
                     " t.status = ? GROUP BY j.owner",
                     (TaskStatus.ACTIVE.value,),
-                ).fetchall()
-            )
-            specs: dict[str, JobSpec] = {}
+                )
+            }
             best: tuple[Any, ...] | None = None
             for row in candidates:
-                spec = specs.get(row["job_id"])
-                if spec is None:
-                    spec = specs[row["job_id"]] = JobSpec.model_validate_json(row["spec"])
+                spec = self._spec(row["job_id"], row["spec"])
                 if not _node_can_run(caps, spec):
                     continue
                 locality = 2 if row["bundle"] in warm else 1 if row["bundle"] in cached else 0
@@ -459,17 +464,21 @@ class Farm:
             _, row, spec = best
             lease_id = uuid.uuid4().hex
             expires = time.time() + self.config.lease_seconds
-            conn.execute(
-                "UPDATE tasks SET status = ?, lease_id = ?, node_id = ?, lease_expires = ?,"
-                " updated_at = ? WHERE id = ?",
-                (TaskStatus.ACTIVE.value, lease_id, node_id, expires, now_iso(), row["id"]),
-            )
-            conn.execute(
-                "UPDATE jobs SET status = ?, updated_at = ? WHERE id = ? AND status = ?",
-                (JobStatus.ACTIVE.value, now_iso(), row["job_id"], JobStatus.QUEUED.value),
-            )
-            conn.execute("UPDATE nodes SET current_task = ? WHERE id = ?", (row["id"], node_id))
-            task_row = conn.execute("SELECT * FROM tasks WHERE id = ?", (row["id"],)).fetchone()
+            with self.db.transaction() as conn:
+                conn.execute(
+                    "UPDATE tasks SET status = ?, lease_id = ?, node_id = ?, lease_expires = ?,"
+                    " updated_at = ? WHERE id = ?",
+                    (TaskStatus.ACTIVE.value, lease_id, node_id, expires, now_iso(), row["id"]),
+                )
+                conn.execute(
+                    "UPDATE jobs SET status = ?, updated_at = ? WHERE id = ? AND status = ?",
+                    (JobStatus.ACTIVE.value, now_iso(), row["job_id"], JobStatus.QUEUED.value),
+                )
+                conn.execute(
+                    "UPDATE nodes SET current_task = ?, last_seen = ? WHERE id = ?",
+                    (row["id"], time.time(), node_id),
+                )
+                task_row = conn.execute("SELECT * FROM tasks WHERE id = ?", (row["id"],)).fetchone()
         self.bus.publish(
             "task",
             job_id=row["job_id"],
@@ -479,6 +488,22 @@ class Farm:
             node=caps.name,
         )
         return self._lease_model(task_row, spec, lease_id, expires)
+
+    def _spec(self, job_id: str, raw: str) -> JobSpec:
+        """Parsed job specs, cached: a spec never changes after submission."""
+        spec = self._specs.get(job_id)
+        if spec is None:
+            spec = self._specs[job_id] = JobSpec.model_validate_json(raw)
+        return spec
+
+    def _touch_node(self, node_id: str) -> None:
+        """Record that the node is alive, at most every few seconds (idle nodes poll a lot)."""
+        now = time.time()
+        if now - self._last_touch.get(node_id, 0.0) < NODE_TOUCH_SECONDS:
+            return
+        self._last_touch[node_id] = now
+        with self.db.transaction() as conn:
+            conn.execute("UPDATE nodes SET last_seen = ? WHERE id = ?", (now, node_id))
 
     def _lease_model(
         self, task_row: sqlite3.Row, spec: JobSpec, lease_id: str, expires: float
@@ -506,12 +531,12 @@ class Farm:
     def requeue_expired(self) -> int:
         """Put tasks whose lease ran out back in the queue (the node died or hung)."""
         now = time.time()
+        sql = "SELECT id, job_id, node_id, frame FROM tasks WHERE status = ? AND lease_expires < ?"
+        params = (TaskStatus.ACTIVE.value, now)
+        if not self.db.query(sql, params):
+            return 0  # the common case, checked without taking the write lock
         with self.db.transaction() as conn:
-            expired = conn.execute(
-                "SELECT id, job_id, node_id, frame FROM tasks WHERE status = ? AND"
-                " lease_expires < ?",
-                (TaskStatus.ACTIVE.value, now),
-            ).fetchall()
+            expired = conn.execute(sql, params).fetchall()
             for row in expired:
                 self._record_failure(
                     conn,

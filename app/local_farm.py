@@ -1,0 +1,157 @@
+"""A whole farm on this machine: one coordinator and N node processes on 127.0.0.1.
+
+`tessera render --nodes N` and `tessera demo` use it; so do the end-to-end tests and the
+farm benchmarks. Every piece is a real process started through the `tessera` CLI, so
+what runs here is exactly what runs on a studio's machines. Stopping asks each process
+to finish (SIGINT) and kills what does not within a grace period. No Qt here.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.errors import TesseraError
+from protocol.client import TesseraClient
+from protocol.models import Role
+
+STARTUP_SECONDS = 60.0
+
+
+class LocalFarmError(TesseraError):
+    default_hint = "Look at the log files in the farm's folder for what went wrong."
+
+
+@dataclass
+class LocalFarm:
+    """Start with `start()` (or use `with`); `url` and `requester_token` reach the farm."""
+
+    folder: Path
+    nodes: int = 2
+    threads_per_node: int = 0
+    device: str = "CPU"
+    node_env: list[dict[str, str]] = field(default_factory=list)
+    url: str = ""
+    requester_token: str = ""
+    provider_token: str = ""
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    node_names: list[str] = field(default_factory=list)
+
+    def __enter__(self) -> LocalFarm:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            coordinator_log = self.folder / "coordinator.log"
+            self.processes.append(
+                self._spawn(
+                    ["coordinator", "--port", "0", "--data", str(self.folder / "coordinator")],
+                    coordinator_log,
+                )
+            )
+            self.url = self._wait_for_line(coordinator_log, "listening on ").strip()
+            admin_token = (self.folder / "coordinator" / "admin.token").read_text().strip()
+            with TesseraClient(self.url, admin_token) as admin:
+                self.requester_token = admin.create_account("local", Role.REQUESTER).token
+                self.provider_token = admin.create_account("local-nodes", Role.PROVIDER).token
+            threads = self.threads_per_node or max(1, (os.cpu_count() or 1) // self.nodes)
+            for index in range(self.nodes):
+                name = f"local-{index + 1}"
+                env = self.node_env[index] if index < len(self.node_env) else {}
+                self.processes.append(
+                    self._spawn(
+                        [
+                            "node",
+                            "--coordinator",
+                            self.url,
+                            "--token",
+                            self.provider_token,
+                            "--name",
+                            name,
+                            "--threads",
+                            str(threads),
+                            "--device",
+                            self.device,
+                            "--data",
+                            str(self.folder / name),
+                        ],
+                        self.folder / f"{name}.log",
+                        env,
+                    )
+                )
+                self.node_names.append(name)
+            self._wait_for_nodes()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, grace: float = 20.0) -> None:
+        """SIGINT the nodes, then the coordinator (so nodes can hand back their leases);
+        kill whatever is still running after `grace` seconds."""
+        nodes, coordinator = self.processes[1:], self.processes[:1]
+        for group in (nodes, coordinator):
+            for process in group:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + grace
+            for process in group:
+                try:
+                    process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        self.processes.clear()
+
+    def node_process(self, index: int) -> subprocess.Popen[bytes]:
+        return self.processes[1 + index]
+
+    def _spawn(
+        self, args: list[str], log: Path, env_extra: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env.update(env_extra or {})
+        with log.open("ab") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "app.cli", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
+
+    def _wait_for_line(self, log: Path, marker: str) -> str:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while time.monotonic() < deadline:
+            text = log.read_text(errors="replace") if log.exists() else ""
+            for line in text.splitlines():
+                if marker in line:
+                    return line.split(marker, 1)[1]
+            if any(p.poll() is not None for p in self.processes):
+                raise LocalFarmError(f"A farm process exited during start-up:\n{text[-2000:]}")
+            time.sleep(0.05)
+        raise LocalFarmError(f"The coordinator did not start within {STARTUP_SECONDS:.0f} s.")
+
+    def _wait_for_nodes(self) -> None:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        with TesseraClient(self.url, self.requester_token) as client:
+            while time.monotonic() < deadline:
+                registered = {node.capabilities.name for node in client.nodes()}
+                if set(self.node_names) <= registered:
+                    return
+                dead = [p for p in self.processes if p.poll() is not None]
+                if dead:
+                    raise LocalFarmError(
+                        f"A node exited during start-up; see {self.folder}/local-*.log"
+                    )
+                time.sleep(0.1)
+        raise LocalFarmError(f"The nodes did not register within {STARTUP_SECONDS:.0f} s.")
