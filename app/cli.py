@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -518,6 +519,9 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
 
     from farm_node.daemon import NodeConfig, run_node
 
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
     name = args.name or socket.gethostname()
     url, token = args.coordinator or settings.coordinator, args.token or settings.resolved_token()
     advertisement: Advertisement | None = None

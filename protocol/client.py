@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import requests
 from pydantic import BaseModel
 
-from common.errors import ApiError, CoordinatorUnreachableError
+from common.errors import ApiError, BundleError, CoordinatorUnreachableError
 from protocol.models import (
     API_PREFIX,
     AccountCreate,
@@ -282,11 +282,14 @@ class TesseraClient:
         return UploadReceipt.model_validate(response.json())
 
     def report_failure(self, lease_id: str, failure: TaskFailure) -> None:
-        self._request("POST", f"/leases/{lease_id}/failure", **self._body(failure))
+        # Not retried: a retry after a lost reply would meet "lease is over" (409).
+        self._request(
+            "POST", f"/leases/{lease_id}/failure", idempotent=False, **self._body(failure)
+        )
 
     def release(self, lease_id: str) -> None:
         """Hand a lease back unfinished (node shutting down); the task is re-queued."""
-        self._request("POST", f"/leases/{lease_id}/release")
+        self._request("POST", f"/leases/{lease_id}/release", idempotent=False)
 
     def download_denoise_input(self, lease_id: str, target: Path) -> Path:
         return self._download(f"/leases/{lease_id}/denoise-input", target)
@@ -298,13 +301,22 @@ class TesseraClient:
         partial = target.with_name(target.name + ".part")
         response = self._request("GET", path, stream=True, timeout=max(self.timeout, 300.0))
         digest = hashlib.sha256()
-        with response, partial.open("wb") as handle:
-            for block in response.iter_content(CHUNK):
-                digest.update(block)
-                handle.write(block)
+        try:
+            with response, partial.open("wb") as handle:
+                for block in response.iter_content(CHUNK):
+                    digest.update(block)
+                    handle.write(block)
+        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+            partial.unlink(missing_ok=True)
+            raise CoordinatorUnreachableError(
+                f"The connection to {self.base_url} broke while downloading {path} ({exc})."
+            ) from exc
         if expected_sha256 and digest.hexdigest() != expected_sha256:
             partial.unlink(missing_ok=True)
-            raise ApiError(f"Download of {path} is corrupt (hash mismatch).", status=502)
+            raise BundleError(
+                f"Download of {path} is corrupt: its SHA-256 is not {expected_sha256}.",
+                hint="It will be downloaded again.",
+            )
         partial.replace(target)
         return target
 

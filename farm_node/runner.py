@@ -1,0 +1,344 @@
+"""Run leased tasks through warm Blender workers: one per (bundle, device), at most a few.
+
+`TaskRunner` turns a `Lease` into a `renderers.worker.RenderRequest` (pixel-exact border
+from the assignment's render region, samples, percentage, seed, denoising data passes,
+the device resolved against what Cycles reports) and renders it with a worker that
+already has the bundle's scene open when one does. Workers of other bundles are closed
+beyond `max_warm`. `denoise` denoises a merged frame through the same workers.
+
+`cancel()` may be called from any thread (the heartbeat thread does) and stops the
+render in flight by killing its Blender process group. This module never touches the
+network, the bundle cache or the coordinator: the daemon passes files in and takes
+files out.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+from common.errors import (
+    RenderCancelledError,
+    RenderFailedError,
+    WorkerError,
+)
+from farm_node.errors import LeaseError
+from protocol.models import Lease
+from renderers.builds import BlenderBuild
+from renderers.denoise import denoise_frame
+from renderers.devices import ComputeDevice, parse_cycles_devices, resolve_device
+from renderers.exr import read_exr, write_exr
+from renderers.regions import PixelRect, border_fractions
+from renderers.worker import (
+    Progress,
+    ProgressCallback,
+    RenderRequest,
+    RenderResult,
+    RenderWorker,
+)
+
+__all__ = ["DEFAULT_MAX_WARM", "TaskRunner", "WorkerFactory"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_WARM = 2
+#: A lease's device that leaves the choice to the node.
+_ANY_DEVICE = ("", "ANY")
+_T = TypeVar("_T")
+
+WorkerFactory = Callable[[BlenderBuild, Path, Mapping[str, str]], RenderWorker]
+
+
+def _default_factory(build: BlenderBuild, scratch: Path, env: Mapping[str, str]) -> RenderWorker:
+    return RenderWorker(build, scratch_dir=scratch, extra_env=env)
+
+
+class TaskRunner:
+    """Renders and denoises leased tasks with warm `RenderWorker`s (thread-safe `cancel`).
+
+    `device` is the node's own choice ("CPU", "GPU", "OPTIX"...), used when a lease leaves
+    the device to the node; `threads` = 0 means all cores. `extra_env` reaches every
+    Blender process (e.g. ``{"CYCLES_CPU_NO_AVX2": "1"}``).
+    """
+
+    def __init__(
+        self,
+        build: BlenderBuild,
+        scratch: Path,
+        device: str = "CPU",
+        threads: int = 0,
+        *,
+        task_timeout: float | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        max_warm: int = DEFAULT_MAX_WARM,
+        worker_factory: WorkerFactory = _default_factory,
+    ) -> None:
+        if max_warm < 1:
+            raise ValueError("max_warm must be at least 1")
+        self.build = build
+        self.scratch = scratch
+        self.device = device
+        self.threads = threads
+        self.task_timeout = task_timeout
+        self.extra_env = dict(extra_env or {})
+        self.max_warm = max_warm
+        self._factory = worker_factory
+        self._workers: OrderedDict[tuple[str, str], RenderWorker] = OrderedDict()
+        # A started worker not yet tied to a bundle (the device probe's or the
+        # benchmark's): the next new bundle takes it instead of starting Blender again.
+        self._spare: RenderWorker | None = None
+        self._devices: list[ComputeDevice] | None = None
+        self._serial = 0
+        self._state_lock = threading.Lock()
+        self._current: RenderWorker | None = None
+        self._in_task = False
+        self._cancelled = threading.Event()
+        self._closed = False
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> TaskRunner:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Quit every warm Blender and delete the workers' scratch folders."""
+        with self._state_lock:
+            self._closed = True
+            workers = list(self._workers.values())
+            self._workers.clear()
+            if self._spare is not None:
+                workers.append(self._spare)
+                self._spare = None
+        for worker in workers:
+            self._close_worker(worker)
+
+    def warm_bundles(self) -> list[str]:
+        """Hashes of bundles whose scene a live worker has open, most recent first."""
+        with self._state_lock:
+            return list(
+                dict.fromkeys(
+                    sha for (sha, _), worker in reversed(self._workers.items()) if worker.is_alive()
+                )
+            )
+
+    @property
+    def worker_starts(self) -> int:
+        """Blender processes started by every worker this runner holds (for tests, stats)."""
+        with self._state_lock:
+            workers = [*self._workers.values(), *([self._spare] if self._spare else [])]
+        return sum(worker.starts for worker in workers)
+
+    # --- devices ------------------------------------------------------------------------------
+
+    def devices(self) -> list[ComputeDevice]:
+        """The Cycles devices of this build on this machine (probed once, in a worker).
+
+        A failed probe logs a warning and reports the CPU alone.
+        """
+        if self._devices is None:
+            worker = self._any_worker()
+            try:
+                self._devices = parse_cycles_devices(worker.devices())
+            except WorkerError as exc:
+                log.warning("Could not list Cycles devices (%s); assuming CPU only", exc.message)
+                self._devices = [ComputeDevice(type="CPU", name="CPU", id="CPU")]
+        return list(self._devices)
+
+    def resolve(self, requested: str | None = None) -> str:
+        """The Cycles device type for a lease's device ("ANY"/"" = this node's choice)."""
+        wanted = self.device if requested is None or requested.upper() in _ANY_DEVICE else requested
+        if wanted.strip().upper() == "CPU":
+            return "CPU"  # needs no probe: Cycles always has the CPU
+        return resolve_device(wanted, self.devices())
+
+    # --- tasks --------------------------------------------------------------------------------
+
+    def render(
+        self,
+        lease: Lease,
+        scene: Path,
+        output: Path,
+        on_progress: ProgressCallback | None = None,
+    ) -> RenderResult:
+        """Render `lease`'s assignment of `scene` to `output` (multilayer EXR).
+
+        Raises `LeaseError` for a lease without an assignment, `RenderCancelledError` when
+        `cancel()` stopped it, and the worker's errors otherwise.
+        """
+        assignment = lease.assignment
+        if assignment is None:
+            raise LeaseError(f"Lease {lease.lease_id} is a render task without an assignment.")
+        region = assignment.render_region
+        border = (
+            None
+            if assignment.whole_frame
+            else border_fractions(
+                PixelRect(region.x0, region.y0, region.x1, region.y1),
+                assignment.width,
+                assignment.height,
+            )
+        )
+        with self._task():
+            device = self.resolve(lease.device)
+            request = RenderRequest(
+                scene=scene,
+                frame=assignment.frame,
+                output=output,
+                border=border,
+                samples=assignment.samples,
+                percentage=assignment.percentage,
+                seed=assignment.seed,
+                denoise_data=assignment.denoise_data,
+                device=device,
+                threads=self.threads,
+            )
+            worker = self._worker_for(lease.bundle, device)
+            result = self._run(worker, lambda: self._render_on(worker, request, on_progress))
+        if (result.frame_width, result.frame_height) != (assignment.width, assignment.height):
+            raise RenderFailedError(
+                f"The scene renders {result.frame_width}x{result.frame_height} pixels on this "
+                f"node, but the task was planned for {assignment.width}x{assignment.height}.",
+                hint="The bundle's scene differs from the one the job was planned on.",
+            )
+        return result
+
+    def denoise(
+        self, lease: Lease, input_exr: Path, output: Path, samples: int | None = None
+    ) -> Path:
+        """Denoise the merged frame `input_exr` into `output` with a warm worker.
+
+        `samples` (what the frame was rendered with) defaults to the lease's.
+        """
+        with self._task():
+            merged = read_exr(input_exr)
+            count = lease.samples if samples is None else samples
+            # The denoiser needs no scene: any warm Blender will do.
+            worker = self._any_worker()
+            denoised = self._run(
+                worker,
+                lambda: denoise_frame(worker, merged, samples=count, timeout=self.task_timeout),
+            )
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_exr(output, denoised)
+        return output
+
+    def render_request(self, request: RenderRequest, timeout: float | None = None) -> RenderResult:
+        """Render a raw request (the benchmark's) on the spare worker, keeping it warm."""
+        with self._task():
+            worker = self._any_worker()
+            return self._run(worker, lambda: worker.render(request, timeout=timeout))
+
+    def cancel(self) -> None:
+        """Stop the task in flight, if any (thread-safe; a no-op between tasks)."""
+        with self._state_lock:
+            if not self._in_task:
+                return
+            self._cancelled.set()
+            worker = self._current
+        if worker is not None:
+            worker.cancel()
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _task(self) -> _TaskScope:
+        return _TaskScope(self)
+
+    def _render_on(
+        self, worker: RenderWorker, request: RenderRequest, on_progress: ProgressCallback | None
+    ) -> RenderResult:
+        def progress(update: Progress) -> None:
+            # A cancel that came while the worker was (re)starting reached no process:
+            # progress events give it another chance.
+            if self._cancelled.is_set():
+                worker.cancel()
+            elif on_progress is not None:
+                on_progress(update)
+
+        return worker.render(request, on_progress=progress, timeout=self.task_timeout)
+
+    def _run(self, worker: RenderWorker, call: Callable[[], _T]) -> _T:
+        with self._state_lock:
+            self._current = worker
+        try:
+            if self._cancelled.is_set():
+                raise RenderCancelledError("Cancelled before Blender started rendering.")
+            return call()
+        except WorkerError as exc:
+            if self._cancelled.is_set() and not isinstance(exc, RenderCancelledError):
+                raise RenderCancelledError(f"Cancelled ({exc.message.splitlines()[0]}).") from exc
+            raise
+        finally:
+            with self._state_lock:
+                self._current = None
+
+    def _worker_for(self, bundle: str, device: str) -> RenderWorker:
+        key = (bundle, device)
+        retired: list[RenderWorker] = []
+        with self._state_lock:
+            if self._closed:
+                raise WorkerError("The task runner is closed.")
+            worker = self._workers.get(key)
+            if worker is not None:
+                self._workers.move_to_end(key)
+                return worker
+            if self._spare is not None:
+                worker, self._spare = self._spare, None
+            else:
+                worker = self._new_worker()
+            self._workers[key] = worker
+            while len(self._workers) > self.max_warm:
+                _, old = self._workers.popitem(last=False)
+                retired.append(old)
+        for old in retired:
+            self._close_worker(old)
+        return worker
+
+    def _any_worker(self) -> RenderWorker:
+        with self._state_lock:
+            if self._closed:
+                raise WorkerError("The task runner is closed.")
+            if self._workers:
+                return next(reversed(self._workers.values()))
+            if self._spare is None:
+                self._spare = self._new_worker()
+            return self._spare
+
+    def _new_worker(self) -> RenderWorker:
+        self._serial += 1
+        folder = self.scratch / f"worker-{self._serial}"
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        return self._factory(self.build, folder, self.extra_env)
+
+    @staticmethod
+    def _close_worker(worker: RenderWorker) -> None:
+        scratch = worker.log_path.parent
+        worker.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+class _TaskScope:
+    """Marks a task in flight, so `cancel()` between tasks cancels nothing later."""
+
+    def __init__(self, runner: TaskRunner) -> None:
+        self._runner = runner
+
+    def __enter__(self) -> None:
+        with self._runner._state_lock:
+            if self._runner._in_task:
+                raise WorkerError("The task runner runs one task at a time.")
+            self._runner._in_task = True
+            self._runner._cancelled.clear()
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._runner._state_lock:
+            self._runner._in_task = False
+            self._runner._cancelled.clear()
