@@ -36,6 +36,8 @@ class LocalFarm:
     threads_per_node: int = 0
     device: str = "CPU"
     node_env: list[dict[str, str]] = field(default_factory=list)
+    coordinator_args: list[str] = field(default_factory=list)
+    node_args: list[str] = field(default_factory=list)
     url: str = ""
     requester_token: str = ""
     provider_token: str = ""
@@ -52,14 +54,7 @@ class LocalFarm:
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         try:
-            coordinator_log = self.folder / "coordinator.log"
-            self.processes.append(
-                self._spawn(
-                    ["coordinator", "--port", "0", "--data", str(self.folder / "coordinator")],
-                    coordinator_log,
-                )
-            )
-            self.url = self._wait_for_line(coordinator_log, "listening on ").strip()
+            self.start_coordinator()
             admin_token = (self.folder / "coordinator" / "admin.token").read_text().strip()
             with TesseraClient(self.url, admin_token) as admin:
                 self.requester_token = admin.create_account("local", Role.REQUESTER).token
@@ -68,32 +63,51 @@ class LocalFarm:
             for index in range(self.nodes):
                 name = f"local-{index + 1}"
                 env = self.node_env[index] if index < len(self.node_env) else {}
-                self.processes.append(
-                    self._spawn(
-                        [
-                            "node",
-                            "--coordinator",
-                            self.url,
-                            "--token",
-                            self.provider_token,
-                            "--name",
-                            name,
-                            "--threads",
-                            str(threads),
-                            "--device",
-                            self.device,
-                            "--data",
-                            str(self.folder / name),
-                        ],
-                        self.folder / f"{name}.log",
-                        env,
-                    )
-                )
+                args = [
+                    "node",
+                    "--coordinator",
+                    self.url,
+                    "--token",
+                    self.provider_token,
+                    "--name",
+                    name,
+                    "--threads",
+                    str(threads),
+                    "--device",
+                    self.device,
+                    "--data",
+                    str(self.folder / name),
+                    *self.node_args,
+                ]
+                self.processes.append(self._spawn(args, self.folder / f"{name}.log", env))
                 self.node_names.append(name)
             self._wait_for_nodes()
         except BaseException:
             self.stop()
             raise
+
+    def start_coordinator(self, port: int = 0) -> None:
+        """Start (or, after a crash, restart on `port`) the coordinator process."""
+        log = self.folder / "coordinator.log"
+        offset = log.stat().st_size if log.exists() else 0
+        args = [
+            "coordinator",
+            "--port",
+            str(port),
+            "--data",
+            str(self.folder / "coordinator"),
+            *self.coordinator_args,
+        ]
+        process = self._spawn(args, log)
+        if self.processes:
+            self.processes[0] = process
+        else:
+            self.processes.append(process)
+        self.url = self._wait_for_line(log, "listening on ", offset).strip()
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
 
     def stop(self, grace: float = 20.0) -> None:
         """SIGINT the nodes, then the coordinator (so nodes can hand back their leases);
@@ -129,10 +143,10 @@ class LocalFarm:
                 cwd=Path(__file__).resolve().parent.parent,
             )
 
-    def _wait_for_line(self, log: Path, marker: str) -> str:
+    def _wait_for_line(self, log: Path, marker: str, offset: int = 0) -> str:
         deadline = time.monotonic() + STARTUP_SECONDS
         while time.monotonic() < deadline:
-            text = log.read_text(errors="replace") if log.exists() else ""
+            text = log.read_bytes()[offset:].decode(errors="replace") if log.exists() else ""
             for line in text.splitlines():
                 if marker in line:
                     return line.split(marker, 1)[1]

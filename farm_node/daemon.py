@@ -132,7 +132,7 @@ class NodeConfig:
     cache_max_bytes: int = 50 << 30
     stop_grace: float = 30.0
     heartbeat_grace: float | None = 300.0
-    poll_wait: float = 20.0
+    poll_wait: float = 5.0  # also bounds how long Ctrl-C waits for an idle poll to end
     task_timeout: float | None = 3600.0
     blender_executables: list[Path] = field(default_factory=list)
     use_bpy: bool = True

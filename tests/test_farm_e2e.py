@@ -1,0 +1,232 @@
+"""The whole farm as processes on 127.0.0.1: a coordinator, node processes, real Blender.
+
+Frames rendered in tiles by two nodes equal one-piece renders; a node killed mid-task
+and a coordinator killed mid-job cost time, never a frame; a node finds a LAN farm.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.local_farm import LocalFarm
+from protocol.client import TesseraClient
+from protocol.models import Role
+from renderers.exr import read_exr
+from renderers.local_render import LocalRenderOptions, render_frame_local
+from renderers.scene_info import SceneInfo, inspect_scene
+from renderers.worker import RenderWorker
+from tests.farm_tools import REPO, job_spec, make_bundle, start_coordinator, wait_for_job
+from tests.scene_tools import prepare_scene
+
+NODE_ARGS = ["--no-benchmark"]
+
+
+@pytest.fixture(scope="module")
+def slow_scene(demo_scene: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo scene with adaptive sampling off, so high sample counts take real time."""
+    return prepare_scene(demo_scene, tmp_path_factory.mktemp("slow") / "slow.blend", adaptive=False)
+
+
+@pytest.fixture()
+def farm(tmp_path: Path) -> Iterator[LocalFarm]:
+    with LocalFarm(
+        tmp_path / "farm",
+        nodes=2,
+        threads_per_node=1,
+        node_args=NODE_ARGS,
+        coordinator_args=["--lease-seconds", "6", "--heartbeat-interval", "1"],
+    ) as running:
+        yield running
+
+
+def _submit(
+    farm: LocalFarm, info: SceneInfo, scene: Path, folder: Path, **options: object
+) -> tuple[TesseraClient, str]:
+    bundle, sha = make_bundle(scene, folder)
+    client = TesseraClient(farm.url, farm.requester_token)
+    client.upload_bundle(bundle)
+    return client, client.submit_job(job_spec(info, sha, **options)).id  # type: ignore[arg-type]
+
+
+def test_three_frames_in_2x2_tiles_on_two_nodes_equal_one_piece_renders(
+    farm: LocalFarm, worker: RenderWorker, demo_scene: Path, tmp_path: Path
+) -> None:
+    info = inspect_scene(worker, demo_scene)
+    client, job_id = _submit(
+        farm, info, demo_scene, tmp_path / "bundle", frames="5-7", denoise=False
+    )
+    with client:
+        assert wait_for_job(client, job_id, timeout=300) == "completed"
+        per_node = {node.capabilities.name: node.tasks_completed for node in client.nodes()}
+        assert sum(per_node.values()) == 12 and all(per_node.values()), per_node
+        for frame in (5, 6, 7):
+            farm_frame = read_exr(client.download_frame(job_id, frame, tmp_path / f"{frame}.exr"))
+            local = tmp_path / f"local{frame}.exr"
+            render_frame_local(
+                worker,
+                demo_scene,
+                local,
+                LocalRenderOptions(
+                    frame=frame, percentage=10, samples=4, denoise=False, preview=False
+                ),
+            )
+            reference = read_exr(local)
+            for name in (
+                "ViewLayer.Combined.R",
+                "ViewLayer.Combined.G",
+                "ViewLayer.Combined.B",
+                "ViewLayer.Combined.A",
+            ):
+                assert np.array_equal(farm_frame.channel(name), reference.channel(name)), name
+
+
+def _wait(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(predicate) and predicate():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(what)
+
+
+def test_a_node_killed_mid_task_costs_a_retry_not_the_job(
+    farm: LocalFarm, worker: RenderWorker, slow_scene: Path, tmp_path: Path
+) -> None:
+    info = inspect_scene(worker, slow_scene)
+    client, job_id = _submit(
+        farm,
+        info,
+        slow_scene,
+        tmp_path / "bundle",
+        frames="1",
+        tiles=(2, 1),
+        samples=600,
+        denoise=False,
+    )
+    with client:
+
+        def busy_node() -> str | None:
+            return next((n.capabilities.name for n in client.nodes() if n.status == "busy"), None)
+
+        _wait(busy_node, 60, "no node started rendering")
+        time.sleep(1.0)  # well into the render
+        victim = busy_node()
+        assert victim is not None
+        farm.node_process(farm.node_names.index(victim)).kill()
+        assert wait_for_job(client, job_id, timeout=300) == "completed"
+        tasks = client.tasks(job_id)
+        assert all(t.status.value == "completed" for t in tasks)
+        survivors = {n.capabilities.name: n.tasks_completed for n in client.nodes()}
+        assert survivors[victim] == 0 or sum(survivors.values()) == 2
+
+
+def test_a_coordinator_killed_mid_job_restarts_without_redoing_accepted_tiles(
+    farm: LocalFarm, worker: RenderWorker, demo_scene: Path, tmp_path: Path
+) -> None:
+    info = inspect_scene(worker, demo_scene)
+    client, job_id = _submit(
+        farm,
+        info,
+        demo_scene,
+        tmp_path / "bundle",
+        frames="1-6",
+        tiles=(2, 2),
+        samples=16,
+        denoise=False,
+    )
+    with client:
+        _wait(lambda: client.job(job_id).progress.tasks_done >= 4, 120, "no tiles accepted")
+        before = {
+            t.id: t.result_sha256 for t in client.tasks(job_id) if t.status.value == "completed"
+        }
+    port = farm.port
+    farm.processes[0].kill()
+    farm.processes[0].wait()
+    time.sleep(1.0)
+    farm.start_coordinator(port=port)
+    with TesseraClient(farm.url, farm.requester_token) as client:
+        assert wait_for_job(client, job_id, timeout=300) == "completed"
+        after = {t.id: t.result_sha256 for t in client.tasks(job_id)}
+        assert all(after[task_id] == sha for task_id, sha in before.items()), (
+            "an accepted tile was replaced"
+        )
+        accepted = sum(n.tasks_completed for n in client.nodes())
+        assert accepted == 24, f"{accepted} uploads accepted for 24 tiles"
+
+
+def test_a_node_started_with_lan_finds_the_farm_and_renders(
+    worker: RenderWorker, demo_scene: Path, tmp_path: Path
+) -> None:
+    farm_name = f"lan-{uuid.uuid4().hex[:8]}"
+    coordinator = start_coordinator(
+        tmp_path / "coordinator",
+        "--lan",
+        "--farm",
+        farm_name,
+        "--secret",
+        "open-sesame",
+        "--interface",
+        "127.0.0.1",
+    )
+    node_log = tmp_path / "node.log"
+    node: subprocess.Popen[bytes] | None = None
+    try:
+        with coordinator.client(coordinator.admin_token) as admin:
+            requester = admin.create_account("artist", Role.REQUESTER).token
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        with node_log.open("wb") as out:
+            node = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "app.cli",
+                    "node",
+                    "--lan",
+                    "--farm",
+                    farm_name,
+                    "--secret",
+                    "open-sesame",
+                    "--interface",
+                    "127.0.0.1",
+                    "--name",
+                    "lan-box",
+                    "--threads",
+                    "1",
+                    "--data",
+                    str(tmp_path / "node"),
+                    *NODE_ARGS,
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        info = inspect_scene(worker, demo_scene)
+        bundle, sha = make_bundle(demo_scene, tmp_path / "bundle")
+        with TesseraClient(coordinator.url, requester) as client:
+            client.upload_bundle(bundle)
+            job = client.submit_job(job_spec(info, sha, frames="1", tiles=(1, 1)))
+            assert wait_for_job(client, job.id, timeout=180) == "completed", node_log.read_text()[
+                -3000:
+            ]
+            assert [n.capabilities.name for n in client.nodes()] == ["lan-box"]
+        assert "Joined farm" in node_log.read_text()
+    finally:
+        if node is not None:
+            node.send_signal(signal.SIGINT)
+            try:
+                node.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                node.kill()
+                node.wait()
+        coordinator.stop()
