@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from app.blender_choice import choose_build
+from app.farm_commands import add_farm_commands
 from common.errors import CoordinatorUnreachableError, TesseraError, UsageError
 from common.settings import Settings, load_settings
 from protocol.client import TesseraClient
@@ -26,8 +28,7 @@ from protocol.discovery import (
     find_coordinator,
     node_info,
 )
-from renderers.builds import BlenderBuild, default_build, find_builds
-from renderers.demo_scene import ensure_demo_scene
+from renderers.builds import BlenderBuild, find_builds
 from renderers.devices import parse_cycles_devices, probe_nvidia, summarise
 from renderers.local_render import LocalRenderOptions, TileDone, render_frame_local
 from renderers.regions import parse_grid
@@ -183,29 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_blender_option(node)
     node.set_defaults(handler=cmd_node)
 
-    demo = sub.add_parser(
-        "demo",
-        help="render a frame of the demo scene in tiles",
-        description="Generate the demo scene if needed and render one "
-        "frame of it in 2x2 tiles; prints where the frame is.",
-    )
-    demo.add_argument(
-        "--out",
-        type=Path,
-        default=Path("out/demo/frame_0001.exr"),
-        help="output EXR path (default: out/demo/frame_0001.exr)",
-    )
-    demo.add_argument("--frame", type=int, default=1, help="frame to render (default 1)")
-    demo.add_argument(
-        "--tiles", type=_grid, default=(2, 2), metavar="CxR", help="tile grid (default 2x2)"
-    )
-    demo.add_argument(
-        "--percentage", type=int, default=50, help="resolution percentage (default 50)"
-    )
-    demo.add_argument("--samples", type=int, default=32, help="samples (default 32)")
-    demo.add_argument("--json", action="store_true", help="print a JSON summary")
-    _add_blender_option(demo)
-    demo.set_defaults(handler=cmd_demo)
+    add_farm_commands(sub)
     return parser
 
 
@@ -275,12 +254,7 @@ def _add_render_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _build(args: argparse.Namespace, settings: Settings) -> BlenderBuild:
-    if args.blender is not None:
-        builds = find_builds([args.blender], search_path=False, include_bpy=False)
-        return builds[0]
-    if not settings.use_bpy:
-        return find_builds(settings.blender, include_bpy=False)[0]
-    return default_build(settings.blender)
+    return choose_build(args.blender, settings)
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> RenderWorker:
@@ -568,23 +542,6 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         if advertisement is not None:
             advertisement.close()
-
-
-# --- demo -----------------------------------------------------------------------------------
-
-
-def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    build = _build(args, settings)
-    scene = ensure_demo_scene(build)
-    options = LocalRenderOptions(
-        frame=args.frame,
-        grid=args.tiles,
-        samples=args.samples,
-        percentage=args.percentage,
-        device=settings.device,
-        threads=settings.threads,
-    )
-    return _render_and_report(args, settings, scene, args.out, options)
 
 
 if __name__ == "__main__":

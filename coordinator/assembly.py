@@ -109,8 +109,14 @@ class Assembler:
         )
         if any(t["status"] != TaskStatus.COMPLETED.value for t in tiles):
             return
+        plan = plan_for(spec)
+        if plan.is_whole_frame:
+            # One tile is the frame (denoised in-render if asked): keep the node's file.
+            sha = tiles[0]["result_sha"]
+            self._finish(job_id, frame, read_exr(self.store.path(sha)), exr_sha=sha)
+            return
         merged = merge_tiles(
-            plan_for(spec), {t["tile_index"]: self.store.path(t["result_sha"]) for t in tiles}
+            plan, {t["tile_index"]: self.store.path(t["result_sha"]) for t in tiles}
         )
         if spec.wants_denoise:
             self._start_denoise(job_id, frame, merged)

@@ -101,6 +101,10 @@ MIGRATIONS: tuple[str, ...] = (
         png_sha TEXT NOT NULL
     );
     """,
+    # 2: when each lease began, so the coordinator itself measures task time
+    """
+    ALTER TABLE tasks ADD COLUMN leased_at REAL;
+    """,
 )
 
 

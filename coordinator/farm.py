@@ -237,7 +237,8 @@ class Farm:
                     whole_frame=plan.is_whole_frame,
                     samples=spec.samples,
                     percentage=spec.percentage,
-                    denoise_data=spec.wants_denoise,
+                    denoise_data=spec.wants_denoise and not plan.is_whole_frame,
+                    denoise_in_render=spec.wants_denoise and plan.is_whole_frame,
                 )
                 rows.append(
                     (
@@ -467,8 +468,16 @@ class Farm:
             with self.db.transaction() as conn:
                 conn.execute(
                     "UPDATE tasks SET status = ?, lease_id = ?, node_id = ?, lease_expires = ?,"
-                    " updated_at = ? WHERE id = ?",
-                    (TaskStatus.ACTIVE.value, lease_id, node_id, expires, now_iso(), row["id"]),
+                    " leased_at = ?, updated_at = ? WHERE id = ?",
+                    (
+                        TaskStatus.ACTIVE.value,
+                        lease_id,
+                        node_id,
+                        expires,
+                        time.time(),
+                        now_iso(),
+                        row["id"],
+                    ),
                 )
                 conn.execute(
                     "UPDATE jobs SET status = ?, updated_at = ? WHERE id = ? AND status = ?",
@@ -745,15 +754,17 @@ class Farm:
             ).fetchone()
             if current["status"] != TaskStatus.ACTIVE.value or current["lease_id"] != lease_id:
                 raise ApiError("The lease ended while the result was uploading.", status=409)
+            # Lease to accepted upload, measured here rather than claimed by the node.
+            seconds = max(0.0, time.time() - (row["leased_at"] or time.time()))
             conn.execute(
                 "UPDATE tasks SET status = ?, result_sha = ?, lease_expires = NULL,"
-                " updated_at = ? WHERE id = ?",
-                (TaskStatus.COMPLETED.value, sha256, now_iso(), row["id"]),
+                " render_seconds = ?, updated_at = ? WHERE id = ?",
+                (TaskStatus.COMPLETED.value, sha256, seconds, now_iso(), row["id"]),
             )
             conn.execute(
-                "UPDATE nodes SET current_task = NULL, tasks_completed ="
-                " tasks_completed + 1 WHERE id = ?",
-                (row["node_id"],),
+                "UPDATE nodes SET current_task = NULL, tasks_completed = tasks_completed + 1,"
+                " render_seconds = render_seconds + ? WHERE id = ?",
+                (seconds, row["node_id"]),
             )
             if row["kind"] == TaskKind.RENDER.value:
                 remaining = conn.execute(

@@ -197,6 +197,7 @@ class TaskRunner:
                 percentage=assignment.percentage,
                 seed=assignment.seed,
                 denoise_data=assignment.denoise_data,
+                denoise=assignment.denoise_in_render,
                 device=device,
                 threads=self.threads,
             )

@@ -236,6 +236,8 @@ class RenderAssignment(Strict):
     percentage: int | None
     seed: int | None = None
     denoise_data: bool
+    #: Whole frames denoise in Blender itself (no seams to avoid, no extra task).
+    denoise_in_render: bool = False
 
 
 class Task(Strict):

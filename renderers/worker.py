@@ -85,6 +85,7 @@ class RenderRequest:
     seed: int | None = None
     adaptive_sampling: bool | None = None
     denoise_data: bool = False
+    denoise: bool = False
     device: str = "CPU"
     threads: int = 0
 
@@ -108,6 +109,7 @@ class RenderRequest:
             "seed": self.seed,
             "adaptive_sampling": self.adaptive_sampling,
             "denoise_data": self.denoise_data,
+            "denoise": self.denoise,
             "device": self.device,
             "threads": self.threads,
         }

@@ -341,9 +341,10 @@ def _apply_render_settings(scene: Any, request: dict[str, Any], originals: dict[
         desired["render:use_crop_to_border"] = True
         for edge in ("min_x", "max_x", "min_y", "max_y"):
             desired[f"render:border_{edge}"] = float(border[edge])
-    # Tiles carry raw passes; the denoiser runs once on the merged frame (no seams), and
-    # compositing/sequencing would act on a tile as if it were the whole frame.
-    desired["cycles:use_denoising"] = False
+    # Tiles carry raw passes and the denoiser runs once on the merged frame (no seams);
+    # only a whole frame may denoise in-render. Compositing/sequencing would act on a
+    # tile as if it were the whole frame.
+    desired["cycles:use_denoising"] = bool(request.get("denoise"))
     if request.get("denoise_data"):
         for index in range(len(scene.view_layers)):
             desired[f"layer{index}:denoising_store_passes"] = True

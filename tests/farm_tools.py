@@ -178,6 +178,7 @@ def serve_leases(
                     samples=a.samples,
                     percentage=a.percentage,
                     denoise_data=a.denoise_data,
+                    denoise=a.denoise_in_render,
                 )
             )
         else:

@@ -263,6 +263,33 @@ def test_denoised_job_goes_through_a_denoise_task(
         assert [p.name for p in frame.parts][:2] == ["ViewLayer.Combined", "ViewLayer.Noisy Image"]
 
 
+def test_a_whole_frame_job_denoises_in_render_without_an_extra_task(
+    coordinator: RunningCoordinator,
+    tokens: dict[str, str],
+    demo_info: SceneInfo,
+    demo_scene: Path,
+    bundle: tuple[Path, str],
+    worker: RenderWorker,
+    tmp_path: Path,
+) -> None:
+    path, sha = bundle
+    with coordinator.client(tokens["requester"]) as client:
+        client.upload_bundle(path)
+        denoised = client.submit_job(job_spec(demo_info, sha, frames="4", tiles=(1, 1)))
+        noisy = client.submit_job(job_spec(demo_info, sha, frames="4", tiles=(1, 1), denoise=False))
+        with coordinator.client(tokens["provider"]) as provider:
+            assert serve_leases(provider, worker, demo_scene, tmp_path, until_idle=2) == 2
+        for job in (denoised, noisy):
+            assert wait_for_job(client, job.id) == "completed"
+            assert [t.kind.value for t in client.tasks(job.id)] == ["render"]
+        clean = read_exr(client.download_frame(denoised.id, 4, tmp_path / "d.exr"))
+        raw = read_exr(client.download_frame(noisy.id, 4, tmp_path / "n.exr"))
+        changed = np.count_nonzero(
+            clean.channel("ViewLayer.Combined.R") != raw.channel("ViewLayer.Combined.R")
+        )
+        assert changed > raw.width * raw.height // 2, "the whole frame was denoised"
+
+
 def test_uploads_need_the_lease_and_the_right_hash(
     coordinator: RunningCoordinator,
     tokens: dict[str, str],
