@@ -116,6 +116,20 @@ def add_farm_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="List the render nodes the coordinator knows: status, devices, "
         "Blender versions, current task, tasks done and failed.",
     )
+    nodes.add_argument(
+        "--lan",
+        action="store_true",
+        help="list the coordinators and nodes advertised on the LAN instead",
+    )
+    nodes.add_argument(
+        "--interface",
+        default=None,
+        metavar="ADDRESS",
+        help="with --lan: listen on this address only (e.g. 127.0.0.1)",
+    )
+    nodes.add_argument(
+        "--seconds", type=float, default=3.0, help="with --lan: how long to listen (default 3)"
+    )
     _add_json_option(nodes)
     _add_connection_options(nodes)
     nodes.set_defaults(handler=cmd_nodes)
@@ -883,6 +897,8 @@ def cmd_priority(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_nodes(args: argparse.Namespace, settings: Settings) -> int:
+    if args.lan:
+        return _lan_listing(args)
     with _client(args, settings) as client:
         nodes = client.nodes()
     if args.json:
@@ -893,6 +909,40 @@ def cmd_nodes(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     rows = [_node_row(node) for node in nodes]
     print(_table(("NAME", "STATUS", "DEVICES", "BLENDER", "TASK", "DONE", "FAILED"), rows))
+    return 0
+
+
+def _lan_listing(args: argparse.Namespace) -> int:
+    from protocol.discovery import browse
+
+    seen = browse(interface=args.interface, seconds=args.seconds)
+    if args.json:
+        _print_json(
+            [
+                {
+                    "kind": s.kind,
+                    "name": s.name,
+                    "addresses": list(s.addresses),
+                    "port": s.port,
+                    "properties": s.properties,
+                }
+                for s in seen
+            ]
+        )
+        return 0
+    if not seen:
+        print(f"Nothing Tessera answered on the LAN within {args.seconds:g} s.")
+        return 0
+    rows = [
+        (
+            s.kind,
+            s.name,
+            s.url if s.kind == "coordinator" else ", ".join(s.addresses),
+            ", ".join(f"{k}={v}" for k, v in sorted(s.properties.items()) if k != "fp"),
+        )
+        for s in seen
+    ]
+    print(_table(("KIND", "NAME", "WHERE", "DETAILS"), rows))
     return 0
 
 

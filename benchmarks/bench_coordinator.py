@@ -46,8 +46,9 @@ def _tile_exr(folder: Path, width: int, height: int) -> tuple[Path, str]:
     path = folder / f"tile_{width}x{height}.exr"
     if not path.exists():
         rng = np.random.default_rng(width * 1000 + height)
-        channels = {f"ViewLayer.Combined.{c}": rng.random((height, width), dtype=np.float32)
-                    for c in "RGBA"}
+        channels = {
+            f"ViewLayer.Combined.{c}": rng.random((height, width), dtype=np.float32) for c in "RGBA"
+        }
         write_exr(path, ExrImage(width, height, [ExrPart("ViewLayer.Combined", channels, {})]))
     return path, sha256_file(path)
 
@@ -60,17 +61,30 @@ def _bundle(folder: Path) -> Path:
 
 
 def _spec(bundle_sha: str, frames: int) -> JobSpec:
-    scene = SceneSummary(name="bench", frame_start=1, frame_end=frames, resolution_x=WIDTH,
-                         resolution_y=HEIGHT, resolution_percentage=100, samples=1,
-                         adaptive_sampling=False, denoising=False, camera="Camera")
-    return JobSpec(name="capacity", bundle=bundle_sha, scene_path="scene.blend", scene=scene,
-                   frames=FrameRange(start=1, end=frames),
-                   tiles=TileGrid(columns=GRID[0], rows=GRID[1]))
+    scene = SceneSummary(
+        name="bench",
+        frame_start=1,
+        frame_end=frames,
+        resolution_x=WIDTH,
+        resolution_y=HEIGHT,
+        resolution_percentage=100,
+        samples=1,
+        adaptive_sampling=False,
+        denoising=False,
+        camera="Camera",
+    )
+    return JobSpec(
+        name="capacity",
+        bundle=bundle_sha,
+        scene_path="scene.blend",
+        scene=scene,
+        frames=FrameRange(start=1, end=frames),
+        tiles=TileGrid(columns=GRID[0], rows=GRID[1]),
+    )
 
 
 def run(nodes: int, frames: int, scratch: Path) -> dict[str, object]:
-    coordinator = start_coordinator(scratch / f"coordinator-{nodes}",
-                                     "--lease-seconds", "120")
+    coordinator = start_coordinator(scratch / f"coordinator-{nodes}", "--lease-seconds", "120")
     latencies: list[float] = []
     lock = threading.Lock()
     try:
@@ -103,8 +117,7 @@ def run(nodes: int, frames: int, scratch: Path) -> dict[str, object]:
                         path, digest = exrs[size]
                     client.upload_result(lease.lease_id, path, digest)
 
-        threads = [threading.Thread(target=node_loop, args=(i,), daemon=True)
-                   for i in range(nodes)]
+        threads = [threading.Thread(target=node_loop, args=(i,), daemon=True) for i in range(nodes)]
         started = time.perf_counter()
         for thread in threads:
             thread.start()
@@ -139,8 +152,11 @@ def main() -> None:
         loaded = run(nodes, frames, Path(scratch))
     baseline["ratio"] = 1.0
     loaded["ratio"] = float(loaded["tasks_per_s"]) / float(baseline["tasks_per_s"])  # type: ignore[arg-type]
-    report("coordinator", [baseline, loaded],
-           ["nodes", "tasks", "seconds", "tasks_per_s", "lease_p50_ms", "lease_p99_ms", "ratio"])
+    report(
+        "coordinator",
+        [baseline, loaded],
+        ["nodes", "tasks", "seconds", "tasks_per_s", "lease_p50_ms", "lease_p99_ms", "ratio"],
+    )
     print("ratio: tasks per second with N simulated nodes vs one node, same coordinator.")
 
 

@@ -6,7 +6,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ("benchmarks.bench_tiles", "benchmarks.bench_merge")
+BENCHMARKS = (
+    "benchmarks.bench_tiles",
+    "benchmarks.bench_merge",
+    "benchmarks.bench_farm",
+    "benchmarks.bench_coordinator",
+)
 
 
 def main() -> int:

@@ -12,9 +12,7 @@ reader never sees half a file. It must not know about tiles, the farm or Blender
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ import numpy.typing as npt
 import OpenEXR
 
 from common.errors import ExrError
+from renderers.atomic import write_atomically
 from renderers.regions import PixelRect
 
 #: Codecs that store pixels exactly. DWAA/DWAB/B44/PXR24 are lossy and never written.
@@ -448,29 +447,8 @@ def _contiguous(channels: Mapping[str, Pixels]) -> dict[str, Pixels]:
 
 
 def _write_atomically(path: Path, exr_file: Any) -> None:
-    path = Path(path)
     _choose_io_threads()
-    try:
-        descriptor, temporary_name = tempfile.mkstemp(
-            prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
-        )
-    except OSError as error:
-        raise ExrError(
-            f"Cannot write {path} ({error.strerror}).",
-            hint="Check that the folder exists and is writable.",
-        ) from error
-    os.close(descriptor)
-    temporary = Path(temporary_name)
-    try:
-        exr_file.write(str(temporary))
-        # mkstemp creates the file private (0600); a frame is as readable as any output.
-        temporary.chmod(0o644)
-        temporary.replace(path)
-    except (OSError, RuntimeError, ValueError, TypeError) as error:
-        raise ExrError(f"Writing {path} failed ({error}).") from error
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
+    write_atomically(Path(path), lambda temporary: exr_file.write(str(temporary)))
 
 
 def _choose_io_threads() -> None:

@@ -8,11 +8,8 @@ verification. PNG encoding uses only the standard library (zlib, struct).
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from common.errors import ExrError
+from renderers.atomic import write_atomically
 from renderers.exr import ExrImage
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -120,24 +118,4 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def _write_bytes_atomically(path: Path, data: bytes) -> None:
-    try:
-        descriptor, temporary_name = tempfile.mkstemp(
-            prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
-        )
-    except OSError as error:
-        raise ExrError(
-            f"Cannot write the preview {path} ({error.strerror}).",
-            hint="Check that the folder exists and is writable.",
-        ) from error
-    temporary = Path(temporary_name)
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            stream.write(data)
-        # mkstemp creates the file private (0600); a preview is as readable as any output.
-        temporary.chmod(0o644)
-        temporary.replace(path)
-    except OSError as error:
-        raise ExrError(f"Writing the preview {path} failed ({error.strerror}).") from error
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
+    write_atomically(path, lambda temporary: temporary.write_bytes(data), "the preview")

@@ -12,6 +12,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.submission import scene_summary
 from protocol.client import TesseraClient, sha256_file
 from protocol.models import (
     FrameRange,
@@ -19,7 +20,6 @@ from protocol.models import (
     JobSpec,
     LeaseRequest,
     NodeCapabilities,
-    SceneSummary,
     TileGrid,
 )
 from renderers.regions import PixelRect, border_fractions
@@ -105,23 +105,6 @@ def make_bundle(scene: Path, folder: Path, name: str = "scene.blend") -> tuple[P
     return path, sha256_file(path)
 
 
-def summary(info: SceneInfo) -> SceneSummary:
-    return SceneSummary(
-        name=info.name,
-        frame_start=info.frame_start,
-        frame_end=info.frame_end,
-        resolution_x=info.resolution_x,
-        resolution_y=info.resolution_y,
-        resolution_percentage=info.resolution_percentage,
-        samples=info.samples,
-        adaptive_sampling=info.adaptive_sampling,
-        denoising=info.denoising,
-        camera=info.camera,
-        engine=info.engine,
-        blender_version=info.blender_version,
-    )
-
-
 def job_spec(
     info: SceneInfo,
     bundle_sha: str,
@@ -133,7 +116,7 @@ def job_spec(
         "name": "test job",
         "bundle": bundle_sha,
         "scene_path": "scene.blend",
-        "scene": summary(info),
+        "scene": scene_summary(info),
         "frames": FrameRange.parse(frames),
         "tiles": TileGrid(columns=tiles[0], rows=tiles[1]),
         "percentage": 10,

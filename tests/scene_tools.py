@@ -53,6 +53,8 @@ for key in ("resolution_x", "resolution_y", "resolution_percentage"):
         setattr(scene.render, key, opts[key])
 if "samples" in opts:
     scene.cycles.samples = opts["samples"]
+if "film_transparent" in opts:
+    scene.render.film_transparent = opts["film_transparent"]
 if "adaptive" in opts:
     scene.cycles.use_adaptive_sampling = opts["adaptive"]
 if "adaptive_threshold" in opts:

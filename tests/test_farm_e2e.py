@@ -7,6 +7,7 @@ and a coordinator killed mid-job cost time, never a frame; a node finds a LAN fa
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 from app.local_farm import LocalFarm
+from app.submission import follow_job, prepare_submission, submit
 from protocol.client import TesseraClient
 from protocol.models import Role
 from renderers.exr import read_exr
@@ -88,6 +90,42 @@ def test_three_frames_in_2x2_tiles_on_two_nodes_equal_one_piece_renders(
                 "ViewLayer.Combined.A",
             ):
                 assert np.array_equal(farm_frame.channel(name), reference.channel(name)), name
+
+
+def test_a_linked_library_scene_renders_from_the_bundle_alone(
+    worker: RenderWorker, bat_scenes: Path, tmp_path: Path
+) -> None:
+    """linked_cube.blend's only object is linked from basic_file.blend. Pack it, delete
+    the originals, and render on a node that has nothing but the bundle."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("linked_cube.blend", "basic_file.blend"):
+        shutil.copy(bat_scenes / name, project / name)
+    scene = prepare_scene(
+        project / "linked_cube.blend",
+        project / "shot.blend",
+        add_camera=True,
+        resolution_x=64,
+        resolution_y=48,
+        resolution_percentage=100,
+        samples=4,
+        film_transparent=True,
+    )
+    prepared = prepare_submission(
+        worker, scene, bundle_dir=tmp_path / "bundle", frames="1", denoise=False
+    )
+    assert "basic_file.blend" in prepared.bundle.files
+    shutil.rmtree(project)  # the node must not find the library where it was
+    with (
+        LocalFarm(tmp_path / "farm", nodes=1, threads_per_node=2, node_args=NODE_ARGS) as farm,
+        TesseraClient(farm.url, farm.requester_token) as client,
+    ):
+        job = submit(client, prepared)
+        result = follow_job(client, job.id, tmp_path / "frames")
+    assert result.job.status.value == "completed", result.job.message
+    exr = next(p for f in result.frames for p in f.files if p.suffix == ".exr")
+    alpha = read_exr(exr).combined_rgba()[..., 3]
+    assert np.count_nonzero(alpha > 0.5) > alpha.size // 50, "the linked object is missing"
 
 
 def _wait(predicate: object, timeout: float, what: str) -> None:

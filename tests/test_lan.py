@@ -3,6 +3,9 @@ coordinators and nodes are found, and only a node that knows the secret may join
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +16,7 @@ from common.errors import ApiError
 from protocol.client import TesseraClient
 from protocol.discovery import Advertisement, browse, find_coordinator, node_info
 from protocol.models import LeaseRequest, NodeCapabilities, Role
-from tests.farm_tools import RunningCoordinator, start_coordinator
+from tests.farm_tools import REPO, RunningCoordinator, start_coordinator
 
 LOOPBACK = "127.0.0.1"
 
@@ -85,3 +88,33 @@ def test_nodes_advertise_their_hardware() -> None:
     node = next(item for item in seen if item.name == "gpu-box")
     assert node.properties["devices"] == "CPU,OPTIX"
     assert node.properties["blender"] == "5.0.1"
+
+
+def test_tessera_nodes_lan_lists_what_is_advertised(
+    lan_coordinator: RunningCoordinator, farm: str
+) -> None:
+    info = node_info("idle-box", LOOPBACK, {"devices": "CPU", "threads": 4})
+    with Advertisement(info, LOOPBACK):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "app.cli",
+                "nodes",
+                "--lan",
+                "--interface",
+                LOOPBACK,
+                "--seconds",
+                "4",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr
+    seen = {(item["kind"], item["name"]) for item in json.loads(done.stdout)}
+    assert ("node", "idle-box") in seen
+    assert any(kind == "coordinator" and farm in name for kind, name in seen)
