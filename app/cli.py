@@ -33,7 +33,7 @@ from renderers.devices import parse_cycles_devices, probe_nvidia, summarise
 from renderers.local_render import LocalRenderOptions, TileDone, render_frame_local
 from renderers.regions import parse_grid
 from renderers.scene_info import SceneInfo, inspect_scene
-from renderers.worker import Progress, RenderWorker
+from renderers.worker import Progress, RenderWorker, cpu_pinning_env, parse_cpu_list
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -168,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default=None, help="CPU (default), GPU, OPTIX, CUDA, HIP, METAL or ONEAPI"
     )
     node.add_argument("--threads", type=int, default=None, help="render threads (0 = all)")
+    node.add_argument(
+        "--cpus",
+        default=None,
+        metavar="LIST",
+        help="pin rendering to these CPUs, e.g. 0-3 (default: all); sets "
+        "--threads to their count unless given",
+    )
     node.add_argument(
         "--data",
         type=Path,
@@ -518,12 +525,15 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
             "A node needs a provider token: pass --token, set TESSERA_TOKEN, or "
             "join a LAN farm with --lan --farm NAME --secret S."
         )
+    cpus = parse_cpu_list(args.cpus) if args.cpus else []
+    threads = args.threads if args.threads is not None else (len(cpus) or settings.threads)
     config = NodeConfig(
         coordinator_url=url,
         token=token,
         name=name,
         device=args.device or settings.device,
-        threads=args.threads if args.threads is not None else settings.threads,
+        threads=threads,
+        extra_env=cpu_pinning_env(cpus) if cpus else {},
         data_dir=args.data or settings.home / "node",
         cache_max_bytes=int(args.cache_gb * 2**30),
         blender_executables=[args.blender] if args.blender else list(settings.blender),

@@ -59,7 +59,8 @@ class LocalFarm:
             with TesseraClient(self.url, admin_token) as admin:
                 self.requester_token = admin.create_account("local", Role.REQUESTER).token
                 self.provider_token = admin.create_account("local-nodes", Role.PROVIDER).token
-            threads = self.threads_per_node or max(1, (os.cpu_count() or 1) // self.nodes)
+            cpus = sorted(os.sched_getaffinity(0))
+            threads = self.threads_per_node or max(1, len(cpus) // self.nodes)
             for index in range(self.nodes):
                 name = f"local-{index + 1}"
                 env = self.node_env[index] if index < len(self.node_env) else {}
@@ -79,6 +80,10 @@ class LocalFarm:
                     str(self.folder / name),
                     *self.node_args,
                 ]
+                if threads * self.nodes <= len(cpus):
+                    # Nodes sharing a machine get cores of their own (see worker_main).
+                    own = cpus[index * threads : (index + 1) * threads]
+                    args += ["--cpus", ",".join(map(str, own))]
                 self.processes.append(self._spawn(args, self.folder / f"{name}.log", env))
                 self.node_names.append(name)
             self._wait_for_nodes()

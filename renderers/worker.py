@@ -37,6 +37,7 @@ from common.errors import (
     RenderTimeoutError,
     TesseraError,
     UnsupportedEngineError,
+    UsageError,
     WorkerCrashedError,
     WorkerError,
     WorkerStartError,
@@ -143,6 +144,31 @@ class _WorkerGoneError(Exception):
 
 class _DeadlineError(Exception):
     """The request ran past its time limit."""
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """'0-3,6' -> [0, 1, 2, 3, 6]; UsageError naming the bad part otherwise."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.strip().partition("-")
+        if not low.isdigit() or (high and not high.isdigit()):
+            raise UsageError(f"'{text}' is not a CPU list: use numbers and ranges like 0-3,6.")
+        first, last = int(low), int(high or low)
+        if last < first:
+            raise UsageError(f"'{part}' in the CPU list runs backwards.")
+        cpus.update(range(first, last + 1))
+    available = os.sched_getaffinity(0)
+    if not cpus <= available:
+        missing = sorted(cpus - available)
+        raise UsageError(
+            f"CPUs {missing} are not available here (this process may use {sorted(available)})."
+        )
+    return sorted(cpus)
+
+
+def cpu_pinning_env(cpus: list[int]) -> dict[str, str]:
+    """The worker environment that pins Blender to `cpus` (see worker_main)."""
+    return {"TESSERA_CPUS": ",".join(map(str, cpus))}
 
 
 def scrubbed_environment(scratch: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -26,6 +26,11 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+# A thread count alone does not bound Blender's CPU use (measured: 'threads = 1' kept two
+# cores busy, mostly spinning); an affinity set before Blender starts its threads does.
+if os.environ.get("TESSERA_CPUS"):
+    os.sched_setaffinity(0, {int(cpu) for cpu in os.environ["TESSERA_CPUS"].split(",")})
+
 # Keep the real stdout for the protocol, then point fd 1 at stderr so that Cycles'
 # C-level prints ("Fra:1 Mem:...") cannot interleave with our JSON lines.
 _PROTOCOL = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")

@@ -13,13 +13,21 @@ import pytest
 from common.errors import (
     RenderCancelledError,
     RenderTimeoutError,
+    UsageError,
     WorkerCrashedError,
     WorkerStartError,
 )
 from renderers.builds import BlenderBuild
 from renderers.exr import read_exr
 from renderers.regions import PixelRect, border_fractions
-from renderers.worker import Progress, RenderRequest, RenderWorker, scrubbed_environment
+from renderers.worker import (
+    Progress,
+    RenderRequest,
+    RenderWorker,
+    cpu_pinning_env,
+    parse_cpu_list,
+    scrubbed_environment,
+)
 
 # Enough samples that a 64x48 render runs for many seconds: time to kill or cancel it.
 ENDLESS_SAMPLES = 1_000_000
@@ -186,3 +194,23 @@ def test_two_hundred_renders_do_not_grow_memory(
     warm, final = samples_rss
     assert fresh_worker.starts == 1
     assert final <= warm * 1.10, f"RSS grew from {warm / 2**20:.0f} to {final / 2**20:.0f} MiB"
+
+
+def test_cpu_lists_parse_and_bad_ones_say_why() -> None:
+    assert parse_cpu_list("0") == [0]
+    assert parse_cpu_list(" 0-1 ") == [0, 1]
+    for bad, message in (
+        ("a-b", "not a CPU list"),
+        ("1-0", "backwards"),
+        ("4096", "not available"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            parse_cpu_list(bad)
+
+
+def test_worker_pinned_to_cpus_stays_on_them(bpy_build: BlenderBuild) -> None:
+    with RenderWorker(bpy_build, extra_env=cpu_pinning_env([0])) as own:
+        own.start()
+        status = Path(f"/proc/{own.pid}/status").read_text()
+    allowed = next(line for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
+    assert allowed.split(":")[1].strip() == "0"
