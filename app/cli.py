@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from app.blender_choice import choose_build
-from app.farm_commands import add_farm_commands
+from app.blender_choice import add_blender_option, choose_build
+from app.farm_commands import add_farm_commands, add_json_option
 from common.errors import CoordinatorUnreachableError, TesseraError, UsageError
 from common.settings import Settings, load_settings
 from protocol.client import TesseraClient
@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         "resolution, engine, samples, camera, passes and problems.",
     )
     inspect.add_argument("scene", type=Path, help="the .blend file")
-    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
-    _add_blender_option(inspect)
+    add_json_option(inspect)
+    add_blender_option(inspect)
     inspect.set_defaults(handler=cmd_inspect)
 
     local = sub.add_parser(
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_render_options(local)
     local.add_argument("--out", type=Path, required=True, help="output EXR path")
     local.add_argument("--json", action="store_true", help="print a JSON summary")
-    _add_blender_option(local)
+    add_blender_option(local)
     local.set_defaults(handler=cmd_render_local)
 
     devices = sub.add_parser(
@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="List the Blender builds Tessera can use and the "
         "devices Cycles sees (with NVIDIA details when available).",
     )
-    devices.add_argument("--json", action="store_true", help="print JSON instead of text")
-    _add_blender_option(devices)
+    add_json_option(devices)
+    add_blender_option(devices)
     devices.set_defaults(handler=cmd_devices)
 
     coordinator = sub.add_parser(
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument(
         "--no-benchmark", action="store_true", help="skip the start-up benchmark render"
     )
-    _add_blender_option(node)
+    add_blender_option(node)
     node.set_defaults(handler=cmd_node)
 
     add_farm_commands(sub)
@@ -213,16 +213,6 @@ def _lan_farm(args: argparse.Namespace) -> tuple[str, str]:
     if not args.farm or not secret:
         raise UsageError("--lan needs --farm NAME and --secret S (or TESSERA_FARM_SECRET).")
     return args.farm, secret
-
-
-def _add_blender_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--blender",
-        type=Path,
-        default=None,
-        metavar="PATH",
-        help="use this Blender executable instead of the bpy module",
-    )
 
 
 def _add_render_options(parser: argparse.ArgumentParser) -> None:

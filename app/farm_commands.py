@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from pydantic import ValidationError
 
+from app.blender_choice import add_blender_option, choose_build
 from common.errors import TesseraError, UsageError
 from common.settings import Settings
 from protocol.client import TesseraClient
@@ -72,7 +73,7 @@ def add_farm_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="list your jobs on the farm",
         description="List your jobs: id, name, status, progress, frames, priority, message.",
     )
-    _add_json_option(jobs)
+    add_json_option(jobs)
     _add_connection_options(jobs)
     jobs.set_defaults(handler=cmd_jobs)
 
@@ -83,7 +84,7 @@ def add_farm_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "many tasks are in each state, and why tasks failed.",
     )
     job.add_argument("job_id", metavar="ID", help="the job's id (see `tessera jobs`)")
-    _add_json_option(job)
+    add_json_option(job)
     _add_connection_options(job)
     job.set_defaults(handler=cmd_job)
 
@@ -94,7 +95,7 @@ def add_farm_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     ):
         control = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         control.add_argument("job_id", metavar="ID", help=f"the job to {verb}")
-        _add_json_option(control)
+        add_json_option(control)
         _add_connection_options(control)
         control.set_defaults(handler=cmd_control, action=name)
 
@@ -106,7 +107,7 @@ def add_farm_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     priority.add_argument("job_id", metavar="ID", help="the job to change")
     priority.add_argument("priority", metavar="P", type=_priority, help="0 to 100")
-    _add_json_option(priority)
+    add_json_option(priority)
     _add_connection_options(priority)
     priority.set_defaults(handler=cmd_priority)
 
@@ -130,7 +131,7 @@ def add_farm_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     nodes.add_argument(
         "--seconds", type=float, default=3.0, help="with --lan: how long to listen (default 3)"
     )
-    _add_json_option(nodes)
+    add_json_option(nodes)
     _add_connection_options(nodes)
     nodes.set_defaults(handler=cmd_nodes)
 
@@ -158,14 +159,8 @@ def _add_submit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         metavar="DIR",
         help="with --wait: where frames go, in DIR/<scene>/ (default: the current folder)",
     )
-    _add_json_option(submit_parser)
-    submit_parser.add_argument(
-        "--blender",
-        type=Path,
-        default=None,
-        metavar="PATH",
-        help="inspect with this Blender executable instead of the bpy module",
-    )
+    add_json_option(submit_parser)
+    add_blender_option(submit_parser)
     _add_connection_options(submit_parser)
     submit_parser.set_defaults(handler=cmd_submit)
 
@@ -237,18 +232,12 @@ def _add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         metavar="DIR",
         help="where frames go, in DIR/<scene>/ (default: ./out)",
     )
-    _add_json_option(render)
-    render.add_argument(
-        "--blender",
-        type=Path,
-        default=None,
-        metavar="PATH",
-        help="inspect with this Blender executable instead of the bpy module",
-    )
+    add_json_option(render)
+    add_blender_option(render)
     render.set_defaults(handler=cmd_render, wait=True, coordinator=None, token=None)
 
 
-def _add_json_option(parser: argparse.ArgumentParser) -> None:
+def add_json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
@@ -348,7 +337,6 @@ def _client(args: argparse.Namespace, settings: Settings) -> TesseraClient:
 
 
 def _render_build(args: argparse.Namespace, settings: Settings) -> BlenderBuild:
-    from app.blender_choice import choose_build
 
     return choose_build(args.blender, settings)
 
@@ -443,7 +431,7 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="DIR",
         help="where frames go, in DIR/demo/ (default: ./out)",
     )
-    _add_json_option(demo)
+    add_json_option(demo)
     demo.set_defaults(handler=cmd_demo, wait=True, coordinator=None, token=None, blender=None)
 
 
