@@ -112,12 +112,20 @@ def main() -> None:
     threads = 2
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        t_plain = plain_blender(scene, root / "plain", frames, percentage, samples, threads)
+        # Best of two on both sides: a single run on a shared VM varies by +-10%.
+        t_plain = min(
+            plain_blender(scene, root / f"plain{i}", frames, percentage, samples, threads)
+            for i in range(2)
+        )
         with LocalFarm(
             root / "farm1", nodes=1, threads_per_node=threads, node_args=["--no-benchmark"]
         ) as farm:
             farm_job(farm, scene, root / "warm", "1", percentage, samples)  # warm the node
-            t_prep, t_job = farm_job(farm, scene, root / "job1", frame_text, percentage, samples)
+            runs = [
+                farm_job(farm, scene, root / f"job{i}", frame_text, percentage, samples)
+                for i in range(2)
+            ]
+            t_prep, t_job = min(runs, key=lambda run: run[1])
         scaling: dict[int, float] = {}
         for nodes in (1, 2):
             with LocalFarm(
