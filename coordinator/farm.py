@@ -173,17 +173,24 @@ class Farm:
     def put_bundle(self, sha256: str, chunks: Iterable[bytes]) -> int:
         if self.store.exists(sha256):
             return self.store.size(sha256)
+        _, size = self._store_upload(
+            chunks,
+            sha256,
+            self.config.max_bundle_bytes,
+            "Split the scene or raise the coordinator's limit.",
+        )
+        return size
+
+    def _store_upload(
+        self, chunks: Iterable[bytes], sha256: str, limit: int, too_large_hint: str
+    ) -> tuple[str, int]:
+        """Store an upload under its hash; 400 if the hash is wrong, 413 past `limit`."""
         try:
-            _, size = self.store.put_stream(
-                chunks, max_bytes=self.config.max_bundle_bytes, expected_sha256=sha256
-            )
+            return self.store.put_stream(chunks, max_bytes=limit, expected_sha256=sha256)
         except HashMismatchError as exc:
             raise ApiError(exc.message, status=400, hint=exc.hint) from None
         except TooLargeError as exc:
-            raise ApiError(
-                exc.message, status=413, hint="Split the scene or raise the coordinator's limit."
-            ) from None
-        return size
+            raise ApiError(exc.message, status=413, hint=too_large_hint) from None
 
     def _check_bundle(self, spec: JobSpec) -> None:
         if not self.store.exists(spec.bundle):
@@ -731,14 +738,12 @@ class Farm:
                 status=409,
                 hint="Drop the result and ask for a new lease.",
             )
-        try:
-            sha256, _ = self.store.put_stream(
-                chunks, max_bytes=self.config.max_result_bytes, expected_sha256=claimed_sha256
-            )
-        except HashMismatchError as exc:
-            raise ApiError(exc.message, status=400, hint=exc.hint) from None
-        except TooLargeError as exc:
-            raise ApiError(exc.message, status=413) from None
+        sha256, _ = self._store_upload(
+            chunks,
+            claimed_sha256,
+            self.config.max_result_bytes,
+            "A tile this large means a wrong render region.",
+        )
         problem = self._check_result(row, sha256)
         if problem:
             self._fail_task(row, "bad_result", problem, retryable=True)
