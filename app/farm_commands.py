@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -134,6 +135,43 @@ def add_farm_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     add_json_option(nodes)
     _add_connection_options(nodes)
     nodes.set_defaults(handler=cmd_nodes)
+    _add_credit_commands(sub)
+
+
+def _add_credit_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    wallet = sub.add_parser(
+        "wallet",
+        help="show your credits: balance, escrow and history",
+        description="Show your credit balance, the credits held in escrow for your unfinished "
+        "jobs, and your latest ledger entries.",
+    )
+    add_json_option(wallet)
+    _add_connection_options(wallet)
+    wallet.set_defaults(handler=cmd_wallet)
+
+    grant = sub.add_parser(
+        "grant",
+        help="give credits to an account (admin)",
+        description="Issue credits to an account. Needs the admin token; grants are the only "
+        "source of credits.",
+    )
+    grant.add_argument("account", metavar="ACCOUNT", help="the account to credit")
+    grant.add_argument("amount", metavar="AMOUNT", type=_credits, help="credits to give")
+    add_json_option(grant)
+    _add_connection_options(grant)
+    grant.set_defaults(handler=cmd_grant)
+
+    ledger = sub.add_parser(
+        "ledger",
+        help="check the credit ledger (admin)",
+        description="`tessera ledger check` proves the ledger's invariants (every transaction "
+        "balances, no balance is negative, no task is paid twice or paid unaccepted, no escrow "
+        "is left on a finished job); it exits 1 and lists the problems if any fails.",
+    )
+    ledger.add_argument("action", choices=("check",), help="what to do (check)")
+    add_json_option(ledger)
+    _add_connection_options(ledger)
+    ledger.set_defaults(handler=cmd_ledger)
 
 
 def _add_submit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -147,6 +185,21 @@ def _add_submit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     submit_parser.add_argument("scene", type=Path, help="the .blend file")
     _add_job_options(submit_parser)
+    submit_parser.add_argument(
+        "--max-price",
+        type=_non_negative,
+        default=0.0,
+        metavar="CREDITS",
+        help="the most credits per work unit (megapixel x sample) a node may charge "
+        "(default 0: free nodes only); the estimate is escrowed from your wallet",
+    )
+    submit_parser.add_argument(
+        "--max-credits",
+        type=_non_negative,
+        default=None,
+        metavar="CREDITS",
+        help="refuse the job if its estimated cost is higher",
+    )
     submit_parser.add_argument(
         "--wait",
         action="store_true",
@@ -284,6 +337,26 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
+def _credits(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of credits") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"the amount must be a positive number, not {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of credits") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"the amount must be 0 or more, not {text}")
     return value
 
 
@@ -533,6 +606,8 @@ def _prepare_and_submit(
                 device=args.device,
                 name=args.name,
                 on_pack=status.pack,
+                max_price=getattr(args, "max_price", 0.0),
+                max_credits=getattr(args, "max_credits", None),
             )
         for warning in prepared.warnings:
             status.warn(warning)
@@ -898,6 +973,58 @@ def cmd_nodes(args: argparse.Namespace, settings: Settings) -> int:
     rows = [_node_row(node) for node in nodes]
     print(_table(("NAME", "STATUS", "DEVICES", "BLENDER", "TASK", "DONE", "FAILED"), rows))
     return 0
+
+
+# --- credits ------------------------------------------------------------------------------
+
+
+def cmd_wallet(args: argparse.Namespace, settings: Settings) -> int:
+    with _client(args, settings) as client:
+        wallet = client.wallet()
+    if args.json:
+        _print_json(wallet.model_dump(mode="json"))
+        return 0
+    print(f"Account {wallet.account}: {wallet.balance:g} credits")
+    print(f"In escrow for unfinished jobs: {wallet.escrow:g} credits")
+    if not wallet.history:
+        print("No ledger entries yet.")
+        return 0
+    rows = [
+        (
+            entry.at.strftime("%Y-%m-%d %H:%M:%S"),
+            entry.kind,
+            f"{entry.amount:+g}",
+            entry.job_id or "-",
+            _clip(entry.memo, MESSAGE_WIDTH),
+        )
+        for entry in wallet.history
+    ]
+    print(_table(("WHEN", "KIND", "CREDITS", "JOB", "MEMO"), rows))
+    return 0
+
+
+def cmd_grant(args: argparse.Namespace, settings: Settings) -> int:
+    with _client(args, settings) as client:
+        wallet = client.grant(args.account, args.amount)
+    if args.json:
+        _print_json(wallet.model_dump(mode="json"))
+    else:
+        print(f"Granted {args.amount:g} credits to {wallet.account}; balance {wallet.balance:g}.")
+    return 0
+
+
+def cmd_ledger(args: argparse.Namespace, settings: Settings) -> int:
+    with _client(args, settings) as client:
+        result = client.ledger_check()
+    if args.json:
+        _print_json(result.model_dump(mode="json"))
+    elif result.ok:
+        print("The ledger checks out: every invariant holds.")
+    else:
+        print(f"The ledger check found {len(result.problems)} problem(s):")
+        for problem in result.problems:
+            print(f"  - {problem}")
+    return 0 if result.ok else 1
 
 
 def _lan_listing(args: argparse.Namespace) -> int:

@@ -96,6 +96,8 @@ def prepare_submission(
     device: str = "ANY",
     name: str | None = None,
     on_pack: Callable[[PackProgress], None] | None = None,
+    max_price: float = 0.0,
+    max_credits: float | None = None,
 ) -> Prepared:
     """Inspect `scene`, check the job it makes, and pack it into `bundle_dir/<sha>.zip`.
 
@@ -115,6 +117,8 @@ def prepare_submission(
         "denoise": denoise,
         "priority": priority,
         "device": device.upper(),
+        "max_price": max_price,
+        "max_credits": max_credits,
     }
     # Check the spec before packing: a bad option fails in a second, not after a pack.
     _job_spec(info, _NO_BUNDLE, "scene.blend", options)

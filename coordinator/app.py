@@ -43,6 +43,7 @@ from protocol.models import (
     AccountCreate,
     AccountToken,
     ErrorBody,
+    Grant,
     Health,
     Heartbeat,
     HeartbeatReply,
@@ -53,6 +54,7 @@ from protocol.models import (
     JoinRequest,
     Lease,
     LeaseRequest,
+    LedgerCheck,
     Me,
     NodeCapabilities,
     NodeInfo,
@@ -61,6 +63,7 @@ from protocol.models import (
     Task,
     TaskFailure,
     UploadReceipt,
+    Wallet,
 )
 from renderers.exr import read_exr
 from renderers.preview import write_preview_png
@@ -225,6 +228,18 @@ def _router(services: Services) -> APIRouter:
         if who.role is not Role.ADMIN:
             raise ApiError("Only an admin can create accounts.", status=403)
         return farm.create_account(body.name, body.role)
+
+    @router.post("/accounts/{name}/grant", response_model=Wallet)
+    def grant(name: str, body: Grant, who: Who) -> Wallet:
+        return farm.grant_credits(who, name, body.amount)
+
+    @router.get("/wallet", response_model=Wallet)
+    def wallet(who: Who) -> Wallet:
+        return farm.wallet(who)
+
+    @router.get("/ledger/check", response_model=LedgerCheck)
+    def ledger_check(who: Who) -> LedgerCheck:
+        return farm.ledger_check(who)
 
     # LAN join: a node that knows the farm's secret gets a provider token
 

@@ -15,6 +15,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from coordinator import ledger
 from coordinator.db import Database
 from coordinator.events import EventBus
 from coordinator.farm import now_iso, plan_for
@@ -174,6 +175,7 @@ class Assembler:
                     " id = ? AND status IN ('queued', 'active', 'paused')",
                     (JobStatus.COMPLETED.value, now_iso(), job_id),
                 )
+                ledger.settle(conn, job_id)
         self.bus.publish(
             "frame",
             job_id=job_id,
@@ -195,4 +197,5 @@ class Assembler:
                     job_id,
                 ),
             )
+            ledger.settle(conn, job_id)
         self.bus.publish("job", job_id=job_id, status=JobStatus.FAILED.value)

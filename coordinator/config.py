@@ -20,6 +20,8 @@ class CoordinatorConfig:
     farm_name: str | None = None
     lan_secret: str | None = None
     version: str = "0.1.0"
+    #: The coordinator's share of every payment (goes to the ledger's `fee` account).
+    fee_rate: float = 0.05
 
     @property
     def db_path(self) -> Path:

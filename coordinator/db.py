@@ -105,6 +105,25 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE tasks ADD COLUMN leased_at REAL;
     """,
+    # 3: credits, a double-entry ledger in milli-credits (see ledger.py)
+    """
+    CREATE TABLE ledger_txns (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        job_id TEXT,
+        task_id TEXT,
+        memo TEXT NOT NULL DEFAULT '',
+        at TEXT NOT NULL
+    );
+    CREATE TABLE ledger_entries (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        txn TEXT NOT NULL REFERENCES ledger_txns(id),
+        account TEXT NOT NULL,
+        amount INTEGER NOT NULL
+    );
+    CREATE INDEX ledger_entries_by_account ON ledger_entries(account);
+    CREATE INDEX ledger_entries_by_txn ON ledger_entries(txn);
+    """,
 )
 
 

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 
 from common.errors import ApiError, ExrError
+from coordinator import ledger
 from coordinator.config import CoordinatorConfig
 from coordinator.db import Database
 from coordinator.events import EventBus
@@ -39,6 +40,8 @@ from protocol.models import (
     JobStatus,
     Lease,
     LeaseRequest,
+    LedgerCheck,
+    LedgerEntry,
     NodeCapabilities,
     NodeInfo,
     NodeRegistration,
@@ -50,6 +53,7 @@ from protocol.models import (
     TaskKind,
     TaskStatus,
     UploadReceipt,
+    Wallet,
 )
 from renderers.exr import read_exr
 from renderers.regions import ADAPTIVE_SAMPLING_MARGIN, RegionPlan, plan_grid
@@ -233,6 +237,7 @@ class Farm:
         job_id = uuid.uuid4().hex[:12]
         stamp = now_iso()
         rows = []
+        estimate = 0
         for frame in spec.frames.frames():
             for tile in plan.tiles:
                 assignment = RenderAssignment(
@@ -247,6 +252,9 @@ class Farm:
                     denoise_data=spec.wants_denoise and not plan.is_whole_frame,
                     denoise_in_render=spec.wants_denoise and plan.is_whole_frame,
                 )
+                estimate += ledger.cost_milli(
+                    render_units(spec, assignment.render_region), spec.max_price, round_up=True
+                )
                 rows.append(
                     (
                         f"{job_id}-f{frame}-t{tile.index}",
@@ -259,6 +267,16 @@ class Farm:
                         stamp,
                     )
                 )
+        if spec.wants_denoise and not plan.is_whole_frame:
+            per_frame = ledger.cost_milli(denoise_units(spec), spec.max_price, round_up=True)
+            estimate += per_frame * len(spec.frames.frames())
+        if spec.max_credits is not None and estimate > ledger.to_milli(spec.max_credits):
+            raise ApiError(
+                f"This job may cost up to {ledger.credits(estimate):g} credits, more than its"
+                f" max_credits of {spec.max_credits:g}.",
+                status=422,
+                hint="Raise --max-credits, lower --max-price, or render fewer samples/frames.",
+            )
         with self.db.transaction() as conn:
             conn.execute(
                 "INSERT INTO jobs (id, owner, name, status, priority, spec, bundle, created_at,"
@@ -284,6 +302,7 @@ class Farm:
                 "INSERT INTO frames (job_id, frame, status) VALUES (?,?,?)",
                 [(job_id, frame, "pending") for frame in spec.frames.frames()],
             )
+            ledger.escrow(conn, job_id, who.account, estimate)
         self.bus.publish("job", job_id=job_id, status=JobStatus.QUEUED.value)
         self.bus.work_changed()
         return self.job(who, job_id)
@@ -359,6 +378,7 @@ class Farm:
                 "UPDATE jobs SET status = ?, message = ?, updated_at = ? WHERE id = ?",
                 (JobStatus.CANCELED.value, "Canceled by its owner.", now_iso(), job_id),
             )
+            ledger.settle(conn, job_id)
         self.bus.publish("job", job_id=job_id, status=JobStatus.CANCELED.value)
         return self.job(who, job_id)
 
@@ -452,7 +472,7 @@ class Farm:
             best: tuple[Any, ...] | None = None
             for row in candidates:
                 spec = self._spec(row["job_id"], row["spec"])
-                if not _node_can_run(caps, spec):
+                if not _node_can_run(caps, spec) or caps.price > spec.max_price:
                     continue
                 locality = 2 if row["bundle"] in warm else 1 if row["bundle"] in cached else 0
                 # Higher priority first; then a bundle the node already has; then the owner
@@ -694,6 +714,7 @@ class Farm:
                     "UPDATE tasks SET status = ? WHERE job_id = ? AND status IN (?, ?)",
                     (TaskStatus.CANCELED.value, job_id, *LEASABLE),
                 )
+                ledger.settle(conn, job_id)
         self.bus.publish(
             "task", job_id=job_id, task_id=row["id"], frame=row["frame"], status=status.value
         )
@@ -771,6 +792,7 @@ class Farm:
                 " render_seconds = render_seconds + ? WHERE id = ?",
                 (seconds, row["node_id"]),
             )
+            self._pay_task(conn, row)
             if row["kind"] == TaskKind.RENDER.value:
                 remaining = conn.execute(
                     "SELECT COUNT(*) FROM tasks WHERE job_id = ? AND frame = ? AND kind = ? AND"
@@ -799,6 +821,69 @@ class Farm:
         return UploadReceipt(
             task_id=row["id"], sha256=sha256, accepted=True, frame_completed=frame_ready
         )
+
+    def _pay_task(self, conn: sqlite3.Connection, row: sqlite3.Row) -> None:
+        """Pay the node's owner for an accepted task, inside the accepting transaction."""
+        job = conn.execute("SELECT spec FROM jobs WHERE id = ?", (row["job_id"],)).fetchone()
+        node = conn.execute(
+            "SELECT owner, capabilities FROM nodes WHERE id = ?", (row["node_id"],)
+        ).fetchone()
+        if job is None or node is None:
+            return
+        spec = self._spec(row["job_id"], job["spec"])
+        caps = NodeCapabilities.model_validate_json(node["capabilities"])
+        price = min(caps.price, spec.max_price)
+        if price <= 0:
+            return
+        if row["kind"] == TaskKind.RENDER.value:
+            region = RenderAssignment.model_validate_json(row["assignment"]).render_region
+            units = render_units(spec, region)
+        else:
+            units = denoise_units(spec)
+        amount = ledger.cost_milli(units, price)
+        ledger.pay(conn, row["id"], row["job_id"], node["owner"], amount, self.config.fee_rate)
+
+    # --- credits ----------------------------------------------------------------------------
+
+    def grant_credits(self, who: Principal, name: str, amount: float) -> Wallet:
+        if who.role is not Role.ADMIN:
+            raise ApiError("Only an admin can grant credits.", status=403)
+        if self.db.query_one("SELECT 1 FROM accounts WHERE name = ?", (name,)) is None:
+            raise ApiError(
+                f"No account named '{name}'.", status=404, hint="Create the account first."
+            )
+        milli = ledger.to_milli(amount)
+        if milli <= 0:
+            raise ApiError("A grant must be at least 0.001 credits.", status=422)
+        with self.db.transaction() as conn:
+            ledger.grant(conn, name, milli, memo=f"granted by {who.account}")
+        return self.wallet(Principal(account=name, role=who.role))
+
+    def wallet(self, who: Principal) -> Wallet:
+        account = ledger.user(who.account)
+        return Wallet(
+            account=who.account,
+            balance=ledger.credits(ledger.balance(self.db, account)),
+            escrow=ledger.credits(ledger.escrow_held(self.db, who.account)),
+            history=[
+                LedgerEntry(
+                    txn=h.txn,
+                    kind=h.kind,
+                    amount=ledger.credits(h.amount),
+                    job_id=h.job_id,
+                    task_id=h.task_id,
+                    memo=h.memo,
+                    at=datetime.fromisoformat(h.at),
+                )
+                for h in ledger.history(self.db, account, 100)
+            ],
+        )
+
+    def ledger_check(self, who: Principal) -> LedgerCheck:
+        if who.role is not Role.ADMIN:
+            raise ApiError("Only an admin can check the ledger.", status=403)
+        problems = ledger.check(self.db)
+        return LedgerCheck(ok=not problems, problems=problems)
 
     def _check_result(self, row: sqlite3.Row, sha256: str) -> str | None:
         """Structure and values of an uploaded EXR against its task; None when fine."""
@@ -888,8 +973,15 @@ class Farm:
         if not rows:
             return "Waiting for a node: none is connected."
         caps = [NodeCapabilities.model_validate_json(r["capabilities"]) for r in rows]
-        if any(_node_can_run(c, spec) for c in caps):
+        able = [c for c in caps if _node_can_run(c, spec)]
+        if any(c.price <= spec.max_price for c in able):
             return ""
+        if able:
+            cheapest = min(c.price for c in able)
+            return (
+                f"Waiting for a node at {spec.max_price:g} credits per work unit or less: the"
+                f" cheapest connected node that can run this job asks {cheapest:g}."
+            )
         offered = sorted({d for c in caps for d in c.devices})
         return (
             f"No connected node can run this job: it needs {spec.device}"
@@ -913,6 +1005,18 @@ class Farm:
             tasks_failed=row["tasks_failed"],
             render_seconds=row["render_seconds"],
         )
+
+
+def render_units(spec: JobSpec, region: Region) -> float:
+    """Work units of a render task: region pixels x effective samples / 1e6."""
+    samples = spec.samples or spec.scene.samples
+    return (region.x1 - region.x0) * (region.y1 - region.y0) * samples / 1e6
+
+
+def denoise_units(spec: JobSpec) -> float:
+    """Work units of a denoise task: frame pixels / 1e6."""
+    width, height = spec.effective_size()
+    return width * height / 1e6
 
 
 def _rect(rect: Any) -> dict[str, int]:

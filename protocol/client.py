@@ -26,6 +26,7 @@ from protocol.models import (
     AccountCreate,
     AccountToken,
     Event,
+    Grant,
     Health,
     Heartbeat,
     HeartbeatReply,
@@ -36,6 +37,7 @@ from protocol.models import (
     JoinRequest,
     Lease,
     LeaseRequest,
+    LedgerCheck,
     Me,
     NodeCapabilities,
     NodeInfo,
@@ -43,6 +45,7 @@ from protocol.models import (
     Task,
     TaskFailure,
     UploadReceipt,
+    Wallet,
 )
 
 log = logging.getLogger(__name__)
@@ -166,6 +169,21 @@ class TesseraClient:
         nonce = self._json("GET", "/join/challenge", JoinChallenge).nonce
         request = JoinRequest(name=name, nonce=nonce, proof=join_proof(secret, nonce, name))
         return self._json("POST", "/join", AccountToken, idempotent=False, **self._body(request))
+
+    # --- credits ---------------------------------------------------------------------------
+
+    def grant(self, account: str, amount: float) -> Wallet:
+        """Give `amount` credits to `account` (admin only); the account's wallet after."""
+        body = Grant(amount=amount)
+        return self._json(
+            "POST", f"/accounts/{account}/grant", Wallet, idempotent=False, **self._body(body)
+        )
+
+    def wallet(self) -> Wallet:
+        return self._json("GET", "/wallet", Wallet)
+
+    def ledger_check(self) -> LedgerCheck:
+        return self._json("GET", "/ledger/check", LedgerCheck)
 
     # --- bundles -----------------------------------------------------------------------------
 

@@ -142,6 +142,10 @@ class JobSpec(Strict):
     priority: int = Field(default=50, ge=0, le=100)
     device: Literal["CPU", "GPU", "CUDA", "OPTIX", "HIP", "METAL", "ONEAPI", "ANY"] = "ANY"
     blender_version: str | None = Field(default=None, max_length=40)
+    max_price: float = Field(default=0, ge=0, description="credits per work unit, at most")
+    max_credits: float | None = Field(
+        default=None, ge=0, description="refuse the job if its estimated cost is higher"
+    )
 
     @field_validator("scene_path")
     @classmethod
@@ -315,6 +319,7 @@ class NodeCapabilities(Strict):
     engines: list[str] = Field(default_factory=lambda: ["CYCLES"])
     benchmark_score: float | None = None
     cpu_kernel: str = ""
+    price: float = Field(default=0, ge=0, description="credits per work unit")
 
 
 class NodeRegistration(Strict):
@@ -365,6 +370,32 @@ class JoinRequest(Strict):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")
     nonce: str = Field(min_length=16, max_length=100)
     proof: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Grant(Strict):
+    amount: float = Field(gt=0, description="credits")
+
+
+class LedgerEntry(Strict):
+    txn: str
+    kind: str
+    amount: float = Field(description="credits; negative when they left the account")
+    job_id: str | None = None
+    task_id: str | None = None
+    memo: str = ""
+    at: datetime
+
+
+class Wallet(Strict):
+    account: str
+    balance: float
+    escrow: float = Field(description="credits held for the account's unfinished jobs")
+    history: list[LedgerEntry] = Field(default_factory=list)
+
+
+class LedgerCheck(Strict):
+    ok: bool
+    problems: list[str] = Field(default_factory=list)
 
 
 class Me(Strict):

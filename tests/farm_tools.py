@@ -134,13 +134,16 @@ def serve_leases(
     *,
     until_idle: float = 3.0,
     name: str = "test-node",
+    price: float = 0.0,
 ) -> int:
     """A minimal node: lease, render with `worker`, upload; stop after `until_idle` seconds
     without work. Returns the number of tasks done. (The real node is farm_node.)"""
     from renderers.denoise import denoise_frame
     from renderers.exr import read_exr, write_exr
 
-    node = client.register_node(NodeCapabilities(name=name, blender_versions=["5.0.1"]))
+    node = client.register_node(
+        NodeCapabilities(name=name, blender_versions=["5.0.1"], price=price)
+    )
     done, idle_since = 0, time.monotonic()
     while time.monotonic() - idle_since < until_idle:
         lease = client.lease(node.node_id, LeaseRequest(wait=0.5))

@@ -405,3 +405,25 @@ def test_frame_folder_is_the_scene_file_name(demo_info: SceneInfo) -> None:
         }
     )
     assert frame_folder(Path("out"), job) == Path("out/010 intro")
+
+
+def test_wallet_grant_and_ledger_check(coordinator: RunningCoordinator, requester: str) -> None:
+    url, admin = coordinator.url, coordinator.admin_token
+    with coordinator.client(requester) as client:
+        name = client.me().account
+    granted = tessera("grant", name, "12.5", url=url, token=admin)
+    assert granted.returncode == 0, granted.stderr
+    assert f"Granted 12.5 credits to {name}; balance 12.5." in granted.stdout
+    wallet = tessera("wallet", "--json", url=url, token=requester)
+    assert wallet.returncode == 0, wallet.stderr
+    data = json.loads(wallet.stdout)
+    assert data["balance"] == 12.5 and data["escrow"] == 0
+    assert [entry["kind"] for entry in data["history"]] == ["grant"]
+    text = tessera("wallet", url=url, token=requester)
+    assert "12.5 credits" in text.stdout and "grant" in text.stdout
+    refused = tessera("grant", name, "5", url=url, token=requester)
+    assert refused.returncode != 0 and "Only an admin can grant credits" in refused.stderr
+    bad = tessera("grant", name, "-3", url=url, token=admin)
+    assert bad.returncode == 2 and "positive number" in bad.stderr
+    check = tessera("ledger", "check", url=url, token=admin)
+    assert check.returncode == 0 and "every invariant holds" in check.stdout, check.stderr

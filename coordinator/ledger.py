@@ -1,0 +1,282 @@
+"""Credits: a double-entry ledger in the coordinator's SQLite database.
+
+Amounts are integers in milli-credits (1 credit = 1000), so sums never drift. Accounts
+are strings: `user:<name>`, `escrow:<job_id>`, `fee` (the coordinator's cut) and
+`issuance`, the only account that may go negative: admin grants come from it, so the
+total of all balances is always zero. Every transaction's entries sum to zero.
+
+The moving functions (`grant`, `escrow`, `pay`, `refund`) take an open connection inside
+the caller's transaction, so a ledger move commits together with the state change it pays
+for. `pay` and `refund` use deterministic transaction ids (`pay:<task_id>`,
+`refund:<job_id>`), so a task is paid at most once and a job refunded at most once.
+`check` proves the invariants.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from common.errors import ApiError
+from coordinator.db import Database
+
+MILLI = 1000
+ISSUANCE = "issuance"
+FEE = "fee"
+FINISHED_JOB_STATUSES = ("completed", "failed", "canceled")
+
+
+def user(name: str) -> str:
+    return f"user:{name}"
+
+
+def escrow_account(job_id: str) -> str:
+    return f"escrow:{job_id}"
+
+
+def to_milli(credits: float) -> int:
+    """Credits to milli-credits, rounded to the nearest milli-credit."""
+    return round(credits * MILLI)
+
+
+def credits(milli: int) -> float:
+    return milli / MILLI
+
+
+def cost_milli(units: float, price: float, *, round_up: bool = False) -> int:
+    """What `units` work units cost at `price` credits each, in milli-credits.
+
+    Estimates round up and payments round down, so the payments of a job never exceed
+    its escrow.
+    """
+    exact = units * price * MILLI
+    return math.ceil(exact - 1e-9) if round_up else math.floor(exact + 1e-9)
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    txn: str
+    kind: str
+    amount: int
+    job_id: str | None
+    task_id: str | None
+    memo: str
+    at: str
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _post(
+    conn: sqlite3.Connection,
+    txn_id: str,
+    kind: str,
+    entries: list[tuple[str, int]],
+    *,
+    job_id: str | None = None,
+    task_id: str | None = None,
+    memo: str = "",
+) -> bool:
+    """Record one balanced transaction; False (and nothing written) if the id exists."""
+    if sum(amount for _, amount in entries) != 0:
+        raise ValueError(f"unbalanced transaction {txn_id}: {entries}")
+    inserted = conn.execute(
+        "INSERT OR IGNORE INTO ledger_txns (id, kind, job_id, task_id, memo, at)"
+        " VALUES (?,?,?,?,?,?)",
+        (txn_id, kind, job_id, task_id, memo, _now()),
+    ).rowcount
+    if not inserted:
+        return False
+    conn.executemany(
+        "INSERT INTO ledger_entries (txn, account, amount) VALUES (?,?,?)",
+        [(txn_id, account, amount) for account, amount in entries if amount != 0],
+    )
+    return True
+
+
+def _balance(conn: sqlite3.Connection, account: str) -> int:
+    row = conn.execute(
+        "SELECT COALESCE(SUM(amount), 0) FROM ledger_entries WHERE account = ?", (account,)
+    ).fetchone()
+    return int(row[0])
+
+
+def grant(conn: sqlite3.Connection, account_name: str, amount: int, memo: str = "") -> str:
+    """Issue `amount` milli-credits to the user `account_name`; returns the txn id."""
+    if amount <= 0:
+        raise ApiError("A grant must be a positive amount.", status=422)
+    txn_id = f"grant:{uuid.uuid4().hex[:16]}"
+    _post(
+        conn,
+        txn_id,
+        "grant",
+        [(ISSUANCE, -amount), (user(account_name), amount)],
+        memo=memo or f"grant to {account_name}",
+    )
+    return txn_id
+
+
+def escrow(conn: sqlite3.Connection, job_id: str, owner: str, amount: int) -> None:
+    """Hold `amount` from the owner for the job; 402 if the owner cannot afford it."""
+    if amount <= 0:
+        return
+    have = _balance(conn, user(owner))
+    if have < amount:
+        raise ApiError(
+            f"This job may cost up to {credits(amount):g} credits; your balance is "
+            f"{credits(have):g}.",
+            status=402,
+            hint="Ask an admin for credits (`tessera grant`), lower --max-price, or render less.",
+        )
+    _post(
+        conn,
+        f"escrow:{job_id}",
+        "escrow",
+        [(user(owner), -amount), (escrow_account(job_id), amount)],
+        job_id=job_id,
+        memo=f"escrow for job {job_id}",
+    )
+
+
+def pay(
+    conn: sqlite3.Connection,
+    task_id: str,
+    job_id: str,
+    provider_owner: str,
+    amount: int,
+    fee_rate: float,
+) -> bool:
+    """Pay a task's provider from the job's escrow, less the fee; at most once per task.
+
+    The payment is capped at what is left in escrow. Returns False when nothing was
+    written (already paid, or nothing to pay).
+    """
+    held = _balance(conn, escrow_account(job_id))
+    amount = min(amount, held)
+    if amount <= 0:
+        return False
+    fee = math.floor(amount * fee_rate + 1e-9)
+    return _post(
+        conn,
+        f"pay:{task_id}",
+        "pay",
+        [(escrow_account(job_id), -amount), (user(provider_owner), amount - fee), (FEE, fee)],
+        job_id=job_id,
+        task_id=task_id,
+        memo=f"task {task_id}",
+    )
+
+
+def refund(conn: sqlite3.Connection, job_id: str, owner: str) -> int:
+    """Return what is left in the job's escrow to its owner, once; the amount refunded."""
+    held = _balance(conn, escrow_account(job_id))
+    if held <= 0:
+        return 0
+    done = _post(
+        conn,
+        f"refund:{job_id}",
+        "refund",
+        [(escrow_account(job_id), -held), (user(owner), held)],
+        job_id=job_id,
+        memo=f"leftover of job {job_id}",
+    )
+    return held if done else 0
+
+
+def balance(db: Database, account: str) -> int:
+    with db.lock:
+        return _balance(db.conn, account)
+
+
+def escrow_held(db: Database, owner: str) -> int:
+    """Escrow still held for the owner's unfinished jobs, in milli-credits."""
+    row = db.fetch_one(
+        "SELECT COALESCE(SUM(e.amount), 0) AS held FROM ledger_entries e JOIN jobs j ON"
+        " e.account = 'escrow:' || j.id WHERE j.owner = ?",
+        (owner,),
+    )
+    return int(row["held"])
+
+
+def history(db: Database, account: str, limit: int = 100) -> list[HistoryEntry]:
+    """The account's latest entries, newest first."""
+    rows = db.query(
+        "SELECT t.id, t.kind, e.amount, t.job_id, t.task_id, t.memo, t.at FROM ledger_entries e"
+        " JOIN ledger_txns t ON t.id = e.txn WHERE e.account = ? ORDER BY e.id DESC LIMIT ?",
+        (account, limit),
+    )
+    return [
+        HistoryEntry(
+            txn=r["id"],
+            kind=r["kind"],
+            amount=int(r["amount"]),
+            job_id=r["job_id"],
+            task_id=r["task_id"],
+            memo=r["memo"],
+            at=r["at"],
+        )
+        for r in rows
+    ]
+
+
+def check(db: Database) -> list[str]:
+    """Every broken invariant of the ledger, as sentences; empty when all hold."""
+    problems: list[str] = []
+    with db.lock:
+        for row in db.query(
+            "SELECT t.id, COALESCE(SUM(e.amount), 0) AS total FROM ledger_txns t"
+            " LEFT JOIN ledger_entries e ON e.txn = t.id GROUP BY t.id HAVING total != 0"
+        ):
+            problems.append(f"transaction {row['id']} is unbalanced by {row['total']} milli")
+        for row in db.query(
+            "SELECT e.txn FROM ledger_entries e LEFT JOIN ledger_txns t ON t.id = e.txn"
+            " WHERE t.id IS NULL GROUP BY e.txn"
+        ):
+            problems.append(f"entries refer to a missing transaction {row['txn']}")
+        balances = {
+            r["account"]: int(r["total"])
+            for r in db.query(
+                "SELECT account, SUM(amount) AS total FROM ledger_entries GROUP BY account"
+            )
+        }
+        for account, amount in sorted(balances.items()):
+            if account != ISSUANCE and amount < 0:
+                problems.append(f"account {account} is negative: {amount} milli")
+        others = sum(amount for account, amount in balances.items() if account != ISSUANCE)
+        if balances.get(ISSUANCE, 0) != -others:
+            problems.append(
+                f"issuance is {balances.get(ISSUANCE, 0)} milli but the other accounts hold"
+                f" {others} milli"
+            )
+        for row in db.query(
+            "SELECT t.task_id, k.status FROM ledger_txns t LEFT JOIN tasks k ON k.id = t.task_id"
+            " WHERE t.kind = 'pay' AND (k.status IS NULL OR k.status != 'completed')"
+        ):
+            problems.append(f"task {row['task_id']} was paid but is {row['status'] or 'missing'}")
+        for row in db.query(
+            "SELECT task_id, COUNT(*) AS n FROM ledger_txns WHERE kind = 'pay'"
+            " GROUP BY task_id HAVING n > 1"
+        ):
+            problems.append(f"task {row['task_id']} was paid {row['n']} times")
+        for row in db.query(
+            "SELECT j.id, j.status, SUM(e.amount) AS held FROM jobs j JOIN ledger_entries e"
+            " ON e.account = 'escrow:' || j.id WHERE j.status IN (?, ?, ?) GROUP BY j.id"
+            " HAVING held != 0",
+            FINISHED_JOB_STATUSES,
+        ):
+            problems.append(
+                f"job {row['id']} is {row['status']} but {row['held']} milli are still in escrow"
+            )
+    return problems
+
+
+def settle(conn: sqlite3.Connection, job_id: str) -> int:
+    """Refund a finished job's leftover escrow to its owner (looked up); the amount."""
+    row = conn.execute("SELECT owner FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        return 0
+    return refund(conn, job_id, row["owner"])
