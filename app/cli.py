@@ -169,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     node.add_argument("--threads", type=int, default=None, help="render threads (0 = all)")
     node.add_argument(
+        "--price",
+        type=float,
+        default=0.0,
+        metavar="CREDITS",
+        help="credits asked per work unit (pixels x samples / 1e6; default 0)",
+    )
+    node.add_argument(
         "--cpus",
         default=None,
         metavar="LIST",
@@ -524,6 +531,7 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
         device=args.device or settings.device,
         threads=threads,
         extra_env=cpu_pinning_env(cpus) if cpus else {},
+        price=args.price,
         data_dir=args.data or settings.home / "node",
         cache_max_bytes=int(args.cache_gb * 2**30),
         blender_executables=[args.blender] if args.blender else list(settings.blender),

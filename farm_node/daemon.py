@@ -137,6 +137,8 @@ class NodeConfig:
     blender_executables: list[Path] = field(default_factory=list)
     use_bpy: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: Credits asked per work unit (pixels x samples / 1e6); jobs offering less skip us.
+    price: float = 0.0
     benchmark: bool = True
     max_warm_workers: int = DEFAULT_MAX_WARM
     retry_initial: float = 1.0
@@ -170,6 +172,8 @@ class NodeConfig:
             problems.append(f"coordinator URL {url!r} is not http(s)://...")
         if not self.name.strip() or len(self.name) > 100:
             problems.append("the node name must be 1 to 100 characters")
+        if self.price < 0:
+            problems.append(f"--price must be 0 or more, not {self.price}")
         if self.threads < 0:
             problems.append(f"threads must be 0 (all cores) or more, not {self.threads}")
         if self.cache_max_bytes < 0:
@@ -401,7 +405,7 @@ class NodeDaemon:
             allowed = set(GPU_PREFERENCE) if wanted == "GPU" else {chosen}
             devices = [device for device in available if device.type in allowed]
         score = self._benchmark(resolve_device(wanted, devices) if devices else "CPU")
-        return probe_capabilities(
+        capabilities = probe_capabilities(
             self.config.name,
             self.runner.build,
             devices,
@@ -410,6 +414,7 @@ class NodeDaemon:
             threads=self.config.threads,
             benchmark_score=score,
         )
+        return capabilities.model_copy(update={"price": self.config.price})
 
     def pending(self) -> list[PendingResult]:
         """Finished results not delivered yet, oldest first."""

@@ -131,3 +131,21 @@ def test_devices_json_lists_cpu_and_the_bpy_build() -> None:
     report = json.loads(done.stdout)
     assert report["builds"][0]["version"] == "5.0.1"
     assert report["devices"][0]["type"] == "CPU"
+
+
+def test_node_refuses_a_negative_price(tmp_path: Path) -> None:
+    done = tessera(
+        "node",
+        "--coordinator",
+        "http://127.0.0.1:9",
+        "--token",
+        "t",
+        "--price",
+        "-1",
+        "--no-benchmark",
+        "--data",
+        tmp_path / "node",
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "--price must be 0 or more" in done.stderr
