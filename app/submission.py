@@ -4,8 +4,9 @@
 Three steps, each callable alone and reporting through callbacks (nothing here prints):
 
 1. `prepare_submission` inspects the scene in Blender (a scene that cannot render fails
-   here, before anything is packed or uploaded), checks the job spec against it, then
-   packs the scene into a bundle (`app.packing`).
+   here, before anything is packed or uploaded), checks the job spec against it, probes
+   the scene (its cost relative to the benchmark scene and tiny previews of its frames,
+   `renderers.scene_probe`), then packs the scene into a bundle (`app.packing`).
 2. `submit` uploads the bundle (skipped when the coordinator already has its hash) and
    submits the job.
 3. `follow_job` follows the job's live event stream (SSE), downloads every finished
@@ -41,12 +42,14 @@ from protocol.client import TesseraClient
 from protocol.models import (
     FINISHED_JOB_STATES,
     Event,
+    FramePreview,
     FrameRange,
     Job,
     JobSpec,
     SceneSummary,
 )
 from renderers.scene_info import SceneInfo, inspect_scene
+from renderers.scene_probe import PreviewImage, SceneProbe, probe_scene
 from renderers.worker import RenderWorker
 
 log = logging.getLogger(__name__)
@@ -80,6 +83,8 @@ class Prepared:
     missing: tuple[Path, ...]
     #: Everything worth telling the user before submitting (missing files included).
     warnings: tuple[str, ...]
+    #: The submit-time probe (None when `probe=False`); its cost and previews are in `spec`.
+    probe: SceneProbe | None = None
 
 
 def prepare_submission(
@@ -98,13 +103,20 @@ def prepare_submission(
     on_pack: Callable[[PackProgress], None] | None = None,
     max_price: float = 0.0,
     max_credits: float | None = None,
+    probe: bool = True,
+    benchmark_scene: Path | None = None,
 ) -> Prepared:
-    """Inspect `scene`, check the job it makes, and pack it into `bundle_dir/<sha>.zip`.
+    """Inspect `scene`, check the job it makes, probe it, and pack it into
+    `bundle_dir/<sha>.zip`.
 
     `frames` is "N", "A-B" or "A-BxSTEP" (default: the scene's own range); `None` for
-    samples, percentage and denoise keeps the scene's settings. Raises a `SceneError`
-    for a scene that cannot render, `UsageError` for options that do not fit it, and
-    `BundleError` when packing fails; nothing is uploaded here.
+    samples, percentage and denoise keeps the scene's settings. The probe (skipped with
+    `probe=False`, leaving the spec's defaults: cost 1.0, no previews) renders with the
+    same worker and sets the spec's `scene_cost` and `previews`; `benchmark_scene` is
+    the scene it compares against (default: the demo scene). Raises a `SceneError` for a
+    scene that cannot render, `UsageError` for options that do not fit it, the worker's
+    errors when a probe render fails, and `BundleError` when packing fails; nothing is
+    uploaded here.
     """
     info = inspect_scene(worker, scene)
     frame_range = _frame_range(frames, info)
@@ -120,15 +132,34 @@ def prepare_submission(
         "max_price": max_price,
         "max_credits": max_credits,
     }
-    # Check the spec before packing: a bad option fails in a second, not after a pack.
+    # Check the spec before probing and packing: a bad option fails in a second.
     _job_spec(info, _NO_BUNDLE, "scene.blend", options)
+    measured: SceneProbe | None = None
+    if probe:
+        measured = probe_scene(
+            worker,
+            info.path,
+            frame_range.frames(),
+            samples=samples,
+            info=info,
+            benchmark_scene=benchmark_scene,
+        )
+        options["scene_cost"] = round(measured.cost, 4)
+        options["previews"] = [frame_preview(image) for image in measured.previews]
     bundle = pack_scene(scene, bundle_dir, on_progress=on_pack)
     spec = _job_spec(info, bundle.sha256, bundle.scene_path, options)
     missing = _merge_missing(info.missing_files, bundle.missing)
     warnings = [w for w in info.warnings if not w.startswith("Missing file: ")]
     warnings.extend(w for w in bundle.warnings if not w.startswith("Missing file: "))
     warnings.extend(f"Missing file: {path}" for path in missing)
-    return Prepared(info, bundle, spec, missing, tuple(warnings))
+    return Prepared(info, bundle, spec, missing, tuple(warnings), measured)
+
+
+def frame_preview(image: PreviewImage) -> FramePreview:
+    """A probe's preview as the job spec carries it."""
+    return FramePreview(
+        frame=image.frame, width=image.width, height=image.height, luminance=image.luminance
+    )
 
 
 def _frame_range(frames: str | None, info: SceneInfo) -> FrameRange:

@@ -47,7 +47,11 @@ class TaskStatus(StrEnum):
     QUEUED = "queued"
     ACTIVE = "active"
     SOFT_FAILED = "soft-failed"
+    #: Uploaded and structurally sound; waiting for a duplicate sample to agree.
+    CHECKING = "checking"
     COMPLETED = "completed"
+    #: A verify task whose window lost arbitration (its provider is not paid).
+    REJECTED = "rejected"
     FAILED = "failed"
     CANCELED = "canceled"
     PAUSED = "paused"
@@ -56,6 +60,8 @@ class TaskStatus(StrEnum):
 class TaskKind(StrEnum):
     RENDER = "render"
     DENOISE = "denoise"
+    #: A small window of another provider's tile, rendered again to check it.
+    VERIFY = "verify"
 
 
 class Role(StrEnum):
@@ -123,6 +129,31 @@ class TileGrid(Strict):
     rows: int = Field(default=1, ge=1, le=MAX_TILES_PER_AXIS)
 
 
+MAX_PREVIEW_PIXELS = 64 * 64
+MAX_PREVIEW_FRAMES = 8
+
+
+class FramePreview(Strict):
+    """A tiny render of one frame made at submit time (linear luminance, row 0 at the top).
+
+    The coordinator uses it to refuse a black or flat tile where the scene is not.
+    """
+
+    frame: int
+    width: int = Field(ge=1, le=64)
+    height: int = Field(ge=1, le=64)
+    luminance: list[float] = Field(max_length=MAX_PREVIEW_PIXELS)
+
+    @model_validator(mode="after")
+    def _sized(self) -> FramePreview:
+        if len(self.luminance) != self.width * self.height:
+            raise ValueError(
+                f"a {self.width}x{self.height} preview needs {self.width * self.height}"
+                f" luminance values, not {len(self.luminance)}"
+            )
+        return self
+
+
 class JobSpec(Strict):
     """What a requester submits. The bundle must already be uploaded."""
 
@@ -146,6 +177,14 @@ class JobSpec(Strict):
     max_credits: float | None = Field(
         default=None, ge=0, description="refuse the job if its estimated cost is higher"
     )
+    scene_cost: float = Field(
+        default=1.0,
+        ge=0.01,
+        le=1000.0,
+        description="render time per pixel-sample relative to the benchmark scene, measured"
+        " at submit; work units are pixels x samples / 1e6 x scene_cost",
+    )
+    previews: list[FramePreview] = Field(default_factory=list, max_length=MAX_PREVIEW_FRAMES)
 
     @field_validator("scene_path")
     @classmethod
@@ -338,6 +377,12 @@ class NodeInfo(Strict):
     tasks_completed: int = 0
     tasks_failed: int = 0
     render_seconds: float = 0.0
+    earned: float = Field(default=0.0, description="credits paid for this node's tasks")
+    #: The owning provider account's standing (shared by all its nodes).
+    reputation: float = Field(default=1.0, ge=0.0, le=1.0)
+    verified: int = Field(default=0, description="duplicate samples that agreed")
+    rejected: int = Field(default=0, description="results refused by checks or samples")
+    suspended: str | None = Field(default=None, description="why the provider is suspended")
 
 
 class LeaseRequest(Strict):

@@ -3,7 +3,8 @@
 An `ExrImage` is a list of parts ("ViewLayer.Combined", "ViewLayer.Denoising Depth", ...)
 whose channels carry their full Blender names ("ViewLayer.Combined.R"). Blender 5 writes
 one part per pass; older files put every channel in one part, which `read_exr` groups
-back into passes, so callers see the same shape either way.
+back into passes, so callers see the same shape either way. `read_exr` also reports the
+codec the file was stored with (`ExrImage.compression`), so a reader can refuse a lossy one.
 
 This module only moves pixels between files and numpy arrays, losslessly: it never
 writes lossy codecs, never changes a pixel's value or type, and writes atomically so a
@@ -96,6 +97,11 @@ class ExrImage:
     width: int
     height: int
     parts: list[ExrPart]
+    #: The codec the file was stored with, lower-case as OpenEXR names it without
+    #: "_COMPRESSION" ("zip", "piz", "dwaa", "none", ...): for a multi-part file whose
+    #: parts differ, the first one that is not in `LOSSLESS_COMPRESSIONS`. "" for an
+    #: image made in memory (its codec is chosen when it is written).
+    compression: str = ""
 
     def part(self, name: str) -> ExrPart:
         """The part called `name`; ExrError naming the available parts otherwise."""
@@ -218,6 +224,7 @@ def read_exr(path: Path) -> ExrImage:
             hint="Render or download the file again.",
         )
     width, height = _data_window_size(path, decoded.parts[0].header)
+    compression = _stored_compression([part.header for part in expected.parts])
     parts: list[ExrPart] = []
     for exr_part in decoded.parts:
         if _data_window_size(path, exr_part.header) != (width, height):
@@ -237,7 +244,7 @@ def read_exr(path: Path) -> ExrImage:
         parts.append(ExrPart(exr_part.name() or "", channels, attributes))
     if len(parts) == 1:
         parts = _group_by_pass(parts[0])
-    return ExrImage(width, height, parts)
+    return ExrImage(width, height, parts, compression)
 
 
 def write_exr(path: Path, image: ExrImage, *, compression: str = "zip") -> None:
@@ -308,7 +315,7 @@ def crop(image: ExrImage, rect: PixelRect) -> ExrImage:
         )
         for part in image.parts
     ]
-    return ExrImage(rect.width, rect.height, parts)
+    return ExrImage(rect.width, rect.height, parts, image.compression)
 
 
 def same_pixels(a: ExrImage, b: ExrImage, channels: Iterable[str] | None = None) -> bool:
@@ -376,6 +383,19 @@ def _data_window_size(path: Path, header: Mapping[str, Any]) -> tuple[int, int]:
     except (KeyError, TypeError, ValueError) as error:
         raise ExrError(f"{path} has no usable data window in its header.") from error
     return int(x1) - int(x0) + 1, int(y1) - int(y0) + 1
+
+
+def compression_name(codec: Any) -> str:
+    """OpenEXR's codec as Tessera names it: Compression.DWAA_COMPRESSION -> "dwaa"."""
+    name = str(getattr(codec, "name", codec))
+    name = name.rsplit(".", 1)[-1].upper().removesuffix("_COMPRESSION")
+    return "none" if name == "NO" else name.lower()
+
+
+def _stored_compression(headers: Iterable[Mapping[str, Any]]) -> str:
+    names = [compression_name(header.get("compression", "unknown")) for header in headers]
+    unusual = [name for name in names if name not in LOSSLESS_COMPRESSIONS]
+    return (unusual or names or [""])[0]
 
 
 def _carried_attributes(header: Mapping[str, Any]) -> dict[str, str]:

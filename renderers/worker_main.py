@@ -350,9 +350,10 @@ def _apply_render_settings(scene: Any, request: dict[str, Any], originals: dict[
     # only a whole frame may denoise in-render. Compositing/sequencing would act on a
     # tile as if it were the whole frame.
     desired["cycles:use_denoising"] = bool(request.get("denoise"))
-    if request.get("denoise_data"):
-        for index in range(len(scene.view_layers)):
-            desired[f"layer{index}:denoising_store_passes"] = True
+    # Set both ways: a scene saved with Denoising Data on must not add passes the task
+    # did not ask for (the coordinator refuses results with unexpected passes).
+    for index in range(len(scene.view_layers)):
+        desired[f"layer{index}:denoising_store_passes"] = bool(request.get("denoise_data"))
     desired["render:use_compositing"] = False
     desired["render:use_sequencer"] = False
     desired["render:use_persistent_data"] = True
@@ -362,7 +363,10 @@ def _apply_render_settings(scene: Any, request: dict[str, Any], originals: dict[
         desired["render:threads"] = threads
     desired["render:filepath"] = request["output"]
     desired["render:use_file_extension"] = False
-    _set_changed(scene, desired)
+    if any(key.startswith("cycles:") for key in _set_changed(scene, desired)):
+        # Measured: a changed sample count alone is not picked up by the next render of
+        # a warm scene (it renders with the old count) unless the scene is tagged.
+        scene.update_tag()
     settings = scene.render.image_settings
     # media_type must precede file_format (the other order raises TypeError).
     for attr, value in (
@@ -378,12 +382,16 @@ def _apply_render_settings(scene: Any, request: dict[str, Any], originals: dict[
         scene.frame_set(frame)
 
 
-def _set_changed(scene: Any, values: dict[str, Any]) -> None:
+def _set_changed(scene: Any, values: dict[str, Any]) -> list[str]:
+    """Write the values that differ; the keys written."""
+    changed = []
     for key, value in values.items():
         owner_name, attr = key.split(":", 1)
         owner = _settings_owner(scene, owner_name)
         if getattr(owner, attr) != value:
             setattr(owner, attr, value)
+            changed.append(key)
+    return changed
 
 
 def _render_size(scene: Any) -> tuple[int, int]:
