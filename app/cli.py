@@ -16,10 +16,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from app.arg_types import count, fraction, positive_int
 from app.blender_choice import add_blender_option, choose_build
 from app.farm_commands import add_farm_commands, add_json_option
 from common.errors import CoordinatorUnreachableError, TesseraError, UsageError
 from common.settings import Settings, load_settings
+from coordinator.verification import VerificationPolicy
 from protocol.client import TesseraClient
 from protocol.discovery import (
     COORDINATOR_TYPE,
@@ -36,6 +38,8 @@ from renderers.scene_info import SceneInfo, inspect_scene
 from renderers.worker import Progress, RenderWorker, cpu_pinning_env, parse_cpu_list
 
 Handler = Callable[[argparse.Namespace, Settings], int]
+
+_DEFAULT_POLICY = VerificationPolicy()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -136,6 +140,36 @@ def build_parser() -> argparse.ArgumentParser:
     coordinator.add_argument("--tls-cert", type=Path, default=None, help="TLS certificate (PEM)")
     coordinator.add_argument("--tls-key", type=Path, default=None, help="TLS private key (PEM)")
     coordinator.add_argument("--farm", default=None, help="farm name (shown to nodes)")
+    coordinator.add_argument(
+        "--no-verification",
+        action="store_true",
+        help="accept tiles without duplicate samples (a farm whose providers all trust "
+        "each other, e.g. one studio's machines)",
+    )
+    coordinator.add_argument(
+        "--probation",
+        type=count,
+        default=_DEFAULT_POLICY.probation,
+        metavar="N",
+        help="sample every tile of a provider until N of its tiles were confirmed "
+        f"(default {_DEFAULT_POLICY.probation})",
+    )
+    coordinator.add_argument(
+        "--min-sample-rate",
+        type=fraction,
+        default=_DEFAULT_POLICY.min_rate,
+        metavar="RATE",
+        help="the lowest share of a trusted provider's tiles still sampled "
+        f"(0..1, default {_DEFAULT_POLICY.min_rate})",
+    )
+    coordinator.add_argument(
+        "--suspend-after",
+        type=positive_int,
+        default=_DEFAULT_POLICY.suspend_after,
+        metavar="N",
+        help="suspend a provider after N rejected results "
+        f"(default {_DEFAULT_POLICY.suspend_after})",
+    )
     _add_lan_options(
         coordinator,
         "advertise this coordinator on the LAN (zeroconf) and let "
@@ -194,6 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     node.add_argument(
         "--no-benchmark", action="store_true", help="skip the start-up benchmark render"
+    )
+    node.add_argument(
+        "--cheat",
+        type=_cheat,
+        default=None,
+        metavar="MODE",
+        help="fake renders on purpose, to demonstrate the farm's verification (never for real "
+        "work): samples (a quarter of the samples), copy (another tile's pixels), noise, "
+        "black, or sometimes (honest but 10%% of tasks faked)",
     )
     add_blender_option(node)
     node.set_defaults(handler=cmd_node)
@@ -269,6 +312,16 @@ def _grid(text: str) -> tuple[int, int]:
     try:
         return parse_grid(text)
     except TesseraError as error:  # argparse only turns ArgumentTypeError into a usage message
+        hint = f" ({error.hint})" if error.hint else ""
+        raise argparse.ArgumentTypeError(f"{error.message}{hint}") from error
+
+
+def _cheat(text: str) -> str:
+    from farm_node.cheats import parse_cheat
+
+    try:
+        return parse_cheat(text).value
+    except TesseraError as error:
         hint = f" ({error.hint})" if error.hint else ""
         raise argparse.ArgumentTypeError(f"{error.message}{hint}") from error
 
@@ -461,6 +514,12 @@ def cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
         heartbeat_interval=args.heartbeat_interval,
         farm_name=farm,
         lan_secret=secret,
+        verification=VerificationPolicy(
+            enabled=not args.no_verification,
+            probation=args.probation,
+            min_rate=args.min_sample_rate,
+            suspend_after=args.suspend_after,
+        ),
     )
     advertisements: list[Advertisement] = []
 
@@ -537,6 +596,7 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
         blender_executables=[args.blender] if args.blender else list(settings.blender),
         use_bpy=settings.use_bpy and args.blender is None,
         benchmark=not args.no_benchmark,
+        cheat=args.cheat,
     )
     if args.lan:
         properties = {

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from pydantic import ValidationError
 
+from app.arg_types import count, positive_int
 from app.blender_choice import add_blender_option, choose_build
 from common.errors import TesseraError, UsageError
 from common.settings import Settings
@@ -116,7 +117,9 @@ def add_farm_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "nodes",
         help="list the farm's render nodes",
         description="List the render nodes the coordinator knows: status, devices, "
-        "Blender versions, current task, tasks done and failed.",
+        "Blender versions, current task, tasks done, failed and rejected by verification, "
+        "price, the provider's reputation, credits earned, and SUSPENDED with the reason "
+        "when the coordinator suspended the provider.",
     )
     nodes.add_argument(
         "--lan",
@@ -172,6 +175,18 @@ def _add_credit_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     add_json_option(ledger)
     _add_connection_options(ledger)
     ledger.set_defaults(handler=cmd_ledger)
+
+    provider = sub.add_parser(
+        "provider",
+        help="manage a provider account (admin): lift a suspension",
+        description="`tessera provider reinstate ACCOUNT` lets a provider suspended for "
+        "failed checks or duplicate samples lease work again (`tessera nodes` shows why it "
+        "was suspended). Its next rejected result suspends it again.",
+    )
+    provider.add_argument("action", choices=("reinstate",), help="what to do (reinstate)")
+    provider.add_argument("account", metavar="ACCOUNT", help="the provider account")
+    _add_connection_options(provider)
+    provider.set_defaults(handler=cmd_provider)
 
 
 def _add_submit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -235,11 +250,11 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
         help="split each frame into C columns x R rows of tiles (default 1x1)",
     )
     parser.add_argument(
-        "--samples", type=_positive, default=None, help="override the scene's samples"
+        "--samples", type=positive_int, default=None, help="override the scene's samples"
     )
     parser.add_argument(
         "--percentage",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="override the scene's resolution percentage",
     )
@@ -265,11 +280,13 @@ def _add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="render a scene on a farm started just for it on this machine",
         description="Start a coordinator and N node processes on 127.0.0.1, submit the "
         "scene to them, download the frames to DIR/<scene>/frame_####.exr (+ .png) as they "
-        "finish, and stop the farm. With --json, print a summary: frames written, tasks, "
-        "per-node task counts and render seconds, wall time.",
+        "finish, and stop the farm. Prints each provider's accepted and rejected results, "
+        "credits and reputation, and whether the credit ledger checks out. With --json, a "
+        "summary: frames written, tasks, per-node task counts and render seconds, the "
+        "providers, the ledger check, wall time.",
     )
     render.add_argument("scene", type=Path, help="the .blend file")
-    render.add_argument("--nodes", type=_positive, default=2, help="node processes (default 2)")
+    render.add_argument("--nodes", type=positive_int, default=2, help="node processes (default 2)")
     render.add_argument(
         "--threads-per-node",
         type=int,
@@ -277,6 +294,7 @@ def _add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         metavar="N",
         help="render threads of each node (default: the cores shared out)",
     )
+    _add_cheaters_option(render)
     _add_job_options(render)
     render.add_argument(
         "--out",
@@ -288,6 +306,18 @@ def _add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     add_json_option(render)
     add_blender_option(render)
     render.set_defaults(handler=cmd_render, wait=True, coordinator=None, token=None)
+
+
+def _add_cheaters_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cheaters",
+        type=count,
+        default=0,
+        metavar="K",
+        help="add K nodes that cheat on purpose, to demonstrate verification (default 0); "
+        "they take the modes samples, copy, noise, black, sometimes in turn "
+        "(see `tessera node --cheat`)",
+    )
 
 
 def add_json_option(parser: argparse.ArgumentParser) -> None:
@@ -328,16 +358,6 @@ def _grid(text: str) -> tuple[int, int]:
     except TesseraError as error:  # argparse only turns ArgumentTypeError into a usage message
         hint = f" ({error.hint})" if error.hint else ""
         raise argparse.ArgumentTypeError(f"{error.message}{hint}") from error
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not positive")
-    return value
 
 
 def _credits(text: str) -> float:
@@ -421,13 +441,21 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
     """Submit to a coordinator and nodes started on this machine for this one job."""
     from app.local_farm import LocalFarm
     from app.submission import follow_job
+    from farm_node.cheats import cheat_modes
 
     started = time.monotonic()
     status = _Status(sys.stderr, enabled=not args.json)
+    cheats = [mode.value for mode in cheat_modes(getattr(args, "cheaters", 0))]
+    if cheats and args.nodes + len(cheats) < 3:
+        status.warn(
+            f"{args.nodes + len(cheats)} providers in all: a disagreement between two of "
+            "them has no third provider to settle it (raise --nodes)"
+        )
     with tempfile.TemporaryDirectory(prefix="tessera-farm-") as folder:
-        status.line(f"Starting a local farm: a coordinator and {args.nodes} node(s)...")
+        cheating = f" and {len(cheats)} cheating node(s)" if cheats else ""
+        status.line(f"Starting a local farm: a coordinator and {args.nodes} node(s){cheating}...")
         with LocalFarm(
-            Path(folder), nodes=args.nodes, threads_per_node=args.threads_per_node
+            Path(folder), nodes=args.nodes, threads_per_node=args.threads_per_node, cheats=cheats
         ) as farm:
             args.coordinator, args.token = farm.url, farm.requester_token
             with TesseraClient(farm.url, farm.requester_token, retries=CLI_RETRIES) as client:
@@ -439,6 +467,8 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
                 progress.finish()
                 tasks = client.tasks(job.id)
                 nodes = client.nodes()
+            ledger_ok, ledger_problems = _ledger_check(farm.url, farm.admin_token, status)
+            local_nodes = list(farm.local_nodes)
     summary: dict[str, Any] = {
         "job": result.job.id,
         "status": result.job.status.value,
@@ -457,26 +487,97 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
             }
             for n in nodes
         ],
+        "providers": provider_summary(nodes, {n.name: n.cheat for n in local_nodes}),
+        "ledger_ok": ledger_ok,
+        "ledger_problems": ledger_problems,
         "wall_seconds": round(time.monotonic() - started, 3),
         "warnings": list(prepared.warnings),
     }
     if args.json:
         _print_json(summary)
-    if result.job.status is JobStatus.COMPLETED:
+    completed = result.job.status is JobStatus.COMPLETED
+    if completed:
         status.line(
             f"Rendered {len(result.frames)} frame(s) of {args.scene.name} on "
-            f"{args.nodes} node(s) in {summary['wall_seconds']:.1f} s: {result.folder}"
+            f"{args.nodes + len(cheats)} node(s) in {summary['wall_seconds']:.1f} s: "
+            f"{result.folder}"
         )
-        for node in summary["nodes"]:
-            status.line(
-                f"  {node['name']}: {node['tasks']} task(s), {node['render_seconds']:.1f} s"
-            )
+    for line in format_providers(summary["providers"], ledger_ok, ledger_problems):
+        status.line(line)
+    if completed:
         return 0
     print(
         f"error: job {result.job.id} {result.job.status.value}: {result.job.message}",
         file=sys.stderr,
     )
     return 1
+
+
+def provider_summary(
+    nodes: Sequence[NodeInfo], cheats: dict[str, str | None] | None = None
+) -> list[dict[str, Any]]:
+    """Each node as a provider: accepted and rejected results, credits, standing.
+
+    `cheats` maps node names to their `--cheat` mode (a local farm knows them; the
+    coordinator never does). Nodes come in `cheats`' order, then the others by name.
+    """
+    cheats = cheats or {}
+    order = {name: index for index, name in enumerate(cheats)}
+    ranked = sorted(
+        nodes, key=lambda n: (order.get(n.capabilities.name, len(order)), n.capabilities.name)
+    )
+    return [
+        {
+            "name": node.capabilities.name,
+            "account": node.owner,
+            "cheat": cheats.get(node.capabilities.name),
+            "accepted": node.tasks_completed,
+            "rejected": node.rejected,
+            "earned": round(node.earned, 6),
+            "reputation": round(node.reputation, 4),
+            "suspended": node.suspended,
+        }
+        for node in ranked
+    ]
+
+
+def format_providers(
+    providers: Sequence[dict[str, Any]], ledger_ok: bool | None, problems: Sequence[str] = ()
+) -> list[str]:
+    """The providers' table and the ledger's verdict, as lines for the terminal."""
+    rows = [
+        (
+            f"  {p['name']}",
+            p["cheat"] or "-",
+            str(p["accepted"]),
+            str(p["rejected"]),
+            f"{p['earned']:g}",
+            f"{p['reputation']:.2f}",
+            "SUSPENDED: " + _clip(p["suspended"], MESSAGE_WIDTH) if p["suspended"] else "-",
+        )
+        for p in providers
+    ]
+    headers = ("  PROVIDER", "CHEAT", "ACCEPTED", "REJECTED", "EARNED", "REPUTATION", "SUSPENDED")
+    lines = _table(headers, rows).splitlines()
+    if ledger_ok is None:
+        lines.append("  Ledger: not checked (" + "; ".join(problems) + ")")
+    elif ledger_ok:
+        lines.append("  Ledger: checks out (every invariant holds)")
+    else:
+        lines.append(f"  Ledger: {len(problems)} problem(s)")
+        lines += [f"    - {problem}" for problem in problems]
+    return lines
+
+
+def _ledger_check(url: str, admin_token: str, status: _Status) -> tuple[bool | None, list[str]]:
+    """(ok, problems) of the farm's ledger check; (None, [why]) when it could not run."""
+    try:
+        with TesseraClient(url, admin_token, retries=CLI_RETRIES) as admin:
+            check = admin.ledger_check()
+    except TesseraError as exc:
+        status.warn(f"could not check the credit ledger: {exc.message}")
+        return None, [exc.message]
+    return check.ok, list(check.problems)
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -487,7 +588,7 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "`tessera render` it: a coordinator and 2 nodes on 127.0.0.1, frames 1-4 at 50% "
         "in 2x2 tiles, denoised once per frame; prints where the frames are.",
     )
-    demo.add_argument("--nodes", type=_positive, default=2, help="node processes (default 2)")
+    demo.add_argument("--nodes", type=positive_int, default=2, help="node processes (default 2)")
     demo.add_argument(
         "--threads-per-node",
         type=int,
@@ -495,6 +596,7 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="N",
         help="render threads of each node (default: the cores shared out)",
     )
+    _add_cheaters_option(demo)
     _add_job_options(demo)
     demo.set_defaults(frames="1-4", tiles=(2, 2), percentage=50, samples=32)
     demo.add_argument(
@@ -971,7 +1073,10 @@ def cmd_nodes(args: argparse.Namespace, settings: Settings) -> int:
         print("No nodes have joined this farm yet.")
         return 0
     rows = [_node_row(node) for node in nodes]
-    print(_table(("NAME", "STATUS", "DEVICES", "BLENDER", "TASK", "DONE", "FAILED"), rows))
+    print(_table(NODE_COLUMNS, rows))
+    for node in nodes:
+        if node.suspended:
+            print(f"SUSPENDED {node.capabilities.name} ({node.owner}): {node.suspended}")
     return 0
 
 
@@ -1027,6 +1132,13 @@ def cmd_ledger(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_provider(args: argparse.Namespace, settings: Settings) -> int:
+    with _client(args, settings) as client:
+        client.reinstate(args.account)
+    print(f"Provider '{args.account}' is reinstated: its nodes may lease work again.")
+    return 0
+
+
 def _lan_listing(args: argparse.Namespace) -> int:
     from protocol.discovery import browse
 
@@ -1061,19 +1173,39 @@ def _lan_listing(args: argparse.Namespace) -> int:
     return 0
 
 
+NODE_COLUMNS = (
+    "NAME",
+    "STATUS",
+    "DEVICES",
+    "BLENDER",
+    "TASK",
+    "DONE",
+    "FAILED",
+    "REJECTED",
+    "PRICE",
+    "REPUTATION",
+    "EARNED",
+)
+
+
 def _node_row(node: NodeInfo) -> tuple[str, ...]:
+    """A row of `tessera nodes`; a suspended provider's STATUS reads SUSPENDED."""
     caps = node.capabilities
     devices = ", ".join(caps.devices)
     if caps.gpus:
         devices += " (" + ", ".join(gpu.name for gpu in caps.gpus) + ")"
     return (
         caps.name,
-        node.status,
+        "SUSPENDED" if node.suspended else node.status,
         devices,
         ", ".join(caps.blender_versions) or "-",
         node.current_task or "-",
         str(node.tasks_completed),
         str(node.tasks_failed),
+        str(node.rejected),
+        f"{caps.price:g}",
+        f"{node.reputation:.2f}",
+        f"{node.earned:g}",
     )
 
 

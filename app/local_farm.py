@@ -4,6 +4,12 @@
 farm benchmarks. Every piece is a real process started through the `tessera` CLI, so
 what runs here is exactly what runs on a studio's machines. Stopping asks each process
 to finish (SIGINT) and kills what does not within a grace period. No Qt here.
+
+Every node is a provider of its own: an account named like the node ("local-1", ...)
+with a token of its own, so the coordinator's duplicate sampling (which needs another
+account) can check one local node against another. `cheats` adds nodes that cheat on
+purpose ("cheater-1-samples", ...: ``tessera node --cheat MODE``), each with its own
+account too, to demonstrate that verification catches them.
 """
 
 from __future__ import annotations
@@ -21,6 +27,19 @@ from protocol.client import TesseraClient
 from protocol.models import Role
 
 STARTUP_SECONDS = 60.0
+#: The requester account that submits the farm's jobs.
+REQUESTER = "local"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalNode:
+    """One node process of a `LocalFarm`: its name, provider account and token."""
+
+    name: str
+    account: str
+    token: str
+    #: The node's `--cheat` mode, or None for an honest node.
+    cheat: str | None = None
 
 
 class LocalFarmError(TesseraError):
@@ -29,7 +48,13 @@ class LocalFarmError(TesseraError):
 
 @dataclass
 class LocalFarm:
-    """Start with `start()` (or use `with`); `url` and `requester_token` reach the farm."""
+    """Start with `start()` (or use `with`); `url` and `requester_token` reach the farm.
+
+    `nodes` honest nodes ("local-1"...) come first, then one cheating node per entry of
+    `cheats` (a `farm_node.cheats.CheatMode` name each: "cheater-1-samples"...). Every
+    node has a provider account of its own, named like it (`local_nodes`); `node_names`
+    and `node_process(i)` follow the same order. `admin_token` is the coordinator's.
+    """
 
     folder: Path
     nodes: int = 2
@@ -38,11 +63,15 @@ class LocalFarm:
     node_env: list[dict[str, str]] = field(default_factory=list)
     coordinator_args: list[str] = field(default_factory=list)
     node_args: list[str] = field(default_factory=list)
+    cheats: list[str] = field(default_factory=list)
     url: str = ""
+    admin_token: str = ""
     requester_token: str = ""
+    #: The first node's token (kept for callers from before each node had its own).
     provider_token: str = ""
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     node_names: list[str] = field(default_factory=list)
+    local_nodes: list[LocalNode] = field(default_factory=list)
 
     def __enter__(self) -> LocalFarm:
         self.start()
@@ -55,41 +84,60 @@ class LocalFarm:
         self.folder.mkdir(parents=True, exist_ok=True)
         try:
             self.start_coordinator()
-            admin_token = (self.folder / "coordinator" / "admin.token").read_text().strip()
-            with TesseraClient(self.url, admin_token) as admin:
-                self.requester_token = admin.create_account("local", Role.REQUESTER).token
-                self.provider_token = admin.create_account("local-nodes", Role.PROVIDER).token
+            self.admin_token = (self.folder / "coordinator" / "admin.token").read_text().strip()
+            with TesseraClient(self.url, self.admin_token) as admin:
+                self.requester_token = admin.create_account(REQUESTER, Role.REQUESTER).token
+                self.local_nodes = [
+                    LocalNode(name, name, admin.create_account(name, Role.PROVIDER).token, cheat)
+                    for name, cheat in self._plan_nodes()
+                ]
+            self.provider_token = self.local_nodes[0].token if self.local_nodes else ""
             cpus = sorted(os.sched_getaffinity(0))
-            threads = self.threads_per_node or max(1, len(cpus) // self.nodes)
-            for index in range(self.nodes):
-                name = f"local-{index + 1}"
+            count = len(self.local_nodes)
+            threads = self.threads_per_node or max(1, len(cpus) // max(1, count))
+            for index, node in enumerate(self.local_nodes):
                 env = self.node_env[index] if index < len(self.node_env) else {}
                 args = [
                     "node",
                     "--coordinator",
                     self.url,
                     "--token",
-                    self.provider_token,
+                    node.token,
                     "--name",
-                    name,
+                    node.name,
                     "--threads",
                     str(threads),
                     "--device",
                     self.device,
                     "--data",
-                    str(self.folder / name),
+                    str(self.folder / node.name),
                     *self.node_args,
                 ]
-                if threads * self.nodes <= len(cpus):
+                if node.cheat is not None:
+                    args += ["--cheat", node.cheat]
+                if threads * count <= len(cpus):
                     # Nodes sharing a machine get cores of their own (see worker_main).
                     own = cpus[index * threads : (index + 1) * threads]
                     args += ["--cpus", ",".join(map(str, own))]
-                self.processes.append(self._spawn(args, self.folder / f"{name}.log", env))
-                self.node_names.append(name)
+                self.processes.append(self._spawn(args, self.folder / f"{node.name}.log", env))
+                self.node_names.append(node.name)
             self._wait_for_nodes()
         except BaseException:
             self.stop()
             raise
+
+    def _plan_nodes(self) -> list[tuple[str, str | None]]:
+        """(name, cheat) of every node: the honest ones, then the cheaters."""
+        from farm_node.cheats import parse_cheat
+
+        honest: list[tuple[str, str | None]] = [
+            (f"local-{index + 1}", None) for index in range(self.nodes)
+        ]
+        modes = [parse_cheat(mode).value for mode in self.cheats]
+        cheaters: list[tuple[str, str | None]] = [
+            (f"cheater-{index + 1}-{mode}", mode) for index, mode in enumerate(modes)
+        ]
+        return honest + cheaters
 
     def start_coordinator(self, port: int = 0) -> None:
         """Start (or, after a crash, restart on `port`) the coordinator process."""
@@ -170,7 +218,7 @@ class LocalFarm:
                 dead = [p for p in self.processes if p.poll() is not None]
                 if dead:
                     raise LocalFarmError(
-                        f"A node exited during start-up; see {self.folder}/local-*.log"
+                        f"A node exited during start-up; see the node logs in {self.folder}"
                     )
                 time.sleep(0.1)
         raise LocalFarmError(f"The nodes did not register within {STARTUP_SECONDS:.0f} s.")

@@ -133,6 +133,10 @@ def main() -> None:
                 nodes=nodes,
                 threads_per_node=1,
                 node_args=["--no-benchmark"],
+                # Scaling of rendering alone: with two provider accounts the 2-node farm
+                # would also sample every tile (probation), which the 1-node farm cannot;
+                # bench_verify measures that cost on its own.
+                coordinator_args=["--no-verification"],
             ) as farm:
                 farm_job(farm, scene, root / f"warm{nodes}", f"1-{nodes}", percentage, samples)
                 scaling[nodes] = farm_job(

@@ -11,6 +11,8 @@ BENCHMARKS = (
     "benchmarks.bench_merge",
     "benchmarks.bench_farm",
     "benchmarks.bench_coordinator",
+    "benchmarks.bench_verify_compare",
+    "benchmarks.bench_verify",
 )
 
 

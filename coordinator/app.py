@@ -110,6 +110,7 @@ class Services:
         while not self.stopping.wait(SWEEP_SECONDS):
             try:
                 self.farm.requeue_expired()
+                self.farm.resolve_stale_samples()
             except Exception:
                 log.exception("lease sweep failed")
 
@@ -236,6 +237,11 @@ def _router(services: Services) -> APIRouter:
     @router.get("/wallet", response_model=Wallet)
     def wallet(who: Who) -> Wallet:
         return farm.wallet(who)
+
+    @router.post("/providers/{account}/reinstate", status_code=204)
+    def reinstate(account: str, who: Who) -> Response:
+        farm.reinstate(who, account)
+        return Response(status_code=204)
 
     @router.get("/ledger/check", response_model=LedgerCheck)
     def ledger_check(who: Who) -> LedgerCheck:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from coordinator.verification import VerificationPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +24,14 @@ class CoordinatorConfig:
     version: str = "0.1.0"
     #: The coordinator's share of every payment (goes to the ledger's `fee` account).
     fee_rate: float = 0.05
+    #: Duplicate sampling: who is checked, how often, when a provider is suspended.
+    verification: VerificationPolicy = field(default_factory=VerificationPolicy)
+    #: A duplicate sample no other provider can take within this time is dropped and its
+    #: tile accepted unchecked (a farm of one provider cannot cross-check itself).
+    verify_wait_seconds: float = 30.0
+    #: A node counts as able to take a sample if it was seen this recently (nodes poll or
+    #: beat every few seconds; `node_offline_after` is kept long for display).
+    verifier_seen_seconds: float = 30.0
 
     @property
     def db_path(self) -> Path:

@@ -124,6 +124,31 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX ledger_entries_by_account ON ledger_entries(account);
     CREATE INDEX ledger_entries_by_txn ON ledger_entries(txn);
     """,
+    # 4: duplicate sampling: verify tasks, provider standing, the comparisons made
+    """
+    ALTER TABLE tasks ADD COLUMN verifies TEXT;
+    ALTER TABLE tasks ADD COLUMN excluded_owners TEXT NOT NULL DEFAULT '';
+    ALTER TABLE nodes ADD COLUMN earned_milli INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX tasks_by_target ON tasks(verifies);
+    CREATE TABLE providers (
+        account TEXT PRIMARY KEY,
+        verified INTEGER NOT NULL DEFAULT 0,
+        rejected INTEGER NOT NULL DEFAULT 0,
+        suspended TEXT
+    );
+    CREATE TABLE verifications (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        task_id TEXT NOT NULL,
+        sample_task_id TEXT NOT NULL,
+        other_task_id TEXT NOT NULL,
+        mode TEXT NOT NULL,
+        agree INTEGER NOT NULL,
+        statistic REAL NOT NULL,
+        threshold REAL NOT NULL,
+        detail TEXT NOT NULL,
+        at TEXT NOT NULL
+    );
+    """,
 )
 
 

@@ -11,6 +11,7 @@ to fix. HTTP itself (routing, streaming) lives in `app.py`; merging frames in
 from __future__ import annotations
 
 import hashlib
+import random
 import secrets
 import sqlite3
 import time
@@ -21,14 +22,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import numpy as np
-
-from common.errors import ApiError, ExrError
-from coordinator import ledger
+from common.errors import ApiError
+from coordinator import ledger, sampling
 from coordinator.config import CoordinatorConfig
 from coordinator.db import Database
 from coordinator.events import EventBus
 from coordinator.store import ContentStore, HashMismatchError, TooLargeError
+from coordinator.upload_checks import check_result
+from coordinator.verification import (
+    ProviderRecord,
+    reputation,
+    should_verify,
+    suspension_reason,
+)
 from protocol.models import (
     FINISHED_JOB_STATES,
     AccountToken,
@@ -55,7 +61,6 @@ from protocol.models import (
     UploadReceipt,
     Wallet,
 )
-from renderers.exr import read_exr
 from renderers.regions import ADAPTIVE_SAMPLING_MARGIN, RegionPlan, plan_grid
 from renderers.scene_info import BLEND_MAGICS
 
@@ -112,6 +117,7 @@ class Farm:
         self.on_frame_ready: list[Any] = []
         self._specs: dict[str, JobSpec] = {}
         self._last_touch: dict[str, float] = {}
+        self._rng = random.Random()
 
     # --- accounts -----------------------------------------------------------------------
 
@@ -233,43 +239,23 @@ class Farm:
     def submit(self, who: Principal, spec: JobSpec) -> Job:
         self._require(who, Role.REQUESTER)
         self._check_bundle(spec)
-        plan = plan_for(spec)
         job_id = uuid.uuid4().hex[:12]
         stamp = now_iso()
-        rows = []
-        estimate = 0
-        for frame in spec.frames.frames():
-            for tile in plan.tiles:
-                assignment = RenderAssignment(
-                    frame=frame,
-                    width=plan.width,
-                    height=plan.height,
-                    render_region=Region(**_rect(tile.render)),
-                    core_region=Region(**_rect(tile.core)),
-                    whole_frame=plan.is_whole_frame,
-                    samples=spec.samples,
-                    percentage=spec.percentage,
-                    denoise_data=spec.wants_denoise and not plan.is_whole_frame,
-                    denoise_in_render=spec.wants_denoise and plan.is_whole_frame,
-                )
-                estimate += ledger.cost_milli(
-                    render_units(spec, assignment.render_region), spec.max_price, round_up=True
-                )
-                rows.append(
-                    (
-                        f"{job_id}-f{frame}-t{tile.index}",
-                        job_id,
-                        TaskKind.RENDER.value,
-                        frame,
-                        tile.index,
-                        TaskStatus.QUEUED.value,
-                        assignment.model_dump_json(),
-                        stamp,
-                    )
-                )
-        if spec.wants_denoise and not plan.is_whole_frame:
-            per_frame = ledger.cost_milli(denoise_units(spec), spec.max_price, round_up=True)
-            estimate += per_frame * len(spec.frames.frames())
+        assignments = plan_assignments(spec)
+        rows = [
+            (
+                f"{job_id}-f{a.frame}-t{index}",
+                job_id,
+                TaskKind.RENDER.value,
+                a.frame,
+                index,
+                TaskStatus.QUEUED.value,
+                a.model_dump_json(),
+                stamp,
+            )
+            for index, a in assignments
+        ]
+        estimate = estimate_milli(spec, [a for _, a in assignments], self.config)
         if spec.max_credits is not None and estimate > ledger.to_milli(spec.max_credits):
             raise ApiError(
                 f"This job may cost up to {ledger.credits(estimate):g} credits, more than its"
@@ -418,7 +404,10 @@ class Farm:
         )
 
     def nodes(self, who: Principal) -> list[NodeInfo]:
-        rows = self.db.query("SELECT * FROM nodes ORDER BY name")
+        rows = self.db.query(
+            "SELECT n.*, p.verified, p.rejected, p.suspended FROM nodes n LEFT JOIN providers p"
+            " ON p.account = n.owner ORDER BY n.name"
+        )
         if who.role is not Role.ADMIN and who.role is not Role.REQUESTER:
             rows = [row for row in rows if row["owner"] == who.account]
         return [self._node_model(row) for row in rows]
@@ -446,13 +435,24 @@ class Farm:
         are re-queued by the sweeper thread, not here: hundreds of idle nodes poll.)
         """
         node = self._node_row(who, node_id)
+        suspended = self.db.query_one(
+            "SELECT suspended FROM providers WHERE account = ? AND suspended IS NOT NULL",
+            (node["owner"],),
+        )
+        if suspended is not None:
+            raise ApiError(
+                f"The provider account '{node['owner']}' is suspended: {suspended[0]}.",
+                status=403,
+                hint="Check the node's renders; the farm's admin can lift the suspension"
+                " (`tessera provider reinstate`).",
+            )
         caps = NodeCapabilities.model_validate_json(node["capabilities"])
         warm, cached = set(request.warm_bundles), set(request.cached_bundles)
         self._touch_node(node_id)
         with self.db.lock:
             candidates = self.db.query(
-                "SELECT t.id, t.kind, t.frame, t.tile_index, j.id AS job_id, j.owner,"
-                " j.priority, j.bundle, j.spec, j.created_at FROM tasks t JOIN jobs j ON"
+                "SELECT t.id, t.kind, t.frame, t.tile_index, t.excluded_owners, j.id AS job_id,"
+                " j.owner, j.priority, j.bundle, j.spec, j.created_at FROM tasks t JOIN jobs j ON"
                 " j.id = t.job_id WHERE t.status IN (?, ?) AND j.status IN (?, ?) AND NOT"
                 " EXISTS (SELECT 1 FROM blocklist b WHERE b.job_id = t.job_id AND"
                 " b.node_id = ?) ORDER BY j.priority DESC, t.kind DESC, j.created_at, t.frame,"
@@ -474,11 +474,15 @@ class Farm:
                 spec = self._spec(row["job_id"], row["spec"])
                 if not _node_can_run(caps, spec) or caps.price > spec.max_price:
                     continue
+                if node["owner"] in row["excluded_owners"].split(","):
+                    continue  # a duplicate sample goes to another account
                 locality = 2 if row["bundle"] in warm else 1 if row["bundle"] in cached else 0
                 # Higher priority first; then a bundle the node already has; then the owner
                 # with the fewest tiles in flight (fairness); then submission order.
                 key = (
                     -row["priority"],
+                    # Samples first: the tiles they check hold their frame and their pay.
+                    row["kind"] != TaskKind.VERIFY.value,
                     -locality,
                     busy.get(row["owner"], 0),
                     row["created_at"],
@@ -525,6 +529,10 @@ class Farm:
         )
         return self._lease_model(task_row, spec, lease_id, expires)
 
+    @staticmethod
+    def _job_spec_json(conn: sqlite3.Connection, job_id: str) -> str:
+        return str(conn.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()[0])
+
     def _spec(self, job_id: str, raw: str) -> JobSpec:
         """Parsed job specs, cached: a spec never changes after submission."""
         spec = self._specs.get(job_id)
@@ -558,7 +566,7 @@ class Farm:
             scene_path=spec.scene_path,
             assignment=assignment,
             denoise_input=task_row["denoise_input"],
-            device="CPU" if spec.device == "ANY" else spec.device,
+            device=_lease_device(spec),
             samples=spec.samples or spec.scene.samples,
             expires_at=datetime.fromtimestamp(expires, UTC),
             heartbeat_interval=self.config.heartbeat_interval,
@@ -672,12 +680,31 @@ class Farm:
             retryable=failure.retryable and failure.kind not in FATAL_FAILURE_KINDS,
         )
 
-    def _fail_task(self, row: sqlite3.Row, kind: str, message: str, *, retryable: bool) -> None:
+    def _fail_task(
+        self,
+        row: sqlite3.Row,
+        kind: str,
+        message: str,
+        *,
+        retryable: bool,
+        penalise: bool = False,
+    ) -> None:
+        """Record a failed attempt; fail the job once a task has no attempts left.
+
+        `penalise`: the node's own result was wrong (not a crash), which counts against
+        its provider's reputation. A duplicate sample that cannot be rendered never fails
+        the job: its tile is accepted as if it had not been sampled.
+        """
         job_id, node_id = row["job_id"], row["node_id"]
         attempts = row["attempts"] + 1
         final = not retryable or attempts >= self.config.max_attempts
+        if row["kind"] == TaskKind.VERIFY.value and final:
+            self._give_up_sample(row, kind, message, penalise=penalise)
+            return
         status = TaskStatus.FAILED if final else TaskStatus.SOFT_FAILED
         with self.db.transaction() as conn:
+            if penalise and row["node_owner"]:
+                self._record_provider(conn, row["node_owner"], rejected=1)
             self._record_failure(conn, row["id"], job_id, node_id, kind, message)
             conn.execute(
                 "UPDATE tasks SET status = ?, attempts = ?, lease_id = NULL, node_id = NULL,"
@@ -721,6 +748,31 @@ class Farm:
         if final:
             self.bus.publish("job", job_id=job_id, status=JobStatus.FAILED.value)
         self.bus.work_changed()
+
+    def _give_up_sample(self, row: sqlite3.Row, kind: str, message: str, *, penalise: bool) -> None:
+        """A sample failed on every try: settle its tile without it."""
+        changes: list[tuple[sqlite3.Row, TaskStatus]] = []
+        ready: list[tuple[str, int]] = []
+        with self.db.transaction() as conn:
+            if penalise and row["node_owner"]:
+                self._record_provider(conn, row["node_owner"], rejected=1)
+            self._record_failure(conn, row["id"], row["job_id"], row["node_id"], kind, message)
+            conn.execute(
+                "UPDATE tasks SET status = ?, lease_id = NULL, lease_expires = NULL, message = ?,"
+                " updated_at = ? WHERE id = ?",
+                (TaskStatus.FAILED.value, message[:2000], now_iso(), row["id"]),
+            )
+            conn.execute("UPDATE nodes SET current_task = NULL WHERE id = ?", (row["node_id"],))
+            # The tile, and a first sample waiting for this arbiter, get the benefit of
+            # the doubt: nobody could show them wrong.
+            for other in conn.execute(
+                "SELECT * FROM tasks WHERE (id = ? OR verifies = ?) AND status = ?",
+                (row["verifies"], row["verifies"], TaskStatus.CHECKING.value),
+            ).fetchall():
+                ready += self._complete(conn, other["id"])
+                changes.append((other, TaskStatus.COMPLETED))
+        changes.append((row, TaskStatus.FAILED))
+        self._announce(changes, ready)
 
     @staticmethod
     def _record_failure(
@@ -767,60 +819,96 @@ class Farm:
         )
         problem = self._check_result(row, sha256)
         if problem:
-            self._fail_task(row, "bad_result", problem, retryable=True)
+            self._fail_task(row, "bad_result", problem, retryable=True, penalise=True)
             raise ApiError(
                 f"The result was refused: {problem}",
                 status=422,
                 hint="The task goes back to the queue.",
             )
-        frame_ready = False
+        if row["kind"] == TaskKind.VERIFY.value:
+            return self._accept_sample(row, lease_id, sha256)
+        changes: list[tuple[sqlite3.Row, TaskStatus]] = []
+        ready: list[tuple[str, int]] = []
         with self.db.transaction() as conn:
-            current = conn.execute(
-                "SELECT status, lease_id FROM tasks WHERE id = ?", (row["id"],)
-            ).fetchone()
-            if current["status"] != TaskStatus.ACTIVE.value or current["lease_id"] != lease_id:
-                raise ApiError("The lease ended while the result was uploading.", status=409)
-            # Lease to accepted upload, measured here rather than claimed by the node.
-            seconds = max(0.0, time.time() - (row["leased_at"] or time.time()))
-            conn.execute(
-                "UPDATE tasks SET status = ?, result_sha = ?, lease_expires = NULL,"
-                " render_seconds = ?, updated_at = ? WHERE id = ?",
-                (TaskStatus.COMPLETED.value, sha256, seconds, now_iso(), row["id"]),
-            )
-            conn.execute(
-                "UPDATE nodes SET current_task = NULL, tasks_completed = tasks_completed + 1,"
-                " render_seconds = render_seconds + ? WHERE id = ?",
-                (seconds, row["node_id"]),
-            )
-            self._pay_task(conn, row)
-            if row["kind"] == TaskKind.RENDER.value:
-                remaining = conn.execute(
-                    "SELECT COUNT(*) FROM tasks WHERE job_id = ? AND frame = ? AND kind = ? AND"
-                    " status != ?",
-                    (
-                        row["job_id"],
-                        row["frame"],
-                        TaskKind.RENDER.value,
-                        TaskStatus.COMPLETED.value,
-                    ),
-                ).fetchone()[0]
-                frame_ready = remaining == 0
+            self._store_result(conn, row, lease_id, sha256)
+            if row["kind"] == TaskKind.RENDER.value and self._start_sample(conn, row):
+                conn.execute(
+                    "UPDATE tasks SET status = ? WHERE id = ?",
+                    (TaskStatus.CHECKING.value, row["id"]),
+                )
+                changes.append((row, TaskStatus.CHECKING))
             else:
-                frame_ready = True
-        self.bus.publish(
-            "task",
-            job_id=row["job_id"],
-            task_id=row["id"],
-            frame=row["frame"],
-            status=TaskStatus.COMPLETED.value,
-            url=f"/api/v1/tasks/{row['id']}/preview.png",
-        )
-        if frame_ready:
-            for callback in self.on_frame_ready:
-                callback(row["job_id"], row["frame"])
+                ready += self._complete(conn, row["id"])
+                changes.append((row, TaskStatus.COMPLETED))
+        self._announce(changes, ready)
         return UploadReceipt(
-            task_id=row["id"], sha256=sha256, accepted=True, frame_completed=frame_ready
+            task_id=row["id"], sha256=sha256, accepted=True, frame_completed=bool(ready)
         )
+
+    def _store_result(
+        self, conn: sqlite3.Connection, row: sqlite3.Row, lease_id: str, sha256: str
+    ) -> None:
+        """Record an upload that passed its checks and end the lease (status unchanged)."""
+        current = conn.execute(
+            "SELECT status, lease_id FROM tasks WHERE id = ?", (row["id"],)
+        ).fetchone()
+        if current["status"] != TaskStatus.ACTIVE.value or current["lease_id"] != lease_id:
+            raise ApiError("The lease ended while the result was uploading.", status=409)
+        # Lease to accepted upload, measured here rather than claimed by the node.
+        seconds = max(0.0, time.time() - (row["leased_at"] or time.time()))
+        conn.execute(
+            "UPDATE tasks SET result_sha = ?, lease_expires = NULL, render_seconds = ?,"
+            " updated_at = ? WHERE id = ?",
+            (sha256, seconds, now_iso(), row["id"]),
+        )
+        conn.execute(
+            "UPDATE nodes SET current_task = NULL, render_seconds = render_seconds + ?"
+            " WHERE id = ?",
+            (seconds, row["node_id"]),
+        )
+
+    def _complete(self, conn: sqlite3.Connection, task_id: str) -> list[tuple[str, int]]:
+        """Accept a stored result for good and pay for it; the frame, if now complete."""
+        row = conn.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        conn.execute(
+            "UPDATE tasks SET status = ?, updated_at = ? WHERE id = ?",
+            (TaskStatus.COMPLETED.value, now_iso(), task_id),
+        )
+        conn.execute(
+            "UPDATE nodes SET tasks_completed = tasks_completed + 1 WHERE id = ?",
+            (row["node_id"],),
+        )
+        self._pay_task(conn, row)
+        if row["kind"] == TaskKind.DENOISE.value:
+            return [(row["job_id"], row["frame"])]
+        if row["kind"] != TaskKind.RENDER.value:
+            return []
+        remaining = conn.execute(
+            "SELECT COUNT(*) FROM tasks WHERE job_id = ? AND frame = ? AND kind = ? AND"
+            " status != ?",
+            (row["job_id"], row["frame"], TaskKind.RENDER.value, TaskStatus.COMPLETED.value),
+        ).fetchone()[0]
+        return [(row["job_id"], row["frame"])] if remaining == 0 else []
+
+    def _announce(
+        self, changes: list[tuple[sqlite3.Row, TaskStatus]], ready: list[tuple[str, int]]
+    ) -> None:
+        for row, status in changes:
+            self.bus.publish(
+                "task",
+                job_id=row["job_id"],
+                task_id=row["id"],
+                frame=row["frame"],
+                status=status.value,
+                url=f"/api/v1/tasks/{row['id']}/preview.png"
+                if status is TaskStatus.COMPLETED and row["kind"] != TaskKind.VERIFY.value
+                else None,
+            )
+        for job_id, frame in ready:
+            for callback in self.on_frame_ready:
+                callback(job_id, frame)
+        if any(status is TaskStatus.QUEUED for _, status in changes):
+            self.bus.work_changed()
 
     def _pay_task(self, conn: sqlite3.Connection, row: sqlite3.Row) -> None:
         """Pay the node's owner for an accepted task, inside the accepting transaction."""
@@ -835,13 +923,288 @@ class Farm:
         price = min(caps.price, spec.max_price)
         if price <= 0:
             return
-        if row["kind"] == TaskKind.RENDER.value:
+        if row["kind"] == TaskKind.DENOISE.value:
+            units = denoise_units(spec)
+        else:
             region = RenderAssignment.model_validate_json(row["assignment"]).render_region
             units = render_units(spec, region)
-        else:
-            units = denoise_units(spec)
         amount = ledger.cost_milli(units, price)
-        ledger.pay(conn, row["id"], row["job_id"], node["owner"], amount, self.config.fee_rate)
+        paid = ledger.pay(
+            conn, row["id"], row["job_id"], node["owner"], amount, self.config.fee_rate
+        )
+        conn.execute(
+            "UPDATE nodes SET earned_milli = earned_milli + ? WHERE id = ?", (paid, row["node_id"])
+        )
+
+    # --- duplicate sampling ----------------------------------------------------------------
+
+    def _start_sample(self, conn: sqlite3.Connection, row: sqlite3.Row) -> bool:
+        """Maybe queue a duplicate sample of this freshly uploaded tile; True if queued."""
+        policy = self.config.verification
+        owner = row["node_owner"]
+        if not policy.enabled or owner is None:
+            return False
+        assignment = RenderAssignment.model_validate_json(row["assignment"])
+        if assignment.denoise_in_render:
+            return False  # a denoised whole frame has no noisy pixels to compare windows of
+        if not should_verify(self._provider_record(conn, owner), policy, self._rng):
+            return False
+        spec = self._spec(row["job_id"], self._job_spec_json(conn, row["job_id"]))
+        if not self._verifier_online(conn, spec, row["job_id"], {owner}):
+            return False  # nobody else could check it: accept it as it is
+        window = sampling.window_assignment(assignment, spec, policy, self._rng)
+        self._queue_sample(conn, row, window, {owner})
+        return True
+
+    def _queue_sample(
+        self,
+        conn: sqlite3.Connection,
+        tile: sqlite3.Row,
+        window: RenderAssignment,
+        excluded_owners: set[str],
+    ) -> None:
+        count = conn.execute(
+            "SELECT COUNT(*) FROM tasks WHERE verifies = ?", (tile["id"],)
+        ).fetchone()[0]
+        conn.execute(
+            "INSERT INTO tasks (id, job_id, kind, frame, tile_index, status, assignment,"
+            " verifies, excluded_owners, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                f"{tile['id']}-v{count + 1}",
+                tile["job_id"],
+                TaskKind.VERIFY.value,
+                tile["frame"],
+                tile["tile_index"],
+                TaskStatus.QUEUED.value,
+                window.model_dump_json(),
+                tile["id"],
+                ",".join(sorted(excluded_owners)),
+                now_iso(),
+            ),
+        )
+        self.bus.work_changed()
+
+    def _verifier_online(
+        self, conn: sqlite3.Connection, spec: JobSpec, job_id: str, excluded: set[str]
+    ) -> bool:
+        """Whether a connected node of another, unsuspended account could take a sample."""
+        cutoff = time.time() - self.config.verifier_seen_seconds
+        rows = conn.execute(
+            "SELECT n.owner, n.capabilities FROM nodes n LEFT JOIN providers p ON"
+            " p.account = n.owner WHERE n.last_seen >= ? AND p.suspended IS NULL AND NOT EXISTS"
+            " (SELECT 1 FROM blocklist b WHERE b.job_id = ? AND b.node_id = n.id)",
+            (cutoff, job_id),
+        ).fetchall()
+        for node in rows:
+            if node["owner"] in excluded:
+                continue
+            caps = NodeCapabilities.model_validate_json(node["capabilities"])
+            if _node_can_run(caps, spec) and caps.price <= spec.max_price:
+                return True
+        return False
+
+    def _accept_sample(self, row: sqlite3.Row, lease_id: str, sha256: str) -> UploadReceipt:
+        """A verify task's window came back: judge it against the tile (and a first sample)."""
+        tile = self.db.query_one(
+            "SELECT t.*, n.owner AS node_owner, n.capabilities AS node_caps FROM tasks t"
+            " LEFT JOIN nodes n ON n.id = t.node_id WHERE t.id = ?",
+            (row["verifies"],),
+        )
+        pending = self.db.query(
+            "SELECT t.*, n.owner AS node_owner, n.capabilities AS node_caps FROM tasks t"
+            " LEFT JOIN nodes n ON n.id = t.node_id WHERE t.verifies = ? AND t.status = ?"
+            " ORDER BY t.id",
+            (row["verifies"], TaskStatus.CHECKING.value),
+        )
+        job = self.db.fetch_one("SELECT spec FROM jobs WHERE id = ?", (row["job_id"],))
+        spec = self._spec(row["job_id"], job["spec"])
+        node = self.db.query_one("SELECT capabilities FROM nodes WHERE id = ?", (row["node_id"],))
+        verdict: sampling.Verdict | None = None
+        if tile is not None and tile["status"] == TaskStatus.CHECKING.value:
+            sample = dict(row) | {
+                "result_sha": sha256,
+                "node_caps": node["capabilities"] if node else None,
+            }
+            samples = [_result(dict(r)) for r in pending if r["id"] != row["id"]]
+            samples.append(_result(sample))
+            verdict = sampling.judge(_result(dict(tile)), samples, _lease_device(spec), self.store)
+        changes: list[tuple[sqlite3.Row, TaskStatus]] = []
+        ready: list[tuple[str, int]] = []
+        with self.db.transaction() as conn:
+            self._store_result(conn, row, lease_id, sha256)
+            current = conn.execute(
+                "SELECT status FROM tasks WHERE id = ?", (row["verifies"],)
+            ).fetchone()
+            if verdict is None or current is None or current["status"] != "checking":
+                # The tile was settled meanwhile: this sample was still honest work.
+                ready += self._complete(conn, row["id"])
+                changes.append((row, TaskStatus.COMPLETED))
+            else:
+                assert tile is not None
+                ready += self._apply_verdict(conn, tile, row, verdict, changes)
+        self._announce(changes, ready)
+        return UploadReceipt(
+            task_id=row["id"], sha256=sha256, accepted=True, frame_completed=bool(ready)
+        )
+
+    def _apply_verdict(
+        self,
+        conn: sqlite3.Connection,
+        tile: sqlite3.Row,
+        sample: sqlite3.Row,
+        verdict: sampling.Verdict,
+        changes: list[tuple[sqlite3.Row, TaskStatus]],
+    ) -> list[tuple[str, int]]:
+        for check in verdict.comparisons:
+            outcome = check.outcome
+            conn.execute(
+                "INSERT INTO verifications (task_id, sample_task_id, other_task_id, mode, agree,"
+                " statistic, threshold, detail, at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    check.task_id,
+                    check.sample_task_id,
+                    check.other_task_id,
+                    outcome.mode,
+                    int(outcome.agree),
+                    float(outcome.statistic),
+                    float(outcome.threshold),
+                    outcome.detail[:2000],
+                    now_iso(),
+                ),
+            )
+        rows = {
+            r["id"]: r
+            for r in conn.execute(
+                "SELECT * FROM tasks WHERE id = ? OR verifies = ?", (tile["id"], tile["id"])
+            )
+        }
+        ready: list[tuple[str, int]] = []
+        if verdict.arbitrate:
+            conn.execute(
+                "UPDATE tasks SET status = ?, message = ? WHERE id = ?",
+                (TaskStatus.CHECKING.value, verdict.reason[:2000], sample["id"]),
+            )
+            excluded = {tile["node_owner"], sample["node_owner"]} - {None}
+            window = RenderAssignment.model_validate_json(sample["assignment"])
+            self._queue_sample(conn, tile, window, excluded)
+            changes.append((sample, TaskStatus.CHECKING))
+        for task_id in verdict.confirmed:
+            ready += self._complete(conn, task_id)
+            changes.append((rows[task_id], TaskStatus.COMPLETED))
+        for task_id in verdict.rejected:
+            conn.execute(
+                "UPDATE tasks SET status = ?, message = ?, updated_at = ? WHERE id = ?",
+                (TaskStatus.REJECTED.value, verdict.reason[:2000], now_iso(), task_id),
+            )
+            changes.append((rows[task_id], TaskStatus.REJECTED))
+        if verdict.requeue_tile:
+            self._requeue_rejected_tile(conn, tile, verdict)
+            changes.append((tile, TaskStatus.QUEUED))
+        for owner in verdict.verified:
+            self._record_provider(conn, owner, verified=1)
+        for owner in verdict.penalised:
+            self._record_provider(conn, owner, rejected=1)
+        return ready
+
+    def _requeue_rejected_tile(
+        self, conn: sqlite3.Connection, tile: sqlite3.Row, verdict: sampling.Verdict
+    ) -> None:
+        """The tile was wrong: forget its result, keep its node off this job, render again."""
+        self._record_failure(
+            conn, tile["id"], tile["job_id"], tile["node_id"], "verification", verdict.reason
+        )
+        if tile["node_owner"] in verdict.penalised:
+            conn.execute(
+                "INSERT OR IGNORE INTO blocklist (job_id, node_id, reason) VALUES (?,?,?)",
+                (tile["job_id"], tile["node_id"], "a result failed duplicate sampling"),
+            )
+        conn.execute(
+            "UPDATE tasks SET status = ?, result_sha = NULL, lease_id = NULL, node_id = NULL,"
+            " render_seconds = NULL, message = ?, updated_at = ? WHERE id = ?",
+            (TaskStatus.QUEUED.value, verdict.reason[:2000], now_iso(), tile["id"]),
+        )
+        conn.execute("DELETE FROM previews WHERE task_id = ?", (tile["id"],))
+
+    def _provider_record(self, conn: sqlite3.Connection, account: str) -> ProviderRecord:
+        row = conn.execute(
+            "SELECT verified, rejected FROM providers WHERE account = ?", (account,)
+        ).fetchone()
+        return ProviderRecord() if row is None else ProviderRecord(row[0], row[1])
+
+    def _record_provider(
+        self, conn: sqlite3.Connection, account: str, *, verified: int = 0, rejected: int = 0
+    ) -> None:
+        """Count confirmed or rejected results; suspend a provider rejected too often."""
+        conn.execute(
+            "INSERT INTO providers (account, verified, rejected) VALUES (?,?,?) ON CONFLICT"
+            " (account) DO UPDATE SET verified = verified + excluded.verified,"
+            " rejected = rejected + excluded.rejected",
+            (account, verified, rejected),
+        )
+        reason = suspension_reason(self._provider_record(conn, account), self.config.verification)
+        if reason is not None:
+            changed = conn.execute(
+                "UPDATE providers SET suspended = ? WHERE account = ? AND suspended IS NULL",
+                (reason, account),
+            ).rowcount
+            if changed:
+                self.bus.publish("node", node=account, status="suspended")
+
+    def resolve_stale_samples(self) -> int:
+        """Accept tiles whose first sample no other provider could take in time.
+
+        Only first samples: a disagreement waits for a third provider, since accepting
+        either side without one could accept wrong pixels.
+        """
+        cutoff = datetime.fromtimestamp(time.time() - self.config.verify_wait_seconds, UTC)
+        stale = [
+            row
+            for row in self.db.query(
+                "SELECT v.*, j.spec FROM tasks v JOIN jobs j ON j.id = v.job_id WHERE"
+                " v.kind = ? AND v.status IN (?, ?) AND NOT EXISTS (SELECT 1 FROM tasks o"
+                " WHERE o.verifies = v.verifies AND o.status = ?)",
+                (TaskKind.VERIFY.value, *LEASABLE, TaskStatus.CHECKING.value),
+            )
+            if datetime.fromisoformat(row["updated_at"]) < cutoff
+        ]
+        settled = 0
+        for row in stale:
+            spec = self._spec(row["job_id"], row["spec"])
+            excluded = set(filter(None, row["excluded_owners"].split(",")))
+            changes: list[tuple[sqlite3.Row, TaskStatus]] = []
+            ready: list[tuple[str, int]] = []
+            with self.db.transaction() as conn:
+                if self._verifier_online(conn, spec, row["job_id"], excluded):
+                    continue
+                if not self._drop_sample(conn, row, "no other provider could check it"):
+                    continue
+                tile = conn.execute(
+                    "SELECT * FROM tasks WHERE id = ?", (row["verifies"],)
+                ).fetchone()
+                ready += self._complete(conn, tile["id"])
+                changes.append((tile, TaskStatus.COMPLETED))
+            settled += 1
+            self._announce(changes, ready)
+        return settled
+
+    def _drop_sample(self, conn: sqlite3.Connection, sample: sqlite3.Row, why: str) -> bool:
+        """Cancel a waiting first sample whose tile is still checking; False if it moved."""
+        return bool(
+            conn.execute(
+                "UPDATE tasks SET status = ?, message = ?, updated_at = ? WHERE id = ? AND"
+                " status IN (?, ?) AND EXISTS (SELECT 1 FROM tasks t WHERE t.id = ? AND"
+                " t.status = ?)",
+                (
+                    TaskStatus.CANCELED.value,
+                    why,
+                    now_iso(),
+                    sample["id"],
+                    *LEASABLE,
+                    sample["verifies"],
+                    TaskStatus.CHECKING.value,
+                ),
+            ).rowcount
+        )
 
     # --- credits ----------------------------------------------------------------------------
 
@@ -879,6 +1242,23 @@ class Farm:
             ],
         )
 
+    def reinstate(self, who: Principal, account: str) -> None:
+        """Lift a provider's suspension (admin); its next rejection suspends it again."""
+        if who.role is not Role.ADMIN:
+            raise ApiError("Only an admin can lift a suspension.", status=403)
+        with self.db.transaction() as conn:
+            changed = conn.execute(
+                "UPDATE providers SET suspended = NULL WHERE account = ? AND suspended IS NOT NULL",
+                (account,),
+            ).rowcount
+        if not changed:
+            raise ApiError(
+                f"The provider account '{account}' is not suspended.",
+                status=404,
+                hint="`tessera nodes` shows which providers are suspended.",
+            )
+        self.bus.publish("node", node=account, status="reinstated")
+
     def ledger_check(self, who: Principal) -> LedgerCheck:
         if who.role is not Role.ADMIN:
             raise ApiError("Only an admin can check the ledger.", status=403)
@@ -887,30 +1267,16 @@ class Farm:
 
     def _check_result(self, row: sqlite3.Row, sha256: str) -> str | None:
         """Structure and values of an uploaded EXR against its task; None when fine."""
-        try:
-            image = read_exr(self.store.path(sha256))
-        except ExrError as exc:
-            return f"not a readable EXR ({exc.message})"
-        if row["kind"] == TaskKind.RENDER.value:
-            region = RenderAssignment.model_validate_json(row["assignment"]).render_region
-            expected = (region.x1 - region.x0, region.y1 - region.y0)
-        else:
-            spec = JobSpec.model_validate_json(
-                self.db.fetch_one("SELECT spec FROM jobs WHERE id = ?", (row["job_id"],))["spec"]
-            )
-            expected = spec.effective_size()
-        if (image.width, image.height) != expected:
-            return (
-                f"it is {image.width}x{image.height} pixels, the task asked for "
-                f"{expected[0]}x{expected[1]}"
-            )
-        try:
-            rgba = image.combined_rgba()
-        except ExrError:
-            return "it has no Combined pass"
-        if not np.isfinite(rgba).all():
-            return "it contains NaN or infinite values"
-        return None
+        spec = self._spec(row["job_id"], self._job_spec_json_db(row["job_id"]))
+        assignment = (
+            RenderAssignment.model_validate_json(row["assignment"])
+            if row["kind"] != TaskKind.DENOISE.value
+            else None
+        )
+        return check_result(self.store.path(sha256), TaskKind(row["kind"]), assignment, spec)
+
+    def _job_spec_json_db(self, job_id: str) -> str:
+        return str(self.db.fetch_one("SELECT spec FROM jobs WHERE id = ?", (job_id,))["spec"])
 
     # --- models -----------------------------------------------------------------------------
 
@@ -990,6 +1356,7 @@ class Farm:
         )
 
     def _node_model(self, row: sqlite3.Row) -> NodeInfo:
+        record = ProviderRecord(row["verified"] or 0, row["rejected"] or 0)
         offline = time.time() - row["last_seen"] > self.config.node_offline_after
         status: Literal["idle", "busy", "offline"] = (
             "offline" if offline else "busy" if row["current_task"] else "idle"
@@ -1004,13 +1371,84 @@ class Farm:
             tasks_completed=row["tasks_completed"],
             tasks_failed=row["tasks_failed"],
             render_seconds=row["render_seconds"],
+            earned=ledger.credits(row["earned_milli"]),
+            reputation=reputation(record),
+            verified=record.verified,
+            rejected=record.rejected,
+            suspended=row["suspended"],
         )
 
 
+def plan_assignments(spec: JobSpec) -> list[tuple[int, RenderAssignment]]:
+    """(tile index, assignment) of every render task of a job, frame by frame."""
+    plan = plan_for(spec)
+    return [
+        (
+            tile.index,
+            RenderAssignment(
+                frame=frame,
+                width=plan.width,
+                height=plan.height,
+                render_region=Region(**_rect(tile.render)),
+                core_region=Region(**_rect(tile.core)),
+                whole_frame=plan.is_whole_frame,
+                samples=spec.samples,
+                percentage=spec.percentage,
+                denoise_data=spec.wants_denoise and not plan.is_whole_frame,
+                denoise_in_render=spec.wants_denoise and plan.is_whole_frame,
+            ),
+        )
+        for frame in spec.frames.frames()
+        for tile in plan.tiles
+    ]
+
+
+def estimate_milli(
+    spec: JobSpec, assignments: list[RenderAssignment], config: CoordinatorConfig
+) -> int:
+    """The most a job can cost at its max price: every tile, one duplicate sample of each
+    (new providers are sampled on every tile), and the denoise of each tiled frame."""
+    estimate = 0
+    for assignment in assignments:
+        units = render_units(spec, assignment.render_region)
+        if config.verification.enabled and not assignment.denoise_in_render:
+            units += sample_units(spec, assignment, config)
+        estimate += ledger.cost_milli(units, spec.max_price, round_up=True)
+    if spec.wants_denoise and not plan_for(spec).is_whole_frame:
+        per_frame = ledger.cost_milli(denoise_units(spec), spec.max_price, round_up=True)
+        estimate += per_frame * len(spec.frames.frames())
+    return estimate
+
+
 def render_units(spec: JobSpec, region: Region) -> float:
-    """Work units of a render task: region pixels x effective samples / 1e6."""
+    """Work units of a render task: region pixels x effective samples / 1e6, times the
+    scene's cost relative to the benchmark scene. One unit is what a million
+    pixel-samples of the benchmark scene cost, on any node: a slow node earns no more."""
     samples = spec.samples or spec.scene.samples
-    return (region.x1 - region.x0) * (region.y1 - region.y0) * samples / 1e6
+    return (region.x1 - region.x0) * (region.y1 - region.y0) * samples / 1e6 * spec.scene_cost
+
+
+def sample_units(spec: JobSpec, tile: RenderAssignment, config: CoordinatorConfig) -> float:
+    """Work units of one duplicate sample of `tile` (its size is fixed, its place random)."""
+    window = sampling.window_assignment(tile, spec, config.verification, random.Random(0))
+    return render_units(spec, window.render_region)
+
+
+def _lease_device(spec: JobSpec) -> str:
+    """The device a lease names: a job that takes any device renders on CPU, so that the
+    tiles of one frame never mix device classes."""
+    return "CPU" if spec.device == "ANY" else spec.device
+
+
+def _result(row: dict[str, Any]) -> sampling.Result:
+    caps = row.get("node_caps")
+    return sampling.Result(
+        task_id=row["id"],
+        owner=row.get("node_owner") or "",
+        capabilities=NodeCapabilities.model_validate_json(caps) if caps else None,
+        sha256=row["result_sha"],
+        assignment=RenderAssignment.model_validate_json(row["assignment"]),
+    )
 
 
 def denoise_units(spec: JobSpec) -> float:

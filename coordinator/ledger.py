@@ -149,18 +149,18 @@ def pay(
     provider_owner: str,
     amount: int,
     fee_rate: float,
-) -> bool:
+) -> int:
     """Pay a task's provider from the job's escrow, less the fee; at most once per task.
 
-    The payment is capped at what is left in escrow. Returns False when nothing was
-    written (already paid, or nothing to pay).
+    The payment is capped at what is left in escrow. Returns what the provider received
+    (milli-credits), 0 when nothing was written (already paid, or nothing to pay).
     """
     held = _balance(conn, escrow_account(job_id))
     amount = min(amount, held)
     if amount <= 0:
-        return False
+        return 0
     fee = math.floor(amount * fee_rate + 1e-9)
-    return _post(
+    posted = _post(
         conn,
         f"pay:{task_id}",
         "pay",
@@ -169,6 +169,7 @@ def pay(
         task_id=task_id,
         memo=f"task {task_id}",
     )
+    return amount - fee if posted else 0
 
 
 def refund(conn: sqlite3.Connection, job_id: str, owner: str) -> int:

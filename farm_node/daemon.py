@@ -18,6 +18,10 @@ Stopping (the stop event, e.g. Ctrl-C) lets the current task finish within
 cancels at once. `run_node` builds everything from a `NodeConfig` and installs the
 signal handlers; the CLI calls it.
 
+A node started with `NodeConfig.cheat` (``tessera node --cheat MODE``) fakes some of its
+renders (see `farm_node.cheats`): that exists only to demonstrate verification, is off
+by default, and is logged loudly at start-up and on every faked task.
+
 This module must not import Qt or the coordinator, read settings from globals or the
 environment at import time, or let a failing task stop the node.
 """
@@ -59,6 +63,7 @@ from farm_node.bundle_cache import (
     DEFAULT_MAX_UNCOMPRESSED_BYTES,
     BundleCache,
 )
+from farm_node.cheats import Cheat, CheatMode
 from farm_node.errors import LeaseError, UnsafeBundleError
 from farm_node.hardware import NO_AVX2_ENV, probe_capabilities
 from farm_node.runner import DEFAULT_MAX_WARM, TaskRunner
@@ -105,6 +110,8 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _STOP_POLL = 0.1
 #: The cancel reason of a task cut short by the node's own stop (its lease is released).
 _STOPPING = "the node is stopping"
+#: What `NodeConfig.cheat` may be (besides None).
+CHEAT_MODES = tuple(mode.value for mode in CheatMode)
 #: Environment variables of the node's own process that must reach Blender although the
 #: render environment is scrubbed (they choose the CPU kernel, see hardware.cpu_kernel).
 FORWARDED_ENV = (NO_AVX2_ENV,)
@@ -145,6 +152,9 @@ class NodeConfig:
     retry_max: float = 60.0
     bundle_max_uncompressed_bytes: int = DEFAULT_MAX_UNCOMPRESSED_BYTES
     bundle_max_files: int = DEFAULT_MAX_FILES
+    #: A `farm_node.cheats.CheatMode` name: fake renders to demonstrate verification.
+    #: None (the default, and the only value for real work): an honest node.
+    cheat: str | None = None
 
     @property
     def cache_dir(self) -> Path:
@@ -186,6 +196,8 @@ class NodeConfig:
             problems.append("the task timeout must be positive")
         if self.retry_initial <= 0 or self.retry_max < self.retry_initial:
             problems.append("retry delays must be positive, the maximum at least the first")
+        if self.cheat is not None and self.cheat not in CHEAT_MODES:
+            problems.append(f"--cheat must be one of {', '.join(CHEAT_MODES)}, not {self.cheat!r}")
         if problems:
             raise UsageError("Invalid node settings: " + "; ".join(problems) + ".")
         normalise_device_name(self.device)
@@ -353,11 +365,16 @@ class NodeDaemon:
         cache: BundleCache,
         *,
         rng: random.Random | None = None,
+        cheat: Cheat | None = None,
     ) -> None:
+        """`cheat` overrides `config.cheat` (a test passes one with a seeded RNG)."""
         self.config = config
         self.client = client
         self.runner = runner
         self.cache = cache
+        if cheat is None and config.cheat is not None:
+            cheat = Cheat(config.cheat)
+        self.cheat = cheat
         self.node_id: str | None = None
         self.registration: NodeRegistration | None = None
         self._rng = rng or random.Random()
@@ -376,6 +393,12 @@ class NodeDaemon:
         """
         try:
             self._prepare_folders()
+            if self.cheat is not None:
+                log.warning(
+                    "THIS NODE CHEATS (--cheat %s): it fakes renders on purpose, to "
+                    "demonstrate the farm's verification. Never use it for real work.",
+                    self.cheat.mode.value,
+                )
             capabilities = self.capabilities()
             log.info(
                 "Node %r: %s, %d threads, %s, devices %s, Blender %s",
@@ -553,6 +576,8 @@ class NodeDaemon:
                 self._release(lease)
 
     def _render(self, lease: Lease, control: _TaskControl) -> Path:
+        """Render a render or verify lease (faked as planned when this node cheats)."""
+        plan = self.cheat.plan(lease) if self.cheat is not None else None
         sha = lease.bundle
         with self.cache.pin(sha):
             control.message = "fetching the scene bundle"
@@ -561,8 +586,15 @@ class NodeDaemon:
             output = self._tasks_dir / f"{lease.lease_id}.exr"
             control.raise_if_cancelled()
             control.message = "rendering"
-            result = self.runner.render(lease, scene, output, on_progress=control.on_progress)
+            result = self.runner.render(
+                lease if plan is None else plan.lease,
+                scene,
+                output,
+                on_progress=control.on_progress,
+            )
         log.info("Lease %s rendered in %.1f s", lease.lease_id, result.seconds)
+        if self.cheat is not None and plan is not None:
+            self.cheat.finish(plan, result.output)
         return result.output
 
     def _denoise(self, lease: Lease, control: _TaskControl) -> Path:

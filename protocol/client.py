@@ -185,6 +185,10 @@ class TesseraClient:
     def ledger_check(self) -> LedgerCheck:
         return self._json("GET", "/ledger/check", LedgerCheck)
 
+    def reinstate(self, account: str) -> None:
+        """Lift a suspended provider's suspension (admin only)."""
+        self._request("POST", f"/providers/{account}/reinstate", idempotent=True)
+
     # --- bundles -----------------------------------------------------------------------------
 
     def has_bundle(self, sha256: str) -> bool:

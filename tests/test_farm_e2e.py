@@ -22,7 +22,7 @@ import pytest
 from app.local_farm import LocalFarm
 from app.submission import follow_job, prepare_submission, submit
 from protocol.client import TesseraClient
-from protocol.models import Role
+from protocol.models import Role, Task, TaskKind, TaskStatus
 from renderers.exr import read_exr
 from renderers.local_render import LocalRenderOptions, render_frame_local
 from renderers.scene_info import SceneInfo, inspect_scene
@@ -69,8 +69,10 @@ def test_three_frames_in_2x2_tiles_on_two_nodes_equal_one_piece_renders(
     )
     with client:
         assert wait_for_job(client, job_id, timeout=300) == "completed"
+        tiles = _tiles(client.tasks(job_id))
+        assert len(tiles) == 12 and all(t.status is TaskStatus.COMPLETED for t in tiles)
         per_node = {node.capabilities.name: node.tasks_completed for node in client.nodes()}
-        assert sum(per_node.values()) == 12 and all(per_node.values()), per_node
+        assert all(per_node.values()), per_node
         for frame in (5, 6, 7):
             farm_frame = read_exr(client.download_frame(job_id, frame, tmp_path / f"{frame}.exr"))
             local = tmp_path / f"local{frame}.exr"
@@ -128,6 +130,12 @@ def test_a_linked_library_scene_renders_from_the_bundle_alone(
     assert np.count_nonzero(alpha > 0.5) > alpha.size // 50, "the linked object is missing"
 
 
+def _tiles(tasks: list[Task]) -> list[Task]:
+    """The render tasks: every local node is a provider of its own, so the tasks also hold
+    verify tasks (other providers re-rendering windows of accepted tiles)."""
+    return [task for task in tasks if task.kind is TaskKind.RENDER]
+
+
 def _wait(predicate: object, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -163,9 +171,12 @@ def test_a_node_killed_mid_task_costs_a_retry_not_the_job(
         farm.node_process(farm.node_names.index(victim)).kill()
         assert wait_for_job(client, job_id, timeout=300) == "completed"
         tasks = client.tasks(job_id)
-        assert all(t.status.value == "completed" for t in tasks)
+        tiles = _tiles(tasks)
+        assert len(tiles) == 2 and all(t.status is TaskStatus.COMPLETED for t in tiles), tasks
+        # Every accepted upload is one completed task: nothing was accepted twice.
         survivors = {n.capabilities.name: n.tasks_completed for n in client.nodes()}
-        assert survivors[victim] == 0 or sum(survivors.values()) == 2
+        completed = sum(t.status is TaskStatus.COMPLETED for t in tasks)
+        assert sum(survivors.values()) == completed, (survivors, tasks)
 
 
 def test_a_coordinator_killed_mid_job_restarts_without_redoing_accepted_tiles(
@@ -194,12 +205,16 @@ def test_a_coordinator_killed_mid_job_restarts_without_redoing_accepted_tiles(
     farm.start_coordinator(port=port)
     with TesseraClient(farm.url, farm.requester_token) as client:
         assert wait_for_job(client, job_id, timeout=300) == "completed"
-        after = {t.id: t.result_sha256 for t in client.tasks(job_id)}
+        tasks = client.tasks(job_id)
+        after = {t.id: t.result_sha256 for t in tasks}
         assert all(after[task_id] == sha for task_id, sha in before.items()), (
             "an accepted tile was replaced"
         )
+        assert len(_tiles(tasks)) == 24
+        # One accepted upload per completed task (tiles and duplicate samples alike).
         accepted = sum(n.tasks_completed for n in client.nodes())
-        assert accepted == 24, f"{accepted} uploads accepted for 24 tiles"
+        completed = sum(t.status is TaskStatus.COMPLETED for t in tasks)
+        assert accepted == completed, f"{accepted} uploads accepted for {completed} tasks"
 
 
 def test_a_node_started_with_lan_finds_the_farm_and_renders(

@@ -17,8 +17,16 @@ from hypothesis import strategies as st
 
 from common.errors import ApiError
 from coordinator import ledger
+from coordinator.config import CoordinatorConfig
 from coordinator.db import Database
-from coordinator.farm import denoise_units, plan_for, render_units
+from coordinator.farm import (
+    denoise_units,
+    estimate_milli,
+    plan_assignments,
+    plan_for,
+    render_units,
+    sample_units,
+)
 from protocol.models import Region, Role
 from renderers.regions import Tile
 from renderers.scene_info import SceneInfo, inspect_scene
@@ -309,8 +317,14 @@ def test_a_priced_job_pays_its_provider_and_refunds_the_rest(
     plan_units.append(denoise_units(spec))
     expected_milli = sum(ledger.cost_milli(units, 1) for units in plan_units)
     fee_milli = sum(int(ledger.cost_milli(units, 1) * 0.05) for units in plan_units)
+    config = CoordinatorConfig(data_dir=tmp_path)
+    assignments = [a for _, a in plan_assignments(spec)]
+    assert escrowed == pytest.approx(estimate_milli(spec, assignments, config) / 1000)
+    # The estimate covers each tile and one duplicate sample of it at the max price.
+    allowance = sum(sample_units(spec, a, config) for a in assignments)
     assert escrowed == pytest.approx(
-        sum(ledger.cost_milli(u, 1, round_up=True) for u in plan_units) / 1000
+        (sum(ledger.cost_milli(u, 1, round_up=True) for u in plan_units) + 1000 * allowance) / 1000,
+        abs=0.003,
     )
     assert earned == pytest.approx((expected_milli - fee_milli) / 1000)
     assert earned == pytest.approx(sum(plan_units) * 0.95, abs=0.01)

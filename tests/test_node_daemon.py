@@ -651,6 +651,51 @@ def test_a_denoise_task_is_denoised_and_uploaded(
     assert fake.bundle_downloads == [], "denoising needs no bundle"
 
 
+def test_a_cheating_node_fakes_verify_tasks_but_never_denoise_tasks(
+    fake: FakeCoordinator,
+    server: RunningServer,
+    start_node: Callable[..., NodeUnderTest],
+    demo_bundle: tuple[str, bytes],
+    demo_scene: Path,
+    worker: RenderWorker,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sha, data = demo_bundle
+    fake.bundles[sha] = data
+    merged = worker.render(
+        RenderRequest(
+            scene=demo_scene,
+            frame=1,
+            output=tmp_path / "merged.exr",
+            samples=2,
+            percentage=PERCENTAGE,
+            seed=0,
+            denoise_data=True,
+        )
+    ).output
+    fake.denoise_inputs["denoise-1"] = merged.read_bytes()
+    fake.add_lease(make_lease(sha, "verify-1", samples=4, kind=TaskKind.VERIFY))
+    fake.add_lease(make_lease(sha, "denoise-1", samples=2, kind=TaskKind.DENOISE))
+    caplog.set_level(logging.INFO, logger="farm_node")
+    node = start_node(_url(server), cheat="black")
+    fake.wait_for(lambda: {"verify-1", "denoise-1"} <= fake.uploads.keys())
+    node.finish()
+    images = {}
+    for lease_id in ("verify-1", "denoise-1"):
+        path = tmp_path / f"{lease_id}.exr"
+        path.write_bytes(fake.uploads[lease_id])
+        images[lease_id] = read_exr(path).combined_rgba()
+    verify, denoised = images["verify-1"], images["denoise-1"]
+    assert verify.shape == (HEIGHT, WIDTH, 4)
+    assert (verify[..., :3] == 0).all() and (verify[..., 3] == 1).all()
+    assert denoised[..., :3].max() > 0, "a denoise task is never faked"
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("THIS NODE CHEATS (--cheat black)" in m for m in messages)
+    assert any("CHEATING (black) on lease verify-1" in m for m in messages)
+    assert not any("denoise-1" in m and "CHEATING" in m for m in messages)
+
+
 # --- small parts ---------------------------------------------------------------------------------
 
 
@@ -679,6 +724,8 @@ def test_invalid_settings_fail_fast(tmp_path: Path) -> None:
         NodeConfig(coordinator_url="http://x", data_dir=tmp_path, poll_wait=600).validate()
     with pytest.raises(UsageError, match="Unknown device"):
         NodeConfig(coordinator_url="http://x", data_dir=tmp_path, device="TPU").validate()
+    with pytest.raises(UsageError, match="--cheat must be one of"):
+        NodeConfig(coordinator_url="http://x", data_dir=tmp_path, cheat="gold").validate()
     NodeConfig(coordinator_url="http://x", data_dir=tmp_path).validate()
 
 
