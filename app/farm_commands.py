@@ -63,6 +63,11 @@ DEVICES = ("ANY", "CPU", "GPU", "CUDA", "OPTIX", "HIP", "METAL", "ONEAPI")
 CLI_RETRIES = 2
 MESSAGE_WIDTH = 60
 
+#: What each node of a `tessera render`/`demo` farm asks per work unit, and the credits
+#: its requester starts with.
+LOCAL_PRICE = 1.0
+LOCAL_CREDITS = 1_000_000.0
+
 
 def add_farm_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the farm commands to the `tessera` parser's subcommands."""
@@ -454,8 +459,16 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
     with tempfile.TemporaryDirectory(prefix="tessera-farm-") as folder:
         cheating = f" and {len(cheats)} cheating node(s)" if cheats else ""
         status.line(f"Starting a local farm: a coordinator and {args.nodes} node(s){cheating}...")
+        # The local farm prices its nodes so the run shows who earned what; the job
+        # offers at least that price, from credits granted to the local requester.
+        args.max_price = max(getattr(args, "max_price", 0.0) or 0.0, LOCAL_PRICE)
         with LocalFarm(
-            Path(folder), nodes=args.nodes, threads_per_node=args.threads_per_node, cheats=cheats
+            Path(folder),
+            nodes=args.nodes,
+            threads_per_node=args.threads_per_node,
+            cheats=cheats,
+            price=LOCAL_PRICE,
+            credits=LOCAL_CREDITS,
         ) as farm:
             args.coordinator, args.token = farm.url, farm.requester_token
             with TesseraClient(farm.url, farm.requester_token, retries=CLI_RETRIES) as client:

@@ -63,6 +63,10 @@ class LocalFarm:
     node_env: list[dict[str, str]] = field(default_factory=list)
     coordinator_args: list[str] = field(default_factory=list)
     node_args: list[str] = field(default_factory=list)
+    #: Credits per work unit every node asks (0: free), and credits granted to the local
+    #: requester, so that a local run shows the ledger at work.
+    price: float = 0.0
+    credits: float = 0.0
     cheats: list[str] = field(default_factory=list)
     url: str = ""
     admin_token: str = ""
@@ -87,6 +91,8 @@ class LocalFarm:
             self.admin_token = (self.folder / "coordinator" / "admin.token").read_text().strip()
             with TesseraClient(self.url, self.admin_token) as admin:
                 self.requester_token = admin.create_account(REQUESTER, Role.REQUESTER).token
+                if self.credits > 0:
+                    admin.grant(REQUESTER, self.credits)
                 self.local_nodes = [
                     LocalNode(name, name, admin.create_account(name, Role.PROVIDER).token, cheat)
                     for name, cheat in self._plan_nodes()
@@ -111,6 +117,7 @@ class LocalFarm:
                     self.device,
                     "--data",
                     str(self.folder / node.name),
+                    *(["--price", f"{self.price:g}"] if self.price > 0 else []),
                     *self.node_args,
                 ]
                 if node.cheat is not None:

@@ -18,6 +18,7 @@ from protocol.models import (
     FrameRange,
     Heartbeat,
     JobSpec,
+    Lease,
     LeaseRequest,
     NodeCapabilities,
     TileGrid,
@@ -138,9 +139,6 @@ def serve_leases(
 ) -> int:
     """A minimal node: lease, render with `worker`, upload; stop after `until_idle` seconds
     without work. Returns the number of tasks done. (The real node is farm_node.)"""
-    from renderers.denoise import denoise_frame
-    from renderers.exr import read_exr, write_exr
-
     node = client.register_node(
         NodeCapabilities(name=name, blender_versions=["5.0.1"], price=price)
     )
@@ -150,31 +148,41 @@ def serve_leases(
         if lease is None:
             continue
         output = scratch / f"{lease.task.id}.exr"
-        if lease.assignment is not None:
-            a = lease.assignment
-            region = PixelRect(
-                a.render_region.x0, a.render_region.y0, a.render_region.x1, a.render_region.y1
-            )
-            worker.render(
-                RenderRequest(
-                    scene=scene,
-                    frame=a.frame,
-                    output=output,
-                    border=None if a.whole_frame else border_fractions(region, a.width, a.height),
-                    samples=a.samples,
-                    percentage=a.percentage,
-                    denoise_data=a.denoise_data,
-                    denoise=a.denoise_in_render,
-                )
-            )
-        else:
-            merged = client.download_denoise_input(lease.lease_id, scratch / "merged.exr")
-            write_exr(output, denoise_frame(worker, read_exr(merged), samples=lease.samples))
+        do_lease(client, worker, scene, lease, output)
         client.heartbeat(lease.lease_id, Heartbeat(progress=1.0))
         client.upload_result(lease.lease_id, output)
         done += 1
         idle_since = time.monotonic()
     return done
+
+
+def do_lease(
+    client: TesseraClient, worker: RenderWorker, scene: Path, lease: Lease, output: Path
+) -> None:
+    """Render a lease's assignment, or denoise its merged frame, into `output`."""
+    from renderers.denoise import denoise_frame
+    from renderers.exr import read_exr, write_exr
+
+    if lease.assignment is None:
+        merged = client.download_denoise_input(lease.lease_id, output.with_suffix(".in.exr"))
+        write_exr(output, denoise_frame(worker, read_exr(merged), samples=lease.samples))
+        return
+    a = lease.assignment
+    region = PixelRect(
+        a.render_region.x0, a.render_region.y0, a.render_region.x1, a.render_region.y1
+    )
+    worker.render(
+        RenderRequest(
+            scene=scene,
+            frame=a.frame,
+            output=output,
+            border=None if a.whole_frame else border_fractions(region, a.width, a.height),
+            samples=a.samples,
+            percentage=a.percentage,
+            denoise_data=a.denoise_data,
+            denoise=a.denoise_in_render,
+        )
+    )
 
 
 def wait_for_job(client: TesseraClient, job_id: str, timeout: float = 120.0) -> str:

@@ -19,10 +19,8 @@ from common.errors import ApiError
 from farm_node.cheats import Cheat, CheatMode
 from protocol.client import TesseraClient
 from protocol.models import Heartbeat, LeaseRequest, NodeCapabilities, Role
-from renderers.denoise import denoise_frame
-from renderers.exr import read_exr, write_exr
-from renderers.regions import PixelRect, border_fractions
-from renderers.worker import RenderRequest, RenderWorker
+from renderers.worker import RenderWorker
+from tests.farm_tools import do_lease
 
 
 @dataclass
@@ -48,26 +46,7 @@ class VirtualNode:
         plan = self.cheat.plan(lease) if self.cheat is not None else None
         if plan is not None:
             lease = plan.lease
-        if lease.assignment is not None:
-            a = lease.assignment
-            region = PixelRect(
-                a.render_region.x0, a.render_region.y0, a.render_region.x1, a.render_region.y1
-            )
-            self.worker.render(
-                RenderRequest(
-                    scene=scene,
-                    frame=a.frame,
-                    output=output,
-                    border=None if a.whole_frame else border_fractions(region, a.width, a.height),
-                    samples=a.samples,
-                    percentage=a.percentage,
-                    denoise_data=a.denoise_data,
-                    denoise=a.denoise_in_render,
-                )
-            )
-        else:
-            merged = self.client.download_denoise_input(lease.lease_id, scratch / "merged.exr")
-            write_exr(output, denoise_frame(self.worker, read_exr(merged), samples=lease.samples))
+        do_lease(self.client, self.worker, scene, lease, output)
         if self.cheat is not None and plan is not None:
             self.cheat.finish(plan, output)
         self.client.heartbeat(lease.lease_id, Heartbeat(progress=1.0))
