@@ -143,6 +143,39 @@ def test_each_cheat_is_caught_and_the_frames_stay_exact(
     assert any(not v["agree"] for v in _verifications(coordinator))
 
 
+def test_a_provider_faking_a_tenth_of_its_tiles_gets_no_fake_accepted(
+    coordinator: RunningCoordinator,
+    admin: TesseraClient,
+    requester: TesseraClient,
+    demo_info: SceneInfo,
+    demo_scene: Path,
+    worker: RenderWorker,
+    tmp_path: Path,
+) -> None:
+    url = coordinator.url
+    # Seed 31 makes the first draw a fake: the cheater's first tile is faked.
+    cheater = make_node(admin, url, "sometimes", worker, cheat="sometimes", seed=31)
+    nodes = [cheater, make_node(admin, url, "a", worker), make_node(admin, url, "b", worker)]
+    job_ids = [_submit(requester, demo_info, demo_scene, tmp_path / f"bundle{i}") for i in range(2)]
+    serve(nodes, demo_scene, tmp_path, lambda: all(_finished(requester, j) for j in job_ids))
+
+    assert cheater.faked, "the seeded cheater faked nothing"
+    for job_id in job_ids:
+        assert requester.job(job_id).status is JobStatus.COMPLETED
+        accepted = {
+            t.id
+            for t in requester.tasks(job_id)
+            if t.status.value == "completed"
+            and t.node == cheater.node_id
+            and t.kind.value == "render"
+        }
+        assert not accepted & set(cheater.faked), "a faked tile was accepted"
+    _assert_frames_exact(requester, job_ids[0], worker, demo_scene, tmp_path)
+    assert _node(admin, "sometimes").rejected >= 1
+    assert _node(admin, "a").rejected == 0 and _node(admin, "b").rejected == 0
+    assert admin.ledger_check().ok
+
+
 def test_honest_providers_on_two_cpu_kernels_are_never_rejected(
     coordinator: RunningCoordinator,
     admin: TesseraClient,

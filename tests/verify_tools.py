@@ -31,6 +31,8 @@ class VirtualNode:
     capabilities: NodeCapabilities
     cheat: Cheat | None = None
     node_id: str = ""
+    #: Ids of the tasks this node faked.
+    faked: list[str] = field(default_factory=list)
     done: int = 0
     refused: list[str] = field(default_factory=list)
 
@@ -46,6 +48,8 @@ class VirtualNode:
         plan = self.cheat.plan(lease) if self.cheat is not None else None
         if plan is not None:
             lease = plan.lease
+            if plan.fake is not None:
+                self.faked.append(lease.task.id)
         do_lease(self.client, self.worker, scene, lease, output)
         if self.cheat is not None and plan is not None:
             self.cheat.finish(plan, output)
@@ -67,6 +71,7 @@ def make_node(
     kernel: str = "AVX2",
     price: float = 1.0,
     cheat: str | None = None,
+    seed: int | str | None = None,
 ) -> VirtualNode:
     """A node with its own provider account called `name`."""
     token = admin.create_account(name, Role.PROVIDER).token
@@ -77,7 +82,8 @@ def make_node(
         cpu_kernel=kernel,
         price=price,
     )
-    faker = Cheat(CheatMode(cheat), rng=random.Random(name)) if cheat else None
+    rng = random.Random(name if seed is None else seed)
+    faker = Cheat(CheatMode(cheat), rng=rng) if cheat else None
     node = VirtualNode(name, TesseraClient(url, token), worker, caps, faker)
     node.register()
     return node
