@@ -32,6 +32,10 @@ class CoordinatorConfig:
     #: A node counts as able to take a sample if it was seen this recently (nodes poll or
     #: beat every few seconds; `node_offline_after` is kept long for display).
     verifier_seen_seconds: float = 30.0
+    #: An idle node gets a backup copy of the last unfinished tile of a frame once that
+    #: tile has run this long and twice the job's median tile time; the first result
+    #: wins. 0 turns backups off.
+    backup_after_seconds: float = 30.0
 
     @property
     def db_path(self) -> Path:

@@ -149,6 +149,11 @@ MIGRATIONS: tuple[str, ...] = (
         at TEXT NOT NULL
     );
     """,
+    # 5: backup renders of tiles that a slow node holds up
+    """
+    ALTER TABLE tasks ADD COLUMN backs_up TEXT;
+    CREATE INDEX tasks_by_original ON tasks(backs_up);
+    """,
 )
 
 

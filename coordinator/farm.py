@@ -64,6 +64,8 @@ from protocol.models import (
 from renderers.regions import ADAPTIVE_SAMPLING_MARGIN, RegionPlan, plan_grid
 from renderers.scene_info import BLEND_MAGICS
 
+#: A task's database row, or a copy of one with changes (a backup's result moved in).
+TaskRow = sqlite3.Row | dict[str, Any]
 NODE_TOUCH_SECONDS = 5.0
 LEASABLE = (TaskStatus.QUEUED.value, TaskStatus.SOFT_FAILED.value)
 RUNNABLE_JOBS = (JobStatus.QUEUED.value, JobStatus.ACTIVE.value)
@@ -459,8 +461,6 @@ class Farm:
                 " t.tile_index LIMIT 500",
                 (*LEASABLE, *RUNNABLE_JOBS, node_id),
             )
-            if not candidates:
-                return None
             busy = {
                 row[0]: row[1]
                 for row in self.db.query(
@@ -491,12 +491,35 @@ class Farm:
                 )
                 if best is None or key < best[0]:
                     best = (key, row, spec)
+            backup: dict[str, Any] | None = None
+            chosen: TaskRow
             if best is None:
-                return None
-            _, row, spec = best
+                found = self._backup_candidate(node_id, caps)
+                if found is None:
+                    return None
+                backup, spec = found
+                chosen = backup
+            else:
+                _, chosen, spec = best
             lease_id = uuid.uuid4().hex
             expires = time.time() + self.config.lease_seconds
             with self.db.transaction() as conn:
+                if backup is not None:
+                    conn.execute(
+                        "INSERT INTO tasks (id, job_id, kind, frame, tile_index, status,"
+                        " assignment, backs_up, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                        (
+                            backup["id"],
+                            backup["job_id"],
+                            TaskKind.BACKUP.value,
+                            backup["frame"],
+                            backup["tile_index"],
+                            TaskStatus.QUEUED.value,
+                            backup["assignment"],
+                            backup["backs_up"],
+                            now_iso(),
+                        ),
+                    )
                 conn.execute(
                     "UPDATE tasks SET status = ?, lease_id = ?, node_id = ?, lease_expires = ?,"
                     " leased_at = ?, updated_at = ? WHERE id = ?",
@@ -507,23 +530,25 @@ class Farm:
                         expires,
                         time.time(),
                         now_iso(),
-                        row["id"],
+                        chosen["id"],
                     ),
                 )
                 conn.execute(
                     "UPDATE jobs SET status = ?, updated_at = ? WHERE id = ? AND status = ?",
-                    (JobStatus.ACTIVE.value, now_iso(), row["job_id"], JobStatus.QUEUED.value),
+                    (JobStatus.ACTIVE.value, now_iso(), chosen["job_id"], JobStatus.QUEUED.value),
                 )
                 conn.execute(
                     "UPDATE nodes SET current_task = ?, last_seen = ? WHERE id = ?",
-                    (row["id"], time.time(), node_id),
+                    (chosen["id"], time.time(), node_id),
                 )
-                task_row = conn.execute("SELECT * FROM tasks WHERE id = ?", (row["id"],)).fetchone()
+                task_row = conn.execute(
+                    "SELECT * FROM tasks WHERE id = ?", (chosen["id"],)
+                ).fetchone()
         self.bus.publish(
             "task",
-            job_id=row["job_id"],
-            task_id=row["id"],
-            frame=row["frame"],
+            job_id=chosen["job_id"],
+            task_id=chosen["id"],
+            frame=chosen["frame"],
             status=TaskStatus.ACTIVE.value,
             node=caps.name,
         )
@@ -532,6 +557,69 @@ class Farm:
     @staticmethod
     def _job_spec_json(conn: sqlite3.Connection, job_id: str) -> str:
         return str(conn.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()[0])
+
+    def _backup_candidate(
+        self, node_id: str, caps: NodeCapabilities
+    ) -> tuple[dict[str, Any], JobSpec] | None:
+        """A backup copy of a tile that holds up its frame on a slow node, for this idle node.
+
+        Only the last unfinished tile of a frame qualifies (elsewhere there is other work),
+        only after it has run `backup_after_seconds` and twice the job's median tile time
+        (a fresh node would then likely finish first), and only once at a time.
+        """
+        wait = self.config.backup_after_seconds
+        if wait <= 0:
+            return None
+        rows = self.db.query(
+            "SELECT t.*, j.spec, (SELECT COUNT(*) FROM tasks o WHERE o.job_id = t.job_id AND"
+            " o.frame = t.frame AND o.kind = ? AND o.status != ?) AS unfinished FROM tasks t"
+            " JOIN jobs j ON j.id = t.job_id WHERE t.kind = ? AND t.status = ? AND"
+            " t.leased_at < ? AND t.node_id != ? AND j.status IN (?, ?) AND NOT EXISTS"
+            " (SELECT 1 FROM tasks b WHERE b.backs_up = t.id AND b.status IN (?, ?, ?)) AND"
+            " NOT EXISTS (SELECT 1 FROM blocklist k WHERE k.job_id = t.job_id AND"
+            " k.node_id = ?) ORDER BY t.leased_at LIMIT 50",
+            (
+                TaskKind.RENDER.value,
+                TaskStatus.COMPLETED.value,
+                TaskKind.RENDER.value,
+                TaskStatus.ACTIVE.value,
+                time.time() - wait,
+                node_id,
+                *RUNNABLE_JOBS,
+                *LEASABLE,
+                TaskStatus.ACTIVE.value,
+                node_id,
+            ),
+        )
+        for row in rows:
+            if row["unfinished"] != 1:
+                continue
+            spec = self._spec(row["job_id"], row["spec"])
+            if not _node_can_run(caps, spec) or caps.price > spec.max_price:
+                continue
+            times = [
+                r[0]
+                for r in self.db.query(
+                    "SELECT render_seconds FROM tasks WHERE job_id = ? AND kind = ? AND"
+                    " render_seconds IS NOT NULL ORDER BY render_seconds",
+                    (row["job_id"], TaskKind.RENDER.value),
+                )
+            ]
+            if not times or time.time() - row["leased_at"] < 2 * times[len(times) // 2]:
+                continue
+            count = self.db.fetch_one(
+                "SELECT COUNT(*) FROM tasks WHERE backs_up = ?", (row["id"],)
+            )[0]
+            backup = {
+                "id": f"{row['id']}-b{count + 1}",
+                "job_id": row["job_id"],
+                "frame": row["frame"],
+                "tile_index": row["tile_index"],
+                "assignment": row["assignment"],
+                "backs_up": row["id"],
+            }
+            return backup, spec
+        return None
 
     def _spec(self, job_id: str, raw: str) -> JobSpec:
         """Parsed job specs, cached: a spec never changes after submission."""
@@ -751,7 +839,7 @@ class Farm:
 
     def _give_up_sample(self, row: sqlite3.Row, kind: str, message: str, *, penalise: bool) -> None:
         """A sample failed on every try: settle its tile without it."""
-        changes: list[tuple[sqlite3.Row, TaskStatus]] = []
+        changes: list[tuple[TaskRow, TaskStatus]] = []
         ready: list[tuple[str, int]] = []
         with self.db.transaction() as conn:
             if penalise and row["node_owner"]:
@@ -827,23 +915,106 @@ class Farm:
             )
         if row["kind"] == TaskKind.VERIFY.value:
             return self._accept_sample(row, lease_id, sha256)
-        changes: list[tuple[sqlite3.Row, TaskStatus]] = []
+        changes: list[tuple[TaskRow, TaskStatus]] = []
         ready: list[tuple[str, int]] = []
         with self.db.transaction() as conn:
             self._store_result(conn, row, lease_id, sha256)
-            if row["kind"] == TaskKind.RENDER.value and self._start_sample(conn, row):
-                conn.execute(
-                    "UPDATE tasks SET status = ? WHERE id = ?",
-                    (TaskStatus.CHECKING.value, row["id"]),
-                )
-                changes.append((row, TaskStatus.CHECKING))
+            if row["kind"] == TaskKind.BACKUP.value:
+                tile = self._take_backup(conn, row, sha256)
+                if tile is None:
+                    changes.append((row, TaskStatus.CANCELED))
+                    accepted = False
+                else:
+                    changes.append((row, TaskStatus.CANCELED))
+                    ready += self._settle_upload(conn, tile, changes)
+                    accepted = True
             else:
-                ready += self._complete(conn, row["id"])
-                changes.append((row, TaskStatus.COMPLETED))
+                self._cancel_backups(conn, row["id"], "the original render finished first")
+                ready += self._settle_upload(conn, row, changes)
+                accepted = True
         self._announce(changes, ready)
+        if not accepted:
+            return UploadReceipt(task_id=row["id"], sha256=sha256, accepted=False)
         return UploadReceipt(
             task_id=row["id"], sha256=sha256, accepted=True, frame_completed=bool(ready)
         )
+
+    def _settle_upload(
+        self,
+        conn: sqlite3.Connection,
+        row: TaskRow,
+        changes: list[tuple[TaskRow, TaskStatus]],
+    ) -> list[tuple[str, int]]:
+        """A checked tile or denoised frame: hold it for a sample, or accept it now."""
+        if row["kind"] == TaskKind.RENDER.value and self._start_sample(conn, row):
+            conn.execute(
+                "UPDATE tasks SET status = ? WHERE id = ?", (TaskStatus.CHECKING.value, row["id"])
+            )
+            changes.append((row, TaskStatus.CHECKING))
+            return []
+        changes.append((row, TaskStatus.COMPLETED))
+        return self._complete(conn, row["id"])
+
+    def _take_backup(
+        self, conn: sqlite3.Connection, backup: sqlite3.Row, sha256: str
+    ) -> dict[str, Any] | None:
+        """A backup finished first: its result becomes the original tile's, whose slow
+        lease ends (that node's next heartbeat or upload is refused). None if the
+        original finished first."""
+        original = conn.execute(
+            "SELECT * FROM tasks WHERE id = ?", (backup["backs_up"],)
+        ).fetchone()
+        conn.execute(
+            "UPDATE tasks SET status = ?, message = ?, updated_at = ? WHERE id = ?",
+            (TaskStatus.CANCELED.value, "", now_iso(), backup["id"]),
+        )
+        # The slow node may have lost its lease meanwhile (re-queued): the result still
+        # stands.
+        if original is None or original["status"] not in (TaskStatus.ACTIVE.value, *LEASABLE):
+            conn.execute(
+                "UPDATE tasks SET message = ? WHERE id = ?",
+                ("the original render finished first", backup["id"]),
+            )
+            return None
+        conn.execute(
+            "UPDATE tasks SET message = ? WHERE id = ?",
+            (f"finished first: its result is task {original['id']}'s", backup["id"]),
+        )
+        conn.execute(
+            "UPDATE nodes SET current_task = NULL WHERE id = ? AND current_task = ?",
+            (original["node_id"], original["id"]),
+        )
+        conn.execute(
+            "UPDATE tasks SET node_id = ?, result_sha = ?, lease_id = NULL, lease_expires = NULL,"
+            " render_seconds = ?, message = ?, updated_at = ? WHERE id = ?",
+            (
+                backup["node_id"],
+                sha256,
+                conn.execute(
+                    "SELECT render_seconds FROM tasks WHERE id = ?", (backup["id"],)
+                ).fetchone()[0],
+                "rendered by a backup node: the first node was too slow",
+                now_iso(),
+                original["id"],
+            ),
+        )
+        tile = dict(conn.execute("SELECT * FROM tasks WHERE id = ?", (original["id"],)).fetchone())
+        tile["node_owner"] = backup["node_owner"]
+        return tile
+
+    def _cancel_backups(self, conn: sqlite3.Connection, task_id: str, why: str) -> None:
+        for row in conn.execute(
+            "SELECT id, node_id FROM tasks WHERE backs_up = ? AND status IN (?, ?, ?)",
+            (task_id, *LEASABLE, TaskStatus.ACTIVE.value),
+        ).fetchall():
+            conn.execute(
+                "UPDATE tasks SET status = ?, message = ?, updated_at = ? WHERE id = ?",
+                (TaskStatus.CANCELED.value, why, now_iso(), row["id"]),
+            )
+            conn.execute(
+                "UPDATE nodes SET current_task = NULL WHERE id = ? AND current_task = ?",
+                (row["node_id"], row["id"]),
+            )
 
     def _store_result(
         self, conn: sqlite3.Connection, row: sqlite3.Row, lease_id: str, sha256: str
@@ -891,7 +1062,7 @@ class Farm:
         return [(row["job_id"], row["frame"])] if remaining == 0 else []
 
     def _announce(
-        self, changes: list[tuple[sqlite3.Row, TaskStatus]], ready: list[tuple[str, int]]
+        self, changes: list[tuple[TaskRow, TaskStatus]], ready: list[tuple[str, int]]
     ) -> None:
         for row, status in changes:
             self.bus.publish(
@@ -938,7 +1109,7 @@ class Farm:
 
     # --- duplicate sampling ----------------------------------------------------------------
 
-    def _start_sample(self, conn: sqlite3.Connection, row: sqlite3.Row) -> bool:
+    def _start_sample(self, conn: sqlite3.Connection, row: TaskRow) -> bool:
         """Maybe queue a duplicate sample of this freshly uploaded tile; True if queued."""
         policy = self.config.verification
         owner = row["node_owner"]
@@ -959,7 +1130,7 @@ class Farm:
     def _queue_sample(
         self,
         conn: sqlite3.Connection,
-        tile: sqlite3.Row,
+        tile: TaskRow,
         window: RenderAssignment,
         excluded_owners: set[str],
     ) -> None:
@@ -1028,7 +1199,7 @@ class Farm:
             samples = [_result(dict(r)) for r in pending if r["id"] != row["id"]]
             samples.append(_result(sample))
             verdict = sampling.judge(_result(dict(tile)), samples, _lease_device(spec), self.store)
-        changes: list[tuple[sqlite3.Row, TaskStatus]] = []
+        changes: list[tuple[TaskRow, TaskStatus]] = []
         ready: list[tuple[str, int]] = []
         with self.db.transaction() as conn:
             self._store_result(conn, row, lease_id, sha256)
@@ -1053,7 +1224,7 @@ class Farm:
         tile: sqlite3.Row,
         sample: sqlite3.Row,
         verdict: sampling.Verdict,
-        changes: list[tuple[sqlite3.Row, TaskStatus]],
+        changes: list[tuple[TaskRow, TaskStatus]],
     ) -> list[tuple[str, int]]:
         for check in verdict.comparisons:
             outcome = check.outcome
@@ -1171,7 +1342,7 @@ class Farm:
         for row in stale:
             spec = self._spec(row["job_id"], row["spec"])
             excluded = set(filter(None, row["excluded_owners"].split(",")))
-            changes: list[tuple[sqlite3.Row, TaskStatus]] = []
+            changes: list[tuple[TaskRow, TaskStatus]] = []
             ready: list[tuple[str, int]] = []
             with self.db.transaction() as conn:
                 if self._verifier_online(conn, spec, row["job_id"], excluded):

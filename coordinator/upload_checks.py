@@ -128,7 +128,7 @@ def check_result(
     except ExrError as exc:
         message = exc.message.replace(str(path), "the file")
         return f"it is not a readable EXR ({message})"
-    rendered = kind in (TaskKind.RENDER, TaskKind.VERIFY)
+    rendered = kind in (TaskKind.RENDER, TaskKind.VERIFY, TaskKind.BACKUP)
     if rendered and assignment is None:
         return f"a {kind.value} task needs a render assignment to check its result against"
     if rendered and assignment is not None:

@@ -62,6 +62,8 @@ class TaskKind(StrEnum):
     DENOISE = "denoise"
     #: A small window of another provider's tile, rendered again to check it.
     VERIFY = "verify"
+    #: A second render of a tile a slow node is holding up; the first result wins.
+    BACKUP = "backup"
 
 
 class Role(StrEnum):

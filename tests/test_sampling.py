@@ -34,22 +34,25 @@ from coordinator.verification import (
 )
 from protocol.client import sha256_file
 from protocol.models import (
-    FrameRange,
     JobSpec,
     LeaseRequest,
     NodeCapabilities,
     Region,
     RenderAssignment,
     Role,
-    SceneSummary,
     TaskFailure,
     TaskKind,
     TaskStatus,
-    TileGrid,
 )
-from renderers.exr import ExrImage, ExrPart, write_exr
 from renderers.regions import PixelRect
-from tests.farm_tools import make_bundle
+from tests.inprocess_farm import (
+    CAPS,
+    TRUTH,
+    setup_farm,
+    small_spec,
+    task_status,
+    write_tile_exr,
+)
 
 POLICY = VerificationPolicy()
 
@@ -130,10 +133,8 @@ def test_exact_comparison_needs_the_same_machine_class() -> None:
 # --- verdicts ----------------------------------------------------------------------------
 
 
-TRUTH = np.random.default_rng(1).uniform(0, 1, (48, 64, 4)).astype(np.float32)
 TILE = _assignment(Region(x0=0, y0=0, x1=32, y1=24), Region(x0=0, y0=0, x1=32, y1=24))
 WINDOW = _assignment(Region(x0=4, y0=4, x1=20, y1=20), Region(x0=8, y0=8, x1=16, y1=16))
-CAPS = NodeCapabilities(name="n", blender_versions=["5.0.1"], cpu="EPYC", cpu_kernel="AVX2")
 
 
 @pytest.fixture()
@@ -141,21 +142,10 @@ def store(tmp_path: Path) -> ContentStore:
     return ContentStore(tmp_path / "store")
 
 
-def _exr(path: Path, rgba: npt.NDArray[np.floating[Any]]) -> Path:
-    """A one-pass multilayer EXR of `rgba`, as a node would upload."""
-    channels = {
-        f"ViewLayer.Combined.{c}": np.ascontiguousarray(rgba[..., i].astype(np.float32))
-        for i, c in enumerate("RGBA")
-    }
-    part = ExrPart("ViewLayer.Combined", channels)
-    write_exr(path, ExrImage(rgba.shape[1], rgba.shape[0], [part]))
-    return path
-
-
 def _stored(
     store: ContentStore, folder: Path, rgba: npt.NDArray[np.floating[Any]], name: str
 ) -> str:
-    path = _exr(folder / f"{name}.exr", rgba)
+    path = write_tile_exr(folder / f"{name}.exr", rgba)
     sha, _ = store.put_stream(iter([path.read_bytes()]), max_bytes=1 << 30)
     return sha
 
@@ -223,29 +213,7 @@ def test_verdicts(
 
 @pytest.fixture()
 def spec() -> JobSpec:
-    """A 64x48 job of 2x1 tiles (64 x 48 at 10% of the scene's size), without denoising."""
-    scene = SceneSummary(
-        name="Scene",
-        frame_start=1,
-        frame_end=10,
-        resolution_x=640,
-        resolution_y=480,
-        resolution_percentage=100,
-        samples=8,
-        adaptive_sampling=False,
-        denoising=False,
-        camera="Camera",
-    )
-    return JobSpec(
-        name="job",
-        bundle="0" * 64,
-        scene_path="scene.blend",
-        scene=scene,
-        frames=FrameRange(start=1, end=1),
-        tiles=TileGrid(columns=2, rows=1),
-        percentage=10,
-        max_price=1.0,
-    )
+    return small_spec()
 
 
 @pytest.fixture()
@@ -256,54 +224,35 @@ def farm(tmp_path: Path) -> Iterator[Farm]:
     db.close()
 
 
-def _setup(farm: Farm, spec: JobSpec, demo_scene: Path, folder: Path) -> tuple[str, list[str]]:
-    """A submitted 2-tile job and two online nodes of two provider accounts."""
-    farm.create_account("artist", Role.REQUESTER)
-    farm.grant_credits(Principal("admin", Role.ADMIN), "artist", 100)
-    path, sha = make_bundle(demo_scene, folder)
-    farm.put_bundle(sha, iter([path.read_bytes()]))
-    job = farm.submit(Principal("artist", Role.REQUESTER), spec.model_copy(update={"bundle": sha}))
-    nodes = []
-    for name in ("a", "b"):
-        farm.create_account(name, Role.PROVIDER)
-        caps = CAPS.model_copy(update={"name": name})
-        nodes.append(farm.register_node(Principal(name, Role.PROVIDER), caps).node_id)
-    return job.id, nodes
-
-
 def _upload(farm: Farm, who: Principal, node_id: str, folder: Path) -> str:
     lease = farm.try_lease(who, node_id, LeaseRequest(wait=0))
     assert lease is not None and lease.assignment is not None
     r = lease.assignment.render_region
     pixels = TRUTH[r.y0 : r.y1, r.x0 : r.x1]
-    path = _exr(folder / f"{lease.lease_id}.exr", pixels)
+    path = write_tile_exr(folder / f"{lease.lease_id}.exr", pixels)
     farm.accept_result(who, lease.lease_id, sha256_file(path), iter([path.read_bytes()]))
     return lease.task.id
-
-
-def _status(farm: Farm, task_id: str) -> str:
-    return str(farm.db.fetch_one("SELECT status FROM tasks WHERE id = ?", (task_id,))[0])
 
 
 def test_a_sample_nobody_can_take_is_dropped_and_its_tile_accepted(
     farm: Farm, spec: JobSpec, demo_scene: Path, tmp_path: Path
 ) -> None:
-    _, (node_a, node_b) = _setup(farm, spec, demo_scene, tmp_path / "bundle")
+    _, (node_a, node_b) = setup_farm(farm, spec, demo_scene, tmp_path / "bundle")
     tile = _upload(farm, Principal("a", Role.PROVIDER), node_a, tmp_path)
-    assert _status(farm, tile) == TaskStatus.CHECKING
-    assert _status(farm, f"{tile}-v1") == TaskStatus.QUEUED
+    assert task_status(farm, tile) == TaskStatus.CHECKING
+    assert task_status(farm, f"{tile}-v1") == TaskStatus.QUEUED
     assert farm.resolve_stale_samples() == 0, "b is online: the sample waits for it"
     with farm.db.transaction() as conn:
         conn.execute("UPDATE nodes SET last_seen = 0 WHERE id = ?", (node_b,))
     assert farm.resolve_stale_samples() == 1
-    assert _status(farm, tile) == TaskStatus.COMPLETED
-    assert _status(farm, f"{tile}-v1") == TaskStatus.CANCELED
+    assert task_status(farm, tile) == TaskStatus.COMPLETED
+    assert task_status(farm, f"{tile}-v1") == TaskStatus.CANCELED
 
 
 def test_a_sample_failing_on_every_try_does_not_fail_the_job(
     farm: Farm, spec: JobSpec, demo_scene: Path, tmp_path: Path
 ) -> None:
-    job_id, (node_a, node_b) = _setup(farm, spec, demo_scene, tmp_path / "bundle")
+    job_id, (node_a, node_b) = setup_farm(farm, spec, demo_scene, tmp_path / "bundle")
     tile = _upload(farm, Principal("a", Role.PROVIDER), node_a, tmp_path)
     b = Principal("b", Role.PROVIDER)
     for _ in range(farm.config.max_attempts):
@@ -312,6 +261,6 @@ def test_a_sample_failing_on_every_try_does_not_fail_the_job(
         farm.report_failure(b, lease.lease_id, TaskFailure(kind="RenderFailedError", message="x"))
         with farm.db.transaction() as conn:  # the blocklist would keep b away from now on
             conn.execute("DELETE FROM blocklist")
-    assert _status(farm, tile) == TaskStatus.COMPLETED
-    assert _status(farm, f"{tile}-v1") == TaskStatus.FAILED
+    assert task_status(farm, tile) == TaskStatus.COMPLETED
+    assert task_status(farm, f"{tile}-v1") == TaskStatus.FAILED
     assert farm.job(Principal("artist", Role.REQUESTER), job_id).status.value != "failed"
