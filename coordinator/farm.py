@@ -825,9 +825,22 @@ class Farm:
                     "UPDATE jobs SET status = ?, message = ?, updated_at = ? WHERE id = ?",
                     (JobStatus.FAILED.value, summary[:4000], now_iso(), job_id),
                 )
+                # Running tasks are cancelled too (their nodes hear it at the next
+                # heartbeat): the escrow is refunded now, so nothing after could be paid.
                 conn.execute(
-                    "UPDATE tasks SET status = ? WHERE job_id = ? AND status IN (?, ?)",
-                    (TaskStatus.CANCELED.value, job_id, *LEASABLE),
+                    "UPDATE tasks SET status = ? WHERE job_id = ? AND status IN (?, ?, ?, ?)",
+                    (
+                        TaskStatus.CANCELED.value,
+                        job_id,
+                        *LEASABLE,
+                        TaskStatus.ACTIVE.value,
+                        TaskStatus.CHECKING.value,
+                    ),
+                )
+                conn.execute(
+                    "UPDATE nodes SET current_task = NULL WHERE current_task IN (SELECT id FROM"
+                    " tasks WHERE job_id = ? AND status = ?)",
+                    (job_id, TaskStatus.CANCELED.value),
                 )
                 ledger.settle(conn, job_id)
         self.bus.publish(
