@@ -76,6 +76,8 @@ class LocalFarm:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     node_names: list[str] = field(default_factory=list)
     local_nodes: list[LocalNode] = field(default_factory=list)
+    #: How each node was started (arguments, extra environment), to restart it.
+    _node_launch: list[tuple[list[str], dict[str, str]]] = field(default_factory=list)
 
     def __enter__(self) -> LocalFarm:
         self.start()
@@ -126,6 +128,7 @@ class LocalFarm:
                     # Nodes sharing a machine get cores of their own (see worker_main).
                     own = cpus[index * threads : (index + 1) * threads]
                     args += ["--cpus", ",".join(map(str, own))]
+                self._node_launch.append((args, env))
                 self.processes.append(self._spawn(args, self.folder / f"{node.name}.log", env))
                 self.node_names.append(node.name)
             self._wait_for_nodes()
@@ -188,6 +191,19 @@ class LocalFarm:
 
     def node_process(self, index: int) -> subprocess.Popen[bytes]:
         return self.processes[1 + index]
+
+    def kill_node(self, index: int) -> None:
+        """Kill node `index` at once (SIGKILL, as a crash or a power cut would)."""
+        process = self.node_process(index)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    def restart_node(self, index: int) -> None:
+        """Start node `index` again with its own name, token and data folder."""
+        args, env = self._node_launch[index]
+        log = self.folder / f"{self.node_names[index]}.log"
+        self.processes[1 + index] = self._spawn(args, log, env)
 
     def _spawn(
         self, args: list[str], log: Path, env_extra: dict[str, str] | None = None
