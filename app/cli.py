@@ -242,6 +242,35 @@ def build_parser() -> argparse.ArgumentParser:
     node.set_defaults(handler=cmd_node)
 
     add_farm_commands(sub)
+
+    gui = sub.add_parser(
+        "app",
+        help="open the desktop app",
+        description="Open the Tessera desktop app (Jobs, Nodes, Wallet, Settings...). With "
+        "--screenshot, render one page offscreen to a PNG and exit: from the configured farm, "
+        "or from a local farm (a coordinator and 1 node) started for it when none answers.",
+    )
+    gui.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="URL",
+        help="the coordinator (default: the app's saved one, else $TESSERA_COORDINATOR)",
+    )
+    gui.add_argument(
+        "--token",
+        default=None,
+        metavar="T",
+        help="your access token (default: the app's saved one, else $TESSERA_TOKEN or "
+        "the file $TESSERA_HOME/token)",
+    )
+    gui.add_argument(
+        "--screenshot",
+        nargs=2,
+        default=None,
+        metavar=("PAGE", "FILE.png"),
+        help="save PAGE (submit, jobs, nodes, wallet, provide, settings) as a PNG and exit",
+    )
+    gui.set_defaults(handler=cmd_app)
     return parser
 
 
@@ -549,6 +578,12 @@ def cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
 
 
 # --- node ------------------------------------------------------------------------------------
+
+
+def cmd_app(args: argparse.Namespace, settings: Settings) -> int:
+    from app.gui.launch import run_app  # Qt is loaded only for this command
+
+    return run_app(args, settings)
 
 
 def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
