@@ -163,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"(0..1, default {_DEFAULT_POLICY.min_rate})",
     )
     coordinator.add_argument(
+        "--backup-after",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="give an idle node a backup copy of a frame's last tile once it has run this "
+        "long and twice the job's median tile time; the first result wins (0: never)",
+    )
+    coordinator.add_argument(
         "--suspend-after",
         type=positive_int,
         default=_DEFAULT_POLICY.suspend_after,
@@ -543,6 +551,7 @@ def cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
         heartbeat_interval=args.heartbeat_interval,
         farm_name=farm,
         lan_secret=secret,
+        backup_after_seconds=max(0.0, args.backup_after),
         verification=VerificationPolicy(
             enabled=not args.no_verification,
             probation=args.probation,
