@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import sys
 import time
 import traceback
@@ -30,6 +31,16 @@ from typing import Any
 # cores busy, mostly spinning); an affinity set before Blender starts its threads does.
 if os.environ.get("TESSERA_CPUS"):
     os.sched_setaffinity(0, {int(cpu) for cpu in os.environ["TESSERA_CPUS"].split(",")})
+
+# The memory ceiling goes on before Blender allocates anything, soft = hard so nothing
+# in this process can raise it again. RLIMIT_DATA counts heap and private anonymous maps
+# (what a runaway render grows), not shared libraries, reserved address space or GPU
+# memory: CUDA's huge virtual reservations stay possible. No core files either: a
+# crashed 20 GB render must not fill the provider's disk.
+if os.environ.get("TESSERA_MEMORY_LIMIT"):
+    _limit = int(os.environ["TESSERA_MEMORY_LIMIT"])
+    resource.setrlimit(resource.RLIMIT_DATA, (_limit, _limit))
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 # Keep the real stdout for the protocol, then point fd 1 at stderr so that Cycles'
 # C-level prints ("Fra:1 Mem:...") cannot interleave with our JSON lines.
@@ -75,9 +86,14 @@ class Worker:
         self.active_device: str | None = None
         self.current_id: str | None = None
         self.last_progress = 0.0
+        # Factory settings already say so; set it anyway, it is what keeps scene Python
+        # (registered texts, Python drivers) off. See docs/provider-safety.md.
         bpy.context.preferences.filepaths.use_scripts_auto_execute = False
         _STATS_LISTENERS.append(self._on_render_stats)
         bpy.app.handlers.render_stats.append(_forward_render_stats)
+        # What is ours: anything else found after opening a file came from the file.
+        self.own_handlers = _handler_snapshot()
+        self.own_driver_names = set(bpy.app.driver_namespace.keys())
 
     # --- protocol ---------------------------------------------------------------------
 
@@ -127,6 +143,15 @@ class Worker:
                 result = handler(request)
             except WorkerFailureError as exc:
                 send({"event": "error", "id": request_id, "kind": exc.kind, "message": exc.message})
+            except MemoryError:
+                send(
+                    {
+                        "event": "error",
+                        "id": request_id,
+                        "kind": "out_of_memory",
+                        "message": "MemoryError: an allocation was refused",
+                    }
+                )
             except Exception as exc:
                 send(
                     {
@@ -241,14 +266,35 @@ class Worker:
         mtime = Path(path).stat().st_mtime
         if path == self.scene_path and mtime == self.scene_mtime:
             return
+        # Never trust a default: a preference flipped by anything must not let the file's
+        # registered texts run, or its Python drivers leave the restricted evaluator.
+        bpy.context.preferences.filepaths.use_scripts_auto_execute = False
         try:
             bpy.ops.wm.open_mainfile(filepath=path, load_ui=False, use_scripts=False)
         except RuntimeError as exc:
             self.scene_path = None
             raise WorkerFailureError("corrupt_scene", _clean_blender_error(str(exc))) from exc
+        self._drop_foreign_python()
         self.scene_path, self.scene_mtime = path, mtime
         self.active_device = None
         self.originals = _snapshot_settings(bpy.context.scene)
+
+    def _drop_foreign_python(self) -> None:
+        """Remove app handlers and driver-namespace entries that are not the worker's.
+
+        With scripts disabled nothing in the file can add any (measured with bpy 5.0.1);
+        this is the belt to that pair of braces, so that a future Blender that ran
+        something on load still could not hook later frames or renders.
+        """
+        for name, handlers in _handler_lists():
+            own = self.own_handlers.get(name, ())
+            for handler in list(handlers):
+                if not any(handler is mine for mine in own):
+                    handlers.remove(handler)
+                    print(f"tessera: removed a foreign {name} handler", file=sys.stderr)
+        namespace = bpy.app.driver_namespace
+        for key in set(namespace.keys()) - self.own_driver_names:
+            del namespace[key]
 
     def _select_device(self, scene: Any, device: str) -> None:
         if device == "CPU":
@@ -380,6 +426,19 @@ def _apply_render_settings(scene: Any, request: dict[str, Any], originals: dict[
     frame = int(request["frame"])
     if scene.frame_current != frame:
         scene.frame_set(frame)
+
+
+def _handler_lists() -> list[tuple[str, Any]]:
+    handlers = bpy.app.handlers
+    return [
+        (name, getattr(handlers, name))
+        for name in dir(handlers)
+        if not name.startswith("_") and isinstance(getattr(handlers, name), list)
+    ]
+
+
+def _handler_snapshot() -> dict[str, list[Any]]:
+    return {name: list(handlers) for name, handlers in _handler_lists()}
 
 
 def _set_changed(scene: Any, values: dict[str, Any]) -> list[str]:
