@@ -1,9 +1,18 @@
 """The coordinator's HTTP API (FastAPI), version 1, under /api/v1.
 
-This module is only the HTTP skin over `Farm`: authentication (bearer tokens), request
-and response models from `protocol.models`, streaming uploads to temporary files, long-
-polling for leases, the server-sent event stream, file downloads, and turning every
-error into a JSON `ErrorBody` that says what to fix. The rules live in `farm.py`.
+This module is only the HTTP skin over `Farm`: authentication (bearer tokens) and the
+role each route needs, request and response models from `protocol.models`, streaming
+uploads to temporary files, long-polling for leases, the server-sent event stream, file
+downloads, and turning every error into a JSON `ErrorBody` that says what to fix. The
+rules live in `farm.py`; size, rate and load limits in `limits.py`.
+
+Who may call what: admin-only routes (accounts, grants, provider reinstatement, the
+ledger check) answer 403 to other roles; requester routes (bundle uploads, job
+submission) and provider routes (nodes' leases and everything done with a lease) answer
+403 to the other role, checked before any body is read. A job, its tasks, frames and
+previews are visible to its owner and admins only; anyone else gets 404, as for a job
+that does not exist. A bundle can be downloaded by the requester whose job uses it, the
+provider whose node holds a lease on such a job, and admins.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import os
 import re
 import secrets
@@ -35,6 +45,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.db import Database
 from coordinator.events import EventBus
 from coordinator.farm import Farm, Principal
+from coordinator.limits import Limits, RequestLimits, TooManyRequestsError, too_many_requests
 from coordinator.store import ContentStore
 from protocol.discovery import join_proof
 from protocol.models import (
@@ -74,6 +85,8 @@ SWEEP_SECONDS = 1.0
 JOIN_NONCE_SECONDS = 60.0
 #: Work appearing wakes long polls at once (EventBus.work_version); this is a safety net.
 IDLE_RETRY_SECONDS = 5.0
+#: The ledger counts integer milli-credits in SQLite (64-bit): keep grants far below that.
+MAX_GRANT_CREDITS = 1e12
 bearer = HTTPBearer(auto_error=False)
 
 
@@ -88,6 +101,7 @@ class Services:
         self.farm = Farm(config, self.db, self.store, self.bus)
         self.assembler = Assembler(self.db, self.store, self.bus)
         self.farm.on_frame_ready.append(self.assembler.submit)
+        self.limits = Limits(config)
         self.stopping = threading.Event()
         self.join_nonces: dict[str, float] = {}
         self.join_lock = threading.Lock()
@@ -134,6 +148,7 @@ def create_app(config: CoordinatorConfig) -> FastAPI:
         docs_url=f"{API_PREFIX}/docs",
     )
     app.state.services = services
+    app.add_middleware(RequestLimits, limits=services.limits)
     _install_error_handlers(app)
     app.include_router(_router(services))
     return app
@@ -172,6 +187,20 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, _reason(exc.status_code), str(exc.detail))
 
+    @app.exception_handler(TooManyRequestsError)
+    async def too_many(_: Request, exc: TooManyRequestsError) -> JSONResponse:
+        return too_many_requests(exc.retry_after)
+
+    @app.exception_handler(Exception)
+    async def crashed(_: Request, exc: Exception) -> JSONResponse:
+        # Logged by the server; the client gets the usual error shape, never a traceback.
+        return _error(
+            500,
+            "internal error",
+            f"The coordinator failed on this request ({type(exc).__name__}).",
+            "This is a bug in the coordinator; its log has the details.",
+        )
+
 
 def _reason(status: int) -> str:
     return {
@@ -182,6 +211,7 @@ def _reason(status: int) -> str:
         409: "conflict",
         413: "too large",
         422: "invalid request",
+        429: "too many requests",
         503: "unavailable",
     }.get(status, "error")
 
@@ -198,9 +228,15 @@ def principal(
         raise ApiError(
             "This endpoint needs a token.", status=401, hint="Send 'Authorization: Bearer <token>'."
         )
-    farm: Farm = request.app.state.services.farm
-    who = farm.authenticate(credentials.credentials)
+    services: Services = request.app.state.services
+    # Tokens are stored as SHA-256 digests and found by the digest of the token sent, so
+    # the comparison's timing depends only on a hash of the caller's guess: it tells an
+    # attacker nothing about any stored token (finding a token from its digest means
+    # inverting SHA-256). No raw token is ever compared or stored.
+    who = services.farm.authenticate(credentials.credentials)
     if who is None:
+        # Made-up tokens count against the client address's rate, not a fresh bucket each.
+        services.limits.auth_failed(request.client.host if request.client else "unknown")
         raise ApiError(
             "The token is not valid.",
             status=401,
@@ -210,6 +246,21 @@ def principal(
 
 
 Who = Annotated[Principal, Depends(principal)]
+
+
+def _role(role: Role, refusal: str) -> Any:
+    def check(who: Who) -> Principal:
+        if not who.can(role):
+            raise ApiError(f"{refusal} Your token is a {who.role.value} token.", status=403)
+        return who
+
+    return Depends(check)
+
+
+# Role checks are dependencies so that they run before the body is read or validated.
+Admin = Annotated[Principal, _role(Role.ADMIN, "Only an admin may do this.")]
+Requester = Annotated[Principal, _role(Role.REQUESTER, "This needs a requester token.")]
+Provider = Annotated[Principal, _role(Role.PROVIDER, "This needs a provider token.")]
 
 
 def _router(services: Services) -> APIRouter:
@@ -225,13 +276,14 @@ def _router(services: Services) -> APIRouter:
         return Me(account=who.account, role=who.role)
 
     @router.post("/accounts", response_model=AccountToken, status_code=201)
-    def create_account(body: AccountCreate, who: Who) -> AccountToken:
-        if who.role is not Role.ADMIN:
-            raise ApiError("Only an admin can create accounts.", status=403)
+    def create_account(body: AccountCreate, who: Admin) -> AccountToken:
         return farm.create_account(body.name, body.role)
 
     @router.post("/accounts/{name}/grant", response_model=Wallet)
-    def grant(name: str, body: Grant, who: Who) -> Wallet:
+    def grant(name: str, body: Grant, who: Admin) -> Wallet:
+        if not math.isfinite(body.amount) or body.amount > MAX_GRANT_CREDITS:
+            # found by the fuzzer: 1e300 or Infinity overflowed the ledger's integers (500)
+            raise ApiError(f"A grant is at most {MAX_GRANT_CREDITS:g} credits.", status=422)
         return farm.grant_credits(who, name, body.amount)
 
     @router.get("/wallet", response_model=Wallet)
@@ -239,12 +291,12 @@ def _router(services: Services) -> APIRouter:
         return farm.wallet(who)
 
     @router.post("/providers/{account}/reinstate", status_code=204)
-    def reinstate(account: str, who: Who) -> Response:
+    def reinstate(account: str, who: Admin) -> Response:
         farm.reinstate(who, account)
         return Response(status_code=204)
 
     @router.get("/ledger/check", response_model=LedgerCheck)
-    def ledger_check(who: Who) -> LedgerCheck:
+    def ledger_check(who: Admin) -> LedgerCheck:
         return farm.ledger_check(who)
 
     # LAN join: a node that knows the farm's secret gets a provider token
@@ -283,14 +335,14 @@ def _router(services: Services) -> APIRouter:
     # bundles
 
     @router.head("/bundles/{sha256}")
-    def has_bundle(sha256: str, who: Who) -> Response:
+    def has_bundle(sha256: str, who: Requester) -> Response:
+        # Lets a requester skip uploading a bundle the farm has (content-addressed: asking
+        # needs the bundle's hash, i.e. its content). Downloads are checked below.
         return Response(status_code=200 if services.store.exists(sha256) else 404)
 
     @router.put("/bundles/{sha256}")
-    async def put_bundle(sha256: str, request: Request, who: Who) -> dict[str, Any]:
+    async def put_bundle(sha256: str, request: Request, who: Requester) -> dict[str, Any]:
         _check_sha(sha256)
-        if not who.can(Role.REQUESTER):
-            raise ApiError("Only requesters upload bundles.", status=403)
         path = await _spool(services, request, services.config.max_bundle_bytes)
         try:
             size = await run_in_threadpool(farm.put_bundle, sha256, _chunks(path))
@@ -301,14 +353,14 @@ def _router(services: Services) -> APIRouter:
     @router.get("/bundles/{sha256}")
     def get_bundle(sha256: str, who: Who) -> FileResponse:
         _check_sha(sha256)
-        if not services.store.exists(sha256):
+        if not services.store.exists(sha256) or not _may_read_bundle(services, who, sha256):
             raise ApiError(f"No bundle {sha256[:12]}...", status=404)
         return FileResponse(services.store.path(sha256), media_type="application/zip")
 
     # jobs
 
     @router.post("/jobs", response_model=Job, status_code=201)
-    def submit(spec: JobSpec, who: Who) -> Job:
+    def submit(spec: JobSpec, who: Requester) -> Job:
         return farm.submit(who, spec)
 
     @router.get("/jobs", response_model=list[Job])
@@ -384,19 +436,34 @@ def _router(services: Services) -> APIRouter:
     # nodes and leases
 
     @router.post("/nodes", response_model=NodeRegistration)
-    def register(body: NodeCapabilities, who: Who) -> NodeRegistration:
+    def register(body: NodeCapabilities, who: Provider) -> NodeRegistration:
         return farm.register_node(who, body)
 
     @router.get("/nodes", response_model=list[NodeInfo])
     def nodes(who: Who) -> list[NodeInfo]:
-        return farm.nodes(who)
+        infos = farm.nodes(who)
+        if who.role is not Role.REQUESTER:
+            return infos  # an admin sees all; a provider only its own nodes
+        # A requester sees the farm's nodes, but only the tasks of its own jobs on them.
+        own = {
+            row["id"]
+            for row in services.db.query(
+                "SELECT t.id FROM tasks t JOIN jobs j ON j.id = t.job_id"
+                " WHERE j.owner = ? AND t.lease_id IS NOT NULL",
+                (who.account,),
+            )
+        }
+        return [
+            info if info.current_task in own else info.model_copy(update={"current_task": None})
+            for info in infos
+        ]
 
     @router.post(
         "/nodes/{node_id}/lease",
         response_model=Lease,
         responses={204: {"description": "no task within the wait"}},
     )
-    async def lease(node_id: str, body: LeaseRequest, who: Who) -> Any:
+    async def lease(node_id: str, body: LeaseRequest, who: Provider) -> Any:
         deadline = time.monotonic() + min(body.wait, services.config.poll_timeout)
         seen, tried_at = -1, 0.0
         while True:
@@ -411,12 +478,14 @@ def _router(services: Services) -> APIRouter:
             await asyncio.sleep(0.05)
 
     @router.post("/leases/{lease_id}/heartbeat", response_model=HeartbeatReply)
-    def heartbeat(lease_id: str, body: Heartbeat, who: Who) -> HeartbeatReply:
+    def heartbeat(lease_id: str, body: Heartbeat, who: Provider) -> HeartbeatReply:
         return farm.heartbeat(who, lease_id, body)
 
     @router.put("/leases/{lease_id}/result", response_model=UploadReceipt)
-    async def upload(lease_id: str, request: Request, who: Who) -> UploadReceipt:
+    async def upload(lease_id: str, request: Request, who: Provider) -> UploadReceipt:
         claimed = request.headers.get("x-content-sha256")
+        # Only the lease's holder may make the coordinator spool anything to disk.
+        await run_in_threadpool(farm._lease_row, who, lease_id)
         path = await _spool(services, request, services.config.max_result_bytes)
         try:
             receipt: UploadReceipt = await run_in_threadpool(
@@ -427,17 +496,17 @@ def _router(services: Services) -> APIRouter:
         return receipt
 
     @router.post("/leases/{lease_id}/failure", status_code=204)
-    def failure(lease_id: str, body: TaskFailure, who: Who) -> Response:
+    def failure(lease_id: str, body: TaskFailure, who: Provider) -> Response:
         farm.report_failure(who, lease_id, body)
         return Response(status_code=204)
 
     @router.post("/leases/{lease_id}/release", status_code=204)
-    def release(lease_id: str, who: Who) -> Response:
+    def release(lease_id: str, who: Provider) -> Response:
         farm.release(who, lease_id)
         return Response(status_code=204)
 
     @router.get("/leases/{lease_id}/denoise-input")
-    def denoise_input(lease_id: str, who: Who) -> FileResponse:
+    def denoise_input(lease_id: str, who: Provider) -> FileResponse:
         row = farm._lease_row(who, lease_id)
         if not row["denoise_input"]:
             raise ApiError("This lease is not a denoise task.", status=404)
@@ -454,6 +523,21 @@ def _require_lan(services: Services) -> str:
             hint="Start it with --lan --farm NAME --secret S, or use a token.",
         )
     return services.config.lan_secret
+
+
+def _may_read_bundle(services: Services, who: Principal, sha256: str) -> bool:
+    """Admins; the requester whose job uses the bundle; a provider whose node holds a
+    lease on a task of such a job (a node fetches a bundle after it is leased a task)."""
+    if who.role is Role.ADMIN:
+        return True
+    if who.role is Role.REQUESTER:
+        sql = "SELECT 1 FROM jobs WHERE bundle = ? AND owner = ? LIMIT 1"
+    else:
+        sql = (
+            "SELECT 1 FROM tasks t JOIN jobs j ON j.id = t.job_id JOIN nodes n ON n.id ="
+            " t.node_id WHERE j.bundle = ? AND n.owner = ? AND t.lease_id IS NOT NULL LIMIT 1"
+        )
+    return services.db.query_one(sql, (sha256, who.account)) is not None
 
 
 def _check_sha(sha256: str) -> None:

@@ -36,6 +36,18 @@ class CoordinatorConfig:
     #: tile has run this long and twice the job's median tile time; the first result
     #: wins. 0 turns backups off.
     backup_after_seconds: float = 30.0
+    #: Request bodies other than uploads (bundles, results) larger than this get 413
+    #: before they are parsed.
+    max_json_bytes: int = 2**20
+    #: Token bucket per token (per client address without one): requests a second, 0 = off.
+    rate_limit: float = 50.0
+    #: ...and how many may come at once before the rate applies.
+    rate_burst: int = 200
+    #: Requests being worked on at once; past it the coordinator answers 503 with
+    #: Retry-After instead of queueing. Long polls and event streams, which mostly wait,
+    #: count against `max_waiting` instead. 0 = no limit.
+    max_concurrent: int = 256
+    max_waiting: int = 4096
 
     @property
     def db_path(self) -> Path:
