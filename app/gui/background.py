@@ -125,3 +125,17 @@ class BackgroundWork(QObject):
         """Stop taking work, cancel what has not started and wait for what has."""
         self._closed = True
         self._executor.shutdown(wait=wait, cancel_futures=True)
+
+
+class ProgressRelay(QObject):
+    """Carries progress reports from a worker thread to the GUI thread.
+
+    Create it on the GUI thread and connect `changed`; call `report(value)` from the
+    work's callbacks (any thread): Qt queues the signal, so the slot runs on the GUI
+    thread.
+    """
+
+    changed = Signal(object)
+
+    def report(self, value: object) -> None:
+        self.changed.emit(value)

@@ -62,6 +62,14 @@ class AppSettings:
         self._store.setValue("farm/token", connection.token or "")
         self._store.sync()
 
+    def last_folder(self, kind: str) -> str:
+        """The folder a file dialog of `kind` (e.g. "scenes") last opened, or ""."""
+        return str(self._store.value(f"folders/{kind}", "") or "")
+
+    def save_last_folder(self, kind: str, folder: Path) -> None:
+        self._store.setValue(f"folders/{kind}", str(folder))
+        self._store.sync()
+
     def window_geometry(self) -> QByteArray | None:
         value = self._store.value("window/geometry")
         return value if isinstance(value, QByteArray) else None

@@ -2,9 +2,11 @@
 
 A page fetches through `TesseraClient` on a worker thread (`fetch`, run by
 `BackgroundWork`) and shows the result on the GUI thread (`present`). `refresh()` never
-stacks a second request on one in flight, and `loaded` is emitted each time fresh data is
-on screen (screenshots and tests wait for it). Errors are not handled here: they go to
-the `BackgroundWork.failed` sink, so they all reach the one banner of the main window.
+stacks a second request on one in flight: it marks the data in flight stale, which is
+shown when it lands and then fetched again. `loaded` is emitted each time fresh data is
+on screen (screenshots and tests wait for it), so not for stale data. Errors are not
+handled here: they go to the `BackgroundWork.failed` sink, so they all reach the one
+banner of the main window.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class FarmPage(QWidget):
         self._work = work
         self._connection = connection
         self._refreshing = False
+        self._stale = False
 
     def set_connection(self, connection: FarmConnection) -> None:
         self._connection = connection
@@ -39,6 +42,7 @@ class FarmPage(QWidget):
     def refresh(self) -> None:
         """Fetch the page's data in the background unless a fetch is already running."""
         if self._refreshing:
+            self._stale = True  # e.g. an action landed: fetch again after this one
             return
         self._refreshing = True
         connection = self._connection
@@ -53,10 +57,15 @@ class FarmPage(QWidget):
     def _on_fetched(self, data: Any) -> None:
         self._refreshing = False
         self.present(data)
-        self.loaded.emit()
+        if self._stale:
+            self._stale = False
+            self.refresh()
+        else:
+            self.loaded.emit()
 
     def _on_fetch_failed(self, report: ErrorReport) -> None:
         self._refreshing = False
+        self._stale = False
         self._work.failed.emit(report)
 
     def run_action(self, action: Callable[[TesseraClient], object]) -> None:

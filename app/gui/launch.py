@@ -23,6 +23,7 @@ from PySide6.QtCore import QEventLoop, QTimer
 from PySide6.QtWidgets import QApplication
 
 from app.gui.background import ErrorReport
+from app.gui.blender_access import BlenderAccess
 from app.gui.connection import AppSettings, FarmConnection, resolve_connection
 from app.gui.farm_page import FarmPage
 from app.gui.main_window import PAGES, MainWindow
@@ -58,7 +59,7 @@ def run_app(args: argparse.Namespace, settings: Settings) -> int:
         take_screenshot(connection, page, target)
         print(f"wrote {target}")
         return 0
-    window = MainWindow(connection, store)
+    window = MainWindow(connection, store, blender=BlenderAccess(settings))
     window.show()
     return int(application.exec())
 

@@ -1,9 +1,11 @@
 """The app's main window: a sidebar of pages, the error banner, and the page stack.
 
 It composes the pages, owns the one `BackgroundWork` (whose `failed` signal feeds the
-banner), refreshes the visible farm page every few seconds, and hands a new connection
-from the Settings page to every farm page. It holds no farm logic and makes no network
-call itself: pages fetch through `TesseraClient` in the background.
+banner) and the one `BlenderAccess` (the Blender worker the Submit page inspects and
+packs with), refreshes the visible farm page every few seconds, hands a new connection
+from the Settings page to every page that talks to the farm, and opens a job submitted
+from the Submit page on the Jobs page. It holds no farm logic and makes no network call
+itself: pages fetch through `TesseraClient` in the background.
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ from PySide6.QtWidgets import (
 )
 
 from app.gui.background import BackgroundWork
+from app.gui.blender_access import BlenderAccess
 from app.gui.connection import AppSettings, FarmConnection
 from app.gui.error_banner import ErrorBanner
 from app.gui.farm_page import FarmPage
 from app.gui.jobs_page import JobsPage
 from app.gui.nodes_page import NodesPage
 from app.gui.simple_pages import PlaceholderPage, SettingsPage
+from app.gui.submit_page import SubmitPage
 from app.gui.wallet_page import WalletPage
+from protocol.models import Job
 
 PAGES = ("submit", "jobs", "nodes", "wallet", "provide", "settings")
 REFRESH_MS = 3000
@@ -40,13 +45,17 @@ class MainWindow(QMainWindow):
         connection: FarmConnection,
         app_settings: AppSettings | None = None,
         refresh_ms: int = REFRESH_MS,
+        blender: BlenderAccess | None = None,
     ) -> None:
         super().__init__()
         self.work = BackgroundWork(self)
+        self.blender = blender or BlenderAccess()
         self._app_settings = app_settings
         self.banner = ErrorBanner()
         self.work.failed.connect(self.banner.show_error)
 
+        self.submit = SubmitPage(self.work, connection, self.blender, app_settings)
+        self.submit.submitted.connect(self._on_submitted)
         self.jobs = JobsPage(self.work, connection)
         self.nodes = NodesPage(self.work, connection)
         self.wallet = WalletPage(self.work, connection)
@@ -54,15 +63,7 @@ class MainWindow(QMainWindow):
         self.settings.connection_changed.connect(self._on_connection_changed)
         self.settings.invalid.connect(self.banner.show_error)
         self._pages: dict[str, QWidget] = {
-            "submit": PlaceholderPage(
-                "Submit",
-                [
-                    "drop or pick a .blend; its inspection runs in the background",
-                    "frames, tiles drawn over a preview, samples, device, price and the "
-                    "cost estimate",
-                    "packing and upload progress, then the job opens",
-                ],
-            ),
+            "submit": self.submit,
             "jobs": self.jobs,
             "nodes": self.nodes,
             "wallet": self.wallet,
@@ -127,10 +128,14 @@ class MainWindow(QMainWindow):
         if self._app_settings is not None:
             self._app_settings.save_connection(connection)
         for page in self._pages.values():
-            if isinstance(page, FarmPage):
+            if isinstance(page, FarmPage | SubmitPage):
                 page.set_connection(connection)
         self._set_title(connection)
         self.banner.hide()
+        self.show_page("jobs")
+
+    def _on_submitted(self, job: Job) -> None:
+        self.jobs.select_job(job.id)
         self.show_page("jobs")
 
     def _set_title(self, connection: FarmConnection) -> None:
@@ -141,4 +146,5 @@ class MainWindow(QMainWindow):
         if self._app_settings is not None:
             self._app_settings.save_window_geometry(self.saveGeometry())
         self.work.shutdown()
+        self.blender.close()
         super().closeEvent(event)

@@ -1,5 +1,5 @@
 """The pages that hold no farm data yet: Settings (coordinator URL and token) and the
-placeholders that say what is coming (Submit, Provide).
+placeholder that says what is coming (Provide).
 
 The Settings page only edits values; the main window saves them (`AppSettings`) and hands
 the new connection to the farm pages. It reports a malformed URL through `invalid`, which

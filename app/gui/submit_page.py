@@ -1,0 +1,455 @@
+"""The Submit page: pick or drop a .blend, see what Blender finds in it, choose how the farm
+renders it, and submit.
+
+Picking a scene starts its inspection in the background (`renderers.scene_info.
+inspect_scene` with the app's one Blender worker); `SceneSummaryView` then shows what
+it found (frames, resolution, engine, samples, camera, denoising, missing files) and is
+built from a plain `SceneInfo`. Submit runs `app.submission.prepare_submission` (inspect,
+probe, pack) and `app.submission.submit` (upload, submit) in the background, with their
+pack and upload progress relayed to a progress bar, and emits `submitted(job)`: the main
+window then opens the job on the Jobs page. Errors (a scene without a camera, a frame
+range outside the scene, an unreachable coordinator) go to the app's banner through
+`BackgroundWork.failed`, in the words of the error that was raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from PySide6.QtCore import Signal
+from PySide6.QtGui import QDragEnterEvent, QDropEvent
+from PySide6.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.gui.background import BackgroundWork, ErrorReport, ProgressRelay
+from app.gui.blender_access import BlenderAccess
+from app.gui.connection import AppSettings, FarmConnection
+from app.packing import PackProgress
+from app.submission import prepare_submission, submit
+from common.errors import UsageError
+from protocol.models import Job
+from renderers.scene_info import SceneInfo, inspect_scene
+
+DEVICES = ("ANY", "CPU", "GPU", "CUDA", "OPTIX", "HIP", "METAL", "ONEAPI")
+PACK_STAGES = {"trace": "Finding the files it uses", "copy": "Copying files", "zip": "Zipping"}
+WHOLE_FRAMES, TILES = "Whole frames", "Tiles"
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitOptions:
+    """The form's choices, in `prepare_submission`'s terms (None: the scene's own)."""
+
+    frames: str | None = None
+    tiles: tuple[int, int] = (1, 1)
+    samples: int | None = None
+    percentage: int | None = None
+    denoise: bool | None = None
+    device: str = "ANY"
+    max_price: float = 0.0
+    priority: int = 50
+
+
+def frames_text(info: SceneInfo) -> str:
+    """The scene's own range as the frames field writes it: '1-250' or '1-250x2'."""
+    text = f"{info.frame_start}-{info.frame_end}"
+    if info.frame_start == info.frame_end:
+        text = str(info.frame_start)
+    return text + (f"x{info.frame_step}" if info.frame_step > 1 else "")
+
+
+def is_blend(path: Path) -> bool:
+    return path.suffix.lower() == ".blend"
+
+
+class SceneSummaryView(QWidget):
+    """What Blender found in a scene; `set_info(None)` empties it."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.fields: dict[str, QLabel] = {}
+        form = QFormLayout()
+        for name in ("Scene", "Frames", "Resolution", "Engine", "Samples", "Camera", "Denoising"):
+            label = QLabel("—")
+            label.setWordWrap(True)
+            self.fields[name] = label
+            form.addRow(f"{name}:", label)
+        self.missing_heading = QLabel()
+        self.missing = QListWidget()
+        self.missing.setMaximumHeight(110)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(form)
+        layout.addWidget(self.missing_heading)
+        layout.addWidget(self.missing)
+        self.set_info(None)
+
+    def set_info(self, info: SceneInfo | None) -> None:
+        self.missing.clear()
+        if info is None:
+            for label in self.fields.values():
+                label.setText("—")
+            self.missing_heading.setText("")
+            self.missing_heading.hide()
+            self.missing.hide()
+            return
+        step = f", every {info.frame_step}" if info.frame_step > 1 else ""
+        count = len(range(info.frame_start, info.frame_end + 1, max(1, info.frame_step)))
+        adaptive = " (adaptive)" if info.adaptive_sampling else ""
+        texts = {
+            "Scene": f"{info.path.name} (scene '{info.name}', Blender {info.file_version})",
+            "Frames": f"{info.frame_start}–{info.frame_end}{step}: {count} frame(s)",
+            "Resolution": f"{info.resolution_x}×{info.resolution_y} at "
+            f"{info.resolution_percentage}% = {info.width}×{info.height}",
+            "Engine": "Cycles" if info.engine == "CYCLES" else info.engine,
+            "Samples": f"{info.samples}{adaptive}",
+            "Camera": info.camera or "none",
+            "Denoising": info.denoiser if info.denoising else "off",
+        }
+        for name, text in texts.items():
+            self.fields[name].setText(text)
+        problems = [f"Missing: {path}" for path in info.missing_files]
+        problems += [w for w in info.warnings if not w.startswith("Missing file: ")]
+        self.missing.addItems(problems)
+        if info.missing_files:
+            self.missing_heading.setText(
+                f"<b>{len(info.missing_files)} missing file(s)</b>: they will render as "
+                "pink or empty. Fix the paths in Blender and save, or submit anyway."
+            )
+        else:
+            self.missing_heading.setText("All files the scene uses were found.")
+        self.missing_heading.show()
+        self.missing.setVisible(bool(problems))
+
+    def texts(self) -> dict[str, str]:
+        return {name: label.text() for name, label in self.fields.items()}
+
+    def problems(self) -> list[str]:
+        return [self.missing.item(row).text() for row in range(self.missing.count())]
+
+
+class SubmitPage(QWidget):
+    """Scene, summary, options, Submit; `submitted` carries the new `Job`."""
+
+    submitted = Signal(object)  # Job
+    inspected = Signal(object)  # SceneInfo, once shown
+
+    def __init__(
+        self,
+        work: BackgroundWork,
+        connection: FarmConnection,
+        blender: BlenderAccess,
+        app_settings: AppSettings | None = None,
+        parent: QWidget | None = None,
+    ) -> None:
+        super().__init__(parent)
+        self._work = work
+        self._connection = connection
+        self._blender = blender
+        self._store = app_settings
+        self._scene: Path | None = None
+        self._info: SceneInfo | None = None
+        self._busy = False
+        self._relay = ProgressRelay(self)
+        self._relay.changed.connect(self._on_progress)
+        self.setAcceptDrops(True)
+
+        self.choose_button = QPushButton("Choose .blend…")
+        self.choose_button.setShortcut("Ctrl+O")
+        self.choose_button.setToolTip("Pick a scene (Ctrl+O), or drop a .blend on this page")
+        self.choose_button.clicked.connect(self._on_choose)
+        self.scene_label = QLabel("Drop a .blend file here, or choose one.")
+        self.scene_label.setWordWrap(True)
+        picker = QHBoxLayout()
+        picker.addWidget(self.choose_button)
+        picker.addWidget(self.scene_label, 1)
+
+        self.summary = SceneSummaryView()
+        scene_box = QGroupBox("Scene")
+        QVBoxLayout(scene_box).addWidget(self.summary)
+
+        self.frames = QLineEdit()
+        self.frames.setPlaceholderText("the scene's range")
+        self.frames.setToolTip('"N", "A-B" or "A-BxSTEP", e.g. "1-24" or "1-24x2"')
+        self.split = QComboBox()
+        self.split.addItems([WHOLE_FRAMES, TILES])
+        self.split.setToolTip("Tiles let several nodes render one frame at once")
+        self.columns = QSpinBox()
+        self.rows = QSpinBox()
+        for spin in (self.columns, self.rows):
+            spin.setRange(1, 16)
+            spin.setValue(2)
+        self.split.currentTextChanged.connect(self._on_split_changed)
+        grid = QHBoxLayout()
+        grid.addWidget(self.split)
+        grid.addWidget(self.columns)
+        grid.addWidget(QLabel("columns ×"))
+        grid.addWidget(self.rows)
+        grid.addWidget(QLabel("rows"))
+        grid.addStretch(1)
+        self.samples = QSpinBox()
+        self.samples.setRange(0, 1_000_000)
+        self.samples.setSpecialValueText("as in the scene")
+        self.percentage = QSpinBox()
+        self.percentage.setRange(0, 1000)
+        self.percentage.setSuffix(" %")
+        self.percentage.setSpecialValueText("as in the scene")
+        self.denoise = QComboBox()
+        self.denoise.addItems(["As in the scene", "On", "Off"])
+        self.device = QComboBox()
+        self.device.addItems(list(DEVICES))
+        self.device.setToolTip("ANY: whichever device a node offers")
+        self.max_price = QDoubleSpinBox()
+        self.max_price.setRange(0, 1_000_000)
+        self.max_price.setDecimals(2)
+        self.max_price.setToolTip("Credits per work unit you pay at most (0: free nodes only)")
+        self.priority = QSpinBox()
+        self.priority.setRange(0, 100)
+        self.priority.setValue(50)
+        options = QFormLayout()
+        options.addRow("Frames:", self.frames)
+        options.addRow("Split:", grid)
+        options.addRow("Samples:", self.samples)
+        options.addRow("Resolution:", self.percentage)
+        options.addRow("Denoising:", self.denoise)
+        options.addRow("Device:", self.device)
+        options.addRow("Max price:", self.max_price)
+        options.addRow("Priority:", self.priority)
+        options_box = QGroupBox("How to render")
+        options_box.setLayout(options)
+
+        self.submit_button = QPushButton("Submit")
+        self.submit_button.setShortcut("Ctrl+Return")
+        self.submit_button.setToolTip("Pack, upload and queue the job (Ctrl+Enter)")
+        self.submit_button.clicked.connect(self.start_submit)
+        self.status = QLabel()
+        self.status.setWordWrap(True)
+        self.progress = QProgressBar()
+        self.progress.hide()
+        actions = QHBoxLayout()
+        actions.addWidget(self.status, 1)
+        actions.addWidget(self.progress)
+        actions.addWidget(self.submit_button)
+
+        columns = QHBoxLayout()
+        columns.addWidget(scene_box, 1)
+        columns.addWidget(options_box, 1)
+        layout = QVBoxLayout(self)
+        layout.addWidget(QLabel("<h2>Submit</h2>"))
+        layout.addLayout(picker)
+        layout.addLayout(columns, 1)
+        layout.addLayout(actions)
+        self._on_split_changed(self.split.currentText())
+        self._update_buttons()
+
+    # --- state ---------------------------------------------------------------------------
+
+    @property
+    def scene(self) -> Path | None:
+        return self._scene
+
+    @property
+    def info(self) -> SceneInfo | None:
+        return self._info
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    def set_connection(self, connection: FarmConnection) -> None:
+        self._connection = connection
+
+    def _set_busy(self, text: str) -> None:
+        self._busy = bool(text)
+        self.status.setText(text)
+        if text:
+            self.progress.setRange(0, 0)  # indeterminate until a stage reports numbers
+            self.progress.show()
+        else:
+            self.progress.hide()
+        self._update_buttons()
+
+    def _update_buttons(self) -> None:
+        self.choose_button.setEnabled(not self._busy)
+        self.submit_button.setEnabled(not self._busy and self._info is not None)
+
+    def _on_split_changed(self, text: str) -> None:
+        tiled = text == TILES
+        self.columns.setEnabled(tiled)
+        self.rows.setEnabled(tiled)
+
+    # --- choosing and inspecting ------------------------------------------------------------
+
+    def _on_choose(self) -> None:
+        folder = self._store.last_folder("scenes") if self._store is not None else ""
+        path, _filter = QFileDialog.getOpenFileName(
+            self, "Choose a scene", folder, "Blender scenes (*.blend)"
+        )
+        if path:
+            self.load_scene(Path(path))
+
+    def load_scene(self, path: Path) -> None:
+        """Inspect `path` in the background, then show its summary (or the error)."""
+        if self._busy:
+            return
+        if self._store is not None:
+            self._store.save_last_folder("scenes", path.parent)
+        self._scene, self._info = path, None
+        self.scene_label.setText(str(path))
+        self.summary.set_info(None)
+        self._set_busy(f"Inspecting {path.name} in Blender…")
+        blender = self._blender
+        self._work.submit(
+            lambda: inspect_scene(blender.worker(), path),
+            lambda info: self._on_inspected(path, info),
+            lambda report: self._on_failed(report, f"{path.name} cannot be rendered."),
+        )
+
+    def _on_inspected(self, path: Path, info: SceneInfo) -> None:
+        if path != self._scene:
+            return
+        self._info = info
+        self.summary.set_info(info)
+        self.frames.setPlaceholderText(f"{frames_text(info)} (the scene's range)")
+        self._set_busy("")
+        self.status.setText(f"{path.name} is ready to submit.")
+        self.inspected.emit(info)
+
+    def _on_failed(self, report: ErrorReport, status: str) -> None:
+        self._set_busy("")
+        self.status.setText(status)
+        self._work.failed.emit(report)
+
+    def dragEnterEvent(self, event: QDragEnterEvent) -> None:  # noqa: N802 (Qt's name)
+        if not self._busy and self._dropped_blend(event) is not None:
+            event.acceptProposedAction()
+        else:
+            event.ignore()
+
+    def dropEvent(self, event: QDropEvent) -> None:  # noqa: N802 (Qt's name)
+        path = self._dropped_blend(event)
+        if path is None or self._busy:
+            event.ignore()
+            return
+        event.acceptProposedAction()
+        self.load_scene(path)
+
+    @staticmethod
+    def _dropped_blend(event: QDragEnterEvent | QDropEvent) -> Path | None:
+        for url in event.mimeData().urls():
+            if url.isLocalFile() and is_blend(Path(url.toLocalFile())):
+                return Path(url.toLocalFile())
+        return None
+
+    # --- submitting ------------------------------------------------------------------------
+
+    def options(self) -> SubmitOptions:
+        tiled = self.split.currentText() == TILES
+        return SubmitOptions(
+            frames=self.frames.text().strip() or None,
+            tiles=(self.columns.value(), self.rows.value()) if tiled else (1, 1),
+            samples=self.samples.value() or None,
+            percentage=self.percentage.value() or None,
+            denoise={0: None, 1: True, 2: False}[self.denoise.currentIndex()],
+            device=self.device.currentText(),
+            max_price=self.max_price.value(),
+            priority=self.priority.value(),
+        )
+
+    def start_submit(self) -> None:
+        """Probe, pack, upload and submit the scene in the background."""
+        scene = self._scene
+        if self._busy or scene is None or self._info is None:
+            return
+        work = _submission_work(
+            self._blender, self._connection, scene, self.options(), self._relay.report
+        )
+        self._set_busy(f"Measuring {scene.name} and rendering its previews…")
+        self._work.submit(
+            work,
+            self._on_submitted,
+            lambda report: self._on_failed(report, "The job was not submitted."),
+        )
+
+    def _on_progress(self, value: object) -> None:
+        if not self._busy:
+            return
+        if isinstance(value, PackProgress):
+            self.status.setText(f"Packing: {PACK_STAGES.get(value.stage, value.stage)}…")
+            self._show_fraction(value.done, value.total)
+        elif isinstance(value, tuple) and len(value) == 2:
+            done, total = value
+            self.status.setText(f"Uploading: {done / 1e6:.1f} of {total / 1e6:.1f} MB")
+            self._show_fraction(done, total)
+
+    def _show_fraction(self, done: int, total: int) -> None:
+        if total <= 0:
+            self.progress.setRange(0, 0)
+            return
+        self.progress.setRange(0, 1000)
+        self.progress.setValue(min(1000, 1000 * done // total))
+
+    def _on_submitted(self, job: Job) -> None:
+        self._set_busy("")
+        self.status.setText(f"Submitted {job.name}: {job.progress.tasks_total} task(s).")
+        self.submitted.emit(job)
+
+
+def _submission_work(
+    blender: BlenderAccess,
+    connection: FarmConnection,
+    scene: Path,
+    options: SubmitOptions,
+    report: Callable[[object], None],
+) -> Callable[[], Job]:
+    """The background half of Submit: prepare (inspect, probe, pack), upload, submit."""
+
+    def run() -> Job:
+        # We list missing files ourselves; BAT would also log each one, several times.
+        logging.getLogger("blender_asset_tracer").setLevel(logging.ERROR)
+        bundles = blender.bundles_dir()
+        try:
+            bundles.mkdir(parents=True, exist_ok=True)
+            scratch = tempfile.TemporaryDirectory(prefix="submit-", dir=bundles)
+        except OSError as exc:
+            raise UsageError(
+                f"Cannot create a folder for the bundle in {bundles}: {exc.strerror or exc}.",
+                hint="Point TESSERA_HOME at a writable folder.",
+            ) from exc
+        # The coordinator keeps the bundle; a local copy would only fill the disk.
+        with scratch as bundle_dir:
+            prepared = prepare_submission(
+                blender.worker(),
+                scene,
+                bundle_dir=Path(bundle_dir),
+                frames=options.frames,
+                tiles=options.tiles,
+                samples=options.samples,
+                percentage=options.percentage,
+                priority=options.priority,
+                denoise=options.denoise,
+                device=options.device,
+                max_price=options.max_price,
+                on_pack=report,
+            )
+            with connection.client() as client:
+                return submit(client, prepared, on_upload=lambda done, total: report((done, total)))
+
+    return run
