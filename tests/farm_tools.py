@@ -60,35 +60,27 @@ class RunningCoordinator:
 
 
 def start_coordinator(data_dir: Path, *extra: str, port: int = 0) -> RunningCoordinator:
+    """`tessera coordinator` on 127.0.0.1 with these extra options, started and ready."""
+    argv = ["-m", "app.cli", "coordinator", "--port", str(port), "--data", str(data_dir), *extra]
+    return launch_coordinator(argv, data_dir)
+
+
+def launch_coordinator(argv: list[str], data_dir: Path) -> RunningCoordinator:
+    """Run `python ARGV...` (a coordinator that prints "listening on URL") and wait for it."""
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir / f"coordinator-{time.monotonic_ns()}.log"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "app.cli",
-                "coordinator",
-                "--port",
-                str(port),
-                "--data",
-                str(data_dir),
-                *extra,
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
+            [sys.executable, *argv], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
         )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         text = log.read_text(errors="replace")
         for line in text.splitlines():
             if "listening on " in line:
-                return RunningCoordinator(
-                    process, line.split("listening on ", 1)[1].strip(), data_dir, log
-                )
+                url = line.split("listening on ", 1)[1].split()[0]
+                return RunningCoordinator(process, url, data_dir, log)
         if process.poll() is not None:
             raise RuntimeError(f"coordinator exited:\n{text}")
         time.sleep(0.05)

@@ -1,7 +1,8 @@
 """The whole farm as processes on 127.0.0.1: a coordinator, node processes, real Blender.
 
 Frames rendered in tiles by two nodes equal one-piece renders; a node killed mid-task
-and a coordinator killed mid-job cost time, never a frame; a node finds a LAN farm.
+a Blender that segfaults and a coordinator killed mid-job cost time, never a frame or a
+credit (the ledger checks after each); a node finds a LAN farm.
 """
 
 from __future__ import annotations
@@ -136,6 +137,39 @@ def _tiles(tasks: list[Task]) -> list[Task]:
     return [task for task in tasks if task.kind is TaskKind.RENDER]
 
 
+def _assert_ledger_balanced(farm: LocalFarm) -> None:
+    with TesseraClient(farm.url, farm.admin_token) as admin:
+        check = admin.ledger_check()
+    assert check.ok, check.problems
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, parents before children (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry.name))
+    found: list[int] = []
+    queue = [pid]
+    while queue:
+        for child in children.get(queue.pop(0), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _wait(predicate: object, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -177,6 +211,45 @@ def test_a_node_killed_mid_task_costs_a_retry_not_the_job(
         survivors = {n.capabilities.name: n.tasks_completed for n in client.nodes()}
         completed = sum(t.status is TaskStatus.COMPLETED for t in tasks)
         assert sum(survivors.values()) == completed, (survivors, tasks)
+    _assert_ledger_balanced(farm)
+
+
+def test_blender_segfaulting_mid_render_costs_a_retry_not_the_job(
+    farm: LocalFarm, worker: RenderWorker, slow_scene: Path, tmp_path: Path
+) -> None:
+    """SIGSEGV to a node's Blender (the way a driver or Cycles bug ends it): the node
+    reports the crash, the tile is rendered again, the node keeps working."""
+    info = inspect_scene(worker, slow_scene)
+    client, job_id = _submit(
+        farm,
+        info,
+        slow_scene,
+        tmp_path / "bundle",
+        frames="1",
+        tiles=(2, 1),
+        samples=600,
+        denoise=False,
+    )
+    with client:
+
+        def busy_node() -> str | None:
+            return next((n.capabilities.name for n in client.nodes() if n.status == "busy"), None)
+
+        _wait(busy_node, 60, "no node started rendering")
+        time.sleep(1.0)  # well into the render
+        victim = busy_node()
+        assert victim is not None
+        node_pid = farm.node_process(farm.node_names.index(victim)).pid
+        blenders = [pid for pid in _descendants(node_pid) if b"worker_main" in _cmdline(pid)]
+        assert blenders, "the busy node has no Blender process"
+        os.kill(blenders[-1], signal.SIGSEGV)
+        assert wait_for_job(client, job_id, timeout=300) == "completed"
+        tiles = _tiles(client.tasks(job_id))
+        assert len(tiles) == 2 and all(t.status is TaskStatus.COMPLETED for t in tiles)
+        # `attempts` counts failed attempts: the crash is one, and the tile still completed.
+        assert sum(t.attempts for t in tiles) == 1, "the crash was not recorded as a failure"
+        assert farm.node_process(farm.node_names.index(victim)).poll() is None, "node died"
+    _assert_ledger_balanced(farm)
 
 
 def test_a_coordinator_killed_mid_job_restarts_without_redoing_accepted_tiles(
@@ -215,6 +288,7 @@ def test_a_coordinator_killed_mid_job_restarts_without_redoing_accepted_tiles(
         accepted = sum(n.tasks_completed for n in client.nodes())
         completed = sum(t.status is TaskStatus.COMPLETED for t in tasks)
         assert accepted == completed, f"{accepted} uploads accepted for {completed} tasks"
+    _assert_ledger_balanced(farm)
 
 
 def test_a_node_started_with_lan_finds_the_farm_and_renders(

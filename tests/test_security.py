@@ -14,7 +14,6 @@ import io
 import json
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import zipfile
@@ -28,7 +27,7 @@ import pytest
 import requests
 
 from protocol.models import Lease, NodeCapabilities
-from tests.farm_tools import REPO, RunningCoordinator, start_coordinator
+from tests.farm_tools import RunningCoordinator, launch_coordinator, start_coordinator
 from tests.inprocess_farm import TRUTH, small_spec, write_tile_exr
 
 API = "/api/v1"
@@ -58,27 +57,8 @@ except KeyboardInterrupt:  # how RunningCoordinator.stop() ends it
 def start_configured(data_dir: Path, **options: Any) -> RunningCoordinator:
     """A real coordinator process with any `CoordinatorConfig` fields (the CLI has only
     some of them as options); `verification=False` turns duplicate sampling off."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    log = data_dir / f"coordinator-{time.monotonic_ns()}.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-c", _RUNNER, json.dumps({"data_dir": str(data_dir), **options})],
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace")
-        if "listening on " in text:
-            url = text.split("listening on ", 1)[1].split()[0]
-            return RunningCoordinator(process, url, data_dir, log)
-        if process.poll() is not None:
-            raise RuntimeError(f"coordinator exited:\n{text}")
-        time.sleep(0.05)
-    process.kill()
-    process.wait()
-    raise RuntimeError(f"coordinator did not start:\n{log.read_text()}")
+    argv = ["-c", _RUNNER, json.dumps({"data_dir": str(data_dir), **options})]
+    return launch_coordinator(argv, data_dir)
 
 
 def call(
