@@ -14,13 +14,24 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from app.arg_types import count, fraction, positive_int
+from app.arg_types import (
+    byte_size,
+    count,
+    fraction,
+    non_negative,
+    optional_byte_size,
+    optional_seconds,
+    percent,
+    positive,
+    positive_int,
+)
 from app.blender_choice import add_blender_option, choose_build
 from app.farm_commands import add_farm_commands, add_json_option
 from common.errors import CoordinatorUnreachableError, TesseraError, UsageError
 from common.settings import Settings, load_settings
+from coordinator.config import CoordinatorConfig
 from coordinator.verification import VerificationPolicy
 from protocol.client import TesseraClient
 from protocol.discovery import (
@@ -35,11 +46,24 @@ from renderers.devices import parse_cycles_devices, probe_nvidia, summarise
 from renderers.local_render import LocalRenderOptions, TileDone, render_frame_local
 from renderers.regions import parse_grid
 from renderers.scene_info import SceneInfo, inspect_scene
-from renderers.worker import Progress, RenderWorker, cpu_pinning_env, parse_cpu_list
+from renderers.worker import (
+    Progress,
+    RenderLimits,
+    RenderWorker,
+    cpu_pinning_env,
+    parse_cpu_list,
+)
+
+if TYPE_CHECKING:
+    from farm_node.availability import ProvidePolicy
 
 Handler = Callable[[argparse.Namespace, Settings], int]
+#: The default of an option whose absence differs from every value it can take.
+_UNSET: Any = object()
 
 _DEFAULT_POLICY = VerificationPolicy()
+#: The coordinator's defaults, shown in --help (the data folder is a placeholder).
+_DEFAULT_COORDINATOR = CoordinatorConfig(data_dir=Path())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -178,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="suspend a provider after N rejected results "
         f"(default {_DEFAULT_POLICY.suspend_after})",
     )
+    _add_request_limit_options(coordinator)
     _add_lan_options(
         coordinator,
         "advertise this coordinator on the LAN (zeroconf) and let "
@@ -246,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
         "work): samples (a quarter of the samples), copy (another tile's pixels), noise, "
         "black, or sometimes (honest but 10%% of tasks faked)",
     )
+    _add_providing_options(node)
+    _add_render_limit_options(node)
     add_blender_option(node)
     node.set_defaults(handler=cmd_node)
 
@@ -257,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Open the Tessera desktop app (Jobs, Nodes, Wallet, Settings...). With "
         "--screenshot, render one page offscreen to a PNG and exit: from the configured farm, "
         "or from a local farm (a coordinator and 1 node) started for it when none answers.",
+    )
+    gui.add_argument(
+        "scene",
+        nargs="?",
+        type=Path,
+        default=None,
+        metavar="SCENE",
+        help="a .blend to open on the Submit page",
     )
     gui.add_argument(
         "--coordinator",
@@ -280,6 +315,148 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gui.set_defaults(handler=cmd_app)
     return parser
+
+
+def _add_request_limit_options(parser: argparse.ArgumentParser) -> None:
+    defaults = _DEFAULT_COORDINATOR
+    group = parser.add_argument_group("request limits (per client, against floods)")
+    group.add_argument(
+        "--rate-limit",
+        type=non_negative,
+        default=defaults.rate_limit,
+        metavar="PER_SECOND",
+        help="requests a second per token (per address without one) before 429 "
+        f"(default {defaults.rate_limit:g}; 0 = no rate limit)",
+    )
+    group.add_argument(
+        "--rate-burst",
+        type=positive_int,
+        default=defaults.rate_burst,
+        metavar="N",
+        help=f"requests that may come at once before the rate applies (default "
+        f"{defaults.rate_burst})",
+    )
+    group.add_argument(
+        "--max-concurrent",
+        type=count,
+        default=defaults.max_concurrent,
+        metavar="N",
+        help="requests worked on at once; past it 503 with Retry-After "
+        f"(default {defaults.max_concurrent}; 0 = no limit)",
+    )
+    group.add_argument(
+        "--max-waiting",
+        type=count,
+        default=defaults.max_waiting,
+        metavar="N",
+        help="lease long polls and event streams open at once "
+        f"(default {defaults.max_waiting}; 0 = no limit)",
+    )
+    group.add_argument(
+        "--max-body-bytes",
+        type=byte_size,
+        default=defaults.max_json_bytes,
+        metavar="SIZE",
+        help="largest request body other than bundle and result uploads, e.g. 1M "
+        f"(default {defaults.max_json_bytes})",
+    )
+    parser.add_argument(
+        "--min-free-disk",
+        type=byte_size,
+        default=defaults.min_free_disk,
+        metavar="SIZE",
+        help="refuse uploads (507, retried later) that would leave less than this free in "
+        "the data folder, e.g. 5G (default 1G; 0 = no check)",
+    )
+
+
+def _add_providing_options(parser: argparse.ArgumentParser) -> None:
+    from farm_node.availability import PROVIDE_MODES, ProvidePolicy
+
+    defaults = ProvidePolicy()
+    group = parser.add_argument_group("when to render (idle-only and scheduled providing)")
+    group.add_argument(
+        "--when",
+        choices=PROVIDE_MODES,
+        default=None,
+        help="always (default), idle (only while nobody uses this machine: no keyboard or "
+        "mouse input, GPU quiet) or hours (only in --hours); the current task is handed "
+        "back within seconds when that ends",
+    )
+    group.add_argument(
+        "--hours",
+        type=_hours,
+        default=None,
+        metavar="START-END",
+        help="with --when hours (implied): render only in these hours of local time, "
+        "e.g. 22-7 (across midnight) or 9-17",
+    )
+    group.add_argument(
+        "--idle-after",
+        type=non_negative,
+        default=defaults.idle_after,
+        metavar="SECONDS",
+        help=f"with --when idle: seconds without input before the machine is idle "
+        f"(default {defaults.idle_after:g})",
+    )
+    group.add_argument(
+        "--gpu-busy-above",
+        type=percent,
+        default=defaults.gpu_busy_above,
+        metavar="PERCENT",
+        help="with --when idle: GPU utilisation by other programs that counts as the "
+        f"machine being in use (default {defaults.gpu_busy_above:g})",
+    )
+    group.add_argument(
+        "--gpu-temp-max",
+        type=positive,
+        default=None,
+        metavar="C",
+        help="pause while a GPU is hotter than this (°C), until it is 5 °C cooler "
+        "(default: no cap)",
+    )
+    group.add_argument(
+        "--machine-state",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="read input idle seconds, GPU utilisation and temperature from this JSON file "
+        "instead of probing the machine (keys input_idle_seconds, gpu_utilisation, "
+        "gpu_temperature); for scripts that know better",
+    )
+
+
+def _add_render_limit_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("limits of each render")
+    group.add_argument(
+        "--memory-limit",
+        type=optional_byte_size,
+        default=_UNSET,
+        metavar="SIZE",
+        help="private memory one Blender may use, e.g. 8G, or none (default: 80%% of RAM)",
+    )
+    group.add_argument(
+        "--min-free-disk",
+        type=byte_size,
+        default=1 << 30,
+        metavar="SIZE",
+        help="free disk space needed before a task is taken and a render starts, e.g. 5G "
+        "(default 1G; 0 = no check)",
+    )
+    group.add_argument(
+        "--sandbox",
+        choices=("auto", "bwrap", "off"),
+        default="auto",
+        help="run Blender in bubblewrap: auto (when it works, the default), bwrap "
+        "(required) or off",
+    )
+    group.add_argument(
+        "--task-timeout",
+        type=optional_seconds,
+        default=3600.0,
+        metavar="SECONDS",
+        help="give up on a task after this long (default 3600; none = never)",
+    )
 
 
 def _add_lan_options(parser: argparse.ArgumentParser, lan_help: str) -> None:
@@ -349,6 +526,16 @@ def _grid(text: str) -> tuple[int, int]:
     try:
         return parse_grid(text)
     except TesseraError as error:  # argparse only turns ArgumentTypeError into a usage message
+        hint = f" ({error.hint})" if error.hint else ""
+        raise argparse.ArgumentTypeError(f"{error.message}{hint}") from error
+
+
+def _hours(text: str) -> tuple[int, int]:
+    from farm_node.availability import parse_hours
+
+    try:
+        return parse_hours(text)
+    except TesseraError as error:
         hint = f" ({error.hint})" if error.hint else ""
         raise argparse.ArgumentTypeError(f"{error.message}{hint}") from error
 
@@ -552,6 +739,12 @@ def cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
         farm_name=farm,
         lan_secret=secret,
         backup_after_seconds=max(0.0, args.backup_after),
+        rate_limit=args.rate_limit,
+        rate_burst=args.rate_burst,
+        max_concurrent=args.max_concurrent,
+        max_waiting=args.max_waiting,
+        max_json_bytes=args.max_body_bytes,
+        min_free_disk=args.min_free_disk,
         verification=VerificationPolicy(
             enabled=not args.no_verification,
             probation=args.probation,
@@ -600,6 +793,7 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
 
     from farm_node.daemon import NodeConfig, run_node
 
+    policy, limits = _providing(args), _render_limits(args)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
@@ -641,12 +835,19 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
         use_bpy=settings.use_bpy and args.blender is None,
         benchmark=not args.no_benchmark,
         cheat=args.cheat,
+        task_timeout=args.task_timeout,
+        policy=policy,
+        limits=limits,
+        machine_state_file=args.machine_state,
     )
     if args.lan:
+        gpus = probe_nvidia()
         properties = {
             "devices": config.device,
             "threads": config.threads or os.cpu_count(),
             "coordinator": url,
+            "price": config.price,
+            "vram": max((gpu.memory_total_mib for gpu in gpus), default=None),
         }
         advertisement = Advertisement(node_info(name, args.interface, properties), args.interface)
     try:
@@ -654,6 +855,38 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         if advertisement is not None:
             advertisement.close()
+
+
+def _providing(args: argparse.Namespace) -> ProvidePolicy:
+    """The `ProvidePolicy` of `tessera node`'s options; `UsageError` names a bad one."""
+    from farm_node.availability import ProvidePolicy
+
+    when = args.when or ("hours" if args.hours is not None else "always")
+    if args.hours is not None and when != "hours":
+        raise UsageError(f"--hours goes with --when hours, not --when {when}.")
+    policy = ProvidePolicy(
+        when=when,
+        hours=args.hours,
+        idle_after=args.idle_after,
+        gpu_busy_above=args.gpu_busy_above,
+        gpu_temp_max=args.gpu_temp_max,
+    )
+    policy.validate()
+    return policy
+
+
+def _render_limits(args: argparse.Namespace) -> RenderLimits:
+    """The `RenderLimits` of `tessera node`'s options (RenderLimits checks them)."""
+    if args.memory_limit is _UNSET:
+        return RenderLimits(min_free_disk=args.min_free_disk, sandbox=args.sandbox)
+    if args.memory_limit is not None and args.memory_limit < 64 << 20:
+        raise UsageError(
+            f"--memory-limit {args.memory_limit} bytes is below 64 MiB; no render fits in it.",
+            hint="Give a size such as 8G, or none for no limit.",
+        )
+    return RenderLimits(
+        memory=args.memory_limit, min_free_disk=args.min_free_disk, sandbox=args.sandbox
+    )
 
 
 if __name__ == "__main__":

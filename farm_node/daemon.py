@@ -13,6 +13,16 @@
 4. keep the finished EXR in ``results/`` with a JSON note (lease id, hash) until the
    coordinator has it, so losing the coordinator (or the node) loses no finished work.
 
+Before each lease the node asks its `AvailabilityTracker` (`farm_node.availability`:
+idle-only or scheduled providing, a GPU temperature cap) and checks the free disk space
+its renders need (`RenderLimits.min_free_disk`); when either says no it does not poll,
+and logs the reason once per change. While a task runs the heartbeat thread asks again
+every `NodeConfig.availability_interval` seconds: when the user comes back (or the GPU
+is too hot) it cancels the render and *releases* the lease, which the coordinator
+re-queues without counting a failure. A task refused for lack of disk space (before the
+render, or a result that cannot be written) is released the same way, and the node takes
+no work for `NodeConfig.disk_full_pause` seconds and until the space is back.
+
 Stopping (the stop event, e.g. Ctrl-C) lets the current task finish within
 `NodeConfig.stop_grace`, else cancels it and releases its lease; a second Ctrl-C
 cancels at once. `run_node` builds everything from a `NodeConfig` and installs the
@@ -29,6 +39,7 @@ environment at import time, or let a failing task stop the node.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -57,6 +68,7 @@ from common.errors import (
     UnsupportedEngineError,
     UsageError,
 )
+from farm_node.availability import Availability, AvailabilityTracker, ProvidePolicy
 from farm_node.benchmark import benchmark_score
 from farm_node.bundle_cache import (
     DEFAULT_MAX_FILES,
@@ -80,7 +92,13 @@ from protocol.models import (
 from renderers.builds import BlenderBuild, find_builds, probe_bpy
 from renderers.demo_scene import generate_demo_scene
 from renderers.devices import GPU_PREFERENCE, normalise_device_name, probe_nvidia, resolve_device
-from renderers.worker import Progress
+from renderers.worker import (
+    InsufficientDiskSpaceError,
+    Progress,
+    RenderLimits,
+    check_free_space,
+    format_bytes,
+)
 
 __all__ = [
     "Backoff",
@@ -110,6 +128,11 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _STOP_POLL = 0.1
 #: The cancel reason of a task cut short by the node's own stop (its lease is released).
 _STOPPING = "the node is stopping"
+#: The cancel reason of a task handed back because the machine is no longer available
+#: (the user returned, outside hours, GPU too hot): its lease is released, no failure.
+_YIELDING = "yielding the machine"
+#: Error numbers that mean "the disk is full" (not the task's fault: hand it back).
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 #: What `NodeConfig.cheat` may be (besides None).
 CHEAT_MODES = tuple(mode.value for mode in CheatMode)
 #: Environment variables of the node's own process that must reach Blender although the
@@ -155,6 +178,17 @@ class NodeConfig:
     #: A `farm_node.cheats.CheatMode` name: fake renders to demonstrate verification.
     #: None (the default, and the only value for real work): an honest node.
     cheat: str | None = None
+    #: When this node may render (always, idle only, in hours; GPU temperature cap).
+    policy: ProvidePolicy = field(default_factory=ProvidePolicy)
+    #: Memory, free disk and sandbox of every render (`renderers.worker.RenderLimits`).
+    limits: RenderLimits = field(default_factory=RenderLimits)
+    #: A JSON file whose readings replace the machine's probes (input idle seconds, GPU
+    #: utilisation and temperature): for tests and for scripts that know better.
+    machine_state_file: Path | None = None
+    #: How often availability is checked while paused and while a task runs (seconds).
+    availability_interval: float = 1.0
+    #: Seconds without leasing after a task was refused for lack of disk space.
+    disk_full_pause: float = 60.0
 
     @property
     def cache_dir(self) -> Path:
@@ -198,6 +232,13 @@ class NodeConfig:
             problems.append("retry delays must be positive, the maximum at least the first")
         if self.cheat is not None and self.cheat not in CHEAT_MODES:
             problems.append(f"--cheat must be one of {', '.join(CHEAT_MODES)}, not {self.cheat!r}")
+        problems.extend(self.policy.problems())
+        if not 0.05 <= self.availability_interval <= 60:
+            problems.append(
+                f"the availability interval must be 0.05 to 60 s, not {self.availability_interval}"
+            )
+        if self.disk_full_pause < 0:
+            problems.append("the pause after a full disk must not be negative")
         if problems:
             raise UsageError("Invalid node settings: " + "; ".join(problems) + ".")
         normalise_device_name(self.device)
@@ -366,8 +407,10 @@ class NodeDaemon:
         *,
         rng: random.Random | None = None,
         cheat: Cheat | None = None,
+        availability: AvailabilityTracker | None = None,
     ) -> None:
-        """`cheat` overrides `config.cheat` (a test passes one with a seeded RNG)."""
+        """`cheat` overrides `config.cheat` (a test passes one with a seeded RNG);
+        `availability` overrides the tracker built from `config.policy`."""
         self.config = config
         self.client = client
         self.runner = runner
@@ -382,6 +425,18 @@ class NodeDaemon:
         self._coordinator = _ProblemLog("Talking to the coordinator")
         self._heartbeats = _ProblemLog("Sending heartbeats")
         self._tasks_dir = config.scratch_dir / "tasks"
+        if availability is None:
+            availability = AvailabilityTracker(
+                config.policy,
+                config.machine_state_file,
+                renders_on_gpu=config.device.strip().upper() != "CPU",
+            )
+        self.availability = availability
+        self._state_lock = threading.Lock()
+        self._shown: tuple[bool, str] | None = None
+        self._paused_reason: str | None = None
+        self._disk_paused_until = 0.0
+        self._disk_problem = ""
 
     # --- public ---------------------------------------------------------------------------
 
@@ -409,6 +464,8 @@ class NodeDaemon:
                 ", ".join(capabilities.devices),
                 ", ".join(capabilities.blender_versions),
             )
+            if self.availability.active:
+                log.info("Providing %s", self.config.policy.describe())
             self._serve(stop, capabilities)
         finally:
             self.runner.close()
@@ -417,6 +474,12 @@ class NodeDaemon:
     def abort(self) -> None:
         """Cancel the task in flight now, without waiting for the stop grace period."""
         self._abort.set()
+
+    @property
+    def paused_reason(self) -> str | None:
+        """Why the node takes no work right now (in plain words), None when it does."""
+        with self._state_lock:
+            return self._paused_reason
 
     def capabilities(self) -> NodeCapabilities:
         """Probe the machine (degrading on failure); raises only for a missing device."""
@@ -466,6 +529,9 @@ class NodeDaemon:
             if self.node_id is None and not self._register(capabilities):
                 stop.wait(backoff.next_delay())
                 continue
+            if not self._may_lease():
+                stop.wait(self.config.availability_interval)
+                continue
             lease = self._lease()
             if lease is _Poll.BACK_OFF:
                 stop.wait(backoff.next_delay())
@@ -477,6 +543,59 @@ class NodeDaemon:
                 self._release(lease)
                 break
             self._run_task(lease, stop)
+
+    def _may_lease(self) -> bool:
+        """Whether to ask for work now: the machine is available and has disk space."""
+        answer: Availability | None = None
+        with self._state_lock:
+            if time.monotonic() < self._disk_paused_until:
+                answer = Availability(False, f"paused: {self._disk_problem}", "disk")
+        if answer is None:
+            problem = self._disk_shortage()
+            if problem is not None:
+                answer = Availability(False, f"paused: {problem}", "disk")
+            else:
+                answer = self.availability.check()
+        self._show(answer)
+        return answer.ok
+
+    def _disk_shortage(self) -> str | None:
+        """What is short of disk space for a render here, None when nothing is."""
+        needed = self.config.limits.min_free_disk
+        try:
+            for folder in (self.config.results_dir, self._tasks_dir):
+                check_free_space(folder, needed)
+        except InsufficientDiskSpaceError as exc:
+            return exc.message
+        return None
+
+    def _show(self, answer: Availability) -> None:
+        """Log a change of availability once (not every reading) and remember it."""
+        key = (answer.ok, answer.cause)
+        with self._state_lock:
+            changed, self._shown = self._shown != key, key
+            was_paused = self._paused_reason is not None
+            self._paused_reason = None if answer.ok else answer.reason
+        if not changed:
+            return
+        if not answer.ok:
+            # The provider's own choice (idle, hours, heat) is news; a problem is a warning.
+            level = logging.WARNING if answer.cause in ("disk", "state") else logging.INFO
+            log.log(level, "Not taking work: %s", answer.reason)
+        elif was_paused:
+            log.info("Taking work again (%s)", answer.reason)
+
+    def _pause_for_disk(self, problem: str) -> None:
+        pause = self.config.disk_full_pause
+        with self._state_lock:
+            self._disk_paused_until = time.monotonic() + pause
+            self._disk_problem = f"{problem.splitlines()[0]} (the last task was handed back)"
+        log.warning(
+            "Not taking work for %g s, and then only with %s free: %s",
+            pause,
+            format_bytes(self.config.limits.min_free_disk),
+            problem.splitlines()[0],
+        )
 
     def _register(self, capabilities: NodeCapabilities) -> bool:
         try:
@@ -556,12 +675,16 @@ class NodeDaemon:
             except (TesseraError, OSError) as exc:
                 settled = self._task_failed(lease, control, exc)
                 return
-            if control.cancel_reason not in (None, _STOPPING):
+            if control.cancel_reason not in (None, _STOPPING, _YIELDING):
                 # Cancelled or lost as the render ended: the coordinator wants none of it.
-                # (A node stopping as it finished still delivers what it has.)
+                # (A node stopping or yielding as it finished still delivers what it has.)
                 settled = self._task_cancelled(lease, control)
                 return
-            result = self._keep_result(lease, output)
+            try:
+                result = self._keep_result(lease, output)
+            except OSError as exc:
+                settled = self._result_not_kept(lease, exc)
+                return
             settled = True
             control.progress, control.message = 1.0, "uploading"
             self._deliver(result)
@@ -613,6 +736,19 @@ class NodeDaemon:
     def _task_failed(self, lease: Lease, control: _TaskControl, error: Exception) -> bool:
         if control.cancel_reason is not None:
             return self._task_cancelled(lease, control)
+        shortage = _disk_full(error) or self._disk_shortage()
+        if shortage is not None:
+            # A full disk is this node's problem, not the task's: hand it back unharmed
+            # (no attempt counted), and stop taking work this node cannot finish.
+            log.warning(
+                "Lease %s refused for lack of disk space (%s): %s",
+                lease.lease_id,
+                type(error).__name__,
+                shortage.splitlines()[0],
+            )
+            self._pause_for_disk(shortage)
+            self._release(lease)
+            return True
         retryable = not isinstance(error, NOT_RETRYABLE)
         text = str(error).strip() or type(error).__name__
         log.warning(
@@ -634,7 +770,7 @@ class NodeDaemon:
 
     def _task_cancelled(self, lease: Lease, control: _TaskControl) -> bool:
         reason = control.cancel_reason
-        if reason == _STOPPING:
+        if reason in (_STOPPING, _YIELDING):
             self._release(lease)
         else:
             log.info("Lease %s cancelled (%s)", lease.lease_id, reason)
@@ -658,6 +794,8 @@ class NodeDaemon:
         interval = max(0.05, lease.heartbeat_interval)
         last_ok = time.monotonic()
         next_beat = last_ok + interval
+        # The first check comes at once: the user may have come back during the poll.
+        next_check = last_ok
         stop_seen: float | None = None
         while not control.done.is_set():
             now = time.monotonic()
@@ -684,6 +822,16 @@ class NodeDaemon:
                         f"no heartbeat got through for {grace:g} s; the coordinator has "
                         "given the task to another node by now",
                     )
+            if (
+                control.cancel_reason is None
+                and self.availability.active
+                and time.monotonic() >= next_check
+            ):
+                next_check = time.monotonic() + self.config.availability_interval
+                answer = self.availability.check(rendering=True)
+                self._show(answer)
+                if not answer.ok:
+                    self._cancel(control, _YIELDING, f"{answer.reason}; handing the task back")
             pause = _STOP_POLL
             if control.cancel_reason is None:
                 pause = max(0.0, min(pause, next_beat - time.monotonic()))
@@ -719,15 +867,34 @@ class NodeDaemon:
     def _keep_result(self, lease: Lease, output: Path) -> PendingResult:
         target = self.config.results_dir / f"{lease.lease_id}.exr"
         output.replace(target)
-        result = PendingResult(
-            lease_id=lease.lease_id,
-            task_id=lease.task.id,
-            sha256=sha256_file(target),
-            size=target.stat().st_size,
-            path=target,
-        )
-        result.save_note()
+        try:
+            result = PendingResult(
+                lease_id=lease.lease_id,
+                task_id=lease.task.id,
+                sha256=sha256_file(target),
+                size=target.stat().st_size,
+                path=target,
+            )
+            result.save_note()
+        except BaseException:
+            target.unlink(missing_ok=True)  # an EXR without its note is not a result
+            raise
         return result
+
+    def _result_not_kept(self, lease: Lease, error: OSError) -> bool:
+        """A rendered EXR that could not be kept in ``results/`` (a full disk, most
+        likely): nothing was delivered, so nothing accepted is lost; the task goes back."""
+        shortage = _disk_full(error)
+        log.error(
+            "Could not keep the result of lease %s in %s (%s); handing the task back",
+            lease.lease_id,
+            self.config.results_dir,
+            error,
+        )
+        if shortage is not None:
+            self._pause_for_disk(shortage)
+        self._release(lease)
+        return True
 
     def _deliver(self, result: PendingResult) -> bool:
         """Upload one result; True when it is settled (delivered, or refused for good)."""
@@ -791,6 +958,26 @@ class NodeDaemon:
         except (TesseraError, OSError) as exc:
             log.warning("The benchmark failed (%s); registering without a score", exc)
             return None
+
+
+def _disk_full(error: BaseException) -> str | None:
+    """What says `error` (or an error it was raised from) is a full disk, else None."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, InsufficientDiskSpaceError):
+            return current.message
+        if isinstance(current, OSError) and current.errno in _DISK_FULL_ERRNOS:
+            where = f" writing {current.filename}" if current.filename else ""
+            return f"the disk is full{where} ({os.strerror(current.errno or 0)})"
+        # Blender's own failed write only reaches us as text in its error or log tail.
+        text = str(current)
+        for code in _DISK_FULL_ERRNOS:
+            if os.strerror(code) in text:
+                return f"the disk is full ({text.splitlines()[0]})"
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _mtime(path: Path) -> float:
@@ -871,6 +1058,7 @@ def run_node(config: NodeConfig) -> int:
         task_timeout=config.task_timeout,
         extra_env=config.extra_env,
         max_warm=config.max_warm_workers,
+        limits=config.limits,
     )
     stop = threading.Event()
     daemon = NodeDaemon(config, client, runner, _cache(config))

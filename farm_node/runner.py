@@ -6,6 +6,10 @@ the device resolved against what Cycles reports) and renders it with a worker th
 already has the bundle's scene open when one does. Workers of other bundles are closed
 beyond `max_warm`. `denoise` denoises a merged frame through the same workers.
 
+Every Blender it starts gets the runner's `RenderLimits` (memory ceiling, free disk
+checked before each render, sandbox); a render refused for lack of disk space raises
+`InsufficientDiskSpaceError` before Blender starts, and the daemon hands the task back.
+
 `cancel()` may be called from any thread (the heartbeat thread does) and stops the
 render in flight by killing its Blender process group. This module never touches the
 network, the bundle cache or the coordinator: the daemon passes files in and takes
@@ -37,6 +41,7 @@ from renderers.regions import PixelRect, border_fractions
 from renderers.worker import (
     Progress,
     ProgressCallback,
+    RenderLimits,
     RenderRequest,
     RenderResult,
     RenderWorker,
@@ -51,11 +56,9 @@ DEFAULT_MAX_WARM = 2
 _ANY_DEVICE = ("", "ANY")
 _T = TypeVar("_T")
 
+#: Builds a worker from (build, scratch folder, extra environment); a custom factory
+#: chooses its workers' limits itself.
 WorkerFactory = Callable[[BlenderBuild, Path, Mapping[str, str]], RenderWorker]
-
-
-def _default_factory(build: BlenderBuild, scratch: Path, env: Mapping[str, str]) -> RenderWorker:
-    return RenderWorker(build, scratch_dir=scratch, extra_env=env)
 
 
 class TaskRunner:
@@ -63,7 +66,8 @@ class TaskRunner:
 
     `device` is the node's own choice ("CPU", "GPU", "OPTIX"...), used when a lease leaves
     the device to the node; `threads` = 0 means all cores. `extra_env` reaches every
-    Blender process (e.g. ``{"CYCLES_CPU_NO_AVX2": "1"}``).
+    Blender process (e.g. ``{"CYCLES_CPU_NO_AVX2": "1"}``). `limits` bound every render
+    (default `RenderLimits()`: 80% of RAM, 1 GiB free disk, the sandbox when it works).
     """
 
     def __init__(
@@ -76,7 +80,8 @@ class TaskRunner:
         task_timeout: float | None = None,
         extra_env: Mapping[str, str] | None = None,
         max_warm: int = DEFAULT_MAX_WARM,
-        worker_factory: WorkerFactory = _default_factory,
+        limits: RenderLimits | None = None,
+        worker_factory: WorkerFactory | None = None,
     ) -> None:
         if max_warm < 1:
             raise ValueError("max_warm must be at least 1")
@@ -87,7 +92,8 @@ class TaskRunner:
         self.task_timeout = task_timeout
         self.extra_env = dict(extra_env or {})
         self.max_warm = max_warm
-        self._factory = worker_factory
+        self.limits = limits if limits is not None else RenderLimits()
+        self._factory = worker_factory or self._limited_worker
         self._workers: OrderedDict[tuple[str, str], RenderWorker] = OrderedDict()
         # A started worker not yet tied to a bundle (the device probe's or the
         # benchmark's): the next new bundle takes it instead of starting Blender again.
@@ -318,6 +324,11 @@ class TaskRunner:
         if folder.exists():
             shutil.rmtree(folder, ignore_errors=True)
         return self._factory(self.build, folder, self.extra_env)
+
+    def _limited_worker(
+        self, build: BlenderBuild, scratch: Path, env: Mapping[str, str]
+    ) -> RenderWorker:
+        return RenderWorker(build, scratch_dir=scratch, extra_env=env, limits=self.limits)
 
     @staticmethod
     def _close_worker(worker: RenderWorker) -> None:
