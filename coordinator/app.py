@@ -38,6 +38,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from common.errors import ApiError
 from coordinator.assembly import Assembler
@@ -46,7 +47,7 @@ from coordinator.db import Database
 from coordinator.events import EventBus
 from coordinator.farm import Farm, Principal
 from coordinator.limits import Limits, RequestLimits, TooManyRequestsError, too_many_requests
-from coordinator.store import ContentStore
+from coordinator.store import ContentStore, StorageFullError, is_no_room, no_room
 from protocol.discovery import join_proof
 from protocol.models import (
     API_PREFIX,
@@ -59,6 +60,7 @@ from protocol.models import (
     Heartbeat,
     HeartbeatReply,
     Job,
+    JobEstimate,
     JobPatch,
     JobSpec,
     JoinChallenge,
@@ -97,6 +99,8 @@ class Services:
         self.config = config
         self.db = Database(config.db_path)
         self.store = ContentStore(config.store_dir)
+        if cleared := self.store.clear_leftovers():
+            log.info("removed %d partial files left by an earlier run", cleared)
         self.bus = EventBus()
         self.farm = Farm(config, self.db, self.store, self.bus)
         self.assembler = Assembler(self.db, self.store, self.bus)
@@ -191,6 +195,15 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def too_many(_: Request, exc: TooManyRequestsError) -> JSONResponse:
         return too_many_requests(exc.retry_after)
 
+    @app.exception_handler(StorageFullError)
+    async def storage_full(_: Request, exc: StorageFullError) -> JSONResponse:
+        # Nothing of this request was kept and nothing accepted before is touched: the
+        # sender keeps its data and sends it again after Retry-After.
+        retry_after = max(1, math.ceil(app.state.services.config.storage_retry_after))
+        return _error(
+            507, _reason(507), exc.message, exc.hint, headers={"Retry-After": str(retry_after)}
+        )
+
     @app.exception_handler(Exception)
     async def crashed(_: Request, exc: Exception) -> JSONResponse:
         # Logged by the server; the client gets the usual error shape, never a traceback.
@@ -213,6 +226,7 @@ def _reason(status: int) -> str:
         422: "invalid request",
         429: "too many requests",
         503: "unavailable",
+        507: "insufficient storage",
     }.get(status, "error")
 
 
@@ -343,6 +357,7 @@ def _router(services: Services) -> APIRouter:
     @router.put("/bundles/{sha256}")
     async def put_bundle(sha256: str, request: Request, who: Requester) -> dict[str, Any]:
         _check_sha(sha256)
+        _check_room(services, request)
         path = await _spool(services, request, services.config.max_bundle_bytes)
         try:
             size = await run_in_threadpool(farm.put_bundle, sha256, _chunks(path))
@@ -362,6 +377,11 @@ def _router(services: Services) -> APIRouter:
     @router.post("/jobs", response_model=Job, status_code=201)
     def submit(spec: JobSpec, who: Requester) -> Job:
         return farm.submit(who, spec)
+
+    @router.post("/jobs/estimate", response_model=JobEstimate)
+    def estimate(spec: JobSpec, who: Requester) -> JobEstimate:
+        """What submitting `spec` would escrow, and the caller's balance (a dry run)."""
+        return farm.estimate(who, spec)
 
     @router.get("/jobs", response_model=list[Job])
     def jobs(who: Who) -> list[Job]:
@@ -485,7 +505,8 @@ def _router(services: Services) -> APIRouter:
     async def upload(lease_id: str, request: Request, who: Provider) -> UploadReceipt:
         claimed = request.headers.get("x-content-sha256")
         # Only the lease's holder may make the coordinator spool anything to disk.
-        await run_in_threadpool(farm._lease_row, who, lease_id)
+        await run_in_threadpool(farm.check_upload, who, lease_id)
+        _check_room(services, request)
         path = await _spool(services, request, services.config.max_result_bytes)
         try:
             receipt: UploadReceipt = await run_in_threadpool(
@@ -545,10 +566,24 @@ def _check_sha(sha256: str) -> None:
         raise ApiError(f"'{sha256[:80]}' is not a SHA-256 (64 lower-case hex digits).", status=400)
 
 
+def _check_room(services: Services, request: Request) -> None:
+    """507 before reading an upload that would leave the data folder's disk with less
+    than `min_free_disk` free (a sender that does not say its size is checked for 0)."""
+    length = request.headers.get("content-length", "0")
+    incoming = int(length) if length.isdigit() else 0
+    services.store.check_room(incoming, services.config.min_free_disk)
+
+
 async def _spool(services: Services, request: Request, limit: int) -> Path:
     """Stream the request body to a temporary file, refusing it past `limit` bytes.
-    The caller deletes the file."""
-    handle, name = tempfile.mkstemp(dir=services.store.root / "tmp", suffix=".upload")
+    The caller deletes the file. A full disk is `StorageFullError` (507); a sender whose
+    connection broke mid-body gets nothing stored (it sends the whole body again)."""
+    try:
+        handle, name = tempfile.mkstemp(dir=services.store.root / "tmp", suffix=".upload")
+    except OSError as exc:
+        if is_no_room(exc):
+            raise no_room("an upload", exc) from exc
+        raise
     path = Path(name)
     size = 0
     try:
@@ -560,6 +595,15 @@ async def _spool(services: Services, request: Request, limit: int) -> Path:
                         f"The upload is larger than the limit of {limit} bytes.", status=413
                     )
                 out.write(chunk)
+    except ClientDisconnect:
+        path.unlink(missing_ok=True)
+        # Nobody is left to read this; an ApiError (not a crash) keeps the log quiet.
+        raise ApiError(f"The upload broke off after {size} bytes.", status=400) from None
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        if is_no_room(exc):
+            raise no_room(f"an upload ({size} bytes in)", exc) from exc
+        raise
     except BaseException:
         path.unlink(missing_ok=True)
         raise

@@ -48,6 +48,12 @@ class CoordinatorConfig:
     #: count against `max_waiting` instead. 0 = no limit.
     max_concurrent: int = 256
     max_waiting: int = 4096
+    #: Uploads (bundles, results) are refused with 507 Insufficient Storage while writing
+    #: them would leave less than this many bytes free on the data folder's file system,
+    #: so the database and the frames being merged always have room. 0 = no check.
+    min_free_disk: int = 2**30
+    #: Retry-After (seconds) of a 507: how long a sender waits before trying again.
+    storage_retry_after: float = 10.0
 
     @property
     def db_path(self) -> Path:

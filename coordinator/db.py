@@ -19,6 +19,11 @@ from typing import Any
 
 import sqlite_utils
 
+from coordinator.store import StorageFullError
+
+#: sqlite3's primary result code for "database or disk is full".
+SQLITE_FULL = 13
+
 MIGRATIONS: tuple[str, ...] = (
     # 1: the farm's first schema
     """
@@ -154,6 +159,23 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE tasks ADD COLUMN backs_up TEXT;
     CREATE INDEX tasks_by_original ON tasks(backs_up);
     """,
+    # 6: idempotent delivery. The receipt of every accepted upload, written in the
+    # accepting transaction, so that a node whose reply was lost and that sends the same
+    # result again gets the same answer (never "lease is over", never a second payment);
+    # and the lease of every recorded failure, so that a repeated report is a no-op.
+    """
+    CREATE TABLE receipts (
+        lease_id TEXT PRIMARY KEY,
+        task_id TEXT NOT NULL,
+        node_id TEXT,
+        sha256 TEXT NOT NULL,
+        accepted INTEGER NOT NULL,
+        frame_completed INTEGER NOT NULL,
+        at TEXT NOT NULL
+    );
+    ALTER TABLE failures ADD COLUMN lease_id TEXT;
+    CREATE INDEX failures_by_lease ON failures(lease_id);
+    """,
 )
 
 
@@ -189,15 +211,29 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """Hold the lock and one IMMEDIATE transaction; commit on success, else roll back."""
+        """Hold the lock and one IMMEDIATE transaction; commit on success, else roll back.
+
+        The COMMIT is inside the guarded block: a commit that fails (disk full) must roll
+        back too, or the connection would stay inside a transaction that every later
+        BEGIN refuses. A full disk is reported as `StorageFullError`.
+        """
         with self.lock:
-            self.conn.execute("BEGIN IMMEDIATE")
             try:
-                yield self.conn
-            except BaseException:
-                self.conn.execute("ROLLBACK")
+                self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self.conn
+                    self.conn.execute("COMMIT")
+                except BaseException:
+                    # SQLite may have rolled back already (after some I/O errors).
+                    if self.conn.in_transaction:
+                        self.conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                if _is_full(exc):
+                    raise StorageFullError(
+                        "The coordinator's disk is full: its database cannot grow."
+                    ) from exc
                 raise
-            self.conn.execute("COMMIT")
 
     def query(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[sqlite3.Row]:
         with self.lock:
@@ -216,3 +252,10 @@ class Database:
         if row is None:
             raise LookupError(f"no row for {sql!r} {params!r}")
         return row
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return int(code) & 0xFF == SQLITE_FULL
+    return "database or disk is full" in str(exc)

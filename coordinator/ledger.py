@@ -124,14 +124,9 @@ def escrow(conn: sqlite3.Connection, job_id: str, owner: str, amount: int) -> No
     """Hold `amount` from the owner for the job; 402 if the owner cannot afford it."""
     if amount <= 0:
         return
-    have = _balance(conn, user(owner))
-    if have < amount:
-        raise ApiError(
-            f"This job may cost up to {credits(amount):g} credits; your balance is "
-            f"{credits(have):g}.",
-            status=402,
-            hint="Ask an admin for credits (`tessera grant`), lower --max-price, or render less.",
-        )
+    refusal = unaffordable(amount, _balance(conn, user(owner)))
+    if refusal is not None:
+        raise refusal
     _post(
         conn,
         f"escrow:{job_id}",
@@ -140,6 +135,29 @@ def escrow(conn: sqlite3.Connection, job_id: str, owner: str, amount: int) -> No
         job_id=job_id,
         memo=f"escrow for job {job_id}",
     )
+
+
+def unaffordable(amount: int, have: int) -> ApiError | None:
+    """The 402 refusal of a job whose escrow of `amount` exceeds the balance `have`."""
+    if amount <= 0 or have >= amount:
+        return None
+    return ApiError(
+        f"This job may cost up to {credits(amount):g} credits; your balance is {credits(have):g}.",
+        status=402,
+        hint="Ask an admin for credits (`tessera grant`), lower --max-price, or render less.",
+    )
+
+
+def job_credits(db: Database, job_id: str) -> tuple[int, int]:
+    """(escrowed, paid out) milli-credits of a job: what its escrow received and what
+    left it as payments for tasks (refunds are neither)."""
+    row = db.fetch_one(
+        "SELECT COALESCE(SUM(CASE WHEN t.kind = 'escrow' AND e.amount > 0 THEN e.amount END), 0)"
+        " AS escrowed, COALESCE(SUM(CASE WHEN t.kind = 'pay' THEN -e.amount END), 0) AS paid"
+        " FROM ledger_entries e JOIN ledger_txns t ON t.id = e.txn WHERE e.account = ?",
+        (escrow_account(job_id),),
+    )
+    return int(row["escrowed"]), int(row["paid"])
 
 
 def pay(

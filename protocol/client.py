@@ -3,8 +3,13 @@
 Every method maps to one endpoint and returns a `protocol.models` object. A reply with
 an error status raises `ApiError` carrying the server's message and hint; a coordinator
 that cannot be reached raises `CoordinatorUnreachableError` after retrying idempotent
-requests with exponential backoff. Bodies are streamed from and to files, never held
-whole in memory. No Blender, no Qt.
+requests with exponential backoff. Idempotent requests are also retried, a bounded number
+of times, on the answers that mean "not now": 429 (rate limited), 502/503/504 (overloaded
+or restarting) and 507 (the coordinator's disk is full), waiting for their Retry-After
+(capped at `max_retry_after`). Result uploads, failure reports and lease releases are
+idempotent on the coordinator (a repeat gets the first answer), so a lost reply is
+retried too. Bodies are streamed from and to files, never held whole in memory. No
+Blender, no Qt.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from protocol.models import (
     Heartbeat,
     HeartbeatReply,
     Job,
+    JobEstimate,
     JobPatch,
     JobSpec,
     JoinChallenge,
@@ -52,6 +58,8 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 CHUNK = 1 << 20
 SHA256_HEADER = "X-Content-SHA256"
+#: Answers that mean "try again later" (rate limited, overloaded, restarting, disk full).
+RETRY_LATER = frozenset({429, 502, 503, 504, 507})
 
 
 def sha256_file(path: Path) -> str:
@@ -74,11 +82,13 @@ class TesseraClient:
         retries: int = 4,
         backoff: float = 0.5,
         verify: bool | str = True,
+        max_retry_after: float = 10.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
+        self.max_retry_after = max_retry_after
         self._session = requests.Session()
         self._session.verify = verify
         if token:
@@ -126,10 +136,11 @@ class TesseraClient:
             finally:
                 if body_factory is not None:
                     kwargs["data"].close()
-            if response.status_code in (502, 503, 504) and attempt + 1 < attempts:
-                retry_after = response.headers.get("Retry-After")
-                if retry_after and retry_after.isdigit():
-                    time.sleep(min(float(retry_after), 10.0))
+            if response.status_code in RETRY_LATER and attempt + 1 < attempts:
+                retry_after = response.headers.get("Retry-After", "")
+                if retry_after.isdigit():
+                    time.sleep(min(float(retry_after), self.max_retry_after))
+                response.close()
                 continue
             if response.status_code not in ok:
                 raise _api_error(response)
@@ -222,6 +233,11 @@ class TesseraClient:
     def submit_job(self, spec: JobSpec) -> Job:
         return self._json("POST", "/jobs", Job, idempotent=False, **self._body(spec))
 
+    def estimate_job(self, spec: JobSpec) -> JobEstimate:
+        """What submitting `spec` would escrow and the caller's balance; nothing is held
+        and the bundle need not be uploaded yet."""
+        return self._json("POST", "/jobs/estimate", JobEstimate, **self._body(spec))
+
     def jobs(self) -> list[Job]:
         return self._list("/jobs", Job)
 
@@ -292,7 +308,10 @@ class TesseraClient:
         )
 
     def upload_result(self, lease_id: str, path: Path, sha256: str | None = None) -> UploadReceipt:
-        """Upload a task's EXR with its hash; safe to retry (the server is idempotent)."""
+        """Upload a task's EXR with its hash. Retried when the connection breaks, before or
+        after the coordinator took it: a repeat of an accepted upload gets the original
+        receipt (the coordinator keeps one per lease), never "lease is over" nor a second
+        payment."""
         digest = sha256 or sha256_file(path)
         response = self._request(
             "PUT",
@@ -304,14 +323,15 @@ class TesseraClient:
         return UploadReceipt.model_validate(response.json())
 
     def report_failure(self, lease_id: str, failure: TaskFailure) -> None:
-        # Not retried: a retry after a lost reply would meet "lease is over" (409).
-        self._request(
-            "POST", f"/leases/{lease_id}/failure", idempotent=False, **self._body(failure)
-        )
+        """Report a failed attempt. Retried: the coordinator records one failure per
+        lease and answers a repeat (its reply was lost) with 204 again."""
+        self._request("POST", f"/leases/{lease_id}/failure", **self._body(failure))
 
     def release(self, lease_id: str) -> None:
-        """Hand a lease back unfinished (node shutting down); the task is re-queued."""
-        self._request("POST", f"/leases/{lease_id}/release", idempotent=False)
+        """Hand a lease back unfinished (node shutting down); the task is re-queued.
+        Retried: a repeat after a lost reply finds the lease gone (404), which a node
+        takes as released."""
+        self._request("POST", f"/leases/{lease_id}/release")
 
     def download_denoise_input(self, lease_id: str, target: Path) -> Path:
         return self._download(f"/leases/{lease_id}/denoise-input", target)

@@ -250,6 +250,25 @@ class Job(Strict):
     updated_at: datetime
     message: str = ""
     frames_done: list[int] = Field(default_factory=list)
+    credits_escrowed: float = Field(
+        default=0.0, description="credits held for the job when it was submitted"
+    )
+    credits_spent: float = Field(default=0.0, description="credits paid for its accepted tasks")
+
+
+class JobEstimate(Strict):
+    """What a job spec would cost, as the coordinator would escrow it (nothing is held)."""
+
+    credits: float = Field(description="the most the job can cost at its max price")
+    balance: float = Field(description="the caller's balance now")
+    max_credits: float | None = None
+    #: Why the coordinator would refuse the job now, in words ("" when it would accept).
+    refusal: str = ""
+    refusal_hint: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        return not self.refusal
 
 
 class JobPatch(Strict):
@@ -297,6 +316,8 @@ class Task(Strict):
     message: str = ""
     result_sha256: str | None = None
     render_seconds: float | None = None
+    #: When its status last changed (None from coordinators older than this field).
+    updated_at: datetime | None = None
 
 
 class Lease(Strict):

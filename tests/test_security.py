@@ -283,6 +283,7 @@ TABLE: list[Case] = [
     # alice's jobs use it; bob's node holds a lease of job B
     Case("GET", "/bundles/{sha256}", {**OWNER, "bob": 200}, 404, "/bundles/{sha}"),
     Case("POST", "/jobs", {"bob": 403, "carol": 403}, 201, body=_new_job),
+    Case("POST", "/jobs/estimate", {"bob": 403, "carol": 403}, 200, body=_new_job),
     Case("GET", "/jobs", {}, 200),
     Case("GET", "/jobs/{job_id}", OWNER, 404, "/jobs/{A}"),
     Case("PATCH", "/jobs/{job_id}", OWNER, 404, "/jobs/{A}", body=lambda *_: {"priority": 60}),
