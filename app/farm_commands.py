@@ -221,6 +221,13 @@ def _add_submit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="refuse the job if its estimated cost is higher",
     )
     submit_parser.add_argument(
+        "--estimate",
+        action="store_true",
+        help="inspect and measure the scene, print what the job would cost (as the farm "
+        "would escrow it) and your balance, and exit without packing or submitting; "
+        "exit 1 if the farm would refuse it",
+    )
+    submit_parser.add_argument(
         "--wait",
         action="store_true",
         help="follow the job, download frames as they finish, exit 1 if it fails",
@@ -639,6 +646,8 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.out is not None and not args.wait:
         raise UsageError("--out says where --wait puts frames; add --wait, or drop --out.")
+    if getattr(args, "estimate", False) and args.wait:
+        raise UsageError("--estimate submits nothing, so there is nothing to --wait for.")
     status = _Status(sys.stderr, enabled=not args.json)
     with _client(args, settings) as client:
         me = client.me()  # an unreachable farm or a bad token fails before any work
@@ -648,6 +657,8 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
                 "requester token.",
                 hint="Ask the farm's admin for a requester account.",
             )
+        if getattr(args, "estimate", False):
+            return _print_estimate(args, settings, client, status)
         prepared, job = _prepare_and_submit(args, settings, client, status)
         summary: dict[str, Any] = {
             "job": job.model_dump(mode="json"),
@@ -687,6 +698,60 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     return _report_followed(args, result, summary, status)
 
 
+def _job_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`tessera submit`'s job options, as `describe_job`/`prepare_submission` take them."""
+    return {
+        "frames": args.frames,
+        "tiles": args.tiles,
+        "samples": args.samples,
+        "percentage": args.percentage,
+        "priority": args.priority,
+        "denoise": False if args.no_denoise else None,
+        "device": args.device,
+        "name": args.name,
+        "max_price": getattr(args, "max_price", 0.0),
+        "max_credits": getattr(args, "max_credits", None),
+    }
+
+
+def _print_estimate(
+    args: argparse.Namespace, settings: Settings, client: TesseraClient, status: _Status
+) -> int:
+    """`tessera submit --estimate`: inspect and probe the scene (no packing), then ask
+    the farm what the job would cost; 1 when the farm would refuse it."""
+    from app.submission import describe_job
+    from renderers.worker import RenderWorker
+
+    status.line(f"Measuring {args.scene.name} in Blender...")
+    with RenderWorker(_render_build(args, settings)) as worker:
+        described = describe_job(worker, args.scene, **_job_options(args))
+    estimate = client.estimate_job(described.spec)
+    if args.json:
+        _print_json(
+            {
+                **estimate.model_dump(mode="json"),
+                "accepted": estimate.accepted,
+                "scene_cost": described.spec.scene_cost,
+            }
+        )
+    else:
+        print(format_estimate(estimate.credits, estimate.balance, estimate.max_credits))
+    if estimate.accepted:
+        return 0
+    print(f"error: the farm would refuse this job: {estimate.refusal}", file=sys.stderr)
+    if estimate.refusal_hint:
+        print(f"  hint: {estimate.refusal_hint}", file=sys.stderr)
+    return 1
+
+
+def format_estimate(cost: float, balance: float, max_credits: float | None = None) -> str:
+    """'Estimated cost: up to 12.5 credits (your balance: 100 credits)'."""
+    text = f"Estimated cost: up to {cost:g} credits (your balance: {balance:g} credits"
+    if max_credits is not None:
+        text += f"; --max-credits {max_credits:g}"
+    return text + ")"
+
+
 def _prepare_and_submit(
     args: argparse.Namespace, settings: Settings, client: TesseraClient, status: _Status
 ) -> tuple[Prepared, Job]:
@@ -712,17 +777,8 @@ def _prepare_and_submit(
                 worker,
                 args.scene,
                 bundle_dir=Path(bundle_dir),
-                frames=args.frames,
-                tiles=args.tiles,
-                samples=args.samples,
-                percentage=args.percentage,
-                priority=args.priority,
-                denoise=False if args.no_denoise else None,
-                device=args.device,
-                name=args.name,
                 on_pack=status.pack,
-                max_price=getattr(args, "max_price", 0.0),
-                max_credits=getattr(args, "max_credits", None),
+                **_job_options(args),
             )
         for warning in prepared.warnings:
             status.warn(warning)

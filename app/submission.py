@@ -25,13 +25,17 @@ No Qt and no printing here; Blender runs only inside the render worker process.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import cast
 
+import numpy as np
+import numpy.typing as npt
 import requests
 import urllib3
 from pydantic import ValidationError
@@ -48,9 +52,10 @@ from protocol.models import (
     JobSpec,
     SceneSummary,
 )
+from renderers.exr import read_exr
 from renderers.scene_info import SceneInfo, inspect_scene
-from renderers.scene_probe import PreviewImage, SceneProbe, probe_scene
-from renderers.worker import RenderWorker
+from renderers.scene_probe import PreviewImage, SceneProbe, preview_frames, probe_scene
+from renderers.worker import RenderRequest, RenderWorker
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +92,119 @@ class Prepared:
     probe: SceneProbe | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Described:
+    """A scene inspected, probed and described by a job spec whose bundle is not packed
+    yet (its `bundle` is a placeholder): enough to ask the coordinator for an estimate."""
+
+    info: SceneInfo
+    spec: JobSpec
+    probe: SceneProbe | None = None
+
+
+def describe_job(
+    worker: RenderWorker,
+    scene: Path,
+    *,
+    frames: str | None = None,
+    tiles: tuple[int, int] = (1, 1),
+    samples: int | None = None,
+    percentage: int | None = None,
+    priority: int = 50,
+    denoise: bool | None = None,
+    device: str = "ANY",
+    name: str | None = None,
+    max_price: float = 0.0,
+    max_credits: float | None = None,
+    probe: bool = True,
+    benchmark_scene: Path | None = None,
+    measured: SceneProbe | None = None,
+) -> Described:
+    """Inspect `scene`, check the job it makes and probe it (nothing is packed).
+
+    The options are `prepare_submission`'s. `measured` is a probe made before (the
+    desktop app probes a scene when it is chosen): it is reused when its previews are of
+    the frames this job previews and at no more samples than the job renders, else the
+    scene is probed again.
+    """
+    info = inspect_scene(worker, scene)
+    make_spec = functools.partial(
+        job_spec_for,
+        info,
+        frames=frames,
+        tiles=tiles,
+        samples=samples,
+        percentage=percentage,
+        priority=priority,
+        denoise=denoise,
+        device=device,
+        name=name,
+        max_price=max_price,
+        max_credits=max_credits,
+    )
+    # Check the spec before probing and packing: a bad option fails in a second.
+    spec = make_spec()
+    if not probe:
+        return Described(info, spec, None)
+    if measured is None or not probe_fits(measured, spec.frames, samples or info.samples):
+        measured = probe_scene(
+            worker,
+            info.path,
+            spec.frames.frames(),
+            samples=samples,
+            info=info,
+            benchmark_scene=benchmark_scene,
+        )
+    return Described(info, make_spec(measured=measured), measured)
+
+
+def job_spec_for(
+    info: SceneInfo,
+    *,
+    frames: str | None = None,
+    tiles: tuple[int, int] = (1, 1),
+    samples: int | None = None,
+    percentage: int | None = None,
+    priority: int = 50,
+    denoise: bool | None = None,
+    device: str = "ANY",
+    name: str | None = None,
+    max_price: float = 0.0,
+    max_credits: float | None = None,
+    measured: SceneProbe | None = None,
+    bundle: str = _NO_BUNDLE,
+    scene_path: str = "scene.blend",
+) -> JobSpec:
+    """The job spec of an inspected scene with these options (no Blender, no I/O): the
+    scene's cost and previews from `measured` when given (else cost 1.0, no previews),
+    and a placeholder bundle unless one is named. Raises `UsageError` for options that
+    do not fit the scene."""
+    options: dict[str, object] = {
+        "name": name or info.path.stem,
+        "frames": _frame_range(frames, info),
+        "tiles": {"columns": tiles[0], "rows": tiles[1]},
+        "samples": samples,
+        "percentage": percentage,
+        "denoise": denoise,
+        "priority": priority,
+        "device": device.upper(),
+        "max_price": max_price,
+        "max_credits": max_credits,
+    }
+    if measured is not None:
+        options["scene_cost"] = round(measured.cost, 4)
+        options["previews"] = [frame_preview(image) for image in measured.previews]
+    return _job_spec(info, bundle, scene_path, options)
+
+
+def probe_fits(measured: SceneProbe, frames: FrameRange, samples: int) -> bool:
+    """Whether a probe made before serves a job of `frames` at `samples`: its previews
+    are of the frames the job would preview, at no more samples than the job renders."""
+    wanted = preview_frames(frames.frames())
+    shown = [image.frame for image in measured.previews]
+    return shown == wanted and all(image.samples <= samples for image in measured.previews)
+
+
 def prepare_submission(
     worker: RenderWorker,
     scene: Path,
@@ -105,6 +223,7 @@ def prepare_submission(
     max_credits: float | None = None,
     probe: bool = True,
     benchmark_scene: Path | None = None,
+    measured: SceneProbe | None = None,
 ) -> Prepared:
     """Inspect `scene`, check the job it makes, probe it, and pack it into
     `bundle_dir/<sha>.zip`.
@@ -113,46 +232,103 @@ def prepare_submission(
     samples, percentage and denoise keeps the scene's settings. The probe (skipped with
     `probe=False`, leaving the spec's defaults: cost 1.0, no previews) renders with the
     same worker and sets the spec's `scene_cost` and `previews`; `benchmark_scene` is
-    the scene it compares against (default: the demo scene). Raises a `SceneError` for a
-    scene that cannot render, `UsageError` for options that do not fit it, the worker's
+    the scene it compares against (default: the demo scene); `measured`, a probe made
+    before, is reused when it fits (`describe_job`). Raises a `SceneError` for a scene
+    that cannot render, `UsageError` for options that do not fit it, the worker's
     errors when a probe render fails, and `BundleError` when packing fails; nothing is
     uploaded here.
     """
-    info = inspect_scene(worker, scene)
-    frame_range = _frame_range(frames, info)
-    options: dict[str, object] = {
-        "name": name or scene.stem,
-        "frames": frame_range,
-        "tiles": {"columns": tiles[0], "rows": tiles[1]},
-        "samples": samples,
-        "percentage": percentage,
-        "denoise": denoise,
-        "priority": priority,
-        "device": device.upper(),
-        "max_price": max_price,
-        "max_credits": max_credits,
-    }
-    # Check the spec before probing and packing: a bad option fails in a second.
-    _job_spec(info, _NO_BUNDLE, "scene.blend", options)
-    measured: SceneProbe | None = None
-    if probe:
-        measured = probe_scene(
-            worker,
-            info.path,
-            frame_range.frames(),
-            samples=samples,
-            info=info,
-            benchmark_scene=benchmark_scene,
-        )
-        options["scene_cost"] = round(measured.cost, 4)
-        options["previews"] = [frame_preview(image) for image in measured.previews]
+    described = describe_job(
+        worker,
+        scene,
+        frames=frames,
+        tiles=tiles,
+        samples=samples,
+        percentage=percentage,
+        priority=priority,
+        denoise=denoise,
+        device=device,
+        name=name,
+        max_price=max_price,
+        max_credits=max_credits,
+        probe=probe,
+        benchmark_scene=benchmark_scene,
+        measured=measured,
+    )
+    info = described.info
     bundle = pack_scene(scene, bundle_dir, on_progress=on_pack)
-    spec = _job_spec(info, bundle.sha256, bundle.scene_path, options)
+    spec = _job_spec(
+        info,
+        bundle.sha256,
+        bundle.scene_path,
+        described.spec.model_dump(exclude={"bundle", "scene_path", "scene"}),
+    )
     missing = _merge_missing(info.missing_files, bundle.missing)
     warnings = [w for w in info.warnings if not w.startswith("Missing file: ")]
     warnings.extend(w for w in bundle.warnings if not w.startswith("Missing file: "))
     warnings.extend(f"Missing file: {path}" for path in missing)
-    return Prepared(info, bundle, spec, missing, tuple(warnings), measured)
+    return Prepared(info, bundle, spec, missing, tuple(warnings), described.probe)
+
+
+#: The Submit page's colour preview fits this many pixels on each side...
+COLOUR_PREVIEW_SIDE = 160
+#: ...and has at most this many samples per pixel (it shows the framing, not the noise).
+COLOUR_PREVIEW_SAMPLES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class ColourPreview:
+    """A small render of one frame: 8-bit sRGB, RGB888 rows, row 0 at the top."""
+
+    frame: int
+    width: int
+    height: int
+    rgb: bytes
+
+
+def render_colour_preview(
+    worker: RenderWorker,
+    info: SceneInfo,
+    frame: int | None = None,
+    *,
+    max_side: int = COLOUR_PREVIEW_SIDE,
+    samples: int = COLOUR_PREVIEW_SAMPLES,
+    timeout: float | None = 120.0,
+) -> ColourPreview:
+    """Render `frame` (default: the scene's first) of the inspected scene small enough to
+    fit `max_side` pixels, at few samples, seed 0, no denoising, through `worker`.
+    Raises the worker's errors when the render fails."""
+    side = max(info.resolution_x, info.resolution_y)
+    percentage = max(1, min(100, max_side * 100 // side))
+    shown = info.frame_start if frame is None else frame
+    with tempfile.TemporaryDirectory(prefix="tessera-preview-") as scratch:
+        result = worker.render(
+            RenderRequest(
+                scene=info.path,
+                frame=shown,
+                output=Path(scratch) / "preview.exr",
+                samples=max(1, min(samples, info.samples)),
+                percentage=percentage,
+                seed=0,
+                adaptive_sampling=False,
+                denoise=False,
+                device="CPU",
+            ),
+            timeout=timeout,
+        )
+        linear = read_exr(result.output).combined_rgba()[..., :3].astype(np.float64)
+    height, width = linear.shape[:2]
+    return ColourPreview(shown, width, height, _to_srgb8(linear).tobytes())
+
+
+def _to_srgb8(linear: npt.NDArray[np.float64]) -> npt.NDArray[np.uint8]:
+    """Scene-linear RGB to 8-bit sRGB (clipped; not Blender's view transform)."""
+    clipped = np.clip(np.nan_to_num(linear, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+    encoded = np.where(
+        clipped <= 0.0031308, clipped * 12.92, 1.055 * np.power(clipped, 1 / 2.4) - 0.055
+    )
+    result: npt.NDArray[np.uint8] = np.ascontiguousarray(np.round(encoded * 255).astype(np.uint8))
+    return result
 
 
 def frame_preview(image: PreviewImage) -> FramePreview:
@@ -445,6 +621,40 @@ class _Follower:
 def _is_read_timeout(error: requests.ConnectionError) -> bool:
     """requests reports a read timeout inside a streamed body as a ConnectionError."""
     return any(isinstance(arg, urllib3.exceptions.ReadTimeoutError) for arg in error.args)
+
+
+def download_finished_frames(
+    client: TesseraClient,
+    job: Job,
+    out_dir: Path,
+    on_frame: Callable[[FrameFiles], None] | None = None,
+    *,
+    kinds: tuple[str, ...] = FRAME_KINDS,
+) -> FollowResult:
+    """Download every frame `job` has finished into `frame_folder(out_dir, job)`, as
+    `follow_job` does, without waiting for the rest; frames whose files are all there
+    already are skipped (downloads are atomic, so a file that exists is complete).
+    `result.frames` lists the frames written by this call. Raises what `follow_job` does."""
+    follower = _Follower(
+        client=client,
+        job_id=job.id,
+        out_dir=out_dir,
+        on_event=None,
+        on_frame=on_frame,
+        on_job=None,
+        stop=lambda: True,
+        poll_interval=1.0,
+        patience=0.0,
+        kinds=kinds,
+        folder=frame_folder(out_dir, job),
+    )
+    follower.done = {
+        frame
+        for frame in job.frames_done
+        if all((follower.folder / frame_file_name(frame, kind)).is_file() for kind in kinds)
+    }
+    follower._sync(job)
+    return FollowResult(job=job, folder=follower.folder, frames=tuple(follower.written))
 
 
 def follow_job(

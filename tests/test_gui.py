@@ -134,7 +134,7 @@ def test_nodes_table_from_plain_models(qtbot: QtBot) -> None:
     table.set_nodes([_node("fast"), _node("cheat", suspended="2 rejected results")])
     fast, cheat = cell_texts(table, 0), cell_texts(table, 1)
     assert fast[:5] == ["fast", "fast-owner", "idle", "CPU, OPTIX", "5.0.1"]
-    assert fast[6:] == ["7", "2", "1.5", "0.75", "12.50"]
+    assert fast[6:11] == ["7", "2", "1.5", "0.75", "12.50"]
     assert cheat[2] == "SUSPENDED"
     status = table.item(1, 2)
     assert status is not None and "2 rejected results" in status.toolTip()
@@ -389,3 +389,39 @@ def test_tessera_app_rejects_an_unknown_page(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "'billing' is not a page of the app" in done.stderr
+
+
+def test_tessera_app_screenshot_of_a_scene_on_the_submit_page(
+    coordinator: RunningCoordinator, demo_scene: Path, tmp_path: Path
+) -> None:
+    token = _account(coordinator, "scene-shot-user", Role.REQUESTER)
+    target = tmp_path / "submit.png"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["QT_QPA_PLATFORM"] = "offscreen"
+    env["TESSERA_HOME"] = str(tmp_path / "home")
+    args = ["app", str(demo_scene), "--coordinator", coordinator.url, "--token", token]
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args, "--screenshot", "submit", str(target)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert QImage(str(target)).width() >= 800
+
+
+def test_tessera_app_refuses_a_scene_that_is_not_there(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.blend"
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", "app", str(missing), "--screenshot", "submit", "x.png"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert f"{missing} is not a file" in done.stderr

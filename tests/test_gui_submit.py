@@ -237,7 +237,7 @@ def test_submit_the_demo_scene_and_watch_its_tiles_fill_in(
     window = open_window(FarmConnection(coordinator.url, token))
     window.show_page("submit")
     page = window.submit
-    with qtbot.waitSignal(page.inspected, timeout=60_000):
+    with qtbot.waitSignal(page.measured, timeout=60_000):
         page.load_scene(demo_scene)
     summary = page.summary.texts()
     assert summary["Engine"] == "Cycles" and summary["Camera"] != "none"

@@ -122,8 +122,13 @@ def test_desktop_entry_has_the_required_keys() -> None:
 def test_desktop_entry_exec_opens_the_app() -> None:
     entry = read_desktop_entry()
     argv = shlex.split(entry["Exec"])
-    assert not any(arg.startswith("%") for arg in argv), "the app takes no file arguments"
-    assert handler_name(parse_cli(tessera_args(argv))) == "cmd_app"
+    # %f: the .blend the app was opened with (none when started from the menu).
+    assert [arg for arg in argv if arg.startswith("%")] == ["%f"]
+    assert entry["MimeType"] == "application/x-blender;"
+    without_file = [arg for arg in argv if arg != "%f"]
+    assert handler_name(parse_cli(tessera_args(without_file))) == "cmd_app"
+    with_file = parse_cli(tessera_args([arg.replace("%f", "shot.blend") for arg in argv]))
+    assert handler_name(with_file) == "cmd_app" and str(with_file.scene) == "shot.blend"
     assert entry["TryExec"] == script_name()
 
 

@@ -17,8 +17,8 @@ widgets or the farm: it runs callables, nothing more.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -71,6 +71,7 @@ class BackgroundWork(QObject):
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tessera-gui")
         self._running = 0
         self._closed = False
+        self._pending: set[Future[None]] = set()
         # The emitting thread is a worker and this object lives on the GUI thread, so Qt
         # queues the call: the slot runs on the GUI thread.
         self._finished.connect(self._on_work_finished)
@@ -91,7 +92,9 @@ class BackgroundWork(QObject):
         if self._closed:
             return
         self._running += 1
-        self._executor.submit(self._run, work, on_done, on_error)
+        future = self._executor.submit(self._run, work, on_done, on_error)
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
 
     def _run(
         self,
@@ -121,10 +124,25 @@ class BackgroundWork(QObject):
         except Exception as callback_error:
             self.failed.emit(describe_error(callback_error))
 
-    def shutdown(self, wait: bool = True) -> None:
-        """Stop taking work, cancel what has not started and wait for what has."""
+    def shutdown(self, wait: bool = True, last: Sequence[Callable[[], object]] = ()) -> None:
+        """Stop taking work, cancel what has not started, run `last` (clean-ups such as
+        stopping a child process; their errors are logged) and wait for all of it."""
+        if self._closed:
+            self._executor.shutdown(wait=wait)
+            return
         self._closed = True
-        self._executor.shutdown(wait=wait, cancel_futures=True)
+        for future in list(self._pending):
+            future.cancel()
+        for cleanup in last:
+            self._executor.submit(_log_errors, cleanup)
+        self._executor.shutdown(wait=wait, cancel_futures=False)
+
+
+def _log_errors(cleanup: Callable[[], object]) -> None:
+    try:
+        cleanup()
+    except Exception:
+        log.exception("clean-up at shutdown failed")
 
 
 class ProgressRelay(QObject):

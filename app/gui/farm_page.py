@@ -4,7 +4,9 @@ A page fetches through `TesseraClient` on a worker thread (`fetch`, run by
 `BackgroundWork`) and shows the result on the GUI thread (`present`). `refresh()` never
 stacks a second request on one in flight: it marks the data in flight stale, which is
 shown when it lands and then fetched again. `loaded` is emitted each time fresh data is
-on screen (screenshots and tests wait for it), so not for stale data. Errors are not
+on screen (screenshots and tests wait for it), so not for stale data, nor for data
+fetched while a button's action (`run_action`) is still running: the refresh that
+follows the action brings the data that shows its effect. Errors are not
 handled here: they go to the `BackgroundWork.failed` sink, so they all reach the one
 banner of the main window.
 """
@@ -35,6 +37,7 @@ class FarmPage(QWidget):
         self._connection = connection
         self._refreshing = False
         self._stale = False
+        self._actions_running = 0
 
     def set_connection(self, connection: FarmConnection) -> None:
         self._connection = connection
@@ -60,7 +63,7 @@ class FarmPage(QWidget):
         if self._stale:
             self._stale = False
             self.refresh()
-        else:
+        elif not self._actions_running:
             self.loaded.emit()
 
     def _on_fetch_failed(self, report: ErrorReport) -> None:
@@ -76,7 +79,17 @@ class FarmPage(QWidget):
             with connection.client() as client:
                 return action(client)
 
-        self._work.submit(call, lambda _result: self.refresh())
+        self._actions_running += 1
+        self._work.submit(call, self._on_action_done, self._on_action_failed)
+
+    def _on_action_done(self, _result: object) -> None:
+        self._actions_running -= 1
+        self.refresh()
+
+    def _on_action_failed(self, report: ErrorReport) -> None:
+        self._actions_running -= 1
+        self._work.failed.emit(report)
+        self.refresh()
 
     def fetch(self, client: TesseraClient) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -1,4 +1,5 @@
-"""One job seen close up: its frame strip and the tile grid of the selected frame.
+"""One job seen close up: its frame strip and the tile grid of the selected frame, and
+on a second tab its task log.
 
 `JobView.set_job(job, tasks, previews)` is built from plain models (a `Job`, its
 `Task` list, preview PNG bytes keyed by task id); the Jobs page fetches those in the
@@ -13,8 +14,9 @@ from dataclasses import dataclass, field
 
 from PySide6.QtCore import Signal
 from PySide6.QtGui import QImage
-from PySide6.QtWidgets import QHBoxLayout, QLabel, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QHBoxLayout, QLabel, QTabWidget, QVBoxLayout, QWidget
 
+from app.gui.task_log import TaskLog
 from app.gui.tile_grid import STATE_COLOURS, TILE_KINDS, FrameStrip, TileGrid, TileState
 from protocol.models import Job, Task, TaskStatus
 
@@ -64,7 +66,7 @@ def _legend() -> str:
 
 
 class JobView(QWidget):
-    """The selected job's frames and the tiles of one of them."""
+    """The selected job's frames and the tiles of one of them; its task log."""
 
     frame_changed = Signal(int)
 
@@ -75,18 +77,26 @@ class JobView(QWidget):
         self.grid = TileGrid()
         self.tile_summary = QLabel()
         legend = QLabel(_legend())
+        self.log = TaskLog()
         self._job: Job | None = None
         self._frame: int | None = None
         self.strip.frame_selected.connect(self._on_frame_selected)
         footer = QHBoxLayout()
         footer.addWidget(self.tile_summary, 1)
         footer.addWidget(legend)
+        tiles = QWidget()
+        tiles_layout = QVBoxLayout(tiles)
+        tiles_layout.setContentsMargins(0, 0, 0, 0)
+        tiles_layout.addWidget(self.strip)
+        tiles_layout.addWidget(self.grid, 1)
+        tiles_layout.addLayout(footer)
+        self.tabs = QTabWidget()
+        self.tabs.addTab(tiles, "Tiles")
+        self.tabs.addTab(self.log, "Task log")
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.heading)
-        layout.addWidget(self.strip)
-        layout.addWidget(self.grid, 1)
-        layout.addLayout(footer)
+        layout.addWidget(self.tabs, 1)
         self._tasks: list[Task] = []
         self._previews: Mapping[str, QImage | bytes] = {}
         self._node_names: Mapping[str, str] = {}
@@ -113,6 +123,7 @@ class JobView(QWidget):
             self.strip.set_frames([], [], None)
             self.grid.clear()
             self.tile_summary.clear()
+            self.log.set_tasks([])
             return
         if self._job is None or self._job.id != job.id:
             self._frame = None
@@ -129,6 +140,7 @@ class JobView(QWidget):
             f"{job.progress.frames_total} frame(s) done"
         )
         self.strip.set_frames(frames, job.frames_done, self._frame)
+        self.log.set_tasks(self._tasks, self._node_names)
         self._show_frame()
 
     def _show_frame(self) -> None:

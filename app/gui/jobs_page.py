@@ -1,40 +1,48 @@
-"""The Jobs page: a table of the user's jobs with pause, resume and cancel, and the
-selected job's frame strip and live tile grid.
+"""The Jobs page: a table of the user's jobs with pause, resume, cancel and priority,
+the selected job's frame strip, live tile grid and task log, and *Open output folder*.
 
 `JobsTable` shows a list of `protocol.models.Job` (name, status, a progress bar, frames
-done of total, priority, the coordinator's message) and is built from plain models
-(`set_jobs`); `JobView` (app/gui/job_view.py) shows one job's frames and tiles. On every
-refresh `JobsPage` fetches, in the background through `TesseraClient`, the jobs, and for
-the selected job its tasks, the preview PNGs of the selected frame's accepted tiles not
-fetched before, and the names of the nodes rendering it. What a job costs is not shown
-yet: the coordinator's job model carries no credits, and summing the wallet's latest
-ledger entries per job would be wrong for long histories.
+done of total, an ETA, credits spent of those escrowed, priority, the coordinator's
+message) and is built from plain models (`set_jobs`); `JobView` (app/gui/job_view.py)
+shows one job's frames, tiles and tasks. On every refresh `JobsPage` fetches, in the
+background through `TesseraClient`, the jobs, and for the selected job its tasks, the
+preview PNGs of the selected frame's accepted tiles not fetched before, and the names of
+the nodes rendering it. *Open output folder* downloads the selected job's finished frames
+in the background (`app.submission.download_finished_frames`, as `tessera submit --wait
+--out` does) into the remembered output folder, then opens it (`open_folder`, injectable:
+tests pass their own instead of launching a file manager).
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import Qt, QUrl, Signal
+from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (
+    QFileDialog,
     QHBoxLayout,
     QLabel,
     QProgressBar,
     QPushButton,
+    QSpinBox,
     QSplitter,
     QTableWidget,
     QVBoxLayout,
     QWidget,
 )
 
-from app.gui.background import BackgroundWork
-from app.gui.connection import FarmConnection
+from app.gui.background import BackgroundWork, ErrorReport, ProgressRelay
+from app.gui.connection import AppSettings, FarmConnection
 from app.gui.farm_page import FarmPage
 from app.gui.job_view import JobDetail, JobView, accepted_tiles, job_frames
-from app.gui.tables import cell, configure_table
+from app.gui.tables import cell, configure_table, credits
+from app.submission import FollowResult, download_finished_frames
 from common.errors import TesseraError
 from protocol.client import TesseraClient
 from protocol.models import FINISHED_JOB_STATES, Job, JobStatus, TaskStatus
@@ -42,8 +50,57 @@ from protocol.models import FINISHED_JOB_STATES, Job, JobStatus, TaskStatus
 #: Preview PNGs kept for the selected job (a 16x16 grid fills 256; more are refetched).
 MAX_CACHED_PREVIEWS = 1024
 
-JOB_COLUMNS = ("Name", "Status", "Progress", "Frames", "Priority", "Message")
+JOB_COLUMNS = ("Name", "Status", "Progress", "Frames", "ETA", "Credits", "Priority", "Message")
 PROGRESS_COLUMN = JOB_COLUMNS.index("Progress")
+#: The key under which the app remembers the output folder (`AppSettings.last_folder`).
+OUTPUT_FOLDER_KIND = "output"
+
+
+def default_output_dir() -> Path:
+    """Where frames go until the user picks a folder: ~/Tessera, or $TESSERA_HOME/frames
+    when TESSERA_HOME is set (tests set it, so they never write to the real home)."""
+    home = os.environ.get("TESSERA_HOME")
+    return Path(home) / "frames" if home else Path.home() / "Tessera"
+
+
+def open_in_file_manager(folder: Path) -> None:
+    """Show `folder` in the desktop's file manager."""
+    QDesktopServices.openUrl(QUrl.fromLocalFile(str(folder)))
+
+
+def job_eta(job: Job, now: datetime | None = None) -> timedelta | None:
+    """The time left at the rate the job's tasks finished since it was submitted; None
+    when nothing finished yet or the job is not running; zero when it is finished."""
+    progress = job.progress
+    if job.status in FINISHED_JOB_STATES or progress.tasks_done >= progress.tasks_total:
+        return timedelta(0)
+    if job.status is JobStatus.PAUSED or progress.tasks_done <= 0:
+        return None
+    elapsed = ((now or datetime.now(UTC)) - job.created_at).total_seconds()
+    if elapsed <= 0:
+        return None
+    left = progress.tasks_total - progress.tasks_done
+    return timedelta(seconds=elapsed * left / progress.tasks_done)
+
+
+def eta_text(job: Job, now: datetime | None = None) -> str:
+    """'-' (finished), '…' (no rate yet), '0:42', '1:05:00', '3 d'."""
+    if job.status in FINISHED_JOB_STATES:
+        return "-"
+    eta = job_eta(job, now)
+    if eta is None:
+        return "…"
+    seconds = round(eta.total_seconds())
+    if seconds >= 3 * 86400:
+        return f"{seconds // 86400} d"
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+def credits_text(job: Job) -> str:
+    """'1.25 of 4.00': credits paid for accepted tasks, of those escrowed at submit."""
+    return f"{credits(job.credits_spent)} of {credits(job.credits_escrowed)}"
 
 
 def job_percent(job: Job) -> int:
@@ -74,8 +131,16 @@ class JobsTable(QTableWidget):
             self.setCellWidget(row, PROGRESS_COLUMN, bar)
             frames = f"{progress.frames_done}/{progress.frames_total}"
             self.setItem(row, 3, cell(frames, align_right=True))
-            self.setItem(row, 4, cell(str(job.priority), align_right=True))
-            self.setItem(row, 5, cell(job.message, tooltip=job.message))
+            self.setItem(row, 4, cell(eta_text(job), align_right=True, tooltip="Time left"))
+            spent = cell(
+                credits_text(job),
+                align_right=True,
+                tooltip="Credits paid for accepted tiles, of those held when submitted "
+                "(what is left comes back when the job ends)",
+            )
+            self.setItem(row, 5, spent)
+            self.setItem(row, 6, cell(str(job.priority), align_right=True))
+            self.setItem(row, 7, cell(job.message, tooltip=job.message))
         if selected in self._ids:
             self.selectRow(self._ids.index(selected))
 
@@ -140,12 +205,34 @@ def fetch_detail(
 
 
 class JobsPage(FarmPage):
-    """The jobs table, the buttons that act on the selected job, and its job view."""
+    """The jobs table, the buttons that act on the selected job, and its job view.
+
+    `app_settings` remembers the output folder (`output_dir` is the one used until the
+    user picks another; default `default_output_dir()`); `open_folder(path)` shows a
+    folder (default: the desktop's file manager). `frames_downloaded(folder)` is emitted
+    once *Open output folder* has downloaded the finished frames, before the folder opens.
+    """
+
+    frames_downloaded = Signal(object)  # Path
 
     def __init__(
-        self, work: BackgroundWork, connection: FarmConnection, parent: QWidget | None = None
+        self,
+        work: BackgroundWork,
+        connection: FarmConnection,
+        parent: QWidget | None = None,
+        *,
+        app_settings: AppSettings | None = None,
+        output_dir: Path | None = None,
+        open_folder: Callable[[Path], None] | None = None,
     ) -> None:
         super().__init__(work, connection, parent)
+        self._store = app_settings
+        remembered = app_settings.last_folder(OUTPUT_FOLDER_KIND) if app_settings else ""
+        self._output_dir = Path(remembered) if remembered else output_dir or default_output_dir()
+        self._open_folder = open_folder or open_in_file_manager
+        self._downloading = False
+        self._relay = ProgressRelay(self)
+        self._relay.changed.connect(self._on_download_progress)
         self.table = JobsTable()
         self.view = JobView()
         self.summary = QLabel("Loading jobs…")
@@ -157,6 +244,21 @@ class JobsPage(FarmPage):
         self.pause_button.clicked.connect(lambda: self._act_on_selected(TesseraClient.pause))
         self.resume_button.clicked.connect(lambda: self._act_on_selected(TesseraClient.resume))
         self.cancel_button.clicked.connect(lambda: self._act_on_selected(TesseraClient.cancel))
+        self.priority = QSpinBox()
+        self.priority.setRange(0, 100)
+        self.priority.setPrefix("Priority ")
+        self.priority.setToolTip("Higher runs first among your jobs (0-100)")
+        self.priority_button = QPushButton("Set")
+        self.priority_button.setToolTip("Give the selected job this priority")
+        self.priority_button.clicked.connect(self._on_set_priority)
+        self.open_button = QPushButton("Open output folder")
+        self.open_button.clicked.connect(self.open_output_folder)
+        self.folder_button = QPushButton("Folder…")
+        self.folder_button.clicked.connect(self._on_choose_folder)
+        self.download_progress = QProgressBar()
+        self.download_progress.setMaximumWidth(160)
+        self.download_progress.hide()
+        self._update_folder_tooltips()
         self.table.itemSelectionChanged.connect(self._on_selection_changed)
         self.view.frame_changed.connect(lambda _frame: self.refresh())
         self._jobs: dict[str, Job] = {}
@@ -169,6 +271,13 @@ class JobsPage(FarmPage):
         buttons.addWidget(self.summary, 1)
         for button in (self.pause_button, self.resume_button, self.cancel_button):
             buttons.addWidget(button)
+        buttons.addWidget(self.priority)
+        buttons.addWidget(self.priority_button)
+        output = QHBoxLayout()
+        output.addStretch(1)
+        output.addWidget(self.download_progress)
+        output.addWidget(self.open_button)
+        output.addWidget(self.folder_button)
         splitter = QSplitter(Qt.Orientation.Vertical)
         splitter.addWidget(self.table)
         splitter.addWidget(self.view)
@@ -177,7 +286,29 @@ class JobsPage(FarmPage):
         layout = QVBoxLayout(self)
         layout.addLayout(buttons)
         layout.addWidget(splitter, 1)
+        layout.addLayout(output)
         self._on_selection_changed()
+
+    @property
+    def output_dir(self) -> Path:
+        """Where *Open output folder* puts frames (in a folder per scene)."""
+        return self._output_dir
+
+    def set_output_dir(self, folder: Path) -> None:
+        """Use `folder` from now on, and remember it for the next start."""
+        self._output_dir = folder
+        if self._store is not None:
+            self._store.save_last_folder(OUTPUT_FOLDER_KIND, folder)
+        self._update_folder_tooltips()
+
+    def select_a_job(self) -> bool:
+        """Select the first unfinished job listed, else the first job; False when none."""
+        jobs = list(self._jobs.values())
+        unfinished = [job for job in jobs if job.status not in FINISHED_JOB_STATES]
+        chosen = (unfinished or jobs)[:1]
+        if chosen:
+            self.select_job(chosen[0].id)
+        return bool(chosen)
 
     def select_job(self, job_id: str) -> None:
         """Select `job_id` now if listed, else as soon as a refresh lists it."""
@@ -232,6 +363,13 @@ class JobsPage(FarmPage):
         self.pause_button.setEnabled(status in (JobStatus.QUEUED, JobStatus.ACTIVE))
         self.resume_button.setEnabled(status is JobStatus.PAUSED)
         self.cancel_button.setEnabled(status is not None and status not in FINISHED_JOB_STATES)
+        unfinished = status is not None and status not in FINISHED_JOB_STATES
+        self.priority.setEnabled(unfinished)
+        self.priority_button.setEnabled(unfinished)
+        if job is not None and not self.priority.hasFocus():
+            self.priority.setValue(job.priority)
+        has_frames = job is not None and bool(job.frames_done)
+        self.open_button.setEnabled(has_frames and not self._downloading)
         detail = self._detail
         if job is None:
             self.view.set_job(None)
@@ -246,3 +384,73 @@ class JobsPage(FarmPage):
         if job_id is None:
             return
         self.run_action(lambda client: action(client, job_id))
+
+    def _on_set_priority(self) -> None:
+        job_id, priority = self.table.selected_job_id(), self.priority.value()
+        if job_id is not None:
+            self.run_action(lambda client: client.set_priority(job_id, priority))
+
+    # --- output folder ----------------------------------------------------------------------
+
+    def open_output_folder(self) -> None:
+        """Download the selected job's finished frames (those not there yet) into the
+        output folder in the background, then open the job's folder."""
+        job = self._jobs.get(self.table.selected_job_id() or "")
+        if job is None or self._downloading:
+            return
+        self._downloading = True
+        self.open_button.setEnabled(False)
+        self.download_progress.setRange(0, max(1, len(job.frames_done)))
+        self.download_progress.setValue(0)
+        self.download_progress.setFormat(f"%v of {len(job.frames_done)} frame(s)")
+        self.download_progress.show()
+        connection, out_dir, report = self._connection, self._output_dir, self._relay.report
+
+        def download() -> FollowResult:
+            written = 0
+
+            def on_frame(_files: object) -> None:
+                nonlocal written
+                written += 1
+                report(written)
+
+            with connection.client() as client:
+                return download_finished_frames(client, job, out_dir, on_frame)
+
+        self._work.submit(download, self._on_downloaded, self._on_download_failed)
+
+    def _on_download_progress(self, value: object) -> None:
+        if self._downloading and isinstance(value, int):
+            self.download_progress.setValue(value)
+
+    def _on_downloaded(self, result: FollowResult) -> None:
+        self._finish_download()
+        self.summary.setText(
+            f"{len(result.frames)} frame(s) downloaded to {result.folder}"
+            if result.frames
+            else f"The finished frames are in {result.folder}"
+        )
+        self.frames_downloaded.emit(result.folder)
+        self._open_folder(result.folder)
+
+    def _on_download_failed(self, report: ErrorReport) -> None:
+        self._finish_download()
+        self._work.failed.emit(report)
+
+    def _finish_download(self) -> None:
+        self._downloading = False
+        self.download_progress.hide()
+        self._on_selection_changed()
+
+    def _on_choose_folder(self) -> None:
+        chosen = QFileDialog.getExistingDirectory(
+            self, "Where finished frames go", str(self._output_dir)
+        )
+        if chosen:
+            self.set_output_dir(Path(chosen))
+
+    def _update_folder_tooltips(self) -> None:
+        self.open_button.setToolTip(
+            f"Download the finished frames to {self._output_dir}/<scene> and open it"
+        )
+        self.folder_button.setToolTip(f"Frames go to {self._output_dir}; choose another folder")

@@ -4,7 +4,14 @@ renders it, and submit.
 Picking a scene starts its inspection in the background (`renderers.scene_info.
 inspect_scene` with the app's one Blender worker); `SceneSummaryView` then shows what
 it found (frames, resolution, engine, samples, camera, denoising, missing files) and is
-built from a plain `SceneInfo`. Submit runs `app.submission.prepare_submission` (inspect,
+built from a plain `SceneInfo`. Then, still in the background with the same worker, a
+small colour preview of the first frame is rendered (`app.submission.
+render_colour_preview`) and shown under the split's tile grid (`TileGrid.set_plan`), and
+the scene is measured (`renderers.scene_probe.probe_scene`: its cost relative to the
+benchmark scene). From then on every change of the options asks the coordinator what
+the job would cost (`TesseraClient.estimate_job`, the coordinator's own estimate, the
+one it escrows) and shows it next to the max price, with the balance, or the reason the
+farm would refuse the job. Submit runs `app.submission.prepare_submission` (inspect,
 probe, pack) and `app.submission.submit` (upload, submit) in the background, with their
 pack and upload progress relayed to a progress bar, and emits `submitted(job)`: the main
 window then opens the job on the Jobs page. Errors (a scene without a camera, a frame
@@ -20,8 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from PySide6.QtCore import Signal
-from PySide6.QtGui import QDragEnterEvent, QDropEvent
+from PySide6.QtCore import QTimer, Signal
+from PySide6.QtGui import QDragEnterEvent, QDropEvent, QImage
 from PySide6.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -42,15 +49,26 @@ from PySide6.QtWidgets import (
 from app.gui.background import BackgroundWork, ErrorReport, ProgressRelay
 from app.gui.blender_access import BlenderAccess
 from app.gui.connection import AppSettings, FarmConnection
+from app.gui.tile_grid import TileGrid
 from app.packing import PackProgress
-from app.submission import prepare_submission, submit
-from common.errors import UsageError
-from protocol.models import Job
+from app.submission import (
+    ColourPreview,
+    job_spec_for,
+    prepare_submission,
+    render_colour_preview,
+    submit,
+)
+from common.errors import TesseraError, UsageError
+from protocol.models import Job, JobEstimate, JobSpec
 from renderers.scene_info import SceneInfo, inspect_scene
+from renderers.scene_probe import SceneProbe, probe_scene
 
 DEVICES = ("ANY", "CPU", "GPU", "CUDA", "OPTIX", "HIP", "METAL", "ONEAPI")
 PACK_STAGES = {"trace": "Finding the files it uses", "copy": "Copying files", "zip": "Zipping"}
 WHOLE_FRAMES, TILES = "Whole frames", "Tiles"
+#: Options settle for this long before the page asks the coordinator for an estimate.
+ESTIMATE_DELAY_MS = 300
+REFUSED_STYLE = "color: #d64545; font-weight: bold"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +83,42 @@ class SubmitOptions:
     device: str = "ANY"
     max_price: float = 0.0
     priority: int = 50
+    max_credits: float | None = None
+
+    def spec(self, info: SceneInfo, measured: SceneProbe | None = None) -> JobSpec:
+        """The job these options make of the scene (a placeholder bundle); raises
+        `UsageError` when they do not fit it."""
+        return job_spec_for(
+            info,
+            frames=self.frames,
+            tiles=self.tiles,
+            samples=self.samples,
+            percentage=self.percentage,
+            priority=self.priority,
+            denoise=self.denoise,
+            device=self.device,
+            max_price=self.max_price,
+            max_credits=self.max_credits,
+            measured=measured,
+        )
+
+
+def preview_image(preview: ColourPreview) -> QImage:
+    """A `ColourPreview` as a QImage (a copy: it does not borrow the bytes)."""
+    image = QImage(
+        preview.rgb, preview.width, preview.height, 3 * preview.width, QImage.Format.Format_RGB888
+    )
+    return image.copy()
+
+
+def estimate_text(estimate: JobEstimate) -> str:
+    """The estimate next to the max price, in words, with the numbers."""
+    if estimate.refusal:
+        return f"The farm would refuse this job: {estimate.refusal}"
+    balance = f"(balance {estimate.balance:,.2f})"
+    if estimate.credits == 0:
+        return f"Free: only nodes that ask nothing will render it {balance}."
+    return f"Up to {estimate.credits:,.2f} credits, held when you submit {balance}."
 
 
 def frames_text(info: SceneInfo) -> str:
@@ -150,6 +204,9 @@ class SubmitPage(QWidget):
 
     submitted = Signal(object)  # Job
     inspected = Signal(object)  # SceneInfo, once shown
+    previewed = Signal(object)  # QImage, once drawn under the tile grid
+    measured = Signal(object)  # SceneProbe, once the scene's cost is known
+    estimated = Signal(object)  # JobEstimate, once shown
 
     def __init__(
         self,
@@ -166,6 +223,14 @@ class SubmitPage(QWidget):
         self._store = app_settings
         self._scene: Path | None = None
         self._info: SceneInfo | None = None
+        self._preview: QImage | None = None
+        self._probe: SceneProbe | None = None
+        self._estimate: JobEstimate | None = None
+        self._estimate_asked = 0  # the newest request; older answers are dropped
+        self._estimate_timer = QTimer(self)
+        self._estimate_timer.setSingleShot(True)
+        self._estimate_timer.setInterval(ESTIMATE_DELAY_MS)
+        self._estimate_timer.timeout.connect(self.request_estimate)
         self._busy = False
         self._relay = ProgressRelay(self)
         self._relay.changed.connect(self._on_progress)
@@ -220,6 +285,18 @@ class SubmitPage(QWidget):
         self.max_price.setRange(0, 1_000_000)
         self.max_price.setDecimals(2)
         self.max_price.setToolTip("Credits per work unit you pay at most (0: free nodes only)")
+        self.max_credits = QDoubleSpinBox()
+        self.max_credits.setRange(0, 1_000_000_000)
+        self.max_credits.setDecimals(2)
+        self.max_credits.setSpecialValueText("no limit")
+        self.max_credits.setToolTip("Refuse the job if it may cost more than this (0: no limit)")
+        self.estimate = QLabel("Choose a scene to see what it would cost.")
+        self.estimate.setWordWrap(True)
+        # Room for two lines: a form row does not grow for a wrapped label by itself.
+        self.estimate.setMinimumHeight(2 * self.estimate.fontMetrics().lineSpacing() + 4)
+        self.plan = TileGrid()
+        self.plan.set_placeholder("The frame's preview appears here")
+        self.plan.setToolTip("How each frame is split, over a quick preview of the first frame")
         self.priority = QSpinBox()
         self.priority.setRange(0, 100)
         self.priority.setValue(50)
@@ -231,6 +308,8 @@ class SubmitPage(QWidget):
         options.addRow("Denoising:", self.denoise)
         options.addRow("Device:", self.device)
         options.addRow("Max price:", self.max_price)
+        options.addRow("Max credits:", self.max_credits)
+        options.addRow("Estimate:", self.estimate)
         options.addRow("Priority:", self.priority)
         options_box = QGroupBox("How to render")
         options_box.setLayout(options)
@@ -248,9 +327,19 @@ class SubmitPage(QWidget):
         actions.addWidget(self.progress)
         actions.addWidget(self.submit_button)
 
+        for spin in (self.columns, self.rows, self.samples, self.percentage, self.priority):
+            spin.valueChanged.connect(self._on_options_changed)
+        for decimal in (self.max_price, self.max_credits):
+            decimal.valueChanged.connect(self._on_options_changed)
+        for combo in (self.split, self.denoise, self.device):
+            combo.currentIndexChanged.connect(self._on_options_changed)
+        self.frames.textChanged.connect(self._on_options_changed)
+        right = QVBoxLayout()
+        right.addWidget(options_box)
+        right.addWidget(self.plan, 1)
         columns = QHBoxLayout()
         columns.addWidget(scene_box, 1)
-        columns.addWidget(options_box, 1)
+        columns.addLayout(right, 1)
         layout = QVBoxLayout(self)
         layout.addWidget(QLabel("<h2>Submit</h2>"))
         layout.addLayout(picker)
@@ -272,6 +361,15 @@ class SubmitPage(QWidget):
     @property
     def busy(self) -> bool:
         return self._busy
+
+    @property
+    def probe(self) -> SceneProbe | None:
+        """The scene's measurement (its cost), once made."""
+        return self._probe
+
+    @property
+    def last_estimate(self) -> JobEstimate | None:
+        return self._estimate
 
     def set_connection(self, connection: FarmConnection) -> None:
         self._connection = connection
@@ -295,6 +393,70 @@ class SubmitPage(QWidget):
         self.columns.setEnabled(tiled)
         self.rows.setEnabled(tiled)
 
+    def _on_options_changed(self, *_args: object) -> None:
+        self._show_plan()
+        if self._info is not None and self._probe is not None:
+            self._estimate_timer.start()  # restarted by each change: one request at the end
+
+    def _show_plan(self) -> None:
+        info = self._info
+        if info is None:
+            self.plan.clear()
+            return
+        percentage = self.percentage.value() or info.resolution_percentage
+        size = (
+            max(1, info.resolution_x * percentage // 100),
+            max(1, info.resolution_y * percentage // 100),
+        )
+        columns, rows = self.options().tiles
+        self.plan.set_plan(columns, rows, size, self._preview)
+
+    # --- cost estimate -------------------------------------------------------------------------
+
+    def request_estimate(self) -> None:
+        """Ask the coordinator, in the background, what the job as set up would cost."""
+        info, measured = self._info, self._probe
+        if info is None or measured is None:
+            return
+        self._estimate_asked += 1
+        asked = self._estimate_asked
+        try:
+            spec = self.options().spec(info, measured)
+        except TesseraError as exc:
+            self._estimate = None
+            self.estimate.setStyleSheet(REFUSED_STYLE)
+            self.estimate.setText(exc.message)
+            return
+        self.estimate.setStyleSheet("")
+        self.estimate.setText("Asking the farm…")
+        connection = self._connection
+
+        def ask() -> JobEstimate:
+            with connection.client() as client:
+                return client.estimate_job(spec)
+
+        self._work.submit(
+            ask,
+            lambda estimate: self._on_estimated(asked, estimate),
+            lambda report: self._on_estimate_failed(asked, report),
+        )
+
+    def _on_estimated(self, asked: int, estimate: JobEstimate) -> None:
+        if asked != self._estimate_asked:
+            return
+        self._estimate = estimate
+        self.estimate.setStyleSheet(REFUSED_STYLE if estimate.refusal else "")
+        self.estimate.setText(estimate_text(estimate))
+        self.estimate.setToolTip(estimate.refusal_hint)
+        self.estimated.emit(estimate)
+
+    def _on_estimate_failed(self, asked: int, report: ErrorReport) -> None:
+        if asked == self._estimate_asked:
+            self._estimate = None
+            self.estimate.setStyleSheet("")
+            self.estimate.setText("No estimate: the farm did not answer.")
+        self._work.failed.emit(report)
+
     # --- choosing and inspecting ------------------------------------------------------------
 
     def _on_choose(self) -> None:
@@ -312,8 +474,13 @@ class SubmitPage(QWidget):
         if self._store is not None:
             self._store.save_last_folder("scenes", path.parent)
         self._scene, self._info = path, None
+        self._preview, self._probe, self._estimate = None, None, None
+        self._estimate_asked += 1
+        self.estimate.setStyleSheet("")
+        self.estimate.setText("Known once the scene is measured.")
         self.scene_label.setText(str(path))
         self.summary.set_info(None)
+        self.plan.clear()
         self._set_busy(f"Inspecting {path.name} in Blender…")
         blender = self._blender
         self._work.submit(
@@ -328,9 +495,54 @@ class SubmitPage(QWidget):
         self._info = info
         self.summary.set_info(info)
         self.frames.setPlaceholderText(f"{frames_text(info)} (the scene's range)")
+        self._show_plan()
+        self.inspected.emit(info)
+        self._set_busy(f"Rendering a preview of {path.name}…")
+        blender = self._blender
+        self._work.submit(
+            lambda: render_colour_preview(blender.worker(), info),
+            lambda preview: self._on_previewed(path, info, preview),
+            lambda report: self._on_measure_failed(path, report),
+        )
+
+    def _on_previewed(self, path: Path, info: SceneInfo, preview: ColourPreview) -> None:
+        if path != self._scene:
+            return
+        self._preview = preview_image(preview)
+        self._show_plan()
+        self.previewed.emit(self._preview)
+        self.status.setText(f"Measuring how long {path.name} takes to render…")
+        options, blender = self.options(), self._blender
+
+        def measure() -> SceneProbe:
+            try:
+                frames = options.spec(info).frames.frames()
+            except TesseraError:
+                frames = range(info.frame_start, info.frame_end + 1)  # fixed at submit
+            return probe_scene(
+                blender.worker(), info.path, frames, samples=options.samples, info=info
+            )
+
+        self._work.submit(
+            measure,
+            lambda probe: self._on_measured(path, probe),
+            lambda report: self._on_measure_failed(path, report),
+        )
+
+    def _on_measured(self, path: Path, probe: SceneProbe) -> None:
+        if path != self._scene:
+            return
+        self._probe = probe
         self._set_busy("")
         self.status.setText(f"{path.name} is ready to submit.")
-        self.inspected.emit(info)
+        self.measured.emit(probe)
+        self.request_estimate()
+
+    def _on_measure_failed(self, path: Path, report: ErrorReport) -> None:
+        if path != self._scene:
+            return
+        # The scene was inspected, so it can still be submitted (the submit measures it).
+        self._on_failed(report, f"{path.name} could not be previewed or measured.")
 
     def _on_failed(self, report: ErrorReport, status: str) -> None:
         self._set_busy("")
@@ -371,6 +583,7 @@ class SubmitPage(QWidget):
             device=self.device.currentText(),
             max_price=self.max_price.value(),
             priority=self.priority.value(),
+            max_credits=self.max_credits.value() or None,
         )
 
     def start_submit(self) -> None:
@@ -379,7 +592,12 @@ class SubmitPage(QWidget):
         if self._busy or scene is None or self._info is None:
             return
         work = _submission_work(
-            self._blender, self._connection, scene, self.options(), self._relay.report
+            self._blender,
+            self._connection,
+            scene,
+            self.options(),
+            self._relay.report,
+            self._probe,
         )
         self._set_busy(f"Measuring {scene.name} and rendering its previews…")
         self._work.submit(
@@ -418,6 +636,7 @@ def _submission_work(
     scene: Path,
     options: SubmitOptions,
     report: Callable[[object], None],
+    measured: SceneProbe | None = None,
 ) -> Callable[[], Job]:
     """The background half of Submit: prepare (inspect, probe, pack), upload, submit."""
 
@@ -447,7 +666,9 @@ def _submission_work(
                 denoise=options.denoise,
                 device=options.device,
                 max_price=options.max_price,
+                max_credits=options.max_credits,
                 on_pack=report,
+                measured=measured,
             )
             with connection.client() as client:
                 return submit(client, prepared, on_upload=lambda done, total: report((done, total)))

@@ -6,6 +6,9 @@ coloured by the state of its task (queued, rendering on node X, checking, accept
 rejected) and, once accepted, filled with its preview image. `FrameStrip.set_frames`
 lists a job's frames with their done state and emits `frame_selected`. Neither widget
 fetches anything: the Jobs page hands them `protocol.models.Task` lists and PNG bytes.
+`TileGrid.set_plan(columns, rows, frame_size, background)` shows how a frame would be
+split before it is submitted: the grid's lines over a small preview of the frame (the
+Submit page renders it).
 """
 
 from __future__ import annotations
@@ -145,7 +148,39 @@ class TileGrid(QWidget):
         self._rows = 1
         self._frame_size = (16, 9)
         self._tiles: list[TileView] = []
+        self._background: QImage | None = None
+        self._plan = False
+        self._placeholder = "Select a job"
         self.setMinimumSize(240, 135)
+
+    def set_placeholder(self, text: str) -> None:
+        """What the empty grid says."""
+        self._placeholder = text
+        self.update()
+
+    def set_plan(
+        self,
+        columns: int,
+        rows: int,
+        frame_size: tuple[int, int],
+        background: QImage | None = None,
+    ) -> None:
+        """Show a `columns` x `rows` split of a `frame_size` frame, drawn over
+        `background` (a preview of the frame, stretched to it) when there is one."""
+        self._columns, self._rows = max(1, columns), max(1, rows)
+        self._frame_size = (max(1, frame_size[0]), max(1, frame_size[1]))
+        usable = background is not None and not background.isNull()
+        self._background = background if usable else None
+        self._plan = True
+        self._tiles = [
+            TileView(index, TileState.QUEUED, str(index + 1))
+            for index in range(self._columns * self._rows)
+        ]
+        self.update()
+
+    @property
+    def background(self) -> QImage | None:
+        return self._background
 
     def set_tiles(
         self,
@@ -163,10 +198,12 @@ class TileGrid(QWidget):
         if frame_size is not None:
             self._frame_size = (max(1, frame_size[0]), max(1, frame_size[1]))
         self._tiles = tiles_of_frame(tasks, self._columns * self._rows, previews, node_names)
+        self._plan, self._background = False, None
         self.update()
 
     def clear(self) -> None:
         self._tiles = []
+        self._plan, self._background = False, None
         self.update()
 
     @property
@@ -214,7 +251,10 @@ class TileGrid(QWidget):
         painter.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform)
         if not self._tiles:
             painter.setPen(self.palette().placeholderText().color())
-            painter.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter, "Select a job")
+            painter.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter, self._placeholder)
+            return
+        if self._plan:
+            self._paint_plan(painter)
             return
         for tile in self._tiles:
             rect = self.tile_rect(tile.index)
@@ -233,6 +273,26 @@ class TileGrid(QWidget):
                 )
             painter.setPen(QPen(colour, 2))
             painter.drawRect(rect.adjusted(1, 1, -1, -1))
+
+    def _paint_plan(self, painter: QPainter) -> None:
+        frame = self._frame_rect()
+        if self._background is not None:
+            painter.drawImage(QRectF(frame), self._background)
+        else:
+            painter.fillRect(frame, self.palette().mid())
+        # Light lines with a dark edge read on bright and dark previews alike.
+        for pen in (QPen(QColor(0, 0, 0, 150), 3), QPen(QColor(255, 255, 255, 220), 1)):
+            painter.setPen(pen)
+            for tile in self._tiles:
+                painter.drawRect(self.tile_rect(tile.index))
+        if len(self._tiles) <= 64:
+            painter.setPen(QColor(255, 255, 255, 230))
+            for tile in self._tiles:
+                painter.drawText(
+                    self.tile_rect(tile.index).adjusted(4, 2, -4, -2),
+                    Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop,
+                    tile.label,
+                )
 
     def event(self, event: QEvent) -> bool:
         if event.type() == QEvent.Type.ToolTip and isinstance(event, QHelpEvent):

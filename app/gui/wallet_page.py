@@ -1,9 +1,9 @@
-"""The Wallet page: the account's balance, the credits held in escrow, and its latest
-ledger entries.
+"""The Wallet page: the account's balance, the credits held in escrow, a chart of the
+balance over time, and its latest ledger entries.
 
-`WalletView` is built from a plain `protocol.models.Wallet` (`set_wallet`); `WalletPage`
-fetches it through `TesseraClient.wallet()` in the background. The chart of credits over
-time is still to come.
+`WalletView` is built from a plain `protocol.models.Wallet` (`set_wallet`); the chart
+(`credit_chart.CreditChart`) shows the balance after each of those entries. `WalletPage`
+fetches the wallet through `TesseraClient.wallet()` in the background.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from PySide6.QtWidgets import QFormLayout, QLabel, QTableWidget, QVBoxLayout, QW
 
 from app.gui.background import BackgroundWork
 from app.gui.connection import FarmConnection
+from app.gui.credit_chart import CreditChart, balance_points
 from app.gui.farm_page import FarmPage
 from app.gui.tables import cell, configure_table, credits
 from protocol.client import TesseraClient
@@ -21,7 +22,7 @@ HISTORY_COLUMNS = ("When", "Kind", "Credits", "Job", "Memo")
 
 
 class WalletView(QWidget):
-    """Balance and escrow above the history table (newest entry first)."""
+    """Balance and escrow, the balance chart, and the history table (newest first)."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -29,6 +30,7 @@ class WalletView(QWidget):
         self.balance = QLabel("-")
         self.escrow = QLabel("-")
         self.escrow.setToolTip("Credits held for your unfinished jobs")
+        self.chart = CreditChart()
         self.history = QTableWidget()
         configure_table(self.history, HISTORY_COLUMNS)
         figures = QFormLayout()
@@ -38,12 +40,14 @@ class WalletView(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addLayout(figures)
-        layout.addWidget(self.history)
+        layout.addWidget(self.chart)
+        layout.addWidget(self.history, 1)
 
     def set_wallet(self, wallet: Wallet) -> None:
         self.account.setText(wallet.account)
         self.balance.setText(f"{credits(wallet.balance)} credits")
         self.escrow.setText(f"{credits(wallet.escrow)} credits")
+        self.chart.set_points(balance_points(wallet))
         entries = sorted(wallet.history, key=lambda entry: entry.at, reverse=True)
         self.history.setRowCount(len(entries))
         for row, entry in enumerate(entries):
