@@ -4,7 +4,9 @@ Runs in one background thread so uploads return quickly. A frame whose scene ask
 denoising is merged, stored, and handed to a node as a `denoise` task (the coordinator
 never runs Blender); its result becomes the final frame. Every step is recorded in the
 `frames` table, and `recover()` re-queues frames that a crash interrupted, so a restart
-never loses or repeats accepted work.
+never loses or repeats accepted work. A frame that cannot be written because the disk
+(or the database) is full waits and is assembled again every `retry_seconds`, with the
+reason in its job's message: a full disk delays a job, it never fails it.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ import logging
 import queue
 import tempfile
 import threading
+import time
 from pathlib import Path
 
+from common.disk_space import no_room_reason
 from coordinator import ledger
 from coordinator.db import Database
 from coordinator.events import EventBus
 from coordinator.farm import now_iso, plan_for
-from coordinator.store import ContentStore
+from coordinator.store import ContentStore, StorageFullError
 from protocol.models import JobSpec, JobStatus, TaskKind, TaskStatus
 from renderers.exr import ExrImage, read_exr, write_exr
 from renderers.merge import merge_tiles
@@ -27,13 +31,24 @@ from renderers.preview import write_preview_png
 
 log = logging.getLogger(__name__)
 PREVIEW_SIZE = 1024
+#: Seconds a frame that met a full disk waits before it is assembled again.
+STORAGE_RETRY_SECONDS = 30.0
 
 
 class Assembler:
-    def __init__(self, db: Database, store: ContentStore, bus: EventBus) -> None:
+    def __init__(
+        self,
+        db: Database,
+        store: ContentStore,
+        bus: EventBus,
+        retry_seconds: float = STORAGE_RETRY_SECONDS,
+    ) -> None:
         self.db = db
         self.store = store
         self.bus = bus
+        self.retry_seconds = retry_seconds
+        #: Frames waiting for disk space: (when to try again, job, frame).
+        self._waiting: list[tuple[float, str, int]] = []
         self._queue: queue.Queue[tuple[str, int] | threading.Event] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -71,6 +86,7 @@ class Assembler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._requeue_due()
             try:
                 item = self._queue.get(timeout=0.2)
             except queue.Empty:
@@ -81,9 +97,46 @@ class Assembler:
             job_id, frame = item
             try:
                 self.assemble(job_id, frame)
-            except Exception:
+            except Exception as exc:
+                reason = _storage_full(exc)
+                if reason is not None:
+                    self._wait_for_room(job_id, frame, reason)
+                    continue
                 log.exception("assembling frame %s of job %s failed", frame, job_id)
-                self._fail_job(job_id, frame)
+                try:
+                    self._fail_job(job_id, frame)
+                except Exception:
+                    # The job stays active: recover() assembles the frame at the next start.
+                    log.exception("could not record that job %s failed", job_id)
+
+    def _requeue_due(self) -> None:
+        now = time.monotonic()
+        due = [entry for entry in self._waiting if entry[0] <= now]
+        self._waiting = [entry for entry in self._waiting if entry[0] > now]
+        for _, job_id, frame in due:
+            self.submit(job_id, frame)
+
+    def _wait_for_room(self, job_id: str, frame: int, reason: str) -> None:
+        log.warning(
+            "frame %s of job %s waits for disk space (%s); trying again in %.0f s",
+            frame,
+            job_id,
+            reason,
+            self.retry_seconds,
+        )
+        self._waiting.append((time.monotonic() + self.retry_seconds, job_id, frame))
+        message = (
+            f"Frame {frame} waits for disk space on the coordinator ({reason}); it is "
+            f"assembled again every {self.retry_seconds:.0f} s."
+        )
+        try:
+            with self.db.transaction() as conn:
+                conn.execute(
+                    "UPDATE jobs SET message = ?, updated_at = ? WHERE id = ?",
+                    (message, now_iso(), job_id),
+                )
+        except Exception:
+            log.warning("could not record the wait in job %s's message", job_id)
 
     def assemble(self, job_id: str, frame: int) -> None:
         job = self.db.query_one("SELECT spec, status FROM jobs WHERE id = ?", (job_id,))
@@ -176,6 +229,11 @@ class Assembler:
                     (JobStatus.COMPLETED.value, now_iso(), job_id),
                 )
                 ledger.settle(conn, job_id)
+            else:
+                conn.execute(
+                    "UPDATE jobs SET message = '' WHERE id = ? AND message LIKE ?",
+                    (job_id, "Frame % waits for disk space%"),
+                )
         self.bus.publish(
             "frame",
             job_id=job_id,
@@ -199,3 +257,10 @@ class Assembler:
             )
             ledger.settle(conn, job_id)
         self.bus.publish("job", job_id=job_id, status=JobStatus.FAILED.value)
+
+
+def _storage_full(error: BaseException) -> str | None:
+    """Why `error` means the coordinator's disk or database is full, else None."""
+    if isinstance(error, StorageFullError):
+        return error.message
+    return no_room_reason(error)

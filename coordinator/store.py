@@ -10,7 +10,6 @@ keeps its data and tries again later. Nothing already stored is touched.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import shutil
@@ -18,6 +17,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from common.disk_space import NO_ROOM_ERRNOS
 from common.errors import BundleError, TesseraError
 
 CHUNK = 1 << 20
@@ -29,11 +29,6 @@ class HashMismatchError(BundleError):
 
 class TooLargeError(BundleError):
     pass
-
-
-#: What the kernel says when a write does not fit: no space, over a quota, over the
-#: process's file-size limit (RLIMIT_FSIZE).
-NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class StorageFullError(TesseraError):

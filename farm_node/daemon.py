@@ -39,7 +39,6 @@ environment at import time, or let a failing task stop the node.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import logging
 import os
@@ -56,6 +55,7 @@ from enum import Enum
 from pathlib import Path
 from types import FrameType
 
+from common.disk_space import no_room_reason
 from common.errors import (
     ApiError,
     BlenderNotFoundError,
@@ -131,8 +131,6 @@ _STOPPING = "the node is stopping"
 #: The cancel reason of a task handed back because the machine is no longer available
 #: (the user returned, outside hours, GPU too hot): its lease is released, no failure.
 _YIELDING = "yielding the machine"
-#: Error numbers that mean "the disk is full" (not the task's fault: hand it back).
-_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 #: What `NodeConfig.cheat` may be (besides None).
 CHEAT_MODES = tuple(mode.value for mode in CheatMode)
 #: Environment variables of the node's own process that must reach Blender although the
@@ -968,16 +966,8 @@ def _disk_full(error: BaseException) -> str | None:
         seen.add(id(current))
         if isinstance(current, InsufficientDiskSpaceError):
             return current.message
-        if isinstance(current, OSError) and current.errno in _DISK_FULL_ERRNOS:
-            where = f" writing {current.filename}" if current.filename else ""
-            return f"the disk is full{where} ({os.strerror(current.errno or 0)})"
-        # Blender's own failed write only reaches us as text in its error or log tail.
-        text = str(current)
-        for code in _DISK_FULL_ERRNOS:
-            if os.strerror(code) in text:
-                return f"the disk is full ({text.splitlines()[0]})"
         current = current.__cause__ or current.__context__
-    return None
+    return no_room_reason(error)
 
 
 def _mtime(path: Path) -> float:
