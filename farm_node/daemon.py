@@ -131,6 +131,8 @@ _STOPPING = "the node is stopping"
 #: The cancel reason of a task handed back because the machine is no longer available
 #: (the user returned, outside hours, GPU too hot): its lease is released, no failure.
 _YIELDING = "yielding the machine"
+#: The heartbeat message while the finished result is being delivered.
+_UPLOADING = "uploading"
 #: What `NodeConfig.cheat` may be (besides None).
 CHEAT_MODES = tuple(mode.value for mode in CheatMode)
 #: Environment variables of the node's own process that must reach Blender although the
@@ -684,7 +686,7 @@ class NodeDaemon:
                 settled = self._result_not_kept(lease, exc)
                 return
             settled = True
-            control.progress, control.message = 1.0, "uploading"
+            control.progress, control.message = 1.0, _UPLOADING
             self._deliver(result)
         finally:
             control.done.set()
@@ -840,6 +842,10 @@ class NodeDaemon:
         try:
             reply = self.client.heartbeat(lease.lease_id, beat)
         except ApiError as exc:
+            if exc.status in _LEASE_GONE and control.message == _UPLOADING:
+                # The upload was accepted and ended the lease while this beat was on its
+                # way: nothing to cancel.
+                return False
             if exc.status in _LEASE_GONE:
                 self._cancel(
                     control, "lease lost", f"the coordinator ended the lease: {exc.message}"
