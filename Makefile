@@ -11,7 +11,7 @@ PYTHON ?= $(shell for p in python3.11 python3; do \
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null \
 	&& { command -v $$p; break; }; done)
 
-.PHONY: demo test bench soak app lint venv clean
+.PHONY: demo test bench load soak screenshots app lint venv clean
 
 venv: $(STAMP)
 
@@ -38,8 +38,14 @@ test: $(STAMP)
 bench: $(STAMP) $(DEMO_SCENE)
 	$(PY) -m benchmarks.run_all
 
+load: $(STAMP)
+	$(PY) -m benchmarks.bench_load
+
 soak: $(STAMP) $(DEMO_SCENE)
 	$(PY) -m benchmarks.soak
+
+screenshots: $(STAMP) $(DEMO_SCENE)
+	QT_QPA_PLATFORM=offscreen $(PY) -m resources.screenshots
 
 app: $(STAMP)
 	$(VENV)/bin/tessera app

@@ -12,6 +12,12 @@ and file downloads pass through untouched). For every HTTP request it checks, in
 2. **Load**: requests being worked on at once (`max_concurrent`), and long polls and
    event streams open at once (`max_waiting`: they mostly sleep). Past either: 503 with
    Retry-After, at once, instead of queueing for the thread pool or the database lock.
+   New work goes first: once half of `max_concurrent` is in use, lease polls are refused
+   (503, Retry-After `NEW_WORK_RETRY_SECONDS`) while heartbeats and result uploads still
+   get in, so that an overloaded coordinator finishes the tiles it handed out (each one a
+   render already paid for in node time) instead of handing out more and refusing their
+   results. Refusals are built without the JSON machinery: under overload they are most
+   of what the coordinator answers (see docs/load-test.md).
 3. **Size**: every body except the two uploads (bundles and task results, which are
    streamed to disk with their own limits) is refused past `max_json_bytes` with 413:
    by its Content-Length before any of it is read, or, when sent chunked, as soon as the
@@ -26,6 +32,7 @@ Every refusal has the JSON `ErrorBody` shape the rest of the API uses.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 import threading
@@ -42,6 +49,10 @@ from protocol.models import API_PREFIX, ErrorBody
 
 #: How long a client told "overloaded" should wait, in seconds.
 OVERLOAD_RETRY_SECONDS = 1
+#: Lease polls are refused once this share of `max_concurrent` is in use...
+SHED_NEW_WORK_AT = 0.5
+#: ...and told to come back after this many seconds (nodes wait as told, up to 10 s).
+NEW_WORK_RETRY_SECONDS = 5
 #: Buckets kept at most (least recently used dropped first); a dropped bucket is full.
 MAX_BUCKETS = 100_000
 
@@ -54,6 +65,8 @@ _NODE_ROUTE = re.compile(
 _UPLOAD_ROUTE = re.compile(rf"{_P}/(?:bundles/[^/]+|leases/[^/]+/result)")
 #: Requests that mostly wait: lease long polls and the event stream.
 _WAITING_ROUTE = re.compile(rf"{_P}/(?:nodes/[^/]+/lease|events)")
+#: A node asking for new work.
+_LEASE_ROUTE = re.compile(rf"{_P}/nodes/[^/]+/lease")
 
 
 class TooManyRequestsError(Exception):
@@ -170,6 +183,31 @@ def too_many_requests(retry_after: float) -> JSONResponse:
     )
 
 
+async def send_overloaded(send: Send, why: str, retry_after: int) -> None:
+    """503 with Retry-After, the `ErrorBody` shape sent as plain ASGI messages (no
+    response object or model per refusal). The request body is never read: the server
+    closes the connection when one was sent."""
+    body = json.dumps(
+        {
+            "error": "unavailable",
+            "detail": f"The coordinator is overloaded ({why}).",
+            "hint": f"Retry after {retry_after} s (Retry-After).",
+        }
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(retry_after).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 class RequestLimits:
     """ASGI middleware applying `Limits` (see the module docstring)."""
 
@@ -194,13 +232,16 @@ class RequestLimits:
             in_use, allowed = limits.active, config.max_concurrent
         if allowed and in_use >= allowed:
             what = "long polls and event streams" if waiting else "requests"
-            await error_response(
-                503,
-                "unavailable",
-                f"The coordinator is overloaded ({in_use} {what} in progress).",
-                f"Retry after {OVERLOAD_RETRY_SECONDS} s (Retry-After).",
-                OVERLOAD_RETRY_SECONDS,
-            )(scope, receive, send)
+            await send_overloaded(send, f"{in_use} {what} in progress", OVERLOAD_RETRY_SECONDS)
+            return
+        busy = config.max_concurrent and limits.active >= config.max_concurrent * SHED_NEW_WORK_AT
+        if busy and _LEASE_ROUTE.fullmatch(path) is not None:
+            await send_overloaded(
+                send,
+                f"{limits.active} requests in progress; it finishes the work it handed out"
+                " before it hands out more",
+                NEW_WORK_RETRY_SECONDS,
+            )
             return
         if _UPLOAD_ROUTE.fullmatch(path) is None or scope["method"] != "PUT":
             limit = config.max_json_bytes

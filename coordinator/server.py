@@ -14,6 +14,9 @@ import uvicorn
 from coordinator.app import create_app
 from coordinator.config import CoordinatorConfig
 
+#: How long an idle keep-alive connection stays open (uvicorn's default is 5 s).
+KEEP_ALIVE_SECONDS = 30
+
 
 class _AnnouncingServer(uvicorn.Server):
     def __init__(
@@ -71,6 +74,10 @@ def serve(
     uv_config = uvicorn.Config(
         app,
         log_level="warning",
+        # Nodes talk every heartbeat_interval (5 s by default): with uvicorn's default of
+        # 5 s, every heartbeat raced the server closing its idle connection (and paid for
+        # a new one). Idle keep-alive connections cost a file descriptor each.
+        timeout_keep_alive=max(KEEP_ALIVE_SECONDS, int(2 * config.heartbeat_interval) + 1),
         timeout_graceful_shutdown=3,
         ssl_certfile=str(certfile) if certfile else None,
         ssl_keyfile=str(keyfile) if keyfile else None,
