@@ -554,12 +554,22 @@ def _cheat(text: str) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
+    from app.packing import list_dependencies
+
     with _worker(args, settings) as worker:
         info = inspect_scene(worker, args.scene)
+    dependencies = list_dependencies(args.scene)
     if args.json:
-        print(json.dumps(info.to_dict(), indent=2))
+        files = [
+            {"path": str(dep.path), "kind": dep.kind, "missing": dep.missing}
+            for dep in dependencies
+        ]
+        print(json.dumps({**info.to_dict(), "dependencies": files}, indent=2))
     else:
         print(format_scene(info))
+        print(f"Files:       {len(dependencies) or 'none'}")
+        for dep in dependencies:
+            print(f"  {'MISSING ' if dep.missing else ''}{dep.kind}: {dep.path}")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from renderers.exr import read_exr
+from tests.scene_tools import prepare_scene
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -149,3 +151,25 @@ def test_node_refuses_a_negative_price(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "--price must be 0 or more" in done.stderr
+
+
+def test_inspect_lists_the_files_a_scene_uses_with_the_missing_ones_flagged(
+    bat_scenes: Path, tmp_path: Path
+) -> None:
+    for name in ("linked_cube.blend", "basic_file.blend"):
+        shutil.copy(bat_scenes / name, tmp_path / name)
+    # The same scenes with a camera, saved beside their library (paths stay relative).
+    textured = prepare_scene(
+        bat_scenes / "missing_textures.blend", tmp_path / "t.blend", add_camera=True
+    )
+    linked = prepare_scene(tmp_path / "linked_cube.blend", tmp_path / "l.blend", add_camera=True)
+    done = tessera("inspect", textured)
+    assert done.returncode == 0, done.stderr
+    assert "Files:       2" in done.stdout
+    assert "MISSING image: " in done.stdout and "marble_decoration-color.png" in done.stdout
+    listed = tessera("inspect", linked, "--json")
+    assert listed.returncode == 0, listed.stderr
+    files = json.loads(listed.stdout)["dependencies"]
+    assert [(Path(f["path"]).name, f["kind"], f["missing"]) for f in files] == [
+        ("basic_file.blend", "library", False)
+    ]

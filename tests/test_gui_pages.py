@@ -31,11 +31,12 @@ from app.gui.credit_chart import LINE_COLOUR, CreditChart, balance_points
 from app.gui.jobs_page import JOB_COLUMNS, JobsPage, JobsTable, eta_text, job_eta
 from app.gui.lan_browser import lan_node_fields
 from app.gui.nodes_page import NODE_COLUMNS, SEEN_BOTH, SEEN_LAN, NodesPage, NodesTable
-from app.gui.submit_page import TILES, SubmitPage
+from app.gui.submit_page import TILES, SceneSummaryView, SubmitPage
 from app.gui.tables import cell_texts
 from app.gui.task_log import TASK_COLUMNS, TaskLog
 from app.gui.tile_grid import TileGrid, TileState
 from app.gui.wallet_page import WalletPage
+from app.packing import Dependency
 from app.submission import frame_file_name
 from protocol.discovery import Advertised, Advertisement, node_info
 from protocol.models import (
@@ -551,3 +552,24 @@ def test_tessera_submit_estimate_prints_the_cost_and_the_refusal(
     assert "Traceback" not in done.stderr
     with coordinator.client(token) as client:
         assert client.jobs() == [] and client.wallet().balance == 1.0
+
+
+def test_the_dependency_list_from_plain_models_flags_missing_files(qtbot: QtBot) -> None:
+    view = SceneSummaryView()
+    qtbot.addWidget(view)
+    view.set_dependencies(
+        [
+            Dependency(Path("/p/textures/wood.png"), "image", missing=True),
+            Dependency(Path("/p/lib.blend"), "library", missing=False),
+        ]
+    )
+    assert view.dependency_lines() == [
+        "✗ missing  image: /p/textures/wood.png",
+        "✓  library: /p/lib.blend",
+    ]
+    assert (
+        "2" in view.dependencies_heading.text() and "1 missing" in view.dependencies_heading.text()
+    )
+    view.set_dependencies([])
+    assert view.dependencies_heading.text() == "The scene uses no other files."
+    assert view.dependencies.isHidden()

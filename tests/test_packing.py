@@ -365,3 +365,32 @@ def test_a_corrupt_library_is_named(bat: Path, tmp_path: Path) -> None:
 def test_packs_leave_no_scratch_files(bat: Path, tmp_path: Path) -> None:
     pack_scene(bat / "linked_cube.blend", tmp_path / "out")
     assert [p.suffix for p in (tmp_path / "out").iterdir()] == [".zip"]  # no .pack-* scratch
+
+
+def test_dependencies_are_listed_with_their_kind_and_missing_ones_first(
+    shared_scenes_untouched: Path,
+) -> None:
+    from app.packing import list_dependencies
+
+    bat = shared_scenes_untouched
+    assert list_dependencies(bat / "basic_file.blend") == []
+    doubly = list_dependencies(bat / "doubly_linked.blend")
+    assert [(d.path.name, d.kind, d.missing) for d in doubly] == [
+        ("material_textures.blend", "library", True),
+        ("basic_file.blend", "library", False),
+        ("linked_cube.blend", "library", False),
+    ]
+    textures = list_dependencies(bat / "missing_textures.blend")
+    assert {d.kind for d in textures} == {"image"} and all(d.missing for d in textures)
+    sequence = {d.path.name: d for d in list_dependencies(bat / "image_sequencer.blend")}
+    assert sequence["000210.png"].kind == "image sequence"
+    assert not sequence["000210.png"].missing
+    assert sequence["video-tiny.mkv"].missing
+
+
+def test_listing_the_dependencies_of_a_damaged_scene_says_so(bat_scenes: Path) -> None:
+    from app.packing import list_dependencies
+    from common.errors import CorruptSceneError
+
+    with pytest.raises(CorruptSceneError, match="damaged or truncated"):
+        list_dependencies(bat_scenes / "corrupt_only_magic.blend")

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from PySide6.QtCore import QTimer, Signal
-from PySide6.QtGui import QDragEnterEvent, QDropEvent, QImage
+from PySide6.QtGui import QColor, QDragEnterEvent, QDropEvent, QImage
 from PySide6.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -39,6 +39,7 @@ from PySide6.QtWidgets import (
     QLabel,
     QLineEdit,
     QListWidget,
+    QListWidgetItem,
     QProgressBar,
     QPushButton,
     QSpinBox,
@@ -50,7 +51,7 @@ from app.gui.background import BackgroundWork, ErrorReport, ProgressRelay
 from app.gui.blender_access import BlenderAccess
 from app.gui.connection import AppSettings, FarmConnection
 from app.gui.tile_grid import TileGrid
-from app.packing import PackProgress
+from app.packing import Dependency, PackProgress, list_dependencies
 from app.submission import (
     ColourPreview,
     job_spec_for,
@@ -69,6 +70,8 @@ WHOLE_FRAMES, TILES = "Whole frames", "Tiles"
 #: Options settle for this long before the page asks the coordinator for an estimate.
 ESTIMATE_DELAY_MS = 300
 REFUSED_STYLE = "color: #d64545; font-weight: bold"
+#: Missing files in the dependency list (readable on light and dark windows).
+MISSING_COLOUR = "#e0533f"
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,10 +156,18 @@ class SceneSummaryView(QWidget):
         layout.addLayout(form)
         layout.addWidget(self.missing_heading)
         layout.addWidget(self.missing)
+        self.dependencies_heading = QLabel()
+        self.dependencies = QListWidget()
+        self.dependencies.setMaximumHeight(130)
+        layout.addWidget(self.dependencies_heading)
+        layout.addWidget(self.dependencies)
         self.set_info(None)
 
     def set_info(self, info: SceneInfo | None) -> None:
         self.missing.clear()
+        self.dependencies.clear()
+        self.dependencies_heading.hide()
+        self.dependencies.hide()
         if info is None:
             for label in self.fields.values():
                 label.setText("—")
@@ -192,6 +203,29 @@ class SceneSummaryView(QWidget):
         self.missing_heading.show()
         self.missing.setVisible(bool(problems))
 
+    def set_dependencies(self, dependencies: Sequence[Dependency]) -> None:
+        """List every file the scene uses (blender-asset-tracer's view), missing first."""
+        self.dependencies.clear()
+        for dep in dependencies:
+            mark = "✗ missing" if dep.missing else "✓"
+            item = QListWidgetItem(f"{mark}  {dep.kind}: {dep.path}")
+            item.setToolTip(str(dep.path))
+            if dep.missing:
+                item.setForeground(QColor(MISSING_COLOUR))
+            self.dependencies.addItem(item)
+        missing = sum(dep.missing for dep in dependencies)
+        self.dependencies_heading.setText(
+            f"Files the scene uses: {len(dependencies)}"
+            + (f", <b>{missing} missing</b>" if missing else ", all found")
+            if dependencies
+            else "The scene uses no other files."
+        )
+        self.dependencies_heading.show()
+        self.dependencies.setVisible(bool(dependencies))
+
+    def dependency_lines(self) -> list[str]:
+        return [self.dependencies.item(row).text() for row in range(self.dependencies.count())]
+
     def texts(self) -> dict[str, str]:
         return {name: label.text() for name, label in self.fields.items()}
 
@@ -207,6 +241,7 @@ class SubmitPage(QWidget):
     previewed = Signal(object)  # QImage, once drawn under the tile grid
     measured = Signal(object)  # SceneProbe, once the scene's cost is known
     estimated = Signal(object)  # JobEstimate, once shown
+    dependencies_listed = Signal(object)  # list[Dependency], once shown
 
     def __init__(
         self,
@@ -497,6 +532,11 @@ class SubmitPage(QWidget):
         self.frames.setPlaceholderText(f"{frames_text(info)} (the scene's range)")
         self._show_plan()
         self.inspected.emit(info)
+        self._work.submit(
+            lambda: list_dependencies(path),
+            lambda deps: self._on_dependencies(path, deps),
+            self._work.failed.emit,  # the banner says why; inspection goes on
+        )
         self._set_busy(f"Rendering a preview of {path.name}…")
         blender = self._blender
         self._work.submit(
@@ -504,6 +544,12 @@ class SubmitPage(QWidget):
             lambda preview: self._on_previewed(path, info, preview),
             lambda report: self._on_measure_failed(path, report),
         )
+
+    def _on_dependencies(self, path: Path, dependencies: list[Dependency]) -> None:
+        if path != self._scene:
+            return
+        self.summary.set_dependencies(dependencies)
+        self.dependencies_listed.emit(dependencies)
 
     def _on_previewed(self, path: Path, info: SceneInfo, preview: ColourPreview) -> None:
         if path != self._scene:
