@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import sys
@@ -756,22 +755,10 @@ def _prepare_and_submit(
     args: argparse.Namespace, settings: Settings, client: TesseraClient, status: _Status
 ) -> tuple[Prepared, Job]:
     """Inspect, pack (in a folder of this run's own), upload and submit."""
-    from app.submission import prepare_submission, submit
+    from app.submission import bundle_folder, prepare_submission, submit
     from renderers.worker import RenderWorker
 
-    # We list missing files ourselves; BAT would also log each one, several times.
-    logging.getLogger("blender_asset_tracer").setLevel(logging.ERROR)
-    bundles = settings.home / "bundles"
-    try:
-        bundles.mkdir(parents=True, exist_ok=True)
-        scratch = tempfile.TemporaryDirectory(prefix="submit-", dir=bundles)
-    except OSError as exc:
-        raise UsageError(
-            f"Cannot create a folder for the bundle in {bundles}: {exc.strerror or exc}.",
-            hint="Point TESSERA_HOME at a writable folder.",
-        ) from exc
-    # The coordinator keeps the bundle; a local copy would only fill the disk.
-    with scratch as bundle_dir:
+    with bundle_folder(settings.home / "bundles") as bundle_dir:
         with RenderWorker(_render_build(args, settings)) as worker:
             prepared = prepare_submission(
                 worker,

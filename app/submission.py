@@ -102,6 +102,21 @@ class Described:
     probe: SceneProbe | None = None
 
 
+def bundle_folder(bundles: Path) -> tempfile.TemporaryDirectory[str]:
+    """A folder of this submission's own under `bundles` for packing, deleted after use
+    (the coordinator keeps the bundle; a local copy would only fill the disk)."""
+    # We list missing files ourselves; BAT would also log each one, several times.
+    logging.getLogger("blender_asset_tracer").setLevel(logging.ERROR)
+    try:
+        bundles.mkdir(parents=True, exist_ok=True)
+        return tempfile.TemporaryDirectory(prefix="submit-", dir=bundles)
+    except OSError as exc:
+        raise UsageError(
+            f"Cannot create a folder for the bundle in {bundles}: {exc.strerror or exc}.",
+            hint="Point TESSERA_HOME at a writable folder.",
+        ) from exc
+
+
 def describe_job(
     worker: RenderWorker,
     scene: Path,

@@ -7,10 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from app.submission import scene_summary
 from protocol.client import TesseraClient, sha256_file
@@ -185,3 +187,30 @@ def wait_for_job(client: TesseraClient, job_id: str, timeout: float = 120.0) -> 
             return status
         time.sleep(0.1)
     raise TimeoutError(f"job {job_id} still {client.job(job_id).status} after {timeout}s")
+
+
+class NodeThread:
+    """`serve_leases(client, **serve)` on a thread of its own, which closes `client` when
+    it ends; `join` waits for it and re-raises what it raised."""
+
+    def __init__(self, client: TesseraClient, **serve: Any) -> None:
+        self.done = 0
+        self.error: BaseException | None = None
+        Path(serve["scratch"]).mkdir(parents=True, exist_ok=True)
+
+        def run() -> None:
+            try:
+                with client:
+                    self.done = serve_leases(client, **serve)
+            except BaseException as exc:
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, name="test-node", daemon=True)
+        self.thread.start()
+
+    def join(self) -> int:
+        self.thread.join(timeout=120)
+        assert not self.thread.is_alive(), "the node loop did not stop"
+        if self.error is not None:
+            raise self.error
+        return self.done

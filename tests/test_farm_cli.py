@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,10 +23,10 @@ from protocol.models import Event, Job, Role
 from renderers.scene_info import SceneInfo, inspect_scene
 from renderers.worker import RenderWorker
 from tests.farm_tools import (
+    NodeThread,
     RunningCoordinator,
     job_spec,
     make_bundle,
-    serve_leases,
     start_coordinator,
 )
 
@@ -91,31 +90,6 @@ def bundles_left() -> Iterator[Path]:
     return bundles.rglob("*") if bundles.exists() else iter(())
 
 
-class NodeThread:
-    """serve_leases on a background thread; `join` re-raises whatever it raised."""
-
-    def __init__(self, client: TesseraClient, worker: RenderWorker, scene: Path, scratch: Path):
-        self.done = 0
-        self.error: BaseException | None = None
-        scratch.mkdir(parents=True, exist_ok=True)
-
-        def run() -> None:
-            try:
-                self.done = serve_leases(client, worker, scene, scratch, until_idle=2.0)
-            except BaseException as exc:
-                self.error = exc
-
-        self.thread = threading.Thread(target=run, name="test-node", daemon=True)
-        self.thread.start()
-
-    def join(self) -> int:
-        self.thread.join(timeout=120)
-        assert not self.thread.is_alive(), "the node loop did not stop"
-        if self.error is not None:
-            raise self.error
-        return self.done
-
-
 def test_submit_wait_renders_and_downloads_frames(
     coordinator: RunningCoordinator,
     requester: str,
@@ -142,7 +116,13 @@ def test_submit_wait_renders_and_downloads_frames(
             assert process.stdout is not None
             job_id = process.stdout.readline().strip()  # printed once the job is submitted
             assert job_id, stderr_path.read_text()
-            node = NodeThread(node_client, worker, demo_scene, tmp_path / "node")
+            node = NodeThread(
+                node_client,
+                worker=worker,
+                scene=demo_scene,
+                scratch=tmp_path / "node",
+                until_idle=2.0,
+            )
             rest, _ = process.communicate(timeout=120)
         finally:
             if process.poll() is None:
@@ -324,7 +304,13 @@ def test_follow_job_polls_when_the_stream_breaks(
         job = client.submit_job(spec)
         seen: list[Event] = []
         with coordinator.client(provider) as node_client:
-            node = NodeThread(node_client, worker, demo_scene, tmp_path / "node")
+            node = NodeThread(
+                node_client,
+                worker=worker,
+                scene=demo_scene,
+                scratch=tmp_path / "node",
+                until_idle=2.0,
+            )
             try:
                 result = follow_job(
                     client, job.id, tmp_path / "out", on_event=seen.append, poll_interval=0.2

@@ -170,6 +170,19 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+def _node_well_into_a_render(client: TesseraClient) -> str:
+    """The name of a node that has been rendering for a second."""
+
+    def busy_node() -> str | None:
+        return next((n.capabilities.name for n in client.nodes() if n.status == "busy"), None)
+
+    _wait(busy_node, 60, "no node started rendering")
+    time.sleep(1.0)
+    victim = busy_node()
+    assert victim is not None, "the node stopped rendering"
+    return victim
+
+
 def _wait(predicate: object, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -182,10 +195,9 @@ def _wait(predicate: object, timeout: float, what: str) -> None:
 def test_a_node_killed_mid_task_costs_a_retry_not_the_job(
     farm: LocalFarm, worker: RenderWorker, slow_scene: Path, tmp_path: Path
 ) -> None:
-    info = inspect_scene(worker, slow_scene)
     client, job_id = _submit(
         farm,
-        info,
+        inspect_scene(worker, slow_scene),
         slow_scene,
         tmp_path / "bundle",
         frames="1",
@@ -194,14 +206,7 @@ def test_a_node_killed_mid_task_costs_a_retry_not_the_job(
         denoise=False,
     )
     with client:
-
-        def busy_node() -> str | None:
-            return next((n.capabilities.name for n in client.nodes() if n.status == "busy"), None)
-
-        _wait(busy_node, 60, "no node started rendering")
-        time.sleep(1.0)  # well into the render
-        victim = busy_node()
-        assert victim is not None
+        victim = _node_well_into_a_render(client)
         farm.node_process(farm.node_names.index(victim)).kill()
         assert wait_for_job(client, job_id, timeout=300) == "completed"
         tasks = client.tasks(job_id)
@@ -219,10 +224,9 @@ def test_blender_segfaulting_mid_render_costs_a_retry_not_the_job(
 ) -> None:
     """SIGSEGV to a node's Blender (the way a driver or Cycles bug ends it): the node
     reports the crash, the tile is rendered again, the node keeps working."""
-    info = inspect_scene(worker, slow_scene)
     client, job_id = _submit(
         farm,
-        info,
+        inspect_scene(worker, slow_scene),
         slow_scene,
         tmp_path / "bundle",
         frames="1",
@@ -231,14 +235,7 @@ def test_blender_segfaulting_mid_render_costs_a_retry_not_the_job(
         denoise=False,
     )
     with client:
-
-        def busy_node() -> str | None:
-            return next((n.capabilities.name for n in client.nodes() if n.status == "busy"), None)
-
-        _wait(busy_node, 60, "no node started rendering")
-        time.sleep(1.0)  # well into the render
-        victim = busy_node()
-        assert victim is not None
+        victim = _node_well_into_a_render(client)
         node_pid = farm.node_process(farm.node_names.index(victim)).pid
         blenders = [pid for pid in _descendants(node_pid) if b"worker_main" in _cmdline(pid)]
         assert blenders, "the busy node has no Blender process"

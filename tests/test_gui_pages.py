@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import zipfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -57,7 +56,7 @@ from protocol.models import (
     Wallet,
 )
 from renderers.worker import RenderWorker
-from tests.farm_tools import REPO, RunningCoordinator, serve_leases, start_coordinator
+from tests.farm_tools import REPO, NodeThread, RunningCoordinator, start_coordinator
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 LOOPBACK = "127.0.0.1"
@@ -277,31 +276,6 @@ def _account(coordinator: RunningCoordinator, name: str, role: Role, grant: floa
     return token
 
 
-class NodeThread:
-    """`serve_leases` on a thread of its own; `join` re-raises what it raised."""
-
-    def __init__(self, coordinator: RunningCoordinator, token: str, **serve: Any) -> None:
-        self.done = 0
-        self.error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                with coordinator.client(token) as client:
-                    self.done = serve_leases(client, **serve)
-            except BaseException as exc:
-                self.error = exc
-
-        self.thread = threading.Thread(target=run, name="test-node", daemon=True)
-        self.thread.start()
-
-    def join(self) -> int:
-        self.thread.join(timeout=120)
-        assert not self.thread.is_alive(), "the node loop did not stop"
-        if self.error is not None:
-            raise self.error
-        return self.done
-
-
 def test_submit_with_an_estimate_then_follow_pay_and_download_the_job(
     qtbot: QtBot,
     work: BackgroundWork,
@@ -368,8 +342,7 @@ def test_submit_with_an_estimate_then_follow_pay_and_download_the_job(
     jobs.select_job(job.id)
     qtbot.waitUntil(lambda: jobs.table.selected_job_id() == job.id, timeout=10_000)
     node = NodeThread(
-        coordinator,
-        provider,
+        coordinator.client(provider),
         worker=worker,
         scene=demo_scene,
         scratch=tmp_path,

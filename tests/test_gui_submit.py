@@ -4,7 +4,6 @@ renders while the Jobs page watches them arrive."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +36,7 @@ from protocol.models import (
     TileGrid as TileGridSpec,
 )
 from renderers.worker import RenderWorker
-from tests.farm_tools import RunningCoordinator, serve_leases, start_coordinator
+from tests.farm_tools import NodeThread, RunningCoordinator, start_coordinator
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -199,31 +198,6 @@ def open_window(qtbot: QtBot, worker: RenderWorker) -> Iterator[Callable[..., Ma
         window.close()
 
 
-class NodeThread:
-    """`serve_leases` on a thread of its own; `join` re-raises what it raised."""
-
-    def __init__(self, coordinator: RunningCoordinator, token: str, **serve: Any) -> None:
-        self.done = 0
-        self.error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                with coordinator.client(token) as client:
-                    self.done = serve_leases(client, **serve)
-            except BaseException as exc:
-                self.error = exc
-
-        self.thread = threading.Thread(target=run, name="test-node", daemon=True)
-        self.thread.start()
-
-    def join(self) -> int:
-        self.thread.join(timeout=120)
-        assert not self.thread.is_alive(), "the node loop did not stop"
-        if self.error is not None:
-            raise self.error
-        return self.done
-
-
 def test_submit_the_demo_scene_and_watch_its_tiles_fill_in(
     qtbot: QtBot,
     open_window: Callable[..., MainWindow],
@@ -267,8 +241,7 @@ def test_submit_the_demo_scene_and_watch_its_tiles_fill_in(
     assert jobs.view.grid.counts()[TileState.QUEUED] == 4
 
     node = NodeThread(
-        coordinator,
-        provider,
+        coordinator.client(provider),
         worker=worker,
         scene=demo_scene,
         scratch=tmp_path,

@@ -21,8 +21,6 @@ range outside the scene, an unreachable coordinator) go to the app's banner thro
 
 from __future__ import annotations
 
-import logging
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,12 +52,13 @@ from app.gui.tile_grid import TileGrid
 from app.packing import Dependency, PackProgress, list_dependencies
 from app.submission import (
     ColourPreview,
+    bundle_folder,
     job_spec_for,
     prepare_submission,
     render_colour_preview,
     submit,
 )
-from common.errors import TesseraError, UsageError
+from common.errors import TesseraError
 from protocol.models import Job, JobEstimate, JobSpec
 from renderers.scene_info import SceneInfo, inspect_scene
 from renderers.scene_probe import SceneProbe, probe_scene
@@ -687,19 +686,7 @@ def _submission_work(
     """The background half of Submit: prepare (inspect, probe, pack), upload, submit."""
 
     def run() -> Job:
-        # We list missing files ourselves; BAT would also log each one, several times.
-        logging.getLogger("blender_asset_tracer").setLevel(logging.ERROR)
-        bundles = blender.bundles_dir()
-        try:
-            bundles.mkdir(parents=True, exist_ok=True)
-            scratch = tempfile.TemporaryDirectory(prefix="submit-", dir=bundles)
-        except OSError as exc:
-            raise UsageError(
-                f"Cannot create a folder for the bundle in {bundles}: {exc.strerror or exc}.",
-                hint="Point TESSERA_HOME at a writable folder.",
-            ) from exc
-        # The coordinator keeps the bundle; a local copy would only fill the disk.
-        with scratch as bundle_dir:
+        with bundle_folder(blender.bundles_dir()) as bundle_dir:
             prepared = prepare_submission(
                 blender.worker(),
                 scene,
