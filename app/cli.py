@@ -276,6 +276,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_blender_option(node)
     node.set_defaults(handler=cmd_node)
 
+    join = sub.add_parser(
+        "join",
+        help="join a LAN farm as an artist: get a requester token with its secret",
+        description="Find the farm's coordinator on the LAN (zeroconf), prove you know its "
+        "secret and get a requester token (account lan-user-NAME), saved to "
+        "$TESSERA_HOME/token for submit, jobs and wallet; prints the coordinator's URL.",
+    )
+    join.add_argument("--farm", required=True, help="the farm to join")
+    join.add_argument(
+        "--secret", default=None, help="the farm's join secret (or env TESSERA_FARM_SECRET)"
+    )
+    join.add_argument(
+        "--interface",
+        default=None,
+        metavar="ADDRESS",
+        help="bind zeroconf to this address only (e.g. 127.0.0.1)",
+    )
+    join.add_argument("--name", default=None, help="your name on the farm (default: host name)")
+    join.add_argument("--json", action="store_true", help="print JSON instead of text")
+    join.set_defaults(handler=cmd_join)
+
     add_farm_commands(sub)
 
     gui = sub.add_parser(
@@ -865,6 +886,38 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         if advertisement is not None:
             advertisement.close()
+
+
+def cmd_join(args: argparse.Namespace, settings: Settings) -> int:
+    import socket
+
+    from protocol.models import Role
+
+    secret = args.secret or os.environ.get("TESSERA_FARM_SECRET")
+    if not secret:
+        raise UsageError("Give the farm's join secret with --secret S (or TESSERA_FARM_SECRET).")
+    name = args.name or socket.gethostname()
+    found = find_coordinator(args.farm, secret, interface=args.interface, timeout=30)
+    if found is None:
+        raise CoordinatorUnreachableError(
+            f"No coordinator of farm '{args.farm}' with that secret answered on the LAN.",
+            hint="Check the farm's name and secret, and that its coordinator runs with --lan "
+            "on the same network (and --interface).",
+        )
+    with TesseraClient(found.url) as anonymous:
+        joined = anonymous.join_lan_farm(name, secret, role=Role.REQUESTER)
+    token_file = settings.home / "token"
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    token_file.touch(mode=0o600)
+    token_file.chmod(0o600)  # a token is a password
+    token_file.write_text(joined.token + "\n")
+    if args.json:
+        print(json.dumps({"url": found.url, "account": joined.account, "token": joined.token}))
+    else:
+        print(f"Joined farm '{args.farm}' at {found.url} as {joined.account}.")
+        print(f"Token saved to {token_file}. Point the other commands at the farm with:")
+        print(f"  export TESSERA_COORDINATOR={found.url}")
+    return 0
 
 
 def _providing(args: argparse.Namespace) -> ProvidePolicy:

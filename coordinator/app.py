@@ -344,6 +344,8 @@ def _router(services: Services) -> APIRouter:
                 status=401,
                 hint="Use the --secret the coordinator was started with.",
             )
+        if body.role == Role.REQUESTER.value:
+            return farm.issue_token(f"lan-user-{body.name}", Role.REQUESTER)
         return farm.issue_token(f"lan-{body.name}", Role.PROVIDER)
 
     # bundles

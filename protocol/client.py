@@ -20,12 +20,12 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import requests
 from pydantic import BaseModel
 
-from common.errors import ApiError, BundleError, CoordinatorUnreachableError
+from common.errors import ApiError, BundleError, CoordinatorUnreachableError, UsageError
 from protocol.models import (
     API_PREFIX,
     AccountCreate,
@@ -48,6 +48,7 @@ from protocol.models import (
     NodeCapabilities,
     NodeInfo,
     NodeRegistration,
+    Role,
     Task,
     TaskFailure,
     UploadReceipt,
@@ -173,12 +174,20 @@ class TesseraClient:
         body = AccountCreate.model_validate({"name": name, "role": role})
         return self._json("POST", "/accounts", AccountToken, idempotent=False, **self._body(body))
 
-    def join_lan_farm(self, name: str, secret: str) -> AccountToken:
-        """Trade knowledge of a LAN farm's secret for a provider token (challenge-response)."""
+    def join_lan_farm(self, name: str, secret: str, role: Role = Role.PROVIDER) -> AccountToken:
+        """Trade knowledge of a LAN farm's secret for a token (challenge-response): a
+        provider's for a node, a requester's for submitting jobs."""
         from protocol.discovery import join_proof
 
+        if role is Role.ADMIN:
+            raise UsageError("Joining a LAN farm never makes an admin.")
         nonce = self._json("GET", "/join/challenge", JoinChallenge).nonce
-        request = JoinRequest(name=name, nonce=nonce, proof=join_proof(secret, nonce, name))
+        joining_as: Literal["provider", "requester"] = (
+            "requester" if role is Role.REQUESTER else "provider"
+        )
+        request = JoinRequest(
+            name=name, nonce=nonce, proof=join_proof(secret, nonce, name), role=joining_as
+        )
         return self._json("POST", "/join", AccountToken, idempotent=False, **self._body(request))
 
     # --- credits ---------------------------------------------------------------------------

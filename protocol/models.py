@@ -433,11 +433,14 @@ class JoinChallenge(Strict):
 
 
 class JoinRequest(Strict):
-    """A LAN node proving it knows the farm's secret (HMAC of the nonce, not the secret)."""
+    """A LAN machine proving it knows the farm's secret (HMAC of the nonce, not the
+    secret). `role`: a node joins as a provider (account ``lan-NAME``), an artist's app or
+    CLI as a requester (account ``lan-user-NAME``); never as an admin."""
 
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")
     nonce: str = Field(min_length=16, max_length=100)
     proof: str = Field(pattern=r"^[0-9a-f]{64}$")
+    role: Literal["provider", "requester"] = "provider"
 
 
 class Grant(Strict):

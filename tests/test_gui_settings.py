@@ -20,6 +20,7 @@ from pytestqt.qtbot import QtBot
 from app.gui.connection import AppSettings, FarmConnection, LanFarm
 from app.gui.local_farm_action import LocalFarmInfo
 from app.gui.main_window import MainWindow
+from app.gui.provide_page import join_as_provider
 from app.gui.tables import cell_texts
 from app.gui.theme import apply_theme, is_dark
 from protocol.discovery import find_coordinator
@@ -95,7 +96,13 @@ def test_lan_mode_validates_saves_and_joins_the_farm(
         assert token is not None and window.banner.isHidden()
         with lan.client(token) as client:
             me = client.me()
-        assert me.role is Role.PROVIDER and me.account.startswith("lan-")
+        # The app submits and follows jobs: it joins as a requester (nodes join as providers).
+        assert me.role is Role.REQUESTER and me.account.startswith("lan-user-")
+        # ...and the Provide page's node trades the same secret for a provider token.
+        node = join_as_provider(lan.url, "s3cret", "studio-box")
+        assert node.token is not None
+        with lan.client(node.token) as client:
+            assert client.me().account == "lan-studio-box"
         saved = AppSettings(isolated_settings / "app.ini").connection()
         assert saved == window.connection()  # the next start connects without a search
         assert farm in window.farm_status.text()

@@ -52,6 +52,66 @@ def test_node_finds_the_coordinator_and_joins_with_the_secret(
         assert node.lease(registration.node_id, LeaseRequest(wait=0)) is None
 
 
+def test_an_artist_joins_as_a_requester_and_can_submit_but_not_provide(
+    lan_coordinator: RunningCoordinator,
+) -> None:
+    with TesseraClient(lan_coordinator.url) as anonymous:
+        artist = anonymous.join_lan_farm("anna", "s3cret", role=Role.REQUESTER)
+        node = anonymous.join_lan_farm("anna", "s3cret")  # same machine, also a node
+    assert (artist.role, artist.account) == (Role.REQUESTER, "lan-user-anna")
+    assert (node.role, node.account) == (Role.PROVIDER, "lan-anna")
+    with TesseraClient(lan_coordinator.url, artist.token) as client:
+        assert client.me().role is Role.REQUESTER
+        assert client.jobs() == []
+        with pytest.raises(ApiError) as refused:
+            client.register_node(NodeCapabilities(name="anna"))
+        assert refused.value.status == 403
+
+
+def test_joining_as_an_admin_is_refused(lan_coordinator: RunningCoordinator) -> None:
+    import requests
+
+    challenge = requests.get(f"{lan_coordinator.url}/api/v1/join/challenge", timeout=10).json()
+    from protocol.discovery import join_proof
+
+    body = {
+        "name": "mallory",
+        "nonce": challenge["nonce"],
+        "proof": join_proof("s3cret", challenge["nonce"], "mallory"),
+        "role": "admin",
+    }
+    answer = requests.post(f"{lan_coordinator.url}/api/v1/join", json=body, timeout=10)
+    assert answer.status_code == 422, answer.text
+    with TesseraClient(lan_coordinator.url) as anonymous, pytest.raises(Exception, match="admin"):
+        anonymous.join_lan_farm("mallory", "s3cret", role=Role.ADMIN)
+
+
+def test_tessera_join_saves_a_requester_token(
+    lan_coordinator: RunningCoordinator, farm: str, tmp_path: Path
+) -> None:
+    env = {"TESSERA_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    argv = [sys.executable, "-m", "app.cli", "join", "--farm", farm, "--interface", LOOPBACK]
+    joined = subprocess.run(
+        [*argv, "--secret", "s3cret", "--name", "ben", "--json"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert joined.returncode == 0, joined.stderr
+    answer = json.loads(joined.stdout)
+    assert answer["url"] == lan_coordinator.url and answer["account"] == "lan-user-ben"
+    token_file = tmp_path / "home" / "token"
+    assert token_file.read_text().strip() == answer["token"]
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    no_secret = subprocess.run(
+        argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert no_secret.returncode == 2 and "--secret" in no_secret.stderr
+
+
 def test_wrong_secret_or_farm_is_not_found_and_cannot_join(
     lan_coordinator: RunningCoordinator, farm: str
 ) -> None:

@@ -50,7 +50,7 @@ from app.gui.theme import app_icon, apply_theme, monochrome_icon
 from app.gui.wallet_page import WalletPage
 from protocol.client import TesseraClient
 from protocol.discovery import find_coordinator
-from protocol.models import Job
+from protocol.models import Job, Role
 
 PAGES = ("submit", "jobs", "nodes", "wallet", "provide", "settings")
 REFRESH_MS = 3000
@@ -77,8 +77,9 @@ _BLACK_ICONS = frozenset(
 
 
 def join_lan_farm(farm: LanFarm, node_name: str) -> FarmConnection:
-    """Find `farm`'s coordinator on the LAN and trade its secret for a provider token
-    (background only: listens with zeroconf, then asks the coordinator)."""
+    """Find `farm`'s coordinator on the LAN and trade its secret for a requester token,
+    to submit and follow jobs (background only: listens with zeroconf, then asks the
+    coordinator). The Provide page joins as a provider itself when it starts a node."""
     from common.errors import CoordinatorUnreachableError
 
     found = find_coordinator(
@@ -91,7 +92,7 @@ def join_lan_farm(farm: LanFarm, node_name: str) -> FarmConnection:
             "that both machines are on the same network ('Search from' on the Settings page).",
         )
     with TesseraClient(found.url, retries=1) as anonymous:
-        token = anonymous.join_lan_farm(node_name, farm.secret).token
+        token = anonymous.join_lan_farm(node_name, farm.secret, role=Role.REQUESTER).token
     return FarmConnection(found.url, token)
 
 

@@ -16,6 +16,7 @@ node itself (farm_node) leases, renders and uploads.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import signal
@@ -49,6 +50,7 @@ from app.gui.connection import DEFAULT_CACHE_GB, AppSettings, FarmConnection, Pr
 from app.gui.tables import cell, configure_table, credits
 from common.errors import TesseraError, UsageError
 from farm_node.hardware import CPUINFO, MEMINFO, parse_cpuinfo, parse_meminfo, read_proc_file
+from protocol.client import TesseraClient
 from protocol.models import NodeInfo, Role, Wallet
 from renderers.devices import NvidiaGpu, probe_nvidia
 
@@ -197,6 +199,14 @@ def check_provider_token(connection: FarmConnection) -> str:
             "a provider token."
         )
     return me.account
+
+
+def join_as_provider(url: str, secret: str, name: str) -> FarmConnection:
+    """A provider token for node `name` from a LAN farm's coordinator at `url`, traded
+    for the farm's secret (background only)."""
+    with TesseraClient(url, retries=1) as anonymous:
+        token = anonymous.join_lan_farm(name, secret, role=Role.PROVIDER).token
+    return FarmConnection(url, token)
 
 
 def fetch_provider_stats(connection: FarmConnection, name: str) -> ProviderStats:
@@ -573,14 +583,22 @@ class ProvidePage(QWidget):
             self._store.save_provide_choices(choices)
         connection = FarmConnection(self._connection.url, choices.token or self._connection.token)
         launch = self._launch(choices, connection)
+        # In LAN mode the app holds a requester token: the node joins as a provider itself.
+        lan = self._store.lan_farm() if self._store is not None and not choices.token else None
         self._set_busy("Checking the token and starting the node…")
 
-        def start() -> None:
-            check_provider_token(connection)
-            self.node.start(launch)
+        def start() -> FarmConnection:
+            node_connection = connection
+            if lan is not None:
+                node_connection = join_as_provider(connection.url, lan.secret, choices.name)
+            check_provider_token(node_connection)
+            self.node.start(dataclasses.replace(launch, token=node_connection.token or ""))
+            return node_connection
 
         self._work.submit(
-            start, lambda _none: self._on_started(connection, choices.name), self._on_start_failed
+            start,
+            lambda joined: self._on_started(joined, choices.name),
+            self._on_start_failed,
         )
 
     def _on_started(self, connection: FarmConnection, name: str) -> None:
