@@ -1133,6 +1133,8 @@ def cmd_nodes(args: argparse.Namespace, settings: Settings) -> int:
     for node in nodes:
         if node.suspended:
             print(f"SUSPENDED {node.capabilities.name} ({node.owner}): {node.suspended}")
+        elif node.paused and node.status == "paused":
+            print(f"{node.capabilities.name} is {node.paused}")
     return 0
 
 

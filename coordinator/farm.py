@@ -129,6 +129,9 @@ class Farm:
         self._touch_written = 0.0
         self._nodes_seen = 0  # nodes that polled or beat in the last NODE_TOUCH_SECONDS
         self._touch_lock = threading.Lock()
+        #: node -> why it takes no work now (reported with its polls; memory only: a
+        #: paused node reports again within seconds of a restart).
+        self._paused: dict[str, str] = {}
         self._rng = random.Random()
 
     # --- accounts -----------------------------------------------------------------------
@@ -470,9 +473,14 @@ class Farm:
                 hint="Check the node's renders; the farm's admin can lift the suspension"
                 " (`tessera provider reinstate`).",
             )
+        self._touch_node(node_id)
+        with self._touch_lock:
+            if request.paused is not None:
+                self._paused[node_id] = request.paused
+                return None
+            self._paused.pop(node_id, None)
         caps = NodeCapabilities.model_validate_json(node["capabilities"])
         warm, cached = set(request.warm_bundles), set(request.cached_bundles)
-        self._touch_node(node_id)
         with self.db.lock:
             # The jobs this node may work on, then each one's best task (samples first, then
             # frame and tile order; never a sample of the node's own account's tile). One
@@ -1688,14 +1696,23 @@ class Farm:
     def _node_model(self, row: sqlite3.Row) -> NodeInfo:
         record = ProviderRecord(row["verified"] or 0, row["rejected"] or 0)
         offline = time.time() - row["last_seen"] > self.config.node_offline_after
-        status: Literal["idle", "busy", "offline"] = (
-            "offline" if offline else "busy" if row["current_task"] else "idle"
+        with self._touch_lock:
+            paused = None if offline or row["current_task"] else self._paused.get(row["id"])
+        status: Literal["idle", "busy", "paused", "offline"] = (
+            "offline"
+            if offline
+            else "busy"
+            if row["current_task"]
+            else "paused"
+            if paused
+            else "idle"
         )
         return NodeInfo(
             id=row["id"],
             owner=row["owner"],
             capabilities=NodeCapabilities.model_validate_json(row["capabilities"]),
             status=status,
+            paused=paused,
             current_task=row["current_task"],
             last_seen=datetime.fromtimestamp(row["last_seen"], UTC),
             tasks_completed=row["tasks_completed"],

@@ -131,6 +131,8 @@ _STOPPING = "the node is stopping"
 #: The cancel reason of a task handed back because the machine is no longer available
 #: (the user returned, outside hours, GPU too hot): its lease is released, no failure.
 _YIELDING = "yielding the machine"
+#: How often a paused node reminds the coordinator why (it is offline after 120 s unheard).
+PAUSE_REPORT_SECONDS = 30.0
 #: The heartbeat message while the finished result is being delivered.
 _UPLOADING = "uploading"
 #: What `NodeConfig.cheat` may be (besides None).
@@ -435,6 +437,7 @@ class NodeDaemon:
         self._state_lock = threading.Lock()
         self._shown: tuple[bool, str] | None = None
         self._paused_reason: str | None = None
+        self._reported_pause: tuple[str | None, float] = (None, 0.0)
         self._disk_paused_until = 0.0
         self._disk_problem = ""
 
@@ -530,6 +533,7 @@ class NodeDaemon:
                 stop.wait(backoff.next_delay())
                 continue
             if not self._may_lease():
+                self._report_pause()
                 stop.wait(self.config.availability_interval)
                 continue
             lease = self._lease()
@@ -558,6 +562,27 @@ class NodeDaemon:
                 answer = self.availability.check()
         self._show(answer)
         return answer.ok
+
+    def _report_pause(self) -> None:
+        """Tell the coordinator why this node takes no work (when the reason changes and
+        every `PAUSE_REPORT_SECONDS`), so it lists the node as paused, not offline."""
+        reason = self.paused_reason
+        now = time.monotonic()
+        if reason is None or self.node_id is None:
+            return
+        if (
+            reason == self._reported_pause[0]
+            and now - self._reported_pause[1] < PAUSE_REPORT_SECONDS
+        ):
+            return
+        self._reported_pause = (reason, now)
+        try:
+            lease = self.client.lease(self.node_id, LeaseRequest(wait=0, paused=reason[:300]))
+        except (ApiError, CoordinatorUnreachableError) as exc:
+            log.debug("Could not tell the coordinator this node is paused: %s", exc)
+            return
+        if lease is not None:  # a coordinator that ignores `paused`: hand it back
+            self._release(lease)
 
     def _disk_shortage(self) -> str | None:
         """What is short of disk space for a render here, None when nothing is."""

@@ -394,7 +394,9 @@ class NodeInfo(Strict):
     id: str
     owner: str
     capabilities: NodeCapabilities
-    status: Literal["idle", "busy", "offline"]
+    status: Literal["idle", "busy", "paused", "offline"]
+    #: Why a paused node takes no work (its provider's schedule, an active user...).
+    paused: str | None = None
     current_task: str | None = None
     last_seen: datetime
     tasks_completed: int = 0
@@ -412,6 +414,10 @@ class LeaseRequest(Strict):
     cached_bundles: list[Sha256] = Field(default_factory=list, max_length=1000)
     warm_bundles: list[Sha256] = Field(default_factory=list, max_length=100)
     wait: float = Field(default=20.0, ge=0.0, le=60.0)
+    #: Set by a node that takes no work now (the user is active, outside its hours, a hot
+    #: GPU, a full disk): why, in plain words. Such a request leases nothing; it keeps the
+    #: node listed as paused, with the reason, instead of going offline.
+    paused: str | None = Field(default=None, min_length=1, max_length=300)
 
 
 # --- accounts ------------------------------------------------------------

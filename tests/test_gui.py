@@ -138,6 +138,13 @@ def test_nodes_table_from_plain_models(qtbot: QtBot) -> None:
     assert cheat[2] == "SUSPENDED"
     status = table.item(1, 2)
     assert status is not None and "2 rejected results" in status.toolTip()
+    paused = _node("desk").model_copy(
+        update={"status": "paused", "paused": "paused: the user is active (input 3 s ago)"}
+    )
+    table.set_nodes([paused])
+    assert cell_texts(table, 0)[2] == "paused"
+    reason = table.item(0, 2)
+    assert reason is not None and reason.toolTip() == "the user is active (input 3 s ago)"
 
 
 def test_wallet_view_from_a_plain_model(qtbot: QtBot) -> None:

@@ -184,10 +184,15 @@ def test_an_idle_only_node_waits_for_the_user_to_leave(
         assert node.paused_reason.startswith("paused: the user is active (input 0 s ago")
         assert {task.status.value for task in farm.tasks(job.id)} == {"queued"}
         assert farm.node("desk").tasks_completed == 0
+        # The coordinator lists it as paused, with the reason, not idle or offline.
+        listed = farm.node("desk")
+        assert listed.status == "paused", listed
+        assert listed.paused is not None and "the user is active" in listed.paused
 
         write_state(state, USER_AWAY)
         assert wait_for_job(farm.requester, job.id, timeout=60) == "completed"
         assert node.paused_reason is None
+        assert farm.node("desk").status != "paused"
     assert farm.node("desk").tasks_completed == 2
     # Logged once per change, not once per check.
     assert len(messages(caplog, "Not taking work: paused: the user is active")) == 1

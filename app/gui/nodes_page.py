@@ -47,7 +47,8 @@ SEEN_FARM, SEEN_BOTH, SEEN_LAN = "farm", "farm + LAN", "LAN only"
 
 
 def node_status(node: NodeInfo) -> str:
-    """idle, busy or offline; SUSPENDED when the coordinator suspended its provider."""
+    """idle, busy, paused (its provider's schedule or an active user; the reason is the
+    cell's tooltip) or offline; SUSPENDED when the coordinator suspended its provider."""
     return "SUSPENDED" if node.suspended else node.status
 
 
@@ -96,7 +97,9 @@ class NodesTable(QTableWidget):
         caps = node.capabilities
         status = cell(
             node_status(node),
-            tooltip=f"Suspended: {node.suspended}" if node.suspended else "",
+            tooltip=f"Suspended: {node.suspended}"
+            if node.suspended
+            else (node.paused or "").removeprefix("paused: "),
         )
         if node.suspended:
             font = QFont(status.font())

@@ -366,7 +366,7 @@ class EarningsView(QWidget):
             self.tasks.setText("0")
             self.earned.setText(credits(0.0))
         else:
-            status: str = "SUSPENDED" if node.suspended else node.status
+            status: str = "SUSPENDED" if node.suspended else node.paused or node.status
             if node.current_task:
                 status += f" (rendering {node.current_task})"
             self.status.setText(status)
