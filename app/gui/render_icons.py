@@ -1,8 +1,8 @@
 """Render resources/icons/tessera.svg to the PNG sizes desktops and PyInstaller use.
 
-Run from the repository root: ``QT_QPA_PLATFORM=offscreen .venv/bin/python
-packaging/render_icons.py``. Uses Qt's own SVG renderer (PySide6 is already a dependency),
-so nothing is downloaded. tests/test_packaging.py checks the PNGs' sizes.
+Run from the repository root: ``.venv/bin/python -m app.gui.render_icons``. Uses Qt's
+own SVG renderer (PySide6 is already a dependency), so nothing is downloaded; it lives
+in app/ because only app/ may import Qt. tests/test_packaging.py checks the PNGs' sizes.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 ICONS = ROOT / "resources" / "icons"
 SVG = ICONS / "tessera.svg"
 SIZES = (64, 128, 256)
