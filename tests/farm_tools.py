@@ -23,6 +23,7 @@ from protocol.models import (
     Lease,
     LeaseRequest,
     NodeCapabilities,
+    SceneSummary,
     TileGrid,
 )
 from renderers.regions import PixelRect, border_fractions
@@ -214,3 +215,36 @@ class NodeThread:
         if self.error is not None:
             raise self.error
         return self.done
+
+
+def plain_spec(
+    name: str = "shot",
+    *,
+    scene_name: str = "shot",
+    bundle: str = "0" * 64,
+    size: tuple[int, int] = (64, 36),
+    frames: tuple[int, int] = (1, 4),
+    **fields: Any,
+) -> JobSpec:
+    """A job spec from plain values, for widgets and models tested without a farm: a
+    Cycles scene of `size` at 100%, 4 samples, no denoising; `fields` are JobSpec's."""
+    scene = SceneSummary(
+        name=scene_name,
+        frame_start=frames[0],
+        frame_end=frames[1],
+        resolution_x=size[0],
+        resolution_y=size[1],
+        resolution_percentage=100,
+        samples=4,
+        adaptive_sampling=False,
+        denoising=False,
+        camera="Camera",
+    )
+    return JobSpec(
+        name=name,
+        bundle=bundle,
+        scene_path="scene.blend",
+        scene=scene,
+        frames=FrameRange(start=frames[0], end=frames[1]),
+        **fields,
+    )

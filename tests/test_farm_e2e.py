@@ -170,6 +170,22 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+def _submit_slow_tiles(
+    farm: LocalFarm, worker: RenderWorker, slow_scene: Path, tmp_path: Path
+) -> tuple[TesseraClient, str]:
+    """One frame in 2 tiles at 600 samples: long enough to hurt a node mid-render."""
+    return _submit(
+        farm,
+        inspect_scene(worker, slow_scene),
+        slow_scene,
+        tmp_path / "bundle",
+        frames="1",
+        tiles=(2, 1),
+        samples=600,
+        denoise=False,
+    )
+
+
 def _node_well_into_a_render(client: TesseraClient) -> str:
     """The name of a node that has been rendering for a second."""
 
@@ -195,16 +211,7 @@ def _wait(predicate: object, timeout: float, what: str) -> None:
 def test_a_node_killed_mid_task_costs_a_retry_not_the_job(
     farm: LocalFarm, worker: RenderWorker, slow_scene: Path, tmp_path: Path
 ) -> None:
-    client, job_id = _submit(
-        farm,
-        inspect_scene(worker, slow_scene),
-        slow_scene,
-        tmp_path / "bundle",
-        frames="1",
-        tiles=(2, 1),
-        samples=600,
-        denoise=False,
-    )
+    client, job_id = _submit_slow_tiles(farm, worker, slow_scene, tmp_path)
     with client:
         victim = _node_well_into_a_render(client)
         farm.node_process(farm.node_names.index(victim)).kill()
@@ -224,16 +231,7 @@ def test_blender_segfaulting_mid_render_costs_a_retry_not_the_job(
 ) -> None:
     """SIGSEGV to a node's Blender (the way a driver or Cycles bug ends it): the node
     reports the crash, the tile is rendered again, the node keeps working."""
-    client, job_id = _submit(
-        farm,
-        inspect_scene(worker, slow_scene),
-        slow_scene,
-        tmp_path / "bundle",
-        frames="1",
-        tiles=(2, 1),
-        samples=600,
-        denoise=False,
-    )
+    client, job_id = _submit_slow_tiles(farm, worker, slow_scene, tmp_path)
     with client:
         victim = _node_well_into_a_render(client)
         node_pid = farm.node_process(farm.node_names.index(victim)).pid

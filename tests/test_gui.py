@@ -30,7 +30,6 @@ from app.gui.tables import cell_texts
 from app.gui.wallet_page import WalletView
 from common.errors import NoCameraError
 from protocol.models import (
-    FrameRange,
     Job,
     JobProgress,
     JobSpec,
@@ -39,10 +38,9 @@ from protocol.models import (
     NodeCapabilities,
     NodeInfo,
     Role,
-    SceneSummary,
     Wallet,
 )
-from tests.farm_tools import RunningCoordinator, start_coordinator
+from tests.farm_tools import RunningCoordinator, plain_spec, start_coordinator
 
 REPO = Path(__file__).resolve().parent.parent
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
@@ -53,29 +51,8 @@ DEAD_URL = "http://127.0.0.1:9"
 # --- plain models -----------------------------------------------------------------------
 
 
-def _scene() -> SceneSummary:
-    return SceneSummary(
-        name="shot",
-        frame_start=1,
-        frame_end=4,
-        resolution_x=64,
-        resolution_y=36,
-        resolution_percentage=100,
-        samples=4,
-        adaptive_sampling=False,
-        denoising=False,
-        camera="Camera",
-    )
-
-
 def _spec(bundle: str = "0" * 64, name: str = "shot") -> JobSpec:
-    return JobSpec(
-        name=name,
-        bundle=bundle,
-        scene_path="scene.blend",
-        scene=_scene(),
-        frames=FrameRange(start=1, end=4),
-    )
+    return plain_spec(name, bundle=bundle)
 
 
 def _job(name: str, status: JobStatus, tasks_done: int, frames_done: int) -> Job:

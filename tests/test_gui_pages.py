@@ -39,7 +39,6 @@ from app.packing import Dependency
 from app.submission import frame_file_name
 from protocol.discovery import Advertised, Advertisement, node_info
 from protocol.models import (
-    FrameRange,
     GpuInfo,
     Job,
     JobProgress,
@@ -49,14 +48,13 @@ from protocol.models import (
     NodeCapabilities,
     NodeInfo,
     Role,
-    SceneSummary,
     Task,
     TaskKind,
     TaskStatus,
     Wallet,
 )
 from renderers.worker import RenderWorker
-from tests.farm_tools import REPO, NodeThread, RunningCoordinator, start_coordinator
+from tests.farm_tools import REPO, NodeThread, RunningCoordinator, plain_spec, start_coordinator
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 LOOPBACK = "127.0.0.1"
@@ -66,25 +64,7 @@ LOOPBACK = "127.0.0.1"
 
 
 def _spec(name: str = "shot", bundle: str = "0" * 64) -> JobSpec:
-    scene = SceneSummary(
-        name="Scene",
-        frame_start=1,
-        frame_end=4,
-        resolution_x=64,
-        resolution_y=48,
-        resolution_percentage=100,
-        samples=4,
-        adaptive_sampling=False,
-        denoising=False,
-        camera="Camera",
-    )
-    return JobSpec(
-        name=name,
-        bundle=bundle,
-        scene_path="scene.blend",
-        scene=scene,
-        frames=FrameRange(start=1, end=4),
-    )
+    return plain_spec(name, scene_name="Scene", bundle=bundle, size=(64, 48))
 
 
 def _job(status: JobStatus, done: int, **fields: Any) -> Job:

@@ -21,13 +21,10 @@ from app.gui.main_window import MainWindow
 from app.gui.submit_page import TILES
 from app.gui.tile_grid import TileGrid, TileState
 from protocol.models import (
-    FrameRange,
     Job,
     JobProgress,
-    JobSpec,
     JobStatus,
     Role,
-    SceneSummary,
     Task,
     TaskKind,
     TaskStatus,
@@ -36,7 +33,7 @@ from protocol.models import (
     TileGrid as TileGridSpec,
 )
 from renderers.worker import RenderWorker
-from tests.farm_tools import NodeThread, RunningCoordinator, start_coordinator
+from tests.farm_tools import NodeThread, RunningCoordinator, plain_spec, start_coordinator
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -68,26 +65,7 @@ def _png(colour: str) -> bytes:
 
 
 def _job(frames_done: list[int]) -> Job:
-    scene = SceneSummary(
-        name="shot",
-        frame_start=1,
-        frame_end=3,
-        resolution_x=160,
-        resolution_y=90,
-        resolution_percentage=100,
-        samples=4,
-        adaptive_sampling=False,
-        denoising=False,
-        camera="Camera",
-    )
-    spec = JobSpec(
-        name="shot",
-        bundle="0" * 64,
-        scene_path="scene.blend",
-        scene=scene,
-        frames=FrameRange(start=1, end=3),
-        tiles=TileGridSpec(columns=3, rows=2),
-    )
+    spec = plain_spec(size=(160, 90), frames=(1, 3), tiles=TileGridSpec(columns=3, rows=2))
     return Job(
         id="job-1",
         name="shot",
