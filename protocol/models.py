@@ -23,6 +23,10 @@ MAX_TILES_PER_AXIS = 64
 MAX_FRAMES_PER_JOB = 100_000
 MAX_SAMPLES = 1 << 20
 DEVICE_CLASSES = ("CPU", "GPU", "CUDA", "OPTIX", "HIP", "METAL", "ONEAPI")
+#: What a job may ask for: a device class, or "ANY" (the farm picks; today that is CPU,
+#: so that the tiles of one frame never mix device classes).
+DEVICES = ("ANY", *DEVICE_CLASSES)
+JobDevice = Literal["ANY", "CPU", "GPU", "CUDA", "OPTIX", "HIP", "METAL", "ONEAPI"]
 
 Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN, description="lower-case hex SHA-256")]
 
@@ -64,6 +68,50 @@ class TaskKind(StrEnum):
     VERIFY = "verify"
     #: A second render of a tile a slow node is holding up; the first result wins.
     BACKUP = "backup"
+
+
+class FrameStatus(StrEnum):
+    """Where one frame of a job stands (the coordinator's `frames` table)."""
+
+    #: Some of its tiles are still to be rendered or checked.
+    PENDING = "pending"
+    #: Every tile is in; the merged frame waits for its denoise task.
+    DENOISING = "denoising"
+    DONE = "done"
+
+
+class FailureKind(StrEnum):
+    """Why a node could not finish a task, as it reports it (`TaskFailure.kind`).
+
+    The node maps its exceptions to these names; the coordinator decides from them alone
+    whether another node might succeed. Never a Python class name on the wire.
+    """
+
+    NO_CAMERA = "no_camera"
+    CORRUPT_SCENE = "corrupt_scene"
+    UNSUPPORTED_ENGINE = "unsupported_engine"
+    SCENE_NOT_FOUND = "scene_not_found"
+    UNSAFE_BUNDLE = "unsafe_bundle"
+    BUNDLE = "bundle"
+    RENDER_FAILED = "render_failed"
+    RENDER_TIMEOUT = "render_timeout"
+    WORKER_CRASHED = "worker_crashed"
+    OUT_OF_MEMORY = "out_of_memory"
+    DEVICE_UNAVAILABLE = "device_unavailable"
+    BLENDER_NOT_FOUND = "blender_not_found"
+    EXR = "exr"
+    LEASE = "lease"
+    OTHER = "other"
+
+    @property
+    def scene_fault(self) -> bool:
+        """True for errors of the scene itself, which no other node will fix."""
+        return self in SCENE_FAULTS
+
+
+SCENE_FAULTS = frozenset(
+    {FailureKind.NO_CAMERA, FailureKind.CORRUPT_SCENE, FailureKind.UNSUPPORTED_ENGINE}
+)
 
 
 class Role(StrEnum):
@@ -156,6 +204,23 @@ class FramePreview(Strict):
         return self
 
 
+class JobOptions(Strict):
+    """What an artist chooses for a job, before the scene is known: the CLI's flags, the
+    app's Submit page and the add-on's panel all fill one of these, and the client turns
+    it into a `JobSpec` once the scene is inspected."""
+
+    frames: str | None = Field(default=None, description="'7', '1-24' or '1-24x2'; None: all")
+    tiles: TileGrid = TileGrid()
+    samples: int | None = Field(default=None, ge=1, le=MAX_SAMPLES)
+    percentage: int | None = Field(default=None, ge=1, le=32767)
+    priority: int = Field(default=50, ge=0, le=100)
+    denoise: bool | None = None
+    device: JobDevice = "ANY"
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    max_price: float = Field(default=0.0, ge=0)
+    max_credits: float | None = Field(default=None, ge=0)
+
+
 class JobSpec(Strict):
     """What a requester submits. The bundle must already be uploaded."""
 
@@ -173,7 +238,7 @@ class JobSpec(Strict):
     percentage: int | None = Field(default=None, ge=1, le=32767)
     denoise: bool | None = None
     priority: int = Field(default=50, ge=0, le=100)
-    device: Literal["CPU", "GPU", "CUDA", "OPTIX", "HIP", "METAL", "ONEAPI", "ANY"] = "ANY"
+    device: JobDevice = "ANY"
     blender_version: str | None = Field(default=None, max_length=40)
     max_price: float = Field(default=0, ge=0, description="credits per work unit, at most")
     max_credits: float | None = Field(
@@ -219,8 +284,18 @@ class JobSpec(Strict):
             )
         return self
 
+    @property
+    def effective_samples(self) -> int:
+        """The samples every render task uses: the spec's override, else the scene's."""
+        return self.samples or self.scene.samples
+
+    @property
+    def effective_percentage(self) -> int:
+        return self.percentage or self.scene.resolution_percentage
+
     def effective_size(self) -> tuple[int, int]:
-        percentage = self.percentage or self.scene.resolution_percentage
+        """The frame's size in pixels after the resolution percentage (Blender's rounding)."""
+        percentage = self.effective_percentage
         return (
             max(1, self.scene.resolution_x * percentage // 100),
             max(1, self.scene.resolution_y * percentage // 100),
@@ -346,7 +421,7 @@ class HeartbeatReply(Strict):
 
 
 class TaskFailure(Strict):
-    kind: str = Field(max_length=60)
+    kind: FailureKind
     message: str = Field(max_length=4000)
     retryable: bool = True
 
