@@ -67,6 +67,17 @@ class UnsupportedEngineError(SceneError):
     default_hint = "Switch the render engine to Cycles (Render Properties > Render Engine)."
 
 
+class ExternalPathError(SceneError):
+    """The scene reads a file outside its own bundle (an absolute path, `//../..`, a
+    library or image sequence elsewhere): a provider never shows a stranger's scene its
+    own files, so such a scene is not rendered."""
+
+    default_hint = (
+        "Pack the file with its assets (tessera submit does) or make the path relative to a"
+        " file inside the scene's folder, and submit again."
+    )
+
+
 # --- Blender and devices ---------------------------------------------------------------
 
 
