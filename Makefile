@@ -11,7 +11,20 @@ PYTHON ?= $(shell for p in python3.11 python3; do \
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null \
 	&& { command -v $$p; break; }; done)
 
-.PHONY: demo test bench load soak screenshots app lint venv clean
+.PHONY: demo test bench load soak screenshots app lint venv clean system-deps
+
+# System packages the tests use for real (bubblewrap for the render sandbox), installed
+# with apt where this runs as root and they are missing; elsewhere it says what to install.
+SYSTEM_PACKAGES := bwrap:bubblewrap
+system-deps:
+	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "Installing$$missing (apt)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "note: install$$missing for the sandbox tests (e.g. sudo apt-get install$$missing)"; fi; \
+	fi
 
 venv: $(STAMP)
 
@@ -32,7 +45,7 @@ $(DEMO_SCENE): resources/scenes/make_demo.py $(STAMP)
 demo: $(STAMP) $(DEMO_SCENE)
 	$(VENV)/bin/tessera demo
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) $(DEMO_SCENE)
