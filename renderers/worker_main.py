@@ -210,12 +210,14 @@ class Worker:
 
     def op_inspect(self, request: dict[str, Any]) -> dict[str, Any]:
         self._open(request["scene"])
+        _check_confined(request.get("confine_to"))
         _set_changed(bpy.context.scene, self.originals)  # describe the file, not our overrides
         return {"scene": _describe_scene(bpy.context.scene)}
 
     def op_render(self, request: dict[str, Any]) -> dict[str, Any]:
         started = time.monotonic()
         self._open(request["scene"])
+        _check_confined(request.get("confine_to"))
         scene = bpy.context.scene
         if scene.camera is None:
             raise WorkerFailureError("no_camera", f"Scene '{scene.name}' has no active camera.")
@@ -571,6 +573,87 @@ def _missing_files() -> list[str]:
         if not Path(path).exists():
             missing.add(path)
     return sorted(missing)
+
+
+#: bpy.data collections whose items may name a file Blender reads.
+_FILE_COLLECTIONS = (
+    "images",
+    "libraries",
+    "fonts",
+    "volumes",
+    "cache_files",
+    "sounds",
+    "movieclips",
+    "texts",
+)
+
+
+_SINGULAR = {"libraries": "library", "movieclips": "movie clip", "node_groups": "node group"}
+
+
+def _external_paths() -> list[tuple[str, str, Any]]:
+    """(what, stored path, library) of every file path in bpy.data: the datablocks
+    above, any other datablock with a `filepath`, node file paths (IES, OSL scripts),
+    modifier caches (mesh cache, ocean, fluid) and sequencer strips."""
+    found: list[tuple[str, str, Any]] = []
+
+    def add(what: str, path: Any, library: Any = None) -> None:
+        if isinstance(path, str) and path and not path.startswith("<"):
+            found.append((what, path, library))
+
+    for name in dir(bpy.data):
+        collection = getattr(bpy.data, name, None)
+        if not isinstance(collection, bpy.types.bpy_prop_collection):
+            continue
+        for datablock in collection:
+            singular = _SINGULAR.get(name, name.removesuffix("s").replace("_", " "))
+            label = f"{singular} '{datablock.name}'"
+            owner = getattr(datablock, "library", None)
+            if getattr(datablock, "packed_file", None) is not None:
+                continue
+            add(label, getattr(datablock, "filepath", None), owner)
+            tree = getattr(datablock, "node_tree", None)
+            for nodes in (getattr(tree, "nodes", ()), getattr(datablock, "nodes", ()) or ()):
+                for node in nodes:
+                    add(f"{label} node '{node.name}'", getattr(node, "filepath", None), owner)
+                    add(f"{label} node '{node.name}'", getattr(node, "directory", None), owner)
+            for modifier in getattr(datablock, "modifiers", ()) or ():
+                for attr in ("filepath", "cache_directory"):
+                    add(f"{label} modifier '{modifier.name}'", getattr(modifier, attr, ""), owner)
+                domain = getattr(modifier, "domain_settings", None)
+                add(f"{label} modifier '{modifier.name}'", getattr(domain, "cache_directory", ""))
+                cache = getattr(modifier, "point_cache", None)
+                if cache is not None and getattr(cache, "use_external", False):
+                    add(f"{label} modifier '{modifier.name}'", cache.filepath, owner)
+    for scene in bpy.data.scenes:
+        editor = scene.sequence_editor
+        strips = getattr(editor, "strips_all", None) or getattr(editor, "sequences_all", ())
+        for strip in strips or ():
+            label = f"sequencer strip '{strip.name}'"
+            add(label, getattr(strip, "filepath", None), scene.library)
+            directory = getattr(strip, "directory", None)
+            if directory:
+                for element in getattr(strip, "elements", ()) or ():
+                    add(label, directory + element.filename, scene.library)
+                add(label, directory, scene.library)
+    return found
+
+
+def _check_confined(root: str | None) -> None:
+    """Refuse (`external_path`) a loaded file that would read outside `root`: the second
+    line of defence behind the parent's trace of the .blend (renderers.scene_paths)."""
+    if not root:
+        return
+    real_root = os.path.realpath(root)
+    for what, path, library in _external_paths():
+        absolute = bpy.path.abspath(path, library=library)
+        real = os.path.realpath(absolute)
+        if os.path.commonpath([real_root, real]) != real_root:
+            raise WorkerFailureError(
+                "external_path",
+                f"The scene's {what} reads '{path}', which is outside the scene's bundle; "
+                "this node renders only files inside the bundle.",
+            )
 
 
 def _cycles_prefs() -> Any:
