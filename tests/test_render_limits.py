@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def _request(scene: Path, out: Path, percentage: int = 5) -> RenderRequest:
 def no_bwrap(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """A PATH without bubblewrap, and a fresh probe and warning for this test."""
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
-    monkeypatch.setattr(sandbox_module, "_NO_SANDBOX_WARNED", sandbox_module.threading.Event())
+    monkeypatch.setattr(sandbox_module, "_NO_SANDBOX_WARNED", threading.Event())
     find_bwrap.cache_clear()
     yield
     find_bwrap.cache_clear()

@@ -11,6 +11,7 @@ cannot see the file at all and renders the missing-texture pink).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -216,7 +217,7 @@ def test_without_a_sandbox_the_warning_says_what_is_unprotected(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
-    monkeypatch.setattr(sandbox_module, "_NO_SANDBOX_WARNED", sandbox_module.threading.Event())
+    monkeypatch.setattr(sandbox_module, "_NO_SANDBOX_WARNED", threading.Event())
     sandbox_module.find_bwrap.cache_clear()
     caplog.set_level(logging.WARNING, logger="renderers.sandbox")
     try:
