@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blender_asset_tracer import blendfile, trace
-from blender_asset_tracer.blendfile.exceptions import BlendFileError
-from blender_asset_tracer.trace import file_sequence
+from blender_asset_tracer.blendfile.exceptions import BlendFileError, SegmentationFault
+from blender_asset_tracer.trace import blocks2assets, file2blocks, file_sequence, result
 
 from common.errors import CorruptSceneError, ExternalPathError
 
@@ -79,7 +79,7 @@ def scene_paths(scene: Path) -> Iterator[ScenePath]:
     file BAT cannot read."""
     with _TRACE_LOCK:
         try:
-            for usage in trace.deps(scene):
+            for usage in _deps(scene):
                 raw = bytes(usage.block_name).split(b"\0", 1)[0]
                 code = raw[:2]
                 kind = _KINDS.get(code, usage.block.dna_type_name.lower())
@@ -98,6 +98,29 @@ def scene_paths(scene: Path) -> Iterator[ScenePath]:
             raise CorruptSceneError(f"Cannot trace the files of {scene.name}: {exc}") from exc
         finally:
             blendfile.close_all_cached()
+
+
+def _deps(scene: Path) -> Iterator[result.BlockUsage]:
+    """`trace.deps`, except that a datablock BAT cannot follow (BAT 1.23 fails on some
+    Blender 5 geometry-nodes modifiers) is logged and skipped rather than ending the
+    trace: worker_main's check after loading and the sandbox still cover it."""
+    blocks = file2blocks.BlockIterator()
+    seen: set[int] = set()
+    for block in trace.asset_holding_blocks(blocks.iter_blocks(blocks.open_blendfile(scene))):
+        try:
+            usages = list(blocks2assets.iter_assets(block))
+        except SegmentationFault as exc:
+            log.warning(
+                "cannot trace the files of %s in %s (%s); Blender checks it after loading",
+                bytes(block.id_name or block.code).decode(errors="replace"),
+                scene.name,
+                exc,
+            )
+            continue
+        for usage in usages:
+            if hash(usage) not in seen:
+                seen.add(hash(usage))
+                yield usage
 
 
 def check_scene_paths(scene: Path, root: Path) -> None:

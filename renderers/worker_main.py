@@ -615,11 +615,22 @@ def _external_paths() -> list[tuple[str, str, Any]]:
             tree = getattr(datablock, "node_tree", None)
             for nodes in (getattr(tree, "nodes", ()), getattr(datablock, "nodes", ()) or ()):
                 for node in nodes:
-                    add(f"{label} node '{node.name}'", getattr(node, "filepath", None), owner)
-                    add(f"{label} node '{node.name}'", getattr(node, "directory", None), owner)
+                    what = f"{label} node '{node.name}'"
+                    add(what, getattr(node, "filepath", None), owner)
+                    add(what, getattr(node, "directory", None), owner)
+                    for socket in getattr(node, "inputs", ()):
+                        # Geometry nodes' Import OBJ/PLY/STL/CSV/Text/VDB read any path.
+                        if socket.bl_idname != "NodeSocketStringFilePath":
+                            continue
+                        if socket.is_linked:
+                            found.append((f"{what} ({socket.name})", _COMPUTED, owner))
+                        else:
+                            add(what, socket.default_value, owner)
             for modifier in getattr(datablock, "modifiers", ()) or ():
-                for attr in ("filepath", "cache_directory"):
+                for attr in ("filepath", "cache_directory", "bake_directory"):
                     add(f"{label} modifier '{modifier.name}'", getattr(modifier, attr, ""), owner)
+                for bake in getattr(modifier, "bakes", ()) or ():
+                    add(f"{label} modifier '{modifier.name}'", bake.directory, owner)
                 domain = getattr(modifier, "domain_settings", None)
                 add(f"{label} modifier '{modifier.name}'", getattr(domain, "cache_directory", ""))
                 cache = getattr(modifier, "point_cache", None)
@@ -639,6 +650,10 @@ def _external_paths() -> list[tuple[str, str, Any]]:
     return found
 
 
+#: Stands for a file path a node computes: it cannot be checked before it is read.
+_COMPUTED = "<a path computed by the node tree>"
+
+
 def _check_confined(root: str | None) -> None:
     """Refuse (`external_path`) a loaded file that would read outside `root`: the second
     line of defence behind the parent's trace of the .blend (renderers.scene_paths)."""
@@ -646,6 +661,12 @@ def _check_confined(root: str | None) -> None:
         return
     real_root = os.path.realpath(root)
     for what, path, library in _external_paths():
+        if path == _COMPUTED:
+            raise WorkerFailureError(
+                "external_path",
+                f"The scene's {what} reads a file by a path the node tree computes; this "
+                "node renders only files it can check are inside the bundle.",
+            )
         absolute = bpy.path.abspath(path, library=library)
         real = os.path.realpath(absolute)
         if os.path.commonpath([real_root, real]) != real_root:

@@ -6,7 +6,8 @@
   sequence `seq/secret_0001..3.png` and a library `lib.blend` whose object `Secret`
   glows green;
 - `bundle/`: a requester's bundle whose scenes sit in `bundle/shots/` and look at the
-  world (or the linked object) through a camera, one attack per file (`ATTACKS`), plus
+  world (or the linked or imported object) through a camera, one attack per file
+  (`ATTACKS`, `BLENDER_ATTACKS`: a geometry-nodes Import OBJ of `secret.obj`), plus
   `inside.blend` (a blue texture inside the bundle, by `//../textures/ok.png`) and
   `missing.blend` (a texture the bundle lacks: Blender renders it pink).
 
@@ -21,6 +22,9 @@ from pathlib import Path
 
 #: Attack name -> the scene file in bundle/shots that carries it.
 ATTACKS = ("absolute", "relative", "library", "sequence", "symlink")
+#: Attacks the .blend trace cannot see (blender-asset-tracer does not know geometry
+#: nodes' Import nodes): only the check inside Blender and the sandbox stop them.
+BLENDER_ATTACKS = ("geometry_import",)
 
 GENERATOR = r"""
 import sys
@@ -120,6 +124,32 @@ save(scene, "sequence.blend")
 scene = fresh_scene()
 world_image(scene, "//../textures/link.png")
 save(scene, "symlink.blend")
+
+# Geometry nodes import the provider's mesh (green by a Set Material node).
+(provider / "secret.obj").write_text(
+    "v -50 -50 0\nv 50 -50 0\nv 50 50 0\nv -50 50 0\nf 1 2 3 4\n"
+)
+scene = fresh_scene()
+glow = bpy.data.materials.new("Glow")
+glow.use_nodes = True
+glow_nodes = glow.node_tree.nodes
+glow_nodes.clear()
+light = glow_nodes.new("ShaderNodeEmission")
+light.inputs["Color"].default_value = (0, 1, 0, 1)
+glow.node_tree.links.new(light.outputs[0], glow_nodes.new("ShaderNodeOutputMaterial").inputs[0])
+holder = bpy.data.objects.new("Importer", bpy.data.meshes.new("Importer"))
+scene.collection.objects.link(holder)
+group = bpy.data.node_groups.new("ImportSecret", "GeometryNodeTree")
+group.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
+importer = group.nodes.new("GeometryNodeImportOBJ")
+importer.inputs["Path"].default_value = str(provider / "secret.obj")
+paint = group.nodes.new("GeometryNodeSetMaterial")
+paint.inputs["Material"].default_value = glow
+out = group.nodes.new("NodeGroupOutput")
+group.links.new(importer.outputs[0], paint.inputs["Geometry"])
+group.links.new(paint.outputs[0], out.inputs[0])
+holder.modifiers.new("Import", "NODES").node_group = group
+save(scene, "geometry_import.blend")
 
 scene = fresh_scene()
 world_image(scene, "//../textures/ok.png")
