@@ -78,6 +78,11 @@ def send(event: dict[str, Any]) -> None:
     _PROTOCOL.flush()
 
 
+def send_error(request_id: Any, kind: str, message: str, trace: str | None = None) -> None:
+    event = {"event": "error", "id": request_id, "kind": kind, "message": message}
+    send({**event, "traceback": trace} if trace else event)
+
+
 class Worker:
     def __init__(self) -> None:
         self.scene_path: str | None = None
@@ -113,14 +118,7 @@ class Worker:
             try:
                 request = json.loads(line)
             except json.JSONDecodeError as exc:
-                send(
-                    {
-                        "event": "error",
-                        "id": None,
-                        "kind": "bad_request",
-                        "message": f"not JSON: {exc}",
-                    }
-                )
+                send_error(None, "bad_request", f"not JSON: {exc}")
                 continue
             request_id = request.get("id")
             op = request.get("op")
@@ -129,39 +127,18 @@ class Worker:
                 return
             handler = getattr(self, f"op_{op}", None)
             if handler is None:
-                send(
-                    {
-                        "event": "error",
-                        "id": request_id,
-                        "kind": "bad_request",
-                        "message": f"unknown op {op!r}",
-                    }
-                )
+                send_error(request_id, "bad_request", f"unknown op {op!r}")
                 continue
             self.current_id = request_id
             try:
                 result = handler(request)
             except WorkerFailureError as exc:
-                send({"event": "error", "id": request_id, "kind": exc.kind, "message": exc.message})
+                send_error(request_id, exc.kind, exc.message)
             except MemoryError:
-                send(
-                    {
-                        "event": "error",
-                        "id": request_id,
-                        "kind": "out_of_memory",
-                        "message": "MemoryError: an allocation was refused",
-                    }
-                )
+                send_error(request_id, "out_of_memory", "MemoryError: an allocation was refused")
             except Exception as exc:
-                send(
-                    {
-                        "event": "error",
-                        "id": request_id,
-                        "kind": "render_failed",
-                        "message": str(exc).strip() or type(exc).__name__,
-                        "traceback": traceback.format_exc(),
-                    }
-                )
+                message = str(exc).strip() or type(exc).__name__
+                send_error(request_id, "render_failed", message, traceback.format_exc())
             else:
                 send({"event": "result", "id": request_id, **result})
             finally:
