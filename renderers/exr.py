@@ -6,6 +6,10 @@ one part per pass; older files put every channel in one part, which `read_exr` g
 back into passes, so callers see the same shape either way. `read_exr` also reports the
 codec the file was stored with (`ExrImage.compression`), so a reader can refuse a lossy one.
 
+`read_exr_header` (renderers.exr_header) reads only a file's header: a stranger's upload
+is size-checked before a pixel is decoded, and `read_exr(path, max_pixels=...)` refuses
+(ExrTooLargeError) a part over the bound before decoding anything.
+
 This module only moves pixels between files and numpy arrays, losslessly: it never
 writes lossy codecs, never changes a pixel's value or type, and writes atomically so a
 reader never sees half a file. It must not know about tiles, the farm or Blender itself.
@@ -26,7 +30,26 @@ import OpenEXR
 
 from common.errors import ExrError
 from renderers.atomic import write_atomically
+from renderers.exr_header import ExrHeader, ExrPartHeader, ExrTooLargeError, read_exr_header
 from renderers.regions import PixelRect
+
+__all__ = [
+    "LOSSLESS_COMPRESSIONS",
+    "ExrHeader",
+    "ExrImage",
+    "ExrPart",
+    "ExrPartHeader",
+    "ExrTooLargeError",
+    "Pixels",
+    "compression_name",
+    "crop",
+    "read_exr",
+    "read_exr_header",
+    "same_pixels",
+    "set_io_threads",
+    "write_exr",
+    "write_single_part_exr",
+]
 
 #: Codecs that store pixels exactly. DWAA/DWAB/B44/PXR24 are lossy and never written.
 LOSSLESS_COMPRESSIONS = ("none", "rle", "zips", "zip", "piz")
@@ -194,14 +217,18 @@ def set_io_threads(count: int | None = None) -> int:
     return count
 
 
-def read_exr(path: Path) -> ExrImage:
+def read_exr(path: Path, *, max_pixels: int | None = None) -> ExrImage:
     """Read a (multilayer) EXR file: every part, every channel, at data-window size.
 
     Multi-part files keep their parts. A single-part file whose channels are named
-    "Layer.Pass.Chan" is grouped into one part per "Layer.Pass".
+    "Layer.Pass.Chan" is grouped into one part per "Layer.Pass". `max_pixels` bounds
+    each part's width x height: a larger one raises ExrTooLargeError from the header
+    alone, before any pixel is decoded.
     """
     path = Path(path)
     _check_is_exr_file(path)
+    if max_pixels is not None:
+        read_exr_header(path).check_size(path, max_pixels)
     _choose_io_threads()
     try:
         expected = OpenEXR.File(str(path), header_only=True)

@@ -6,150 +6,111 @@ process runs in its own process group with a scrubbed environment and private
 config/scratch folders; a timeout or `cancel()` kills the whole group, and a crash is
 reported as a failed render, after which the next request starts a fresh process.
 
-`RenderLimits` bounds each process: a memory ceiling (RLIMIT_DATA, set by worker_main
-before Blender loads), a free-disk check before every render, and, where bubblewrap is
-installed, a sandbox with no network in which only the worker's scratch folder is
-writable (Blender writes there; this side moves finished files to where they were asked
-for). See docs/provider-safety.md.
+`RenderLimits` (renderers.limits) bounds each process: a memory ceiling (RLIMIT_DATA,
+set by worker_main before Blender loads), a free-disk check before every render, and,
+where bubblewrap is installed, a sandbox (renderers.sandbox) with no network in which
+only the worker's scratch folder is writable (Blender writes there; this side moves
+finished files to where they were asked for).
+
+A request with `confine_to` (every render of a stranger's bundle) is confined to that
+folder: its scene is traced before Blender opens it (renderers.scene_paths), checked
+again inside Blender after loading, and the sandbox shows Blender nothing but its own
+install, that folder and the scratch folder. See docs/provider-safety.md.
 
 This module never imports bpy (that happens in `worker_main.py`, in the child) and never
-touches the network.
+touches the network. The limits' and sandbox's public names are re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
 import select
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from common.errors import (
     CorruptSceneError,
     DeviceUnavailableError,
+    ExternalPathError,
     NoCameraError,
     RenderCancelledError,
     RenderFailedError,
     RenderTimeoutError,
     TesseraError,
     UnsupportedEngineError,
-    UsageError,
     WorkerCrashedError,
     WorkerError,
     WorkerStartError,
 )
 from renderers.builds import BlenderBuild
+from renderers.limits import (
+    OUT_OF_MEMORY_MARKERS,
+    PASSTHROUGH_ENV,
+    SANDBOX_MODES,
+    InsufficientDiskSpaceError,
+    RenderLimits,
+    RenderMemoryLimitError,
+    check_free_space,
+    cpu_pinning_env,
+    default_memory_limit,
+    format_bytes,
+    parse_cpu_list,
+    scrubbed_environment,
+)
 from renderers.regions import BorderFractions
+from renderers.sandbox import (
+    SandboxUnavailableError,
+    describe_exit,
+    find_bwrap,
+    host_pid,
+    install_folders,
+    kill_group,
+    parent_pid,
+    resolve_sandbox,
+    sandbox_command,
+    wait_gone,
+)
+from renderers.scene_paths import check_scene_paths
+
+__all__ = [
+    "PASSTHROUGH_ENV",
+    "SANDBOX_MODES",
+    "WORKER_SCRIPT",
+    "InsufficientDiskSpaceError",
+    "Progress",
+    "ProgressCallback",
+    "RenderLimits",
+    "RenderMemoryLimitError",
+    "RenderRequest",
+    "RenderResult",
+    "RenderWorker",
+    "SandboxUnavailableError",
+    "check_free_space",
+    "cpu_pinning_env",
+    "default_memory_limit",
+    "find_bwrap",
+    "format_bytes",
+    "parse_cpu_list",
+    "resolve_sandbox",
+    "sandbox_command",
+    "scrubbed_environment",
+]
 
 log = logging.getLogger(__name__)
 
 WORKER_SCRIPT = Path(__file__).with_name("worker_main.py")
-
-#: Variables a render may need from the parent (GPU drivers, BLAS workarounds); all
-#: others, PYTHONPATH and BLENDER_* included, are dropped so a scene sees a clean slate.
-PASSTHROUGH_ENV = (
-    "LD_LIBRARY_PATH",
-    "CUDA_VISIBLE_DEVICES",
-    "NVIDIA_VISIBLE_DEVICES",
-    "NVIDIA_DRIVER_CAPABILITIES",
-    "HIP_VISIBLE_DEVICES",
-    "ROCR_VISIBLE_DEVICES",
-    "OPENBLAS_CORETYPE",
-    "OPENBLAS_L2_SIZE",
-)
-
-
-class RenderMemoryLimitError(RenderFailedError):
-    """Blender needed more memory than this node's limit allows (`RenderLimits.memory`).
-
-    Retrying on the same node will fail the same way; a node with a higher limit may not.
-    """
-
-    default_hint = (
-        "Raise the node's memory limit, or let a node with more memory render this task "
-        "(lower the resolution or split the frame into more tiles to need less)."
-    )
-
-
-class InsufficientDiskSpaceError(WorkerError):
-    """Too little free disk space to start a render (checked before Blender runs)."""
-
-    default_hint = "Free some disk space there, or lower the node's minimum free space."
-
-
-class SandboxUnavailableError(WorkerStartError):
-    """The sandbox was required (`sandbox="bwrap"`) but cannot run on this machine."""
-
-    default_hint = (
-        "Install bubblewrap (`apt install bubblewrap`) and allow unprivileged user "
-        "namespaces, or use sandbox 'auto' to fall back to process isolation."
-    )
-
-
-SANDBOX_MODES = ("auto", "bwrap", "off")
-#: What Blender leaves in its log when it could not get memory under the limit.
-_OUT_OF_MEMORY_MARKERS = (
-    "Malloc returns null",
-    "std::bad_alloc",
-    "Cannot allocate memory",
-    "MemoryError",
-    "failed to map segment",
-    "out_of_memory",
-    # A thread whose stack cannot be mapped (std::system_error from std::thread).
-    "Resource temporarily unavailable",
-)
-
-
-def default_memory_limit() -> int | None:
-    """80% of this machine's physical memory (None when it cannot be read): a ceiling
-    generous enough for any render the machine could finish, low enough that a runaway
-    scene fails cleanly instead of pushing the desktop into swap or the OOM killer."""
-    try:
-        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return None
-    if pages <= 0 or page_size <= 0:
-        return None
-    return int(pages * page_size * 0.8)
-
-
-@dataclass(frozen=True, slots=True)
-class RenderLimits:
-    """What one Blender process may use.
-
-    `memory`: bytes of private memory (RLIMIT_DATA: heap and anonymous maps, not shared
-    libraries or GPU memory) or None for no limit; default 80% of physical RAM.
-    `min_free_disk`: bytes that must be free in the scratch and output folders before a
-    render starts (default 1 GiB). `sandbox`: "auto" runs Blender inside bubblewrap when
-    it is installed and works (else process isolation only, logged once), "bwrap"
-    requires it, "off" never uses it.
-    """
-
-    memory: int | None = field(default_factory=default_memory_limit)
-    min_free_disk: int = 1 << 30
-    sandbox: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.sandbox not in SANDBOX_MODES:
-            raise UsageError(
-                f"sandbox must be one of {', '.join(SANDBOX_MODES)}, not {self.sandbox!r}."
-            )
-        if self.memory is not None and self.memory < 64 << 20:
-            raise UsageError(f"a memory limit of {self.memory} bytes is below 64 MiB.")
-        if self.min_free_disk < 0:
-            raise UsageError("the minimum free disk space must not be negative.")
-
+#: `_call`'s default: the request runs in whatever sandbox view the process has.
+_ANY_VIEW = object()
 
 _ERROR_KINDS: dict[str, type[TesseraError]] = {
     "no_camera": NoCameraError,
@@ -160,6 +121,7 @@ _ERROR_KINDS: dict[str, type[TesseraError]] = {
     "denoise_failed": RenderFailedError,
     "bad_request": WorkerError,
     "out_of_memory": RenderMemoryLimitError,
+    "external_path": ExternalPathError,
 }
 
 
@@ -179,6 +141,9 @@ class RenderRequest:
     denoise: bool = False
     device: str = "CPU"
     threads: int = 0
+    #: The folder the scene must stay in (its bundle), or None for a person's own scene
+    #: that may read their files anywhere. See `RenderWorker.render`.
+    confine_to: Path | None = None
 
     def to_message(self) -> dict[str, Any]:
         border = None
@@ -203,6 +168,7 @@ class RenderRequest:
             "denoise": self.denoise,
             "device": self.device,
             "threads": self.threads,
+            "confine_to": None if self.confine_to is None else str(self.confine_to),
         }
 
 
@@ -234,170 +200,6 @@ class _WorkerGoneError(Exception):
 
 class _DeadlineError(Exception):
     """The request ran past its time limit."""
-
-
-def parse_cpu_list(text: str) -> list[int]:
-    """'0-3,6' -> [0, 1, 2, 3, 6]; UsageError naming the bad part otherwise."""
-    cpus: set[int] = set()
-    for part in text.split(","):
-        low, _, high = part.strip().partition("-")
-        if not low.isdigit() or (high and not high.isdigit()):
-            raise UsageError(f"'{text}' is not a CPU list: use numbers and ranges like 0-3,6.")
-        first, last = int(low), int(high or low)
-        if last < first:
-            raise UsageError(f"'{part}' in the CPU list runs backwards.")
-        cpus.update(range(first, last + 1))
-    available = os.sched_getaffinity(0)
-    if not cpus <= available:
-        missing = sorted(cpus - available)
-        raise UsageError(
-            f"CPUs {missing} are not available here (this process may use {sorted(available)})."
-        )
-    return sorted(cpus)
-
-
-def cpu_pinning_env(cpus: list[int]) -> dict[str, str]:
-    """The worker environment that pins Blender to `cpus` (see worker_main)."""
-    return {"TESSERA_CPUS": ",".join(map(str, cpus))}
-
-
-def scrubbed_environment(scratch: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The whole environment of a render process: private HOME/config, nothing inherited
-    but the GPU and BLAS variables in `PASSTHROUGH_ENV`."""
-    env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": str(scratch),
-        "TMPDIR": str(scratch),
-        "LANG": "C.UTF-8",
-        "LC_ALL": "C.UTF-8",
-        "PYTHONNOUSERSITE": "1",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        # Blender reads user add-ons, startup files and preferences from these folders.
-        "BLENDER_USER_RESOURCES": str(scratch / "blender-user"),
-        "BLENDER_USER_CONFIG": str(scratch / "blender-user" / "config"),
-        "BLENDER_USER_SCRIPTS": str(scratch / "blender-user" / "scripts"),
-        "BLENDER_USER_DATAFILES": str(scratch / "blender-user" / "datafiles"),
-        "BLENDER_USER_EXTENSIONS": str(scratch / "blender-user" / "extensions"),
-    }
-    for name in PASSTHROUGH_ENV:
-        if name in os.environ:
-            env[name] = os.environ[name]
-    if extra:
-        env.update(extra)
-    return env
-
-
-def format_bytes(count: float) -> str:
-    """1536 -> '1.5 KiB': sizes in messages a person reads."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(count) < 1024 or unit == "TiB":
-            return f"{count:.0f} B" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TiB"  # pragma: no cover (the loop always returns)
-
-
-def check_free_space(folder: Path, needed: int) -> None:
-    """Raise InsufficientDiskSpaceError unless `needed` bytes are free where `folder` is
-    (or would be: the nearest existing parent is measured)."""
-    if needed <= 0:
-        return
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        free = shutil.disk_usage(probe).free
-    except OSError:
-        return  # unmeasurable (a vanished mount): let the render say what is wrong
-    if free < needed:
-        raise InsufficientDiskSpaceError(
-            f"Only {format_bytes(free)} free in {folder}; a render needs at least "
-            f"{format_bytes(needed)} free there, so it was not started."
-        )
-
-
-@functools.cache
-def find_bwrap() -> str | None:
-    """The path of a bubblewrap that can actually build our sandbox here, else None.
-
-    Being on PATH is not enough: containers and hardened kernels refuse the namespaces,
-    so a tiny sandbox is tried once per process.
-    """
-    path = shutil.which("bwrap")
-    if path is None:
-        return None
-    probe = [path, *_BWRAP_BASE, "true"]
-    try:
-        completed = subprocess.run(probe, capture_output=True, timeout=20, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        log.debug("bubblewrap probe failed: %s", exc)
-        return None
-    if completed.returncode != 0:
-        log.debug("bubblewrap cannot sandbox here: %s", completed.stderr.decode(errors="replace"))
-        return None
-    return path
-
-
-#: The sandbox every render runs in: every namespace unshared (so no network: only a
-#: private loopback), the whole filesystem read-only, fresh /dev, /proc and /dev/shm,
-#: killed with its parent, in its own session (no terminal to inject input into).
-_BWRAP_BASE = (
-    "--unshare-all",
-    "--die-with-parent",
-    "--new-session",
-    "--ro-bind",
-    "/",
-    "/",
-    "--dev",
-    "/dev",
-    "--proc",
-    "/proc",
-    "--tmpfs",
-    "/dev/shm",
-)
-#: GPU device nodes passed into the sandbox when they exist (NVIDIA, DRM, ROCm, WSL).
-_GPU_DEVICE_GLOBS = ("/dev/nvidia*", "/dev/dri", "/dev/kfd", "/dev/dxg")
-_NO_SANDBOX_WARNED = threading.Event()
-
-
-def resolve_sandbox(mode: str) -> str | None:
-    """The bwrap to use for `mode` ("auto", "bwrap", "off"), or None for no sandbox.
-
-    "auto" without a working bubblewrap logs a warning once per process; "bwrap"
-    without one raises SandboxUnavailableError.
-    """
-    if mode == "off":
-        return None
-    path = find_bwrap()
-    if path is not None:
-        return path
-    if mode == "bwrap":
-        where = shutil.which("bwrap")
-        raise SandboxUnavailableError(
-            "The render sandbox was required, but "
-            + (
-                f"{where} cannot create namespaces on this machine."
-                if where
-                else "bubblewrap (bwrap) is not installed."
-            )
-        )
-    if not _NO_SANDBOX_WARNED.is_set():
-        _NO_SANDBOX_WARNED.set()
-        log.warning(
-            "No render sandbox: bubblewrap (bwrap) is %s; Blender runs with scripts "
-            "disabled, a scrubbed environment and its own process group only.",
-            "not usable here" if shutil.which("bwrap") else "not installed",
-        )
-    return None
-
-
-def sandbox_command(bwrap: str, writable: Path, command: list[str]) -> list[str]:
-    """`command` wrapped in bubblewrap with only `writable` writable (see _BWRAP_BASE)."""
-    argv = [bwrap, *_BWRAP_BASE]
-    for pattern in _GPU_DEVICE_GLOBS:
-        for device in sorted(Path("/").glob(pattern.lstrip("/"))):
-            argv += ["--dev-bind-try", str(device), str(device)]
-    folder = str(writable.resolve())
-    return [*argv, "--bind", folder, folder, "--chdir", folder, *command]
 
 
 class RenderWorker:
@@ -435,6 +237,11 @@ class RenderWorker:
         self._inner_pids: list[int] = []
         self._log_start = 0
         self._request_log_start = 0
+        #: What the running sandbox shows Blender: None for the whole filesystem, else
+        #: the folders of the confined render it was started for.
+        self._view: tuple[Path, ...] | None = None
+        #: Scenes already traced clean: (scene, root) -> (mtime_ns, size).
+        self._traced: dict[tuple[Path, Path], tuple[int, int]] = {}
         self.starts = 0
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -487,7 +294,7 @@ class RenderWorker:
         self._cancelled.set()
         proc, inner = self._proc, self._blender_pid
         if proc is not None and proc.poll() is None:
-            _kill_group(proc, [] if inner is None else [inner])
+            kill_group(proc, [] if inner is None else [inner])
 
     def rss_bytes(self) -> int:
         """Resident memory of the Blender process (Linux), 0 when not running."""
@@ -513,9 +320,15 @@ class RenderWorker:
         devices: list[dict[str, str]] = reply["devices"]
         return devices
 
-    def inspect(self, scene: Path, timeout: float = 120) -> dict[str, Any]:
-        """Open `scene` (scripts disabled) and describe it; see renderers.scene_info."""
-        reply = self._call({"op": "inspect", "scene": str(scene)}, timeout=timeout)
+    def inspect(
+        self, scene: Path, timeout: float = 120, *, confine_to: Path | None = None
+    ) -> dict[str, Any]:
+        """Open `scene` (scripts disabled) and describe it; see renderers.scene_info.
+
+        `confine_to` confines it as `render` does (ExternalPathError before opening)."""
+        message = {"op": "inspect", "scene": str(scene), "confine_to": None}
+        view = self._confine(scene, confine_to, message)
+        reply = self._call(message, timeout=timeout, view=view)
         description: dict[str, Any] = reply["scene"]
         return description
 
@@ -529,10 +342,14 @@ class RenderWorker:
         """Render one frame or region; raises a WorkerError subclass on any failure.
 
         Refuses to start (InsufficientDiskSpaceError) when the scratch or the output
-        folder has less than `limits.min_free_disk` free.
+        folder has less than `limits.min_free_disk` free. With `request.confine_to`, a
+        scene that reads any file outside that folder (traced before Blender opens it,
+        checked again in Blender after loading) raises ExternalPathError, and the
+        sandbox shows Blender only its install, that folder and the scratch folder.
         """
         self._check_disk(request.output.parent)
         message = request.to_message()
+        view = self._confine(request.scene, request.confine_to, message)
         with self._staged(request.output) as staged:
             message["output"] = str(staged)
             reply = self._call(
@@ -540,6 +357,7 @@ class RenderWorker:
                 on_progress=on_progress,
                 timeout=timeout,
                 what=f"frame {request.frame} of {request.scene.name}",
+                view=view,
             )
         return RenderResult(
             output=request.output,
@@ -552,15 +370,40 @@ class RenderWorker:
     def denoise(self, source: Path, output: Path, timeout: float | None = None) -> Path:
         """Run Cycles' OpenImageDenoise on a single-part multilayer EXR (see denoise.py)."""
         self._check_disk(output.parent)
-        with self._staged(output) as staged:
+        # A confined sandbox shows Blender no folder of ours but the scratch folder.
+        inputs = self._scratch / "inputs"
+        inputs.mkdir(parents=True, exist_ok=True)
+        copy = inputs / f"{os.getpid()}-{threading.get_ident()}-{source.name}"
+        with contextlib.ExitStack() as cleanup, self._staged(output) as staged:
+            cleanup.callback(copy.unlink, missing_ok=True)
+            shutil.copyfile(source, copy)
             self._call(
-                {"op": "denoise", "input": str(source), "output": str(staged)},
+                {"op": "denoise", "input": str(copy), "output": str(staged)},
                 timeout=timeout,
                 what=f"denoising {source.name}",
             )
         return output
 
     # --- internals ------------------------------------------------------------------------
+
+    def _confine(
+        self, scene: Path, root: Path | None, message: dict[str, Any]
+    ) -> tuple[Path, ...] | None:
+        """Check a confined scene's paths (BAT, once per version of the file) and return
+        the sandbox view its request needs (None: the whole filesystem)."""
+        if root is None:
+            return None
+        root = root.absolute()
+        message["confine_to"] = str(root)
+        try:
+            stat = scene.stat()
+        except OSError:
+            return (root,)  # Blender reports the missing scene as it always has
+        key, version = (scene.absolute(), root), (stat.st_mtime_ns, stat.st_size)
+        if self._traced.get(key) != version:
+            check_scene_paths(scene, root)
+            self._traced[key] = version
+        return (root,)
 
     def _check_disk(self, output_folder: Path) -> None:
         needed = self.limits.min_free_disk
@@ -590,10 +433,17 @@ class RenderWorker:
         on_progress: ProgressCallback | None = None,
         timeout: float | None = None,
         what: str = "the request",
+        view: object = _ANY_VIEW,
     ) -> dict[str, Any]:
+        """Send `message` and wait for its result. `view`: what the sandbox must show
+        Blender (None: everything, read-only; folders: a confined render's); a running
+        sandbox that shows something else is replaced first. Any view will do by default."""
         with self._lock:
             self._cancelled.clear()
-            self._ensure_started()
+            wanted = self._view if view is _ANY_VIEW else cast("tuple[Path, ...] | None", view)
+            if wanted != self._view and self._sandboxed:
+                self._discard_process()
+            self._ensure_started(wanted)
             self._next_id += 1
             request_id = str(self._next_id)
             deadline = time.monotonic() + timeout if timeout else None
@@ -629,12 +479,12 @@ class RenderWorker:
                 if self._ran_out_of_memory():
                     raise self._memory_error(f"during {what}") from exc
                 raise WorkerCrashedError(
-                    f"Blender exited unexpectedly ({_describe_exit(code, self._sandboxed)}) "
+                    f"Blender exited unexpectedly ({describe_exit(code, self._sandboxed)}) "
                     f"during {what}."
                     f"{self._log_tail()}"
                 ) from exc
 
-    def _ensure_started(self) -> None:
+    def _ensure_started(self, view: tuple[Path, ...] | None = None) -> None:
         if self._proc is not None and self._proc.poll() is None:
             return
         self._discard_process()
@@ -644,7 +494,9 @@ class RenderWorker:
         self._log_start = self._log_file.tell()
         command = self.build.worker_command(WORKER_SCRIPT)
         if bwrap is not None:
-            command = sandbox_command(bwrap, self._scratch, command)
+            install = () if view is None else install_folders(self.build.kind, str(self.build.path))
+            command = sandbox_command(bwrap, self._scratch, command, readable=view, install=install)
+        self._view = view
         env = scrubbed_environment(self._scratch, self._extra_env)
         if self.limits.memory is not None:
             env["TESSERA_MEMORY_LIMIT"] = str(self.limits.memory)
@@ -670,16 +522,15 @@ class RenderWorker:
             if self._ran_out_of_memory():
                 raise self._memory_error("while starting") from None
             raise WorkerStartError(
-                f"Blender did not start ({_describe_exit(code, self._sandboxed)})."
-                f"{self._log_tail()}"
+                f"Blender did not start ({describe_exit(code, self._sandboxed)}).{self._log_tail()}"
             ) from None
         if event.get("event") != "ready":
             self._discard_process()
             raise WorkerStartError(f"Blender worker sent {event!r} instead of 'ready'.")
         if self._sandboxed:
-            self._blender_pid = _host_pid(self._proc.pid, int(event.get("pid") or 0))
+            self._blender_pid = host_pid(self._proc.pid, int(event.get("pid") or 0))
             if self._blender_pid is not None:
-                init = _parent(self._blender_pid)
+                init = parent_pid(self._blender_pid)
                 self._inner_pids = [self._blender_pid, *(set(init) - {1, self._proc.pid})]
         log.debug(
             "render worker %s ready%s: Blender %s",
@@ -745,7 +596,7 @@ class RenderWorker:
                 text = handle.read().decode(errors="replace")
         except OSError:
             return False
-        return any(marker in text for marker in _OUT_OF_MEMORY_MARKERS)
+        return any(marker in text for marker in OUT_OF_MEMORY_MARKERS)
 
     def _memory_error(self, when: str) -> RenderMemoryLimitError:
         limit = format_bytes(self.limits.memory or 0)
@@ -763,10 +614,10 @@ class RenderWorker:
         self._buffer = b""
         if proc is not None:
             if proc.poll() is None:
-                _kill_group(proc, inner)
+                kill_group(proc, inner)
             code = proc.wait()
             for pid in inner:
-                _wait_gone(pid)
+                wait_gone(pid)
             for stream in (proc.stdin, proc.stdout):
                 if stream is not None:
                     with contextlib.suppress(OSError):
@@ -782,82 +633,3 @@ class RenderWorker:
         except OSError:
             return ""
         return f"\nLast Blender output:\n{data}" if data else ""
-
-
-def _kill_group(proc: subprocess.Popen[bytes], inner: list[int] | None = None) -> None:
-    # Blender may have spawned helpers (denoiser threads are in-process, but OSL or
-    # custom tools are not): the whole group goes. Inside bubblewrap Blender runs in a
-    # session of its own: it is killed directly (and by --die-with-parent besides).
-    for pid in inner or ():
-        if pid != proc.pid:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _wait_gone(pid: int, timeout: float = 5.0) -> None:
-    """Wait until `pid` has exited (a zombie counts as gone), at most `timeout` s: the
-    sandbox's Blender is not our child, so no wait() reaps it for us."""
-    deadline = time.monotonic() + timeout
-    stat = Path(f"/proc/{pid}/stat")
-    while time.monotonic() < deadline:
-        try:
-            state = stat.read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return
-        if state in {"Z", "X"}:
-            return
-        time.sleep(0.01)
-    log.warning("sandboxed Blender %s is still running %g s after it was killed", pid, timeout)
-
-
-def _parent(pid: int) -> list[int]:
-    try:
-        return [int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])]
-    except (OSError, IndexError, ValueError):
-        return []
-
-
-def _descendants(pid: int) -> list[int]:
-    found: list[int] = []
-    pending = [pid]
-    while pending:
-        parent = pending.pop()
-        for children in Path(f"/proc/{parent}/task").glob("*/children"):
-            try:
-                kids = [int(child) for child in children.read_text().split()]
-            except (OSError, ValueError):
-                continue
-            found.extend(kids)
-            pending.extend(kids)
-    return found
-
-
-def _host_pid(sandbox_pid: int, inner_pid: int) -> int | None:
-    """The pid, as seen here, of the descendant of `sandbox_pid` whose pid inside its
-    namespace is `inner_pid` (None if it cannot be found)."""
-    for candidate in _descendants(sandbox_pid):
-        try:
-            status = Path(f"/proc/{candidate}/status").read_text()
-        except OSError:
-            continue
-        for line in status.splitlines():
-            if line.startswith("NSpid:"):
-                ids = line.split()[1:]
-                if len(ids) > 1 and int(ids[-1]) == inner_pid:
-                    return candidate
-    return None
-
-
-def _describe_exit(code: int | None, sandboxed: bool = False) -> str:
-    if code is None:
-        return "no exit status"
-    if sandboxed and code > 128:
-        code = 128 - code  # bubblewrap exits 128+N when its child dies of signal N
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"

@@ -78,6 +78,11 @@ def send(event: dict[str, Any]) -> None:
     _PROTOCOL.flush()
 
 
+def send_error(request_id: Any, kind: str, message: str, trace: str | None = None) -> None:
+    event = {"event": "error", "id": request_id, "kind": kind, "message": message}
+    send({**event, "traceback": trace} if trace else event)
+
+
 class Worker:
     def __init__(self) -> None:
         self.scene_path: str | None = None
@@ -113,14 +118,7 @@ class Worker:
             try:
                 request = json.loads(line)
             except json.JSONDecodeError as exc:
-                send(
-                    {
-                        "event": "error",
-                        "id": None,
-                        "kind": "bad_request",
-                        "message": f"not JSON: {exc}",
-                    }
-                )
+                send_error(None, "bad_request", f"not JSON: {exc}")
                 continue
             request_id = request.get("id")
             op = request.get("op")
@@ -129,39 +127,18 @@ class Worker:
                 return
             handler = getattr(self, f"op_{op}", None)
             if handler is None:
-                send(
-                    {
-                        "event": "error",
-                        "id": request_id,
-                        "kind": "bad_request",
-                        "message": f"unknown op {op!r}",
-                    }
-                )
+                send_error(request_id, "bad_request", f"unknown op {op!r}")
                 continue
             self.current_id = request_id
             try:
                 result = handler(request)
             except WorkerFailureError as exc:
-                send({"event": "error", "id": request_id, "kind": exc.kind, "message": exc.message})
+                send_error(request_id, exc.kind, exc.message)
             except MemoryError:
-                send(
-                    {
-                        "event": "error",
-                        "id": request_id,
-                        "kind": "out_of_memory",
-                        "message": "MemoryError: an allocation was refused",
-                    }
-                )
+                send_error(request_id, "out_of_memory", "MemoryError: an allocation was refused")
             except Exception as exc:
-                send(
-                    {
-                        "event": "error",
-                        "id": request_id,
-                        "kind": "render_failed",
-                        "message": str(exc).strip() or type(exc).__name__,
-                        "traceback": traceback.format_exc(),
-                    }
-                )
+                message = str(exc).strip() or type(exc).__name__
+                send_error(request_id, "render_failed", message, traceback.format_exc())
             else:
                 send({"event": "result", "id": request_id, **result})
             finally:
@@ -210,12 +187,14 @@ class Worker:
 
     def op_inspect(self, request: dict[str, Any]) -> dict[str, Any]:
         self._open(request["scene"])
+        _check_confined(request.get("confine_to"))
         _set_changed(bpy.context.scene, self.originals)  # describe the file, not our overrides
         return {"scene": _describe_scene(bpy.context.scene)}
 
     def op_render(self, request: dict[str, Any]) -> dict[str, Any]:
         started = time.monotonic()
         self._open(request["scene"])
+        _check_confined(request.get("confine_to"))
         scene = bpy.context.scene
         if scene.camera is None:
             raise WorkerFailureError("no_camera", f"Scene '{scene.name}' has no active camera.")
@@ -571,6 +550,108 @@ def _missing_files() -> list[str]:
         if not Path(path).exists():
             missing.add(path)
     return sorted(missing)
+
+
+#: bpy.data collections whose items may name a file Blender reads.
+_FILE_COLLECTIONS = (
+    "images",
+    "libraries",
+    "fonts",
+    "volumes",
+    "cache_files",
+    "sounds",
+    "movieclips",
+    "texts",
+)
+
+
+_SINGULAR = {"libraries": "library", "movieclips": "movie clip", "node_groups": "node group"}
+
+
+def _external_paths() -> list[tuple[str, str, Any]]:
+    """(what, stored path, library) of every file path in bpy.data: the datablocks
+    above, any other datablock with a `filepath`, node file paths (IES, OSL scripts),
+    modifier caches (mesh cache, ocean, fluid) and sequencer strips."""
+    found: list[tuple[str, str, Any]] = []
+
+    def add(what: str, path: Any, library: Any = None) -> None:
+        if isinstance(path, str) and path and not path.startswith("<"):
+            found.append((what, path, library))
+
+    for name in dir(bpy.data):
+        collection = getattr(bpy.data, name, None)
+        if not isinstance(collection, bpy.types.bpy_prop_collection):
+            continue
+        for datablock in collection:
+            singular = _SINGULAR.get(name, name.removesuffix("s").replace("_", " "))
+            label = f"{singular} '{datablock.name}'"
+            owner = getattr(datablock, "library", None)
+            if getattr(datablock, "packed_file", None) is not None:
+                continue
+            add(label, getattr(datablock, "filepath", None), owner)
+            tree = getattr(datablock, "node_tree", None)
+            for nodes in (getattr(tree, "nodes", ()), getattr(datablock, "nodes", ()) or ()):
+                for node in nodes:
+                    what = f"{label} node '{node.name}'"
+                    add(what, getattr(node, "filepath", None), owner)
+                    add(what, getattr(node, "directory", None), owner)
+                    for socket in getattr(node, "inputs", ()):
+                        # Geometry nodes' Import OBJ/PLY/STL/CSV/Text/VDB read any path.
+                        if socket.bl_idname != "NodeSocketStringFilePath":
+                            continue
+                        if socket.is_linked:
+                            found.append((f"{what} ({socket.name})", _COMPUTED, owner))
+                        else:
+                            add(what, socket.default_value, owner)
+            for modifier in getattr(datablock, "modifiers", ()) or ():
+                for attr in ("filepath", "cache_directory", "bake_directory"):
+                    add(f"{label} modifier '{modifier.name}'", getattr(modifier, attr, ""), owner)
+                for bake in getattr(modifier, "bakes", ()) or ():
+                    add(f"{label} modifier '{modifier.name}'", bake.directory, owner)
+                domain = getattr(modifier, "domain_settings", None)
+                add(f"{label} modifier '{modifier.name}'", getattr(domain, "cache_directory", ""))
+                cache = getattr(modifier, "point_cache", None)
+                if cache is not None and getattr(cache, "use_external", False):
+                    add(f"{label} modifier '{modifier.name}'", cache.filepath, owner)
+    for scene in bpy.data.scenes:
+        editor = scene.sequence_editor
+        strips = getattr(editor, "strips_all", None) or getattr(editor, "sequences_all", ())
+        for strip in strips or ():
+            label = f"sequencer strip '{strip.name}'"
+            add(label, getattr(strip, "filepath", None), scene.library)
+            directory = getattr(strip, "directory", None)
+            if directory:
+                for element in getattr(strip, "elements", ()) or ():
+                    add(label, directory + element.filename, scene.library)
+                add(label, directory, scene.library)
+    return found
+
+
+#: Stands for a file path a node computes: it cannot be checked before it is read.
+_COMPUTED = "<a path computed by the node tree>"
+
+
+def _check_confined(root: str | None) -> None:
+    """Refuse (`external_path`) a loaded file that would read outside `root`: the second
+    line of defence behind the parent's trace of the .blend (renderers.scene_paths)."""
+    if not root:
+        return
+    real_root = os.path.realpath(root)
+    for what, path, library in _external_paths():
+        if path == _COMPUTED:
+            raise WorkerFailureError(
+                "external_path",
+                f"The scene's {what} reads a file by a path the node tree computes; this "
+                "node renders only files it can check are inside the bundle.",
+            )
+        absolute = bpy.path.abspath(path, library=library)
+        real = os.path.realpath(absolute)
+        if os.path.commonpath([real_root, real]) != real_root:
+            raise WorkerFailureError(
+                "external_path",
+                f"The scene's {what} reads '{path}', which is outside the scene's bundle; "
+                "this node renders only files inside the bundle.",
+            )
 
 
 def _cycles_prefs() -> Any:

@@ -7,13 +7,14 @@ import logging
 import os
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from common.errors import UsageError
-from renderers import worker as worker_module
+from renderers import sandbox as sandbox_module
 from renderers.builds import BlenderBuild
 from renderers.worker import (
     InsufficientDiskSpaceError,
@@ -40,7 +41,7 @@ def _request(scene: Path, out: Path, percentage: int = 5) -> RenderRequest:
 def no_bwrap(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """A PATH without bubblewrap, and a fresh probe and warning for this test."""
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
-    monkeypatch.setattr(worker_module, "_NO_SANDBOX_WARNED", worker_module.threading.Event())
+    monkeypatch.setattr(sandbox_module, "_NO_SANDBOX_WARNED", threading.Event())
     find_bwrap.cache_clear()
     yield
     find_bwrap.cache_clear()
@@ -162,7 +163,7 @@ def test_a_limit_too_small_to_start_blender_says_so(
 def test_without_bubblewrap_auto_falls_back_and_logs_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="renderers.worker")
+    caplog.set_level(logging.WARNING, logger="renderers.sandbox")
     assert resolve_sandbox("auto") is None
     assert resolve_sandbox("auto") is None
     warnings = [r.getMessage() for r in caplog.records if "No render sandbox" in r.getMessage()]
