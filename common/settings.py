@@ -12,6 +12,13 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common.errors import UsageError
+
+#: Where clients and nodes look for the coordinator when nothing else says.
+DEFAULT_COORDINATOR = "http://127.0.0.1:8400"
+#: The file in TESSERA_HOME that holds the saved access token (`tessera join` writes it).
+TOKEN_FILE = "token"
+
 
 def _default_home() -> Path:
     return Path.home() / ".local" / "share" / "tessera"
@@ -34,17 +41,27 @@ class Settings(BaseSettings):
     device: str = Field(default="CPU", description="Default render device (CPU, GPU, OPTIX...).")
     threads: int = Field(default=0, ge=0, description="Render threads; 0 means all cores.")
     coordinator: str = Field(
-        default="http://127.0.0.1:8400",
+        default=DEFAULT_COORDINATOR,
         description="URL of the coordinator clients and nodes talk to.",
     )
     token: str | None = Field(default=None, description="API token (else $TESSERA_HOME/token).")
 
+    @property
+    def token_file(self) -> Path:
+        """Where the saved access token lives: `$TESSERA_HOME/token`."""
+        return self.home / TOKEN_FILE
+
     def resolved_token(self) -> str | None:
-        """The token from the environment, else from the token file in TESSERA_HOME."""
-        if self.token:
-            return self.token
-        path = self.home / "token"
-        return path.read_text().strip() if path.is_file() else None
+        """The token from the environment, else from the token file in TESSERA_HOME;
+        `UsageError` when that file exists but cannot be read."""
+        if self.token and self.token.strip():
+            return self.token.strip()
+        path = self.token_file
+        try:
+            token = path.read_text(encoding="utf-8").strip() if path.is_file() else ""
+        except OSError as exc:
+            raise UsageError(f"Cannot read the token file {path}: {exc.strerror or exc}.") from exc
+        return token or None
 
 
 def load_settings() -> Settings:

@@ -8,7 +8,7 @@ shows one job's frames, tiles and tasks. On every refresh `JobsPage` fetches, in
 background through `TesseraClient`, the jobs, and for the selected job its tasks, the
 preview PNGs of the selected frame's accepted tiles not fetched before, and the names of
 the nodes rendering it. *Open output folder* downloads the selected job's finished frames
-in the background (`app.submission.download_finished_frames`, as `tessera submit --wait
+in the background (`app.follow.download_finished_frames`, as `tessera submit --wait
 --out` does) into the remembered output folder, then opens it (`open_folder`, injectable:
 tests pass their own instead of launching a file manager).
 """
@@ -37,12 +37,13 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.connection import FarmConnection
+from app.follow import FollowResult, download_finished_frames
 from app.gui.background import BackgroundWork, ErrorReport, ProgressRelay
-from app.gui.connection import AppSettings, FarmConnection
+from app.gui.connection import AppSettings
 from app.gui.farm_page import FarmPage
 from app.gui.job_view import JobDetail, JobView, accepted_tiles, job_frames
 from app.gui.tables import cell, configure_table, credits
-from app.submission import FollowResult, download_finished_frames
 from common.errors import TesseraError
 from protocol.client import TesseraClient
 from protocol.models import FINISHED_JOB_STATES, Job, JobStatus, TaskStatus
