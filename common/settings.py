@@ -51,6 +51,12 @@ class Settings(BaseSettings):
         """Where the saved access token lives: `$TESSERA_HOME/token`."""
         return self.home / TOKEN_FILE
 
+    def frames_dir(self) -> Path:
+        """Where the app puts frames until the user picks a folder: ~/Tessera, or
+        $TESSERA_HOME/frames when TESSERA_HOME is set (tests set it, so they never write
+        to the real home)."""
+        return self.home / "frames" if "home" in self.model_fields_set else Path.home() / "Tessera"
+
     def resolved_token(self) -> str | None:
         """The token from the environment, else from the token file in TESSERA_HOME;
         `UsageError` when that file exists but cannot be read."""

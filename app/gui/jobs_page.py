@@ -15,7 +15,6 @@ tests pass their own instead of launching a file manager).
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from app.gui.farm_page import FarmPage
 from app.gui.job_view import JobDetail, JobView, accepted_tiles, job_frames
 from app.gui.tables import cell, configure_table, credits
 from common.errors import TesseraError
+from common.settings import load_settings
 from protocol.client import TesseraClient
 from protocol.models import FINISHED_JOB_STATES, Job, JobStatus, TaskStatus
 
@@ -58,10 +58,8 @@ OUTPUT_FOLDER_KIND = "output"
 
 
 def default_output_dir() -> Path:
-    """Where frames go until the user picks a folder: ~/Tessera, or $TESSERA_HOME/frames
-    when TESSERA_HOME is set (tests set it, so they never write to the real home)."""
-    home = os.environ.get("TESSERA_HOME")
-    return Path(home) / "frames" if home else Path.home() / "Tessera"
+    """Where frames go until the user picks a folder (`Settings.frames_dir`)."""
+    return load_settings().frames_dir()
 
 
 def open_in_file_manager(folder: Path) -> None:
