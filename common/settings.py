@@ -1,7 +1,9 @@
 """Typed settings, loaded once at start-up and passed in; never read at import time.
 
 Values come from the environment (prefix `TESSERA_`, e.g. `TESSERA_BLENDER=/opt/blender/
-blender`) and then command-line options override them. Tests isolate themselves by
+blender`) and then command-line options override them. This is the one reader of
+TESSERA_COORDINATOR and TESSERA_TOKEN (and the token file); `app.connection` applies
+them for the CLI and the desktop app alike. Tests isolate themselves by
 pointing `TESSERA_HOME` at a temporary folder (see tests/conftest.py).
 """
 
