@@ -1,11 +1,10 @@
 """Which Blender build a command uses: the one named with --blender, else the bpy module
 (unless turned off in the settings), else the first `blender` found. One place, so every
-command offers the same option, chooses the same way and says the same thing when there
-is none."""
+command and the desktop app choose the same way and say the same thing when there is
+none (the --blender option itself is `app.cli.options.add_blender_option`)."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from common.errors import BlenderNotFoundError
@@ -25,13 +24,3 @@ def choose_build(explicit: Path | None, settings: Settings) -> BlenderBuild:
             "`blender` executable is on PATH or in TESSERA_BLENDER."
         )
     return builds[0]
-
-
-def add_blender_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--blender",
-        type=Path,
-        default=None,
-        metavar="PATH",
-        help="use this Blender executable instead of the bpy module",
-    )

@@ -27,6 +27,10 @@ from protocol.client import TesseraClient
 from protocol.models import Role
 
 STARTUP_SECONDS = 60.0
+#: What each node of a `tessera render`/`demo` (or the app's local) farm asks per work
+#: unit, and the credits its requester starts with.
+LOCAL_PRICE = 1.0
+LOCAL_CREDITS = 1_000_000.0
 #: The requester account that submits the farm's jobs.
 REQUESTER = "local"
 

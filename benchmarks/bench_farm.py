@@ -19,10 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from app.follow import follow_job
 from app.local_farm import LocalFarm
-from app.submission import follow_job, prepare_submission, submit
+from app.submit import prepare_submission, submit
 from benchmarks.common import report
 from protocol.client import TesseraClient
+from protocol.models import JobOptions, TileGrid
 from renderers.builds import default_build
 from renderers.demo_scene import ensure_demo_scene
 from renderers.worker import RenderWorker
@@ -87,11 +89,13 @@ def farm_job(
         prepared = prepare_submission(
             worker,
             scene,
+            JobOptions(
+                frames=frames,
+                tiles=TileGrid(columns=tiles[0], rows=tiles[1]),
+                samples=samples,
+                percentage=percentage,
+            ),
             bundle_dir=out / "bundle",
-            frames=frames,
-            tiles=tiles,
-            samples=samples,
-            percentage=percentage,
         )
     submitted = time.perf_counter()
     with TesseraClient(farm.url, farm.requester_token) as client:

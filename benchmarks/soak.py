@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 from app.local_farm import LocalFarm
-from app.submission import prepare_submission
+from app.submit import prepare_submission
 from benchmarks.common import report
 from protocol.client import TesseraClient
-from protocol.models import FINISHED_JOB_STATES, JobStatus
+from protocol.models import FINISHED_JOB_STATES, JobOptions, JobStatus, TileGrid
 from renderers.builds import default_build
 from renderers.demo_scene import ensure_demo_scene
 from renderers.worker import RenderWorker
@@ -51,13 +51,15 @@ def main() -> int:
             prepared = prepare_submission(
                 worker,
                 scene,
+                JobOptions(
+                    frames="1",
+                    tiles=TileGrid(columns=2, rows=2),
+                    samples=4,
+                    percentage=10,
+                    denoise=False,
+                    max_price=1.0,
+                ),
                 bundle_dir=folder / "bundle",
-                frames="1",
-                tiles=(2, 2),
-                samples=4,
-                percentage=10,
-                denoise=False,
-                max_price=1.0,
             )
         with LocalFarm(
             folder / "farm",

@@ -19,8 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from app.farm_commands import LOCAL_CREDITS, LOCAL_PRICE
-from app.local_farm import LocalFarm
+from app.local_farm import LOCAL_CREDITS, LOCAL_PRICE, LocalFarm
 from protocol.client import TesseraClient
 
 REPO = Path(__file__).resolve().parent.parent

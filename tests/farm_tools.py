@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.submission import scene_summary
+from app.job_spec import scene_summary
 from protocol.client import TesseraClient, sha256_file
 from protocol.models import (
     FrameRange,

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from app.arg_types import byte_size
-from app.cli import _providing, _render_limits, build_parser
+from app.cli import build_parser
 from app.cli import main as cli_main
+from app.cli.farm import _providing, _render_limits
+from app.cli.options import byte_size
 from common.errors import UsageError
 from farm_node.availability import (
     Availability,

@@ -24,7 +24,8 @@ import numpy as np
 import OpenEXR
 import pytest
 
-from app.farm_commands import _node_row, format_providers, provider_summary
+from app.cli.accounts import _node_row
+from app.cli.local import format_providers, provider_summary
 from app.local_farm import LocalFarm
 from common.errors import UsageError
 from farm_node.cheats import (

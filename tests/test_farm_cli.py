@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from app.follow import follow_job, frame_file_name, frame_folder
 from app.packing import pack_scene
-from app.submission import follow_job, frame_file_name, frame_folder
 from protocol.client import TesseraClient
 from protocol.models import Event, Job, Role
 from renderers.scene_info import SceneInfo, inspect_scene

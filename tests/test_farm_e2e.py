@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from app.follow import follow_job
 from app.local_farm import LocalFarm
-from app.submission import follow_job, prepare_submission, submit
+from app.submit import prepare_submission, submit
 from protocol.client import TesseraClient
-from protocol.models import Role, Task, TaskKind, TaskStatus
+from protocol.models import JobOptions, Role, Task, TaskKind, TaskStatus
 from renderers.exr import read_exr
 from renderers.local_render import LocalRenderOptions, render_frame_local
 from renderers.scene_info import SceneInfo, inspect_scene
@@ -115,7 +116,7 @@ def test_a_linked_library_scene_renders_from_the_bundle_alone(
         film_transparent=True,
     )
     prepared = prepare_submission(
-        worker, scene, bundle_dir=tmp_path / "bundle", frames="1", denoise=False
+        worker, scene, JobOptions(frames="1", denoise=False), bundle_dir=tmp_path / "bundle"
     )
     assert "basic_file.blend" in prepared.bundle.files
     shutil.rmtree(project)  # the node must not find the library where it was

@@ -21,8 +21,9 @@ from PySide6.QtGui import QImage
 from PySide6.QtWidgets import QApplication
 from pytestqt.qtbot import QtBot
 
+from app.connection import FarmConnection
 from app.gui.background import BackgroundWork, ErrorReport
-from app.gui.connection import AppSettings, FarmConnection
+from app.gui.connection import AppSettings
 from app.gui.jobs_page import JobsTable
 from app.gui.main_window import MainWindow
 from app.gui.nodes_page import NodesTable

@@ -23,9 +23,11 @@ from PySide6.QtGui import QColor, QImage
 from PySide6.QtWidgets import QApplication
 from pytestqt.qtbot import QtBot
 
+from app.connection import FarmConnection
+from app.follow import frame_file_name
 from app.gui.background import BackgroundWork
 from app.gui.blender_access import BlenderAccess
-from app.gui.connection import AppSettings, FarmConnection
+from app.gui.connection import AppSettings
 from app.gui.credit_chart import LINE_COLOUR, CreditChart, balance_points
 from app.gui.jobs_page import JOB_COLUMNS, JobsPage, JobsTable, eta_text, job_eta
 from app.gui.lan_browser import lan_node_fields
@@ -36,7 +38,6 @@ from app.gui.task_log import TASK_COLUMNS, TaskLog
 from app.gui.tile_grid import TileGrid, TileState
 from app.gui.wallet_page import WalletPage
 from app.packing import Dependency
-from app.submission import frame_file_name
 from protocol.discovery import Advertised, Advertisement, node_info
 from protocol.models import (
     GpuInfo,

@@ -12,19 +12,13 @@ import pytest
 from PySide6.QtGui import QImage
 from pytestqt.qtbot import QtBot
 
+from app.connection import FarmConnection
 from app.gui.background import BackgroundWork, ErrorReport
-from app.gui.connection import AppSettings, FarmConnection
+from app.gui.connection import AppSettings
 from app.gui.launch import take_screenshot
-from app.gui.provide_page import (
-    NO_GPU_TEXT,
-    EarningsView,
-    MachineReport,
-    MachineView,
-    NodeLaunch,
-    ProvidePage,
-    ProviderStats,
-)
+from app.gui.provide_page import NO_GPU_TEXT, EarningsView, MachineView, ProvidePage
 from app.gui.tables import cell_texts
+from app.node_process import MachineReport, NodeLaunch, ProviderStats
 from protocol.models import NodeCapabilities, NodeInfo, Role, Wallet
 from renderers.devices import NvidiaGpu
 from tests.farm_tools import RunningCoordinator, start_coordinator

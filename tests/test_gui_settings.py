@@ -17,12 +17,13 @@ from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QApplication
 from pytestqt.qtbot import QtBot
 
-from app.gui.connection import AppSettings, FarmConnection, LanFarm
+from app.connection import FarmConnection
+from app.gui.connection import AppSettings, LanFarm
 from app.gui.local_farm_action import LocalFarmInfo
 from app.gui.main_window import MainWindow
-from app.gui.provide_page import join_as_provider
 from app.gui.tables import cell_texts
 from app.gui.theme import apply_theme, is_dark
+from app.node_process import join_as_provider
 from protocol.discovery import find_coordinator
 from protocol.models import Role
 from tests.farm_tools import start_coordinator

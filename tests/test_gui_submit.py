@@ -14,8 +14,8 @@ from PySide6.QtCore import QBuffer, QByteArray, QIODevice, QMimeData, QPointF, Q
 from PySide6.QtGui import QColor, QDropEvent, QImage
 from pytestqt.qtbot import QtBot
 
+from app.connection import FarmConnection
 from app.gui.blender_access import BlenderAccess
-from app.gui.connection import FarmConnection
 from app.gui.job_view import JobView
 from app.gui.main_window import MainWindow
 from app.gui.submit_page import TILES

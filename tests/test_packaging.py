@@ -269,7 +269,9 @@ def test_env_files_only_set_variables_tessera_reads(example: str) -> None:
         if key.startswith("TESSERA_"):
             assert key in fields | NON_SETTINGS_VARIABLES, f"{example}: nothing reads {key}"
     farm_secret = "TESSERA_FARM_SECRET"
-    assert farm_secret in (REPO / "app" / "cli.py").read_text(), "the CLI no longer reads it"
+    assert farm_secret in (REPO / "app" / "cli" / "farm.py").read_text(), (
+        "the CLI no longer reads it"
+    )
 
 
 def test_sysusers_creates_the_service_user() -> None:

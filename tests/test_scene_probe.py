@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.submission import prepare_submission
+from app.submit import prepare_submission
 from common.errors import NoCameraError, UsageError
-from protocol.models import JobSpec
+from protocol.models import JobOptions, JobSpec
 from renderers.exr import read_exr
 from renderers.scene_info import inspect_scene
 from renderers.scene_probe import (
@@ -193,7 +193,7 @@ def test_prepare_submission_fills_scene_cost_and_previews(
     worker: RenderWorker, demo_scene: Path, tmp_path: Path
 ) -> None:
     prepared = prepare_submission(
-        worker, demo_scene, bundle_dir=tmp_path / "bundle", frames="2-6", samples=4
+        worker, demo_scene, JobOptions(frames="2-6", samples=4), bundle_dir=tmp_path / "bundle"
     )
     spec = prepared.spec
     assert prepared.probe is not None
@@ -207,7 +207,7 @@ def test_prepare_submission_fills_scene_cost_and_previews(
     # What the coordinator receives reads back the same.
     assert JobSpec.model_validate_json(spec.model_dump_json()) == spec
     skipped = prepare_submission(
-        worker, demo_scene, bundle_dir=tmp_path / "bundle2", frames="2", probe=False
+        worker, demo_scene, JobOptions(frames="2"), bundle_dir=tmp_path / "bundle2", probe=False
     )
     assert skipped.probe is None
     assert (skipped.spec.scene_cost, skipped.spec.previews) == (1.0, [])
@@ -220,7 +220,9 @@ def test_a_scene_error_comes_before_the_probe(
     with pytest.raises(NoCameraError):
         prepare_submission(worker, no_camera, bundle_dir=tmp_path / "bundle")
     with pytest.raises(UsageError, match="frames 30-40"):
-        prepare_submission(worker, demo_scene, bundle_dir=tmp_path / "bundle", frames="30-40")
+        prepare_submission(
+            worker, demo_scene, JobOptions(frames="30-40"), bundle_dir=tmp_path / "bundle"
+        )
     assert not (tmp_path / "bundle").exists() or not any((tmp_path / "bundle").iterdir())
 
 

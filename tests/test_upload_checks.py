@@ -19,7 +19,7 @@ import numpy as np
 import OpenEXR
 import pytest
 
-from app.submission import frame_preview
+from app.job_spec import frame_preview
 from coordinator import upload_checks
 from coordinator.upload_checks import check_result, false_refusal_bound
 from protocol.models import JobSpec, Region, RenderAssignment, TaskKind

@@ -1,46 +1,28 @@
-"""Which farm the app talks to, and where that choice is remembered.
+"""Where the app remembers its choices, the farm it talks to among them.
 
-`FarmConnection` is a coordinator URL and an access token; `client()` opens a fresh
-`TesseraClient` for one piece of background work (a requests session is not shared
-between threads). `AppSettings` keeps the app's own choices in an INI file under
+`AppSettings` keeps the app's own choices in an INI file under
 TESSERA_HOME (so tests, which point TESSERA_HOME at a temporary folder, never read the
 user's real settings): the connection or the LAN farm, the Blender builds added by hand,
 the cache folder and its size limit, the theme, what the Provide page shares, the window's
-geometry and the folders file dialogs last opened. `resolve_connection` applies the order
-of precedence: command-line options, then what the app saved, then the environment and
-token file the CLI uses.
+geometry and the folders file dialogs last opened. Which farm wins (options, then what
+the app saved, then the environment and token file) is `app.connection`'s rule, shared
+with the CLI.
 
-No widgets here, and no call to the network: opening a client does not connect.
+No widgets here, and no call to the network.
 """
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PySide6.QtCore import QByteArray, QSettings
 
-from app.farm_commands import CLI_RETRIES, access_token, coordinator_url
-from common.errors import TesseraError
+from app.connection import FarmConnection
+from app.node_process import DEFAULT_CACHE_GB
 from common.settings import Settings
-from protocol.client import TesseraClient
 
 SETTINGS_FILE = "app.ini"
-#: A page refresh should fail fast and say so, not hang on a dead coordinator.
-APP_TIMEOUT = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class FarmConnection:
-    """A coordinator and the token to use with it (None: not known yet)."""
-
-    url: str
-    token: str | None
-
-    def client(self) -> TesseraClient:
-        """A new client; call from a worker thread and close it after use."""
-        return TesseraClient(self.url, self.token, timeout=APP_TIMEOUT, retries=CLI_RETRIES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +52,6 @@ class ProvideChoices:
     extra_args: tuple[str, ...] = field(default=())
 
 
-#: Where nodes keep their cache when the Settings page names no folder, and its limit.
-DEFAULT_CACHE_GB = 50.0
 THEMES = ("system", "light", "dark")
 
 
@@ -201,22 +181,3 @@ def _float(value: object, default: float) -> float:
         return float(str(value)) if value not in (None, "") else default
     except ValueError:
         return default
-
-
-def resolve_connection(
-    args: argparse.Namespace, settings: Settings, saved: FarmConnection | None
-) -> FarmConnection:
-    """--coordinator/--token, else the app's saved choice, else $TESSERA_COORDINATOR /
-    $TESSERA_TOKEN / $TESSERA_HOME/token as for every other command."""
-    if args.coordinator is None and saved is not None:
-        url = saved.url
-        token = args.token or saved.token
-    else:
-        url = coordinator_url(args)
-        token = args.token or (saved.token if saved and saved.url == url else None)
-    if token is None:
-        try:
-            token = access_token(argparse.Namespace(token=None), settings, url)
-        except TesseraError:
-            token = None  # the Settings page asks for one; the app still opens
-    return FarmConnection(url.rstrip("/"), token)

@@ -19,8 +19,8 @@ from typing import Any
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QWidget
 
+from app.connection import FarmConnection
 from app.gui.background import BackgroundWork, ErrorReport
-from app.gui.connection import FarmConnection
 from protocol.client import TesseraClient
 
 

@@ -8,14 +8,13 @@ shows one job's frames, tiles and tasks. On every refresh `JobsPage` fetches, in
 background through `TesseraClient`, the jobs, and for the selected job its tasks, the
 preview PNGs of the selected frame's accepted tiles not fetched before, and the names of
 the nodes rendering it. *Open output folder* downloads the selected job's finished frames
-in the background (`app.submission.download_finished_frames`, as `tessera submit --wait
+in the background (`app.follow.download_finished_frames`, as `tessera submit --wait
 --out` does) into the remembered output folder, then opens it (`open_folder`, injectable:
 tests pass their own instead of launching a file manager).
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,13 +36,15 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.connection import FarmConnection
+from app.follow import FollowResult, download_finished_frames
 from app.gui.background import BackgroundWork, ErrorReport, ProgressRelay
-from app.gui.connection import AppSettings, FarmConnection
+from app.gui.connection import AppSettings
 from app.gui.farm_page import FarmPage
 from app.gui.job_view import JobDetail, JobView, accepted_tiles, job_frames
 from app.gui.tables import cell, configure_table, credits
-from app.submission import FollowResult, download_finished_frames
 from common.errors import TesseraError
+from common.settings import load_settings
 from protocol.client import TesseraClient
 from protocol.models import FINISHED_JOB_STATES, Job, JobStatus, TaskStatus
 
@@ -57,10 +58,8 @@ OUTPUT_FOLDER_KIND = "output"
 
 
 def default_output_dir() -> Path:
-    """Where frames go until the user picks a folder: ~/Tessera, or $TESSERA_HOME/frames
-    when TESSERA_HOME is set (tests set it, so they never write to the real home)."""
-    home = os.environ.get("TESSERA_HOME")
-    return Path(home) / "frames" if home else Path.home() / "Tessera"
+    """Where frames go until the user picks a folder (`Settings.frames_dir`)."""
+    return load_settings().frames_dir()
 
 
 def open_in_file_manager(folder: Path) -> None:

@@ -1,7 +1,8 @@
 """`tessera app`: open the desktop app, or render one page to a PNG and exit.
 
-`run_app(args, settings)` is the command's handler (app/cli.py imports this module only
-when `app` runs). The screenshot mode builds the window offscreen, loads the page from
+`run_app(settings, scene=..., screenshot=..., coordinator=..., token=...)` runs the
+command with plain values (`app.cli.farm` imports this module only when `app` runs; no
+argparse here). The screenshot mode builds the window offscreen, loads the page from
 the configured farm, or, when no farm answers there or no token is known, from an
 embedded `LocalFarm` with one node that it starts and stops itself; it waits until the
 page shows its data and saves `QWidget.grab()` of the window as PNG. A SCENE argument
@@ -15,7 +16,6 @@ interactive GUI thread ever waits on them. No farm logic here.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -25,9 +25,10 @@ from pathlib import Path
 from PySide6.QtCore import QEventLoop, QTimer, SignalInstance
 from PySide6.QtWidgets import QApplication
 
+from app.connection import FarmConnection, resolve_connection
 from app.gui.background import ErrorReport
 from app.gui.blender_access import BlenderAccess
-from app.gui.connection import AppSettings, FarmConnection, resolve_connection
+from app.gui.connection import AppSettings
 from app.gui.farm_page import FarmPage
 from app.gui.lan_browser import ALL_INTERFACES
 from app.gui.main_window import PAGES, MainWindow
@@ -48,17 +49,25 @@ class ScreenshotError(TesseraError):
     default_hint = "Check the coordinator URL and token (--coordinator, --token)."
 
 
-def run_app(args: argparse.Namespace, settings: Settings) -> int:
-    """The `tessera app` command."""
-    if args.screenshot is not None:
-        page, file = args.screenshot
+def run_app(
+    settings: Settings,
+    *,
+    scene: Path | None = None,
+    screenshot: tuple[str, str] | None = None,
+    coordinator: str | None = None,
+    token: str | None = None,
+) -> int:
+    """The `tessera app` command: open `scene` on the Submit page (if given), talk to
+    `coordinator` with `token` (else what the app saved, else the settings'), or save the
+    page of `screenshot` (PAGE, FILE) as PNG and exit."""
+    if screenshot is not None:
+        page, file = screenshot
         if page not in PAGES:
             raise UsageError(
                 f"'{page}' is not a page of the app.", hint=f"Choose one of {', '.join(PAGES)}."
             )
         # A screenshot needs no display; the interactive app does.
         os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    scene: Path | None = args.scene
     if scene is not None and not scene.is_file():
         raise UsageError(f"{scene} is not a file.", hint="Give the path of a .blend file.")
     existing = QApplication.instance()
@@ -66,8 +75,10 @@ def run_app(args: argparse.Namespace, settings: Settings) -> int:
     application.setApplicationName("Tessera")
     application.setWindowIcon(app_icon())
     store = AppSettings.for_home(settings)
-    connection = resolve_connection(args, settings, store.connection())
-    if args.screenshot is not None:
+    connection = resolve_connection(
+        settings, url=coordinator, token=token, saved=store.connection()
+    )
+    if screenshot is not None:
         target = Path(file)
         take_screenshot(connection, page, target, scene)
         print(f"wrote {target}")
@@ -130,8 +141,7 @@ def _farm_answers(connection: FarmConnection) -> bool:
 
 
 def _start_local_farm(stack: ExitStack) -> FarmConnection:
-    from app.farm_commands import LOCAL_CREDITS, LOCAL_PRICE
-    from app.local_farm import LocalFarm
+    from app.local_farm import LOCAL_CREDITS, LOCAL_PRICE, LocalFarm
 
     print("No farm answers: starting a local one (a coordinator and 1 node)...", file=sys.stderr)
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tessera-app-")))

@@ -23,10 +23,10 @@ from pathlib import Path
 
 from PySide6.QtCore import QObject, Signal
 
-from app.farm_commands import LOCAL_CREDITS
+from app.connection import FarmConnection
 from app.gui.background import BackgroundWork, ErrorReport
-from app.gui.connection import FarmConnection, LanFarm
-from app.local_farm import LocalFarm, LocalFarmError
+from app.gui.connection import LanFarm
+from app.local_farm import LOCAL_CREDITS, LocalFarm, LocalFarmError
 
 FOLDER = "local-farms"
 

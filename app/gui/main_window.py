@@ -35,9 +35,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.connection import FarmConnection
 from app.gui.background import BackgroundWork
 from app.gui.blender_access import BlenderAccess
-from app.gui.connection import AppSettings, FarmConnection, LanFarm
+from app.gui.connection import AppSettings, LanFarm
 from app.gui.error_banner import ErrorBanner
 from app.gui.farm_page import FarmPage
 from app.gui.jobs_page import JobsPage

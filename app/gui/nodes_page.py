@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from PySide6.QtGui import QFont
 from PySide6.QtWidgets import QLabel, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
+from app.connection import FarmConnection
 from app.gui.background import BackgroundWork
-from app.gui.connection import FarmConnection
 from app.gui.farm_page import FarmPage
 from app.gui.lan_browser import LanBrowser, lan_node_fields
 from app.gui.tables import cell, configure_table, credits

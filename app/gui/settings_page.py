@@ -42,9 +42,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.connection import FarmConnection
 from app.gui.background import BackgroundWork, ErrorReport
-from app.gui.connection import DEFAULT_CACHE_GB, AppSettings, FarmConnection, LanFarm
+from app.gui.connection import AppSettings, LanFarm
 from app.gui.theme import THEME_LABELS
+from app.node_process import DEFAULT_CACHE_GB
 from common.errors import BlenderNotFoundError
 from renderers.builds import BlenderBuild, find_builds, probe_bpy, probe_executable
 

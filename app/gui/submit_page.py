@@ -5,14 +5,15 @@ Picking a scene starts its inspection in the background (`renderers.scene_info.
 inspect_scene` with the app's one Blender worker); `SceneSummaryView` then shows what
 it found (frames, resolution, engine, samples, camera, denoising, missing files) and is
 built from a plain `SceneInfo`. Then, still in the background with the same worker, a
-small colour preview of the first frame is rendered (`app.submission.
+small colour preview of the first frame is rendered (`app.preview.
 render_colour_preview`) and shown under the split's tile grid (`TileGrid.set_plan`), and
 the scene is measured (`renderers.scene_probe.probe_scene`: its cost relative to the
 benchmark scene). From then on every change of the options asks the coordinator what
 the job would cost (`TesseraClient.estimate_job`, the coordinator's own estimate, the
 one it escrows) and shows it next to the max price, with the balance, or the reason the
-farm would refuse the job. Submit runs `app.submission.prepare_submission` (inspect,
-probe, pack) and `app.submission.submit` (upload, submit) in the background, with their
+farm would refuse the job. The form's choices are a `protocol.models.JobOptions`, as the
+CLI's flags are. Submit runs `app.submit.prepare_submission` (inspect, probe, pack) and
+`app.submit.submit` (upload, submit) in the background, with their
 pack and upload progress relayed to a progress bar, and emits `submitted(job)`: the main
 window then opens the job on the Jobs page. Errors (a scene without a camera, a frame
 range outside the scene, an unreachable coordinator) go to the app's banner through
@@ -22,7 +23,6 @@ range outside the scene, an unreachable coordinator) go to the app's banner thro
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from PySide6.QtCore import QTimer, Signal
@@ -45,25 +45,20 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.connection import FarmConnection
 from app.gui.background import BackgroundWork, ErrorReport, ProgressRelay
 from app.gui.blender_access import BlenderAccess
-from app.gui.connection import AppSettings, FarmConnection
+from app.gui.connection import AppSettings
 from app.gui.tile_grid import TileGrid
+from app.job_spec import job_options, job_spec_for
 from app.packing import Dependency, PackProgress, list_dependencies
-from app.submission import (
-    ColourPreview,
-    bundle_folder,
-    job_spec_for,
-    prepare_submission,
-    render_colour_preview,
-    submit,
-)
+from app.preview import ColourPreview, render_colour_preview
+from app.submit import bundle_folder, prepare_submission, submit
 from common.errors import TesseraError
-from protocol.models import Job, JobEstimate, JobSpec
+from protocol.models import DEVICES, Job, JobEstimate, JobOptions
 from renderers.scene_info import SceneInfo, inspect_scene
 from renderers.scene_probe import SceneProbe, probe_scene
 
-DEVICES = ("ANY", "CPU", "GPU", "CUDA", "OPTIX", "HIP", "METAL", "ONEAPI")
 PACK_STAGES = {"trace": "Finding the files it uses", "copy": "Copying files", "zip": "Zipping"}
 WHOLE_FRAMES, TILES = "Whole frames", "Tiles"
 #: Options settle for this long before the page asks the coordinator for an estimate.
@@ -71,38 +66,6 @@ ESTIMATE_DELAY_MS = 300
 REFUSED_STYLE = "color: #d64545; font-weight: bold"
 #: Missing files in the dependency list (readable on light and dark windows).
 MISSING_COLOUR = "#e0533f"
-
-
-@dataclass(frozen=True, slots=True)
-class SubmitOptions:
-    """The form's choices, in `prepare_submission`'s terms (None: the scene's own)."""
-
-    frames: str | None = None
-    tiles: tuple[int, int] = (1, 1)
-    samples: int | None = None
-    percentage: int | None = None
-    denoise: bool | None = None
-    device: str = "ANY"
-    max_price: float = 0.0
-    priority: int = 50
-    max_credits: float | None = None
-
-    def spec(self, info: SceneInfo, measured: SceneProbe | None = None) -> JobSpec:
-        """The job these options make of the scene (a placeholder bundle); raises
-        `UsageError` when they do not fit it."""
-        return job_spec_for(
-            info,
-            frames=self.frames,
-            tiles=self.tiles,
-            samples=self.samples,
-            percentage=self.percentage,
-            priority=self.priority,
-            denoise=self.denoise,
-            device=self.device,
-            max_price=self.max_price,
-            max_credits=self.max_credits,
-            measured=measured,
-        )
 
 
 def preview_image(preview: ColourPreview) -> QImage:
@@ -442,8 +405,8 @@ class SubmitPage(QWidget):
             max(1, info.resolution_x * percentage // 100),
             max(1, info.resolution_y * percentage // 100),
         )
-        columns, rows = self.options().tiles
-        self.plan.set_plan(columns, rows, size, self._preview)
+        tiles = self.options().tiles
+        self.plan.set_plan(tiles.columns, tiles.rows, size, self._preview)
 
     # --- cost estimate -------------------------------------------------------------------------
 
@@ -455,7 +418,7 @@ class SubmitPage(QWidget):
         self._estimate_asked += 1
         asked = self._estimate_asked
         try:
-            spec = self.options().spec(info, measured)
+            spec = job_spec_for(info, self.options(), measured=measured)
         except TesseraError as exc:
             self._estimate = None
             self.estimate.setStyleSheet(REFUSED_STYLE)
@@ -561,7 +524,7 @@ class SubmitPage(QWidget):
 
         def measure() -> SceneProbe:
             try:
-                frames = options.spec(info).frames.frames()
+                frames = job_spec_for(info, options).frames.frames()
             except TesseraError:
                 frames = range(info.frame_start, info.frame_end + 1)  # fixed at submit
             return probe_scene(
@@ -617,11 +580,15 @@ class SubmitPage(QWidget):
 
     # --- submitting ------------------------------------------------------------------------
 
-    def options(self) -> SubmitOptions:
+    def options(self) -> JobOptions:
+        """The form's choices (None: the scene's own); `UsageError` names a bad one."""
         tiled = self.split.currentText() == TILES
-        return SubmitOptions(
+        return job_options(
             frames=self.frames.text().strip() or None,
-            tiles=(self.columns.value(), self.rows.value()) if tiled else (1, 1),
+            tiles={
+                "columns": self.columns.value() if tiled else 1,
+                "rows": self.rows.value() if tiled else 1,
+            },
             samples=self.samples.value() or None,
             percentage=self.percentage.value() or None,
             denoise={0: None, 1: True, 2: False}[self.denoise.currentIndex()],
@@ -679,7 +646,7 @@ def _submission_work(
     blender: BlenderAccess,
     connection: FarmConnection,
     scene: Path,
-    options: SubmitOptions,
+    options: JobOptions,
     report: Callable[[object], None],
     measured: SceneProbe | None = None,
 ) -> Callable[[], Job]:
@@ -690,16 +657,8 @@ def _submission_work(
             prepared = prepare_submission(
                 blender.worker(),
                 scene,
+                options,
                 bundle_dir=Path(bundle_dir),
-                frames=options.frames,
-                tiles=options.tiles,
-                samples=options.samples,
-                percentage=options.percentage,
-                priority=options.priority,
-                denoise=options.denoise,
-                device=options.device,
-                max_price=options.max_price,
-                max_credits=options.max_credits,
                 on_pack=report,
                 measured=measured,
             )

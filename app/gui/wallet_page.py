@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from PySide6.QtWidgets import QFormLayout, QLabel, QTableWidget, QVBoxLayout, QWidget
 
+from app.connection import FarmConnection
 from app.gui.background import BackgroundWork
-from app.gui.connection import FarmConnection
 from app.gui.credit_chart import CreditChart, balance_points
 from app.gui.farm_page import FarmPage
 from app.gui.tables import cell, configure_table, credits

@@ -1,8 +1,9 @@
-"""The `tessera` command line: one subcommand per user-visible action.
+"""`tessera coordinator`, `node`, `join` and `app`: running a farm's parts on this machine
+(the HTTP API, a provider node, a LAN join) and opening the desktop app.
 
-Each command parses its options, loads settings once, calls the library, and prints a
-human summary (or JSON with --json). Every `TesseraError` becomes a message and a hint
-on stderr with exit status 2; no traceback reaches the user. No Qt is imported here.
+Each handler takes `(args, settings)` and returns the exit status. The node's URL and
+token are resolved by `app.connection`, as every other command's. No Qt here: the app's
+module is imported only when `tessera app` runs.
 """
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ import argparse
 import json
 import logging
 import os
-import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from app.arg_types import (
+from app.cli.options import (
+    UNSET,
+    Subparsers,
+    add_blender_option,
     byte_size,
     count,
     fraction,
+    from_tessera_error,
     non_negative,
     optional_byte_size,
     optional_seconds,
@@ -27,10 +30,9 @@ from app.arg_types import (
     positive,
     positive_int,
 )
-from app.blender_choice import add_blender_option, choose_build
-from app.farm_commands import add_farm_commands, add_json_option
-from common.errors import CoordinatorUnreachableError, TesseraError, UsageError
-from common.settings import Settings, load_settings
+from app.connection import resolve_connection
+from common.errors import CoordinatorUnreachableError, UsageError
+from common.settings import Settings
 from coordinator.config import CoordinatorConfig
 from coordinator.verification import VerificationPolicy
 from protocol.client import TesseraClient
@@ -41,93 +43,18 @@ from protocol.discovery import (
     find_coordinator,
     node_info,
 )
-from renderers.builds import BlenderBuild, find_builds
-from renderers.devices import parse_cycles_devices, probe_nvidia, summarise
-from renderers.local_render import LocalRenderOptions, TileDone, render_frame_local
-from renderers.regions import parse_grid
-from renderers.scene_info import SceneInfo, inspect_scene
-from renderers.worker import (
-    Progress,
-    RenderLimits,
-    RenderWorker,
-    cpu_pinning_env,
-    parse_cpu_list,
-)
+from renderers.devices import probe_nvidia
+from renderers.worker import RenderLimits, cpu_pinning_env, parse_cpu_list
 
 if TYPE_CHECKING:
     from farm_node.availability import ProvidePolicy
-
-Handler = Callable[[argparse.Namespace, Settings], int]
-#: The default of an option whose absence differs from every value it can take.
-_UNSET: Any = object()
 
 _DEFAULT_POLICY = VerificationPolicy()
 #: The coordinator's defaults, shown in --help (the data folder is a placeholder).
 _DEFAULT_COORDINATOR = CoordinatorConfig(data_dir=Path())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "handler", None):
-        parser.print_help()
-        return 1
-    settings = load_settings()
-    handler: Handler = args.handler
-    try:
-        return handler(args, settings)
-    except TesseraError as error:
-        if getattr(args, "json", False):
-            print(json.dumps({"error": error.to_dict()}, indent=2))
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tessera",
-        description="Tessera: a distributed render farm for Blender.",
-    )
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
-
-    inspect = sub.add_parser(
-        "inspect",
-        help="describe a .blend and say whether it can render",
-        description="Open a .blend (scripts disabled) and report frames, "
-        "resolution, engine, samples, camera, passes and problems.",
-    )
-    inspect.add_argument("scene", type=Path, help="the .blend file")
-    add_json_option(inspect)
-    add_blender_option(inspect)
-    inspect.set_defaults(handler=cmd_inspect)
-
-    local = sub.add_parser(
-        "render-local",
-        help="render one frame here, tile by tile if asked",
-        description="Render one frame through one warm Blender worker, split into tiles if "
-        "asked, merge them, denoise once if the scene asks for it, and write a multilayer "
-        "EXR plus a PNG preview beside it.",
-    )
-    local.add_argument("scene", type=Path, help="the .blend file")
-    _add_render_options(local)
-    local.add_argument("--out", type=Path, required=True, help="output EXR path")
-    local.add_argument("--json", action="store_true", help="print a JSON summary")
-    add_blender_option(local)
-    local.set_defaults(handler=cmd_render_local)
-
-    devices = sub.add_parser(
-        "devices",
-        help="list Blender builds and render devices",
-        description="List the Blender builds Tessera can use and the "
-        "devices Cycles sees (with NVIDIA details when available).",
-    )
-    add_json_option(devices)
-    add_blender_option(devices)
-    devices.set_defaults(handler=cmd_devices)
-
+def add_commands(sub: Subparsers) -> None:
     coordinator = sub.add_parser(
         "coordinator",
         help="run the farm's coordinator (HTTP API)",
@@ -297,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--json", action="store_true", help="print JSON instead of text")
     join.set_defaults(handler=cmd_join)
 
-    add_farm_commands(sub)
 
+def add_app(sub: Subparsers) -> None:
     gui = sub.add_parser(
         "app",
         help="open the desktop app",
@@ -335,7 +262,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="save PAGE (submit, jobs, nodes, wallet, provide, settings) as a PNG and exit",
     )
     gui.set_defaults(handler=cmd_app)
-    return parser
 
 
 def _add_request_limit_options(parser: argparse.ArgumentParser) -> None:
@@ -452,7 +378,7 @@ def _add_render_limit_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--memory-limit",
         type=optional_byte_size,
-        default=_UNSET,
+        default=UNSET,
         metavar="SIZE",
         help="private memory one Blender may use, e.g. 8G, or none (default: 80%% of RAM)",
     )
@@ -493,263 +419,33 @@ def _add_lan_options(parser: argparse.ArgumentParser, lan_help: str) -> None:
     )
 
 
+def _farm_secret(args: argparse.Namespace) -> str | None:
+    """--secret, else $TESSERA_FARM_SECRET (kept out of Settings: it is a password that
+    only `coordinator --lan`, `node --lan` and `join` read)."""
+    return args.secret or os.environ.get("TESSERA_FARM_SECRET") or None
+
+
 def _lan_farm(args: argparse.Namespace) -> tuple[str, str]:
-    secret = args.secret or os.environ.get("TESSERA_FARM_SECRET")
+    secret = _farm_secret(args)
     if not args.farm or not secret:
         raise UsageError("--lan needs --farm NAME and --secret S (or TESSERA_FARM_SECRET).")
     return args.farm, secret
 
 
-def _add_render_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--frame", type=int, default=None, help="frame number (default: the scene's first frame)"
-    )
-    parser.add_argument(
-        "--tiles",
-        type=_grid,
-        default=(1, 1),
-        metavar="CxR",
-        help="split the frame into C columns x R rows (default 1x1)",
-    )
-    parser.add_argument("--samples", type=int, default=None, help="override the scene's samples")
-    parser.add_argument(
-        "--percentage", type=int, default=None, help="override the scene's resolution percentage"
-    )
-    parser.add_argument(
-        "--device",
-        default=None,
-        help="CPU, GPU (best available), OPTIX, CUDA, HIP, METAL or ONEAPI",
-    )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="render threads (default: all cores)"
-    )
-    parser.add_argument(
-        "--no-denoise", action="store_true", help="skip denoising even if the scene asks for it"
-    )
-    parser.add_argument(
-        "--tile-timeout",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help="give up on a tile after this many seconds",
-    )
-
-
-def _build(args: argparse.Namespace, settings: Settings) -> BlenderBuild:
-    return choose_build(args.blender, settings)
-
-
-def _worker(args: argparse.Namespace, settings: Settings) -> RenderWorker:
-    return RenderWorker(_build(args, settings))
-
-
-def _grid(text: str) -> tuple[int, int]:
-    try:
-        return parse_grid(text)
-    except TesseraError as error:  # argparse only turns ArgumentTypeError into a usage message
-        hint = f" ({error.hint})" if error.hint else ""
-        raise argparse.ArgumentTypeError(f"{error.message}{hint}") from error
-
-
-def _hours(text: str) -> tuple[int, int]:
+def _parse_hours(text: str) -> tuple[int, int]:
     from farm_node.availability import parse_hours
 
-    try:
-        return parse_hours(text)
-    except TesseraError as error:
-        hint = f" ({error.hint})" if error.hint else ""
-        raise argparse.ArgumentTypeError(f"{error.message}{hint}") from error
+    return parse_hours(text)
 
 
-def _cheat(text: str) -> str:
+def _parse_cheat(text: str) -> str:
     from farm_node.cheats import parse_cheat
 
-    try:
-        return parse_cheat(text).value
-    except TesseraError as error:
-        hint = f" ({error.hint})" if error.hint else ""
-        raise argparse.ArgumentTypeError(f"{error.message}{hint}") from error
+    return parse_cheat(text).value
 
 
-# --- inspect --------------------------------------------------------------------------------
-
-
-def cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
-    from app.packing import list_dependencies
-
-    with _worker(args, settings) as worker:
-        info = inspect_scene(worker, args.scene)
-    dependencies = list_dependencies(args.scene)
-    if args.json:
-        files = [
-            {"path": str(dep.path), "kind": dep.kind, "missing": dep.missing}
-            for dep in dependencies
-        ]
-        print(json.dumps({**info.to_dict(), "dependencies": files}, indent=2))
-    else:
-        print(format_scene(info))
-        print(f"Files:       {len(dependencies) or 'none'}")
-        for dep in dependencies:
-            print(f"  {'MISSING ' if dep.missing else ''}{dep.kind}: {dep.path}")
-    return 0
-
-
-def format_scene(info: SceneInfo) -> str:
-    def on_off(flag: bool) -> str:
-        return "on" if flag else "off"
-
-    layers = "; ".join(
-        f"{layer.name} ({', '.join(layer.passes) or 'combined'})"
-        + ("" if layer.use else " [disabled]")
-        for layer in info.view_layers
-    )
-    lines = [
-        ("Scene", f"{info.path.name} (scene '{info.name}', saved by Blender {info.file_version})"),
-        (
-            "Frames",
-            f"{info.frame_start}-{info.frame_end} ({info.frame_count} frames, "
-            f"step {info.frame_step}) at {info.fps:g} fps",
-        ),
-        (
-            "Resolution",
-            f"{info.width}x{info.height} ({info.resolution_x}x{info.resolution_y} "
-            f"at {info.resolution_percentage}%)",
-        ),
-        (
-            "Engine",
-            f"{info.engine}, {info.samples} samples, adaptive sampling "
-            f"{on_off(info.adaptive_sampling)}, denoising {on_off(info.denoising)}"
-            + (f" ({info.denoiser})" if info.denoising else ""),
-        ),
-        ("Camera", info.camera or "none"),
-        ("Output", f"{info.output_format} in the scene; the farm writes multilayer EXR"),
-        ("View layers", layers),
-        ("Libraries", ", ".join(info.libraries) or "none"),
-    ]
-    text = "\n".join(f"{label:<12} {value}" for label, value in lines)
-    if info.warnings:
-        text += "\nWarnings:\n" + "\n".join(f"  - {w}" for w in info.warnings)
-    else:
-        text += "\nWarnings:    none"
-    return text
-
-
-# --- render-local ---------------------------------------------------------------------------
-
-
-def cmd_render_local(args: argparse.Namespace, settings: Settings) -> int:
-    options = LocalRenderOptions(
-        frame=args.frame,
-        grid=args.tiles,
-        samples=args.samples,
-        percentage=args.percentage,
-        denoise=False if args.no_denoise else None,
-        device=args.device or settings.device,
-        threads=args.threads if args.threads is not None else settings.threads,
-        tile_timeout=args.tile_timeout,
-    )
-    return _render_and_report(args, settings, args.scene, args.out, options)
-
-
-def _render_and_report(
-    args: argparse.Namespace,
-    settings: Settings,
-    scene: Path,
-    out: Path,
-    options: LocalRenderOptions,
-) -> int:
-    reporter = _ProgressReporter(enabled=not args.json)
-    with _worker(args, settings) as worker:
-        result = render_frame_local(
-            worker, scene, out, options, on_tile=reporter.tile_done, on_progress=reporter.samples
-        )
-    reporter.finish()
-    summary: dict[str, Any] = {
-        "output": str(result.output),
-        "preview": str(result.preview) if result.preview else None,
-        "frame": result.frame,
-        "width": result.width,
-        "height": result.height,
-        "tiles": len(result.plan.tiles),
-        "grid": [result.plan.columns, result.plan.rows],
-        "margin": result.plan.margin,
-        "device": result.device,
-        "denoised": result.denoised,
-        "render_seconds": round(result.render_seconds, 3),
-        "merge_seconds": round(result.merge_seconds, 3),
-        "denoise_seconds": round(result.denoise_seconds, 3),
-        "wall_seconds": round(result.wall_seconds, 3),
-        "warnings": list(result.scene.warnings),
-    }
-    if args.json:
-        print(json.dumps(summary, indent=2))
-        return 0
-    for warning in result.scene.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    print(
-        f"Rendered frame {result.frame} of {result.scene.path.name} at "
-        f"{result.width}x{result.height} in {summary['tiles']} tile(s) on {result.device} "
-        f"({result.wall_seconds:.1f} s; denoised: {'yes' if result.denoised else 'no'})"
-    )
-    print(f"  EXR: {result.output}")
-    if result.preview:
-        print(f"  PNG: {result.preview}")
-    return 0
-
-
-class _ProgressReporter:
-    """One status line on stderr: tiles done and the samples of the tile in flight."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.interactive = enabled and sys.stderr.isatty()
-        self.tiles = "tile 1"
-
-    def samples(self, progress: Progress) -> None:
-        if self.interactive:
-            print(
-                f"\r{self.tiles}: sample {progress.samples_done}/{progress.samples_total}   ",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def tile_done(self, done: TileDone) -> None:
-        self.tiles = f"tile {min(done.done + 1, done.total)}/{done.total}"
-        if not self.enabled:
-            return
-        line = f"tile {done.done}/{done.total} rendered in {done.seconds:.2f} s"
-        if self.interactive:
-            print(f"\r{line}          ", end="", file=sys.stderr, flush=True)
-        else:
-            print(line, file=sys.stderr)
-
-    def finish(self) -> None:
-        if self.interactive:
-            print(file=sys.stderr)
-
-
-# --- devices --------------------------------------------------------------------------------
-
-
-def cmd_devices(args: argparse.Namespace, settings: Settings) -> int:
-    extra = [args.blender] if args.blender else list(settings.blender)
-    builds = find_builds(extra, include_bpy=settings.use_bpy)
-    build = builds[0] if builds else _build(args, settings)
-    with RenderWorker(build) as worker:
-        cycles_devices = parse_cycles_devices(worker.devices())
-    rows = summarise(cycles_devices, probe_nvidia())
-    if args.json:
-        print(json.dumps({"builds": [b.to_dict() for b in builds], "devices": rows}, indent=2))
-        return 0
-    print("Blender builds:")
-    for candidate in builds:
-        print(f"  {candidate.label}")
-    print(f"Devices (as Cycles sees them with {build.version}):")
-    for row in rows:
-        details = ", ".join(f"{k}={v}" for k, v in row.items() if k not in {"type", "name"})
-        print(f"  {row['type']:<7} {row['name']}" + (f"  ({details})" if details else ""))
-    return 0
+_hours = from_tessera_error(_parse_hours)
+_cheat = from_tessera_error(_parse_cheat)
 
 
 # --- coordinator ------------------------------------------------------------------------------
@@ -816,7 +512,14 @@ def cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_app(args: argparse.Namespace, settings: Settings) -> int:
     from app.gui.launch import run_app  # Qt is loaded only for this command
 
-    return run_app(args, settings)
+    screenshot = tuple(args.screenshot) if args.screenshot is not None else None
+    return run_app(
+        settings,
+        scene=args.scene,
+        screenshot=screenshot,
+        coordinator=args.coordinator,
+        token=args.token,
+    )
 
 
 def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
@@ -829,7 +532,11 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
     name = args.name or socket.gethostname()
-    url, token = args.coordinator or settings.coordinator, args.token or settings.resolved_token()
+    if args.lan:
+        url, token = "", None  # found on the LAN below
+    else:
+        connection = resolve_connection(settings, url=args.coordinator, token=args.token)
+        url, token = connection.url, connection.token
     advertisement: Advertisement | None = None
     if args.lan:
         farm, secret = _lan_farm(args)
@@ -893,7 +600,7 @@ def cmd_join(args: argparse.Namespace, settings: Settings) -> int:
 
     from protocol.models import Role
 
-    secret = args.secret or os.environ.get("TESSERA_FARM_SECRET")
+    secret = _farm_secret(args)
     if not secret:
         raise UsageError("Give the farm's join secret with --secret S (or TESSERA_FARM_SECRET).")
     name = args.name or socket.gethostname()
@@ -940,7 +647,7 @@ def _providing(args: argparse.Namespace) -> ProvidePolicy:
 
 def _render_limits(args: argparse.Namespace) -> RenderLimits:
     """The `RenderLimits` of `tessera node`'s options (RenderLimits checks them)."""
-    if args.memory_limit is _UNSET:
+    if args.memory_limit is UNSET:
         return RenderLimits(min_free_disk=args.min_free_disk, sandbox=args.sandbox)
     if args.memory_limit is not None and args.memory_limit < 64 << 20:
         raise UsageError(
@@ -950,7 +657,3 @@ def _render_limits(args: argparse.Namespace) -> RenderLimits:
     return RenderLimits(
         memory=args.memory_limit, min_free_disk=args.min_free_disk, sandbox=args.sandbox
     )
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,276 @@
+"""`tessera render` and `demo`: a coordinator and nodes started on this machine for one
+job, the job submitted and followed, the providers' standing and the ledger's check
+printed. The farm itself is `app.local_farm.LocalFarm`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from app.blender_choice import choose_build
+from app.cli.jobs import prepare_and_submit
+from app.cli.options import (
+    Subparsers,
+    add_blender_option,
+    add_job_options,
+    add_json_option,
+    count,
+    job_options_of,
+    positive_int,
+    print_json,
+)
+from app.cli.output import MESSAGE_WIDTH, JobProgress, Status, clip, table
+from app.connection import CLI_RETRIES
+from app.local_farm import LOCAL_CREDITS, LOCAL_PRICE
+from common.errors import TesseraError
+from common.settings import Settings
+from protocol.client import TesseraClient
+from protocol.models import JobStatus, NodeInfo
+
+
+def add_commands(sub: Subparsers) -> None:
+    _add_render(sub)
+    _add_demo(sub)
+
+
+def _add_render(sub: Subparsers) -> None:
+    render = sub.add_parser(
+        "render",
+        help="render a scene on a farm started just for it on this machine",
+        description="Start a coordinator and N node processes on 127.0.0.1, submit the "
+        "scene to them, download the frames to DIR/<scene>/frame_####.exr (+ .png) as they "
+        "finish, and stop the farm. Prints each provider's accepted and rejected results, "
+        "credits and reputation, and whether the credit ledger checks out. With --json, a "
+        "summary: frames written, tasks, per-node task counts and render seconds, the "
+        "providers, the ledger check, wall time.",
+    )
+    render.add_argument("scene", type=Path, help="the .blend file")
+    render.add_argument("--nodes", type=positive_int, default=2, help="node processes (default 2)")
+    render.add_argument(
+        "--threads-per-node",
+        type=int,
+        default=0,
+        metavar="N",
+        help="render threads of each node (default: the cores shared out)",
+    )
+    _add_cheaters_option(render)
+    add_job_options(render)
+    render.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out"),
+        metavar="DIR",
+        help="where frames go, in DIR/<scene>/ (default: ./out)",
+    )
+    add_json_option(render)
+    add_blender_option(render)
+    render.set_defaults(handler=cmd_render, wait=True)
+
+
+def _add_cheaters_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cheaters",
+        type=count,
+        default=0,
+        metavar="K",
+        help="add K nodes that cheat on purpose, to demonstrate verification (default 0); "
+        "they take the modes samples, copy, noise, black, sometimes in turn "
+        "(see `tessera node --cheat`)",
+    )
+
+
+# --- render (a farm of its own) -----------------------------------------------------------
+
+
+def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
+    """Submit to a coordinator and nodes started on this machine for this one job."""
+    from app.follow import follow_job
+    from app.local_farm import LocalFarm
+    from farm_node.cheats import cheat_modes
+
+    started = time.monotonic()
+    status = Status(sys.stderr, enabled=not args.json)
+    cheats = [mode.value for mode in cheat_modes(getattr(args, "cheaters", 0))]
+    if cheats and args.nodes + len(cheats) < 3:
+        status.warn(
+            f"{args.nodes + len(cheats)} providers in all: a disagreement between two of "
+            "them has no third provider to settle it (raise --nodes)"
+        )
+    with tempfile.TemporaryDirectory(prefix="tessera-farm-") as folder:
+        cheating = f" and {len(cheats)} cheating node(s)" if cheats else ""
+        status.line(f"Starting a local farm: a coordinator and {args.nodes} node(s){cheating}...")
+        # The local farm prices its nodes so the run shows who earned what; the job
+        # offers at least that price, from credits granted to the local requester.
+        options = job_options_of(args)
+        options = options.model_copy(update={"max_price": max(options.max_price, LOCAL_PRICE)})
+        with LocalFarm(
+            Path(folder),
+            nodes=args.nodes,
+            threads_per_node=args.threads_per_node,
+            cheats=cheats,
+            price=LOCAL_PRICE,
+            credits=LOCAL_CREDITS,
+        ) as farm:
+            with TesseraClient(farm.url, farm.requester_token, retries=CLI_RETRIES) as client:
+                prepared, job = prepare_and_submit(args, settings, client, status, options)
+                progress = JobProgress(status)
+                result = follow_job(
+                    client, job.id, args.out, on_frame=progress.frame, on_job=progress.update
+                )
+                progress.finish()
+                tasks = client.tasks(job.id)
+                nodes = client.nodes()
+            ledger_ok, ledger_problems = _ledger_check(farm.url, farm.admin_token, status)
+            local_nodes = list(farm.local_nodes)
+    summary: dict[str, Any] = {
+        "job": result.job.id,
+        "status": result.job.status.value,
+        "scene": str(args.scene),
+        "folder": str(result.folder),
+        "frames_written": [f.frame for f in result.frames],
+        "files": [str(p) for f in result.frames for p in f.files],
+        "tasks": len(tasks),
+        "render_tasks": sum(t.kind.value == "render" for t in tasks),
+        "nodes": [
+            {
+                "name": n.capabilities.name,
+                "tasks": n.tasks_completed,
+                "failed": n.tasks_failed,
+                "render_seconds": round(n.render_seconds, 3),
+            }
+            for n in nodes
+        ],
+        "providers": provider_summary(nodes, {n.name: n.cheat for n in local_nodes}),
+        "ledger_ok": ledger_ok,
+        "ledger_problems": ledger_problems,
+        "wall_seconds": round(time.monotonic() - started, 3),
+        "warnings": list(prepared.warnings),
+    }
+    if args.json:
+        print_json(summary)
+    completed = result.job.status is JobStatus.COMPLETED
+    if completed:
+        status.line(
+            f"Rendered {len(result.frames)} frame(s) of {args.scene.name} on "
+            f"{args.nodes + len(cheats)} node(s) in {summary['wall_seconds']:.1f} s: "
+            f"{result.folder}"
+        )
+    for line in format_providers(summary["providers"], ledger_ok, ledger_problems):
+        status.line(line)
+    if completed:
+        return 0
+    print(
+        f"error: job {result.job.id} {result.job.status.value}: {result.job.message}",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def provider_summary(
+    nodes: Sequence[NodeInfo], cheats: dict[str, str | None] | None = None
+) -> list[dict[str, Any]]:
+    """Each node as a provider: accepted and rejected results, credits, standing.
+
+    `cheats` maps node names to their `--cheat` mode (a local farm knows them; the
+    coordinator never does). Nodes come in `cheats`' order, then the others by name.
+    """
+    cheats = cheats or {}
+    order = {name: index for index, name in enumerate(cheats)}
+    ranked = sorted(
+        nodes, key=lambda n: (order.get(n.capabilities.name, len(order)), n.capabilities.name)
+    )
+    return [
+        {
+            "name": node.capabilities.name,
+            "account": node.owner,
+            "cheat": cheats.get(node.capabilities.name),
+            "accepted": node.tasks_completed,
+            "rejected": node.rejected,
+            "earned": round(node.earned, 6),
+            "reputation": round(node.reputation, 4),
+            "suspended": node.suspended,
+        }
+        for node in ranked
+    ]
+
+
+def format_providers(
+    providers: Sequence[dict[str, Any]], ledger_ok: bool | None, problems: Sequence[str] = ()
+) -> list[str]:
+    """The providers' table and the ledger's verdict, as lines for the terminal."""
+    rows = [
+        (
+            f"  {p['name']}",
+            p["cheat"] or "-",
+            str(p["accepted"]),
+            str(p["rejected"]),
+            f"{p['earned']:g}",
+            f"{p['reputation']:.2f}",
+            "SUSPENDED: " + clip(p["suspended"], MESSAGE_WIDTH) if p["suspended"] else "-",
+        )
+        for p in providers
+    ]
+    headers = ("  PROVIDER", "CHEAT", "ACCEPTED", "REJECTED", "EARNED", "REPUTATION", "SUSPENDED")
+    lines = table(headers, rows).splitlines()
+    if ledger_ok is None:
+        lines.append("  Ledger: not checked (" + "; ".join(problems) + ")")
+    elif ledger_ok:
+        lines.append("  Ledger: checks out (every invariant holds)")
+    else:
+        lines.append(f"  Ledger: {len(problems)} problem(s)")
+        lines += [f"    - {problem}" for problem in problems]
+    return lines
+
+
+def _ledger_check(url: str, admin_token: str, status: Status) -> tuple[bool | None, list[str]]:
+    """(ok, problems) of the farm's ledger check; (None, [why]) when it could not run."""
+    try:
+        with TesseraClient(url, admin_token, retries=CLI_RETRIES) as admin:
+            check = admin.ledger_check()
+    except TesseraError as exc:
+        status.warn(f"could not check the credit ledger: {exc.message}")
+        return None, [exc.message]
+    return check.ok, list(check.problems)
+
+
+def _add_demo(sub: Subparsers) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="render the demo scene on a 2-node farm started on this machine",
+        description="Generate the demo scene if needed (resources/scenes/make_demo.py) and "
+        "`tessera render` it: a coordinator and 2 nodes on 127.0.0.1, frames 1-4 at 50% "
+        "in 2x2 tiles, denoised once per frame; prints where the frames are.",
+    )
+    demo.add_argument("--nodes", type=positive_int, default=2, help="node processes (default 2)")
+    demo.add_argument(
+        "--threads-per-node",
+        type=int,
+        default=0,
+        metavar="N",
+        help="render threads of each node (default: the cores shared out)",
+    )
+    _add_cheaters_option(demo)
+    add_job_options(demo)
+    demo.set_defaults(frames="1-4", tiles=(2, 2), percentage=50, samples=32)
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out"),
+        metavar="DIR",
+        help="where frames go, in DIR/demo/ (default: ./out)",
+    )
+    add_json_option(demo)
+    demo.set_defaults(handler=cmd_demo, wait=True, blender=None)
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from renderers.demo_scene import ensure_demo_scene
+
+    args.scene = ensure_demo_scene(choose_build(args.blender, settings))
+    return cmd_render(args, settings)

@@ -1,0 +1,313 @@
+"""Following a submitted job and bringing its frames home.
+
+`follow_job` follows the job's live event stream (SSE), downloads every finished frame
+as it finishes and returns when the job is completed, failed or canceled. If the stream
+breaks it polls the job every second instead, and rides out a coordinator restart for
+`patience` seconds. `download_finished_frames` fetches what is done without waiting.
+
+Frames land in `<out_dir>/<scene file stem>/frame_####.exr` plus a `.png` preview,
+numbered as Blender's `####` does (printf `%04d`): frame 7 is `frame_0007`, frame -1 is
+`frame_-001`, frame 12345 is `frame_12345`. Downloads are atomic (the client writes
+`<name>.part` and renames it), so a file that exists is complete. No Qt, no printing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import cast
+
+import requests
+import urllib3
+
+from common.errors import CoordinatorUnreachableError, TesseraError, UsageError
+from protocol.client import TesseraClient
+from protocol.models import FINISHED_JOB_STATES, Event, Job
+
+log = logging.getLogger(__name__)
+
+FRAME_KINDS = ("exr", "png")
+#: Longer than the coordinator's 15 s keep-alive, so only a dead stream times out.
+STREAM_READ_TIMEOUT = 30.0
+#: Task events refresh the job's progress at most this often.
+TASK_REFRESH_INTERVAL = 0.5
+
+
+class FrameDownloadError(TesseraError):
+    """A finished frame could not be written to the output folder."""
+
+    default_hint = "Check that the output folder is writable and the disk is not full."
+
+
+@dataclass(frozen=True, slots=True)
+class FrameFiles:
+    """One finished frame, downloaded."""
+
+    frame: int
+    files: tuple[Path, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FollowResult:
+    """How following a job ended."""
+
+    job: Job
+    folder: Path
+    #: The frames written by this call, in the order they were downloaded.
+    frames: tuple[FrameFiles, ...]
+    #: True when `stop()` ended the follow before the job finished.
+    stopped: bool = False
+    #: True when the event stream broke and the job was polled instead.
+    polled: bool = False
+
+    @property
+    def frame_numbers(self) -> list[int]:
+        return sorted(f.frame for f in self.frames)
+
+
+def frame_folder(out_dir: Path, job: Job) -> Path:
+    """Where a job's frames go: `out_dir/<stem of the scene's .blend>`."""
+    stem = PurePosixPath(job.spec.scene_path).stem
+    safe = "".join(c if c.isalnum() or c in "-_. " else "_" for c in stem).strip(" .")
+    return out_dir / (safe or "scene")
+
+
+def frame_file_name(frame: int, kind: str) -> str:
+    """`frame_0007.exr`: four digits as Blender's `####` (so `frame_-001` for -1)."""
+    return f"frame_{frame:04d}.{kind}"
+
+
+@dataclass
+class _Follower:
+    client: TesseraClient
+    job_id: str
+    out_dir: Path
+    on_event: Callable[[Event], None] | None
+    on_frame: Callable[[FrameFiles], None] | None
+    on_job: Callable[[Job], None] | None
+    stop: Callable[[], bool]
+    poll_interval: float
+    patience: float
+    kinds: tuple[str, ...]
+    folder: Path = Path()
+    written: list[FrameFiles] = field(default_factory=list)
+    done: set[int] = field(default_factory=set)
+    last_seq: int = 0
+    polled: bool = False
+    last_refresh: float = 0.0
+    read_timeout: float = STREAM_READ_TIMEOUT
+    connections: int = 0
+
+    def run(self) -> FollowResult:
+        job = self._refresh()
+        self.folder = frame_folder(self.out_dir, job)
+        job = self._sync(job)
+        while job.status not in FINISHED_JOB_STATES and not self.stop():
+            job = self._poll(job) if self.polled else self._stream(job)
+        if job.status in FINISHED_JOB_STATES:
+            job = self._sync(job)
+        return FollowResult(
+            job=job,
+            folder=self.folder,
+            frames=tuple(self.written),
+            stopped=job.status not in FINISHED_JOB_STATES,
+            polled=self.polled,
+        )
+
+    def _stream(self, job: Job) -> Job:
+        """Follow the SSE stream until the job finishes, stop() says so, the stream goes
+        quiet for `read_timeout` (the caller reconnects) or breaks (then `polled` is set
+        and the caller polls instead)."""
+        try:
+            if self.connections:
+                # Between two connections events may have been missed: catch up first.
+                job = self._sync(self._refresh())
+                if job.status in FINISHED_JOB_STATES or self.stop():
+                    return job
+            self.connections += 1
+            events = cast(
+                "Generator[Event, None, None]",
+                self.client.events(self.job_id, after=self.last_seq, timeout=self.read_timeout),
+            )
+        except (CoordinatorUnreachableError, requests.RequestException) as exc:
+            log.info("no event stream for job %s (%s); polling", self.job_id, exc)
+            self.polled = True
+            return job
+        with contextlib.closing(events):  # closes the HTTP response when we leave early
+            while True:
+                try:
+                    event = next(events)
+                except StopIteration:
+                    log.info("the event stream of job %s ended; polling", self.job_id)
+                    break
+                except requests.ConnectionError as exc:
+                    if _is_read_timeout(exc):
+                        return job  # quiet, not broken: check stop() and reconnect
+                    log.info("the event stream of job %s broke (%s); polling", self.job_id, exc)
+                    break
+                except (CoordinatorUnreachableError, requests.RequestException, ValueError) as exc:
+                    # ValueError: a garbled event (bad JSON or an unknown shape)
+                    log.info("the event stream of job %s broke (%s); polling", self.job_id, exc)
+                    break
+                self.last_seq = event.seq
+                if self.on_event is not None:
+                    self.on_event(event)
+                try:
+                    job = self._on_stream_event(event, job)
+                except CoordinatorUnreachableError as exc:
+                    log.info("lost the coordinator (%s); polling", exc)
+                    break
+                if job.status in FINISHED_JOB_STATES or self.stop():
+                    return job
+        self.polled = True
+        return job
+
+    def _on_stream_event(self, event: Event, job: Job) -> Job:
+        if event.type == "frame" and event.status == "done" and event.frame is not None:
+            self._download(event.frame)
+            return self._refresh()
+        if event.type in ("job", "frame"):
+            return self._refresh()
+        if time.monotonic() - self.last_refresh >= TASK_REFRESH_INTERVAL:
+            return self._refresh()
+        return job
+
+    def _poll(self, job: Job) -> Job:
+        deadline = time.monotonic() + self.poll_interval
+        while time.monotonic() < deadline:
+            if self.stop():
+                return job
+            time.sleep(min(0.1, self.poll_interval))
+        unreachable_since = time.monotonic()
+        while True:
+            try:
+                return self._sync(self._refresh())
+            except CoordinatorUnreachableError:
+                if time.monotonic() - unreachable_since > self.patience or self.stop():
+                    raise
+                time.sleep(self.poll_interval)
+
+    def _refresh(self) -> Job:
+        job = self.client.job(self.job_id)
+        self.last_refresh = time.monotonic()
+        if self.on_job is not None:
+            self.on_job(job)
+        return job
+
+    def _sync(self, job: Job) -> Job:
+        """Download every finished frame not downloaded yet."""
+        for frame in sorted(set(job.frames_done) - self.done):
+            self._download(frame)
+        return job
+
+    def _download(self, frame: int) -> None:
+        if frame in self.done:
+            return
+        paths = []
+        for kind in self.kinds:
+            target = self.folder / frame_file_name(frame, kind)
+            try:
+                paths.append(self.client.download_frame(self.job_id, frame, target, kind=kind))
+            except requests.RequestException as exc:
+                # The body broke off mid-way: drop the partial file; a later sync retries.
+                target.with_name(target.name + ".part").unlink(missing_ok=True)
+                raise CoordinatorUnreachableError(
+                    f"Lost the connection while downloading frame {frame} of job "
+                    f"{self.job_id} from {self.client.base_url} ({exc})."
+                ) from exc
+            except OSError as exc:
+                raise FrameDownloadError(
+                    f"Cannot write frame {frame} to {target}: {exc.strerror or exc}."
+                ) from exc
+        files = FrameFiles(frame, tuple(paths))
+        self.done.add(frame)
+        self.written.append(files)
+        if self.on_frame is not None:
+            self.on_frame(files)
+
+
+def _is_read_timeout(error: requests.ConnectionError) -> bool:
+    """requests reports a read timeout inside a streamed body as a ConnectionError."""
+    return any(isinstance(arg, urllib3.exceptions.ReadTimeoutError) for arg in error.args)
+
+
+def download_finished_frames(
+    client: TesseraClient,
+    job: Job,
+    out_dir: Path,
+    on_frame: Callable[[FrameFiles], None] | None = None,
+    *,
+    kinds: tuple[str, ...] = FRAME_KINDS,
+) -> FollowResult:
+    """Download every frame `job` has finished into `frame_folder(out_dir, job)`, as
+    `follow_job` does, without waiting for the rest; frames whose files are all there
+    already are skipped (downloads are atomic, so a file that exists is complete).
+    `result.frames` lists the frames written by this call. Raises what `follow_job` does."""
+    follower = _Follower(
+        client=client,
+        job_id=job.id,
+        out_dir=out_dir,
+        on_event=None,
+        on_frame=on_frame,
+        on_job=None,
+        stop=lambda: True,
+        poll_interval=1.0,
+        patience=0.0,
+        kinds=kinds,
+        folder=frame_folder(out_dir, job),
+    )
+    follower.done = {
+        frame
+        for frame in job.frames_done
+        if all((follower.folder / frame_file_name(frame, kind)).is_file() for kind in kinds)
+    }
+    follower._sync(job)
+    return FollowResult(job=job, folder=follower.folder, frames=tuple(follower.written))
+
+
+def follow_job(
+    client: TesseraClient,
+    job_id: str,
+    out_dir: Path,
+    on_event: Callable[[Event], None] | None = None,
+    on_frame: Callable[[FrameFiles], None] | None = None,
+    stop: Callable[[], bool] | None = None,
+    *,
+    on_job: Callable[[Job], None] | None = None,
+    poll_interval: float = 1.0,
+    patience: float = 60.0,
+    kinds: tuple[str, ...] = FRAME_KINDS,
+) -> FollowResult:
+    """Follow job `job_id` until it is completed, failed or canceled (or `stop()` says so),
+    downloading each finished frame into `frame_folder(out_dir, job)` as it finishes.
+
+    `on_event` sees every stream event, `on_frame` every frame written, `on_job` every
+    fresh copy of the job (for progress). Frames finished before the call are downloaded
+    first. `stop` is checked after each event, each poll, and at least every
+    `max(1, poll_interval)` seconds while the stream is quiet. Raises `ApiError` for an
+    unknown job, `CoordinatorUnreachableError` after `patience` seconds without reaching
+    the coordinator, and `FrameDownloadError` when a frame cannot be written.
+    """
+    unknown = [kind for kind in kinds if kind not in FRAME_KINDS]
+    if unknown:
+        raise UsageError(f"Frames come as {' and '.join(FRAME_KINDS)}, not {unknown[0]}.")
+    follower = _Follower(
+        client=client,
+        job_id=job_id,
+        out_dir=out_dir,
+        on_event=on_event,
+        on_frame=on_frame,
+        on_job=on_job,
+        stop=stop or (lambda: False),
+        poll_interval=poll_interval,
+        patience=patience,
+        kinds=kinds,
+        # Without stop() a healthy stream never times out (keep-alives come every 15 s);
+        # with it, a quiet stream is reopened often enough to ask stop() in time.
+        read_timeout=STREAM_READ_TIMEOUT if stop is None else max(1.0, poll_interval),
+    )
+    return follower.run()
