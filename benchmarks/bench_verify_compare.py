@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from benchmarks.common import RESULTS_DIR, report
-from coordinator.verification import VerificationPolicy, choose_window
+from coordinator.verify.policy import VerificationPolicy, choose_window
 from renderers import compare
 from renderers.builds import BlenderBuild, default_build
 from renderers.compare import compare_windows

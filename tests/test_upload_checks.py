@@ -20,8 +20,8 @@ import OpenEXR
 import pytest
 
 from app.submission import frame_preview
-from coordinator import upload_checks
-from coordinator.upload_checks import check_result, false_refusal_bound
+from coordinator.verify import upload_checks
+from coordinator.verify.upload_checks import check_result, false_refusal_bound
 from protocol.models import JobSpec, Region, RenderAssignment, TaskKind
 from renderers import scene_probe
 from renderers.exr import ExrImage, ExrPart, read_exr, write_exr
