@@ -165,6 +165,9 @@ class Farm:
     def job(self, who: Principal, job_id: str) -> Job:
         return self.jobs_room.job(who, job_id)
 
+    def owned_job_ids(self, who: Principal) -> set[str]:
+        return self.jobs_room.owned_job_ids(who)
+
     def tasks(self, who: Principal, job_id: str) -> list[Task]:
         return self.jobs_room.tasks(who, job_id)
 

@@ -29,7 +29,14 @@ from coordinator.errors import (
 from coordinator.http.limits import too_many_requests
 from protocol.models import ErrorBody
 
-__all__ = ["STATUS", "error_response", "install_error_handlers", "reason", "status_of"]
+__all__ = [
+    "STATUS",
+    "crash_response",
+    "error_response",
+    "install_error_handlers",
+    "reason",
+    "status_of",
+]
 
 #: The HTTP status of each domain error (the first class that matches wins).
 STATUS: tuple[tuple[type[TesseraError], int], ...] = (
@@ -59,14 +66,12 @@ def reason(status: int) -> str:
     return {
         400: "bad request",
         401: "unauthorized",
-        402: "payment required",
         403: "forbidden",
         404: "not found",
         409: "conflict",
         413: "too large",
         422: "invalid request",
         429: "too many requests",
-        500: "internal error",
         503: "unavailable",
         507: "insufficient storage",
     }.get(status, "error")
@@ -85,6 +90,8 @@ def install_error_handlers(app: FastAPI, storage_retry_after: float) -> None:
         if isinstance(exc, TooManyRequestsError):
             return too_many_requests(exc.retry_after)
         status = status_of(exc)
+        if status == 500:
+            return crash_response(exc)
         headers = None
         if isinstance(exc, StorageFullError):
             # Nothing of this request was kept and nothing accepted before is touched:
@@ -112,10 +119,15 @@ def install_error_handlers(app: FastAPI, storage_retry_after: float) -> None:
 
     @app.exception_handler(Exception)
     async def crashed(_: Request, exc: Exception) -> JSONResponse:
-        # Logged by the server; the client gets the usual error shape, never a traceback.
-        return error_response(
-            500,
-            "internal error",
-            f"The coordinator failed on this request ({type(exc).__name__}).",
-            "This is a bug in the coordinator; its log has the details.",
-        )
+        return crash_response(exc)
+
+
+def crash_response(exc: BaseException) -> JSONResponse:
+    """A 500: the server logs the exception; the client gets the usual error shape,
+    never a traceback."""
+    return error_response(
+        500,
+        "internal error",
+        f"The coordinator failed on this request ({type(exc).__name__}).",
+        "This is a bug in the coordinator; its log has the details.",
+    )

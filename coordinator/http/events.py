@@ -27,7 +27,7 @@ async def event_stream(
             return
         batch = bus.since(last, job)
         if batch and who.role is not Role.ADMIN and job is None:
-            owned = farm.jobs_room.owned_job_ids(who)
+            owned = farm.owned_job_ids(who)
             visible = [e for e in batch if e.job_id in owned]
         else:
             visible = batch
