@@ -3,6 +3,7 @@ node's owner for an accepted task. The bookkeeping itself is `coordinator.ledger
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from datetime import datetime
 
@@ -21,7 +22,10 @@ from protocol.models import (
     Wallet,
 )
 
-__all__ = ["Credits"]
+__all__ = ["MAX_GRANT_CREDITS", "Credits"]
+
+#: The ledger counts integer milli-credits in SQLite (64-bit): keep grants far below that.
+MAX_GRANT_CREDITS = 1e12
 
 
 class Credits:
@@ -32,6 +36,9 @@ class Credits:
     def grant(self, who: Principal, name: str, amount: float) -> Wallet:
         if who.role is not Role.ADMIN:
             raise NotAllowedError("Only an admin can grant credits.")
+        if not math.isfinite(amount) or amount > MAX_GRANT_CREDITS:
+            # found by the fuzzer: 1e300 or Infinity overflowed the ledger's integers (500)
+            raise InvalidRequestError(f"A grant is at most {MAX_GRANT_CREDITS:g} credits.")
         if not self.accounts.exists(name):
             raise NotFoundError(f"No account named '{name}'.", hint="Create the account first.")
         milli = ledger.to_milli(amount)

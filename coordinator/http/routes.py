@@ -13,7 +13,6 @@ provider whose node holds a lease on such a job, and admins.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +20,6 @@ from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 
-from coordinator.errors import InvalidRequestError
 from coordinator.http.auth import Admin, Provider, Requester, Who
 from coordinator.http.events import event_stream
 from coordinator.http.uploads import check_room, check_sha, spool
@@ -60,8 +58,6 @@ __all__ = ["router"]
 
 #: Work appearing wakes long polls at once (EventBus.work_version); this is a safety net.
 IDLE_RETRY_SECONDS = 5.0
-#: The ledger counts integer milli-credits in SQLite (64-bit): keep grants far below that.
-MAX_GRANT_CREDITS = 1e12
 
 
 def router(services: Services) -> APIRouter:
@@ -83,9 +79,6 @@ def router(services: Services) -> APIRouter:
 
     @api.post("/accounts/{name}/grant", response_model=Wallet)
     def grant(name: str, body: Grant, who: Admin) -> Wallet:
-        if not math.isfinite(body.amount) or body.amount > MAX_GRANT_CREDITS:
-            # found by the fuzzer: 1e300 or Infinity overflowed the ledger's integers (500)
-            raise InvalidRequestError(f"A grant is at most {MAX_GRANT_CREDITS:g} credits.")
         return farm.grant_credits(who, name, body.amount)
 
     @api.get("/wallet", response_model=Wallet)
