@@ -93,7 +93,7 @@ def serve_main(options: ServerOptions) -> None:
     from coordinator.farm import Farm
     from coordinator.server import serve
     from coordinator.store import ContentStore
-    from coordinator.verification import VerificationPolicy
+    from coordinator.verify.policy import VerificationPolicy
     from protocol.models import Role
 
     _raise_fd_limit()

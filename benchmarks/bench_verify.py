@@ -33,9 +33,9 @@ import numpy as np
 import numpy.typing as npt
 
 from benchmarks.common import report
-from coordinator.farm import plan_assignments
-from coordinator.sampling import window_assignment
-from coordinator.verification import (
+from coordinator.planning import plan_assignments
+from coordinator.verify.judge import window_assignment
+from coordinator.verify.policy import (
     ProviderRecord,
     VerificationPolicy,
     sampling_rate,

@@ -8,7 +8,7 @@ path was traced differently). Cheats: the same frame with half or a quarter of t
 samples asked, another window of the same frame (a copied tile), uniform noise in
 [0, max of the frame], and black. Milder variants (3/4 and 15/16 of the samples) are
 reported for information. Windows are chosen as the coordinator chooses them
-(`coordinator.verification.choose_window` on tiles of 1x1..4x4 grids), so they are mostly
+(`coordinator.verify.policy.choose_window` on tiles of 1x1..4x4 grids), so they are mostly
 8x8 px. A window re-rendered with a border equals the same crop of a full-frame render
 (docs: RENDERING_FACTS.md), so crops of full frames stand in for window renders.
 
@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from benchmarks.common import RESULTS_DIR, report
-from coordinator.verification import VerificationPolicy, choose_window
+from coordinator.verify.policy import VerificationPolicy, choose_window
 from renderers import compare
 from renderers.builds import BlenderBuild, default_build
 from renderers.compare import compare_windows

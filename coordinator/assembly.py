@@ -7,6 +7,8 @@ never runs Blender); its result becomes the final frame. Every step is recorded 
 never loses or repeats accepted work. A frame that cannot be written because the disk
 (or the database) is full waits and is assembled again every `retry_seconds`, with the
 reason in its job's message: a full disk delays a job, it never fails it.
+
+Merge only: the frame's and its job's states are written by `coordinator.task_states`.
 """
 
 from __future__ import annotations
@@ -19,12 +21,10 @@ import time
 from pathlib import Path
 
 from common.disk_space import no_room_reason
-from coordinator import ledger
-from coordinator.db import Database
-from coordinator.events import EventBus
-from coordinator.farm import now_iso, plan_for
-from coordinator.store import ContentStore, StorageFullError
-from protocol.models import JobSpec, JobStatus, TaskKind, TaskStatus
+from coordinator.errors import StorageFullError
+from coordinator.planning import plan_for
+from coordinator.task_states import RUNNABLE_JOBS, TaskStates
+from protocol.models import FrameStatus, JobSpec, TaskKind, TaskStatus
 from renderers.exr import ExrImage, read_exr, write_exr
 from renderers.merge import merge_tiles
 from renderers.preview import write_preview_png
@@ -36,16 +36,10 @@ STORAGE_RETRY_SECONDS = 30.0
 
 
 class Assembler:
-    def __init__(
-        self,
-        db: Database,
-        store: ContentStore,
-        bus: EventBus,
-        retry_seconds: float = STORAGE_RETRY_SECONDS,
-    ) -> None:
-        self.db = db
-        self.store = store
-        self.bus = bus
+    def __init__(self, states: TaskStates, retry_seconds: float = STORAGE_RETRY_SECONDS) -> None:
+        self.states = states
+        self.db = states.core.db
+        self.store = states.core.store
         self.retry_seconds = retry_seconds
         #: Frames waiting for disk space: (when to try again, job, frame).
         self._waiting: list[tuple[float, str, int]] = []
@@ -76,10 +70,15 @@ class Assembler:
         """Queue frames a crash interrupted: all tiles in but no final frame yet."""
         rows = self.db.query(
             "SELECT f.job_id, f.frame FROM frames f JOIN jobs j ON j.id = f.job_id WHERE"
-            " f.status != 'done' AND j.status IN ('queued', 'active') AND NOT EXISTS (SELECT 1"
+            " f.status != ? AND j.status IN (?, ?) AND NOT EXISTS (SELECT 1"
             " FROM tasks t WHERE t.job_id = f.job_id AND t.frame = f.frame AND t.kind = ? AND"
             " t.status != ?)",
-            (TaskKind.RENDER.value, TaskStatus.COMPLETED.value),
+            (
+                FrameStatus.DONE.value,
+                *RUNNABLE_JOBS,
+                TaskKind.RENDER.value,
+                TaskStatus.COMPLETED.value,
+            ),
         )
         for row in rows:
             self.submit(row["job_id"], row["frame"])
@@ -130,11 +129,7 @@ class Assembler:
             f"assembled again every {self.retry_seconds:.0f} s."
         )
         try:
-            with self.db.transaction() as conn:
-                conn.execute(
-                    "UPDATE jobs SET message = ?, updated_at = ? WHERE id = ?",
-                    (message, now_iso(), job_id),
-                )
+            self.states.job_message(job_id, message)
         except Exception:
             log.warning("could not record the wait in job %s's message", job_id)
 
@@ -143,10 +138,10 @@ class Assembler:
         state = self.db.query_one(
             "SELECT * FROM frames WHERE job_id = ? AND frame = ?", (job_id, frame)
         )
-        if job is None or state is None or state["status"] == "done":
+        if job is None or state is None or state["status"] == FrameStatus.DONE.value:
             return
         spec = JobSpec.model_validate_json(job["spec"])
-        if state["status"] == "denoising":
+        if state["status"] == FrameStatus.DENOISING.value:
             denoised = self.db.query_one(
                 "SELECT result_sha FROM tasks WHERE job_id = ? AND frame = ? AND kind = ? AND"
                 " status = ?",
@@ -184,79 +179,19 @@ class Assembler:
             return self.store.put_file(path)
 
     def _start_denoise(self, job_id: str, frame: int, merged: ExrImage) -> None:
-        merged_sha = self._store_exr(merged)
-        with self.db.transaction() as conn:
-            conn.execute(
-                "INSERT OR IGNORE INTO tasks (id, job_id, kind, frame, tile_index, status,"
-                " denoise_input, updated_at) VALUES (?,?,?,?,?,?,?,?)",
-                (
-                    f"{job_id}-f{frame}-denoise",
-                    job_id,
-                    TaskKind.DENOISE.value,
-                    frame,
-                    0,
-                    TaskStatus.QUEUED.value,
-                    merged_sha,
-                    now_iso(),
-                ),
-            )
-            conn.execute(
-                "UPDATE frames SET status = 'denoising', merged_sha = ? WHERE"
-                " job_id = ? AND frame = ?",
-                (merged_sha, job_id, frame),
-            )
-        self.bus.publish("frame", job_id=job_id, frame=frame, status="denoising")
-        self.bus.work_changed()
+        self.states.frame_denoising(job_id, frame, self._store_exr(merged))
 
     def _finish(self, job_id: str, frame: int, image: ExrImage, exr_sha: str | None = None) -> None:
         exr_sha = exr_sha or self._store_exr(image)
         with tempfile.TemporaryDirectory(dir=self.store.root / "tmp") as scratch:
             png = write_preview_png(image, Path(scratch) / "frame.png")
             png_sha = self.store.put_file(png)
-        with self.db.transaction() as conn:
-            conn.execute(
-                "UPDATE frames SET status = 'done', exr_sha = ?, png_sha = ? WHERE"
-                " job_id = ? AND frame = ?",
-                (exr_sha, png_sha, job_id, frame),
-            )
-            pending = conn.execute(
-                "SELECT COUNT(*) FROM frames WHERE job_id = ? AND status != 'done'", (job_id,)
-            ).fetchone()[0]
-            if pending == 0:
-                conn.execute(
-                    "UPDATE jobs SET status = ?, message = '', updated_at = ? WHERE"
-                    " id = ? AND status IN ('queued', 'active', 'paused')",
-                    (JobStatus.COMPLETED.value, now_iso(), job_id),
-                )
-                ledger.settle(conn, job_id)
-            else:
-                conn.execute(
-                    "UPDATE jobs SET message = '' WHERE id = ? AND message LIKE ?",
-                    (job_id, "Frame % waits for disk space%"),
-                )
-        self.bus.publish(
-            "frame",
-            job_id=job_id,
-            frame=frame,
-            status="done",
-            url=f"/api/v1/jobs/{job_id}/frames/{frame}.exr",
-        )
-        if pending == 0:
-            self.bus.publish("job", job_id=job_id, status=JobStatus.COMPLETED.value)
+        self.states.frame_done(job_id, frame, exr_sha, png_sha)
 
     def _fail_job(self, job_id: str, frame: int) -> None:
-        with self.db.transaction() as conn:
-            conn.execute(
-                "UPDATE jobs SET status = ?, message = ?, updated_at = ? WHERE id = ?",
-                (
-                    JobStatus.FAILED.value,
-                    f"Frame {frame} could not be assembled; see the coordinator log.",
-                    now_iso(),
-                    job_id,
-                ),
-            )
-            ledger.settle(conn, job_id)
-        self.bus.publish("job", job_id=job_id, status=JobStatus.FAILED.value)
+        self.states.fail_job_now(
+            job_id, f"Frame {frame} could not be assembled; see the coordinator log."
+        )
 
 
 def _storage_full(error: BaseException) -> str | None:

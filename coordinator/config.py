@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coordinator.verification import VerificationPolicy
+from coordinator.verify.policy import VerificationPolicy
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,9 @@ goes through one connection guarded by one lock (`Database.lock`), and every mul
 change runs inside `Database.transaction()`, which commits or rolls back as a whole.
 WAL mode keeps readers cheap and makes a crash mid-write leave the last committed state.
 
-This module knows tables, not jobs: the domain logic lives in `farm.py`.
+This module knows tables, not jobs: the rules live in the rooms `coordinator.farm`
+composes. It is plain `sqlite3`: the one writer and its lock are the point, and
+sqlite-utils' helpers were never used.
 """
 
 from __future__ import annotations
@@ -14,12 +16,11 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
-from coordinator.store import StorageFullError
+from coordinator.errors import StorageFullError
 
 #: sqlite3's primary result code for "database or disk is full".
 SQLITE_FULL = 13
@@ -179,6 +180,11 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
+def now_iso() -> str:
+    """The timestamp every row's `*_at` column holds."""
+    return datetime.now(UTC).isoformat()
+
+
 class Database:
     """One SQLite connection for the whole coordinator, serialised by `lock`."""
 
@@ -192,7 +198,6 @@ class Database:
         self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.execute("PRAGMA foreign_keys=ON")
         self.conn.execute("PRAGMA busy_timeout=5000")
-        self.db = sqlite_utils.Database(self.conn)
         self._migrate()
 
     def close(self) -> None:

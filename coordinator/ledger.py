@@ -20,8 +20,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from common.errors import ApiError
 from coordinator.db import Database
+from coordinator.errors import InsufficientCreditsError, InvalidRequestError
 
 MILLI = 1000
 ISSUANCE = "issuance"
@@ -108,7 +108,7 @@ def _balance(conn: sqlite3.Connection, account: str) -> int:
 def grant(conn: sqlite3.Connection, account_name: str, amount: int, memo: str = "") -> str:
     """Issue `amount` milli-credits to the user `account_name`; returns the txn id."""
     if amount <= 0:
-        raise ApiError("A grant must be a positive amount.", status=422)
+        raise InvalidRequestError("A grant must be a positive amount.")
     txn_id = f"grant:{uuid.uuid4().hex[:16]}"
     _post(
         conn,
@@ -137,13 +137,12 @@ def escrow(conn: sqlite3.Connection, job_id: str, owner: str, amount: int) -> No
     )
 
 
-def unaffordable(amount: int, have: int) -> ApiError | None:
-    """The 402 refusal of a job whose escrow of `amount` exceeds the balance `have`."""
+def unaffordable(amount: int, have: int) -> InsufficientCreditsError | None:
+    """The refusal of a job whose escrow of `amount` exceeds the balance `have`."""
     if amount <= 0 or have >= amount:
         return None
-    return ApiError(
+    return InsufficientCreditsError(
         f"This job may cost up to {credits(amount):g} credits; your balance is {credits(have):g}.",
-        status=402,
         hint="Ask an admin for credits (`tessera grant`), lower --max-price, or render less.",
     )
 

@@ -11,8 +11,8 @@ from types import FrameType
 
 import uvicorn
 
-from coordinator.app import create_app
 from coordinator.config import CoordinatorConfig
+from coordinator.http import create_app
 
 #: How long an idle keep-alive connection stays open (uvicorn's default is 5 s).
 KEEP_ALIVE_SECONDS = 30

@@ -2,6 +2,10 @@
 SHA-256, written atomically (temp file, fsync, rename) so a crash never leaves a
 half-written object under a real name. Knows nothing about jobs or HTTP.
 
+An upload is written once: a `Spool` writes the body into ``tmp/`` and hashes it as it
+goes; `adopt` then checks the hash and renames the file into place (`os.replace`), so
+no byte is copied a second time.
+
 A write the file system refuses for want of room (ENOSPC, a quota, a file-size limit)
 raises `StorageFullError`, which the API answers with 507 and Retry-After: the sender
 keeps its data and tries again later. Nothing already stored is touched.
@@ -15,29 +19,28 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.disk_space import NO_ROOM_ERRNOS
-from common.errors import BundleError, TesseraError
+from coordinator.errors import HashMismatchError, StorageFullError, UploadTooLargeError
+
+__all__ = [
+    "ContentStore",
+    "HashMismatchError",
+    "Spool",
+    "SpooledUpload",
+    "StorageFullError",
+    "TooLargeError",
+    "is_no_room",
+    "no_room",
+]
 
 CHUNK = 1 << 20
 
 
-class HashMismatchError(BundleError):
-    default_hint = "The data was corrupted in transit or the hash is wrong; upload it again."
-
-
-class TooLargeError(BundleError):
+class TooLargeError(UploadTooLargeError):
     pass
-
-
-class StorageFullError(TesseraError):
-    """The coordinator's disk cannot take this write now; the sender should retry later."""
-
-    default_hint = (
-        "Keep the data and send it again later; the farm's admin must free space in the "
-        "coordinator's data folder."
-    )
 
 
 def is_no_room(exc: BaseException) -> bool:
@@ -95,43 +98,48 @@ class ContentStore:
                 f"least {keep_free} free (min_free_disk), so it cannot take {incoming} more."
             )
 
+    def spool(self, max_bytes: int) -> Spool:
+        """A file in ``tmp/`` that takes an upload chunk by chunk (see `Spool`)."""
+        try:
+            return Spool(self.root / "tmp", max_bytes)
+        except OSError as exc:
+            if is_no_room(exc):
+                raise no_room("an upload", exc) from exc
+            raise
+
+    def adopt(self, upload: SpooledUpload, expected_sha256: str | None = None) -> str:
+        """Move a spooled upload into the store under its hash (a rename, no copy).
+        A hash that is not the expected one keeps nothing. Returns the hash."""
+        try:
+            if expected_sha256 is not None and upload.sha256 != expected_sha256:
+                raise HashMismatchError(
+                    f"The upload's SHA-256 is {upload.sha256}, not the expected {expected_sha256}."
+                )
+            target = self.path(upload.sha256)
+            target.parent.mkdir(exist_ok=True)
+            upload.path.replace(target)  # os.replace: a rename, never a copy
+            return upload.sha256
+        except OSError as exc:
+            if is_no_room(exc):
+                raise no_room(f"an upload of {upload.size} bytes", exc) from exc
+            raise
+        finally:
+            upload.path.unlink(missing_ok=True)
+
     def put_stream(
         self, chunks: Iterable[bytes], *, max_bytes: int, expected_sha256: str | None = None
     ) -> tuple[str, int]:
         """Store a stream; refuse it if it exceeds `max_bytes` or its hash is not the
         expected one (nothing is kept in either case). Returns (sha256, size)."""
-        digest = hashlib.sha256()
-        size = 0
-        handle, temp_name = tempfile.mkstemp(dir=self.root / "tmp")
-        temp = Path(temp_name)
-        try:
-            with os.fdopen(handle, "wb") as out:
-                for chunk in chunks:
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise TooLargeError(
-                            f"The upload is larger than the limit of {max_bytes} bytes."
-                        )
-                    digest.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            sha256 = digest.hexdigest()
-            if expected_sha256 is not None and sha256 != expected_sha256:
-                raise HashMismatchError(
-                    f"The upload's SHA-256 is {sha256}, not the expected {expected_sha256}."
-                )
-            target = self.path(sha256)
-            target.parent.mkdir(exist_ok=True)
-            temp.replace(target)
-            return sha256, size
-        except OSError as exc:
-            if is_no_room(exc):
-                raise no_room(f"an upload of {size} bytes", exc) from exc
-            raise
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                temp.unlink()
+        upload = self.spool_chunks(chunks, max_bytes)
+        return self.adopt(upload, expected_sha256), upload.size
+
+    def spool_chunks(self, chunks: Iterable[bytes], max_bytes: int) -> SpooledUpload:
+        spool = self.spool(max_bytes)
+        with spool:
+            for chunk in chunks:
+                spool.write(chunk)
+            return spool.finish()
 
     def put_file(self, source: Path) -> str:
         with source.open("rb") as handle:
@@ -141,3 +149,63 @@ class ContentStore:
     def put_bytes(self, data: bytes) -> str:
         sha256, _ = self.put_stream([data], max_bytes=1 << 62)
         return sha256
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledUpload:
+    """A complete upload in the store's ``tmp/``, hashed while it was written."""
+
+    path: Path
+    sha256: str
+    size: int
+
+
+class Spool:
+    """One upload being written to ``tmp/``: `write` each chunk (hashed as it goes),
+    then `finish`. Used as a context manager, it deletes the file unless finished.
+    Past `max_bytes` it raises `TooLargeError`; a full disk is `StorageFullError`."""
+
+    def __init__(self, folder: Path, max_bytes: int) -> None:
+        handle, name = tempfile.mkstemp(dir=folder, suffix=".upload")
+        self.path = Path(name)
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._digest = hashlib.sha256()
+        self._out = os.fdopen(handle, "wb")
+        self._finished = False
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self._finished:
+            self.discard()
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.max_bytes:
+            raise TooLargeError(f"The upload is larger than the limit of {self.max_bytes} bytes.")
+        self._digest.update(chunk)
+        try:
+            self._out.write(chunk)
+        except OSError as exc:
+            if is_no_room(exc):
+                raise no_room(f"an upload ({self.size} bytes in)", exc) from exc
+            raise
+
+    def finish(self) -> SpooledUpload:
+        try:
+            self._out.flush()
+            os.fsync(self._out.fileno())
+            self._out.close()
+        except OSError as exc:
+            if is_no_room(exc):
+                raise no_room(f"an upload of {self.size} bytes", exc) from exc
+            raise
+        self._finished = True
+        return SpooledUpload(self.path, self._digest.hexdigest(), self.size)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self._out.close()
+        self.path.unlink(missing_ok=True)

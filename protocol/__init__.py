@@ -1,3 +1,16 @@
-"""Wire models, the typed HTTP client and zeroconf helpers shared by every side.
-Built in a later issue; imports pydantic, requests and zeroconf only.
+"""The wire between the coordinator, its nodes and its clients.
+
+Rooms:
+
+- `protocol.models`: the pydantic models of every request and response of API v1, and
+  the wire enums (job, task and frame states, failure kinds, devices).
+- `protocol.client`: `TesseraClient`, the typed HTTP client every side uses.
+- `protocol.discovery`: zeroconf advertising and browsing of farms and nodes on a LAN.
+
+Imports pydantic, requests and zeroconf only (never the coordinator, a node or Qt).
 """
+
+from protocol.client import TesseraClient
+from protocol.models import API_PREFIX, FailureKind, FrameState, FrameStatus, JobSpec
+
+__all__ = ["API_PREFIX", "FailureKind", "FrameState", "FrameStatus", "JobSpec", "TesseraClient"]

@@ -31,6 +31,7 @@ from protocol.models import (
     AccountCreate,
     AccountToken,
     Event,
+    FrameState,
     Grant,
     Health,
     Heartbeat,
@@ -255,6 +256,10 @@ class TesseraClient:
 
     def tasks(self, job_id: str) -> list[Task]:
         return self._list(f"/jobs/{job_id}/tasks", Task)
+
+    def frames(self, job_id: str) -> list[FrameState]:
+        """Each frame's state (pending, denoising, done) and its accepted tiles."""
+        return self._list(f"/jobs/{job_id}/frames", FrameState)
 
     def pause(self, job_id: str) -> Job:
         return self._json("POST", f"/jobs/{job_id}/pause", Job)

@@ -306,6 +306,16 @@ class JobSpec(Strict):
         return self.scene.denoising if self.denoise is None else self.denoise
 
 
+class FrameState(Strict):
+    """Where one frame of a job stands, as the coordinator keeps it."""
+
+    frame: int
+    status: FrameStatus
+    #: Render tiles of the frame accepted so far, of `tiles`.
+    tiles_done: int = Field(ge=0)
+    tiles: int = Field(ge=0)
+
+
 class JobProgress(Strict):
     tasks_total: int
     tasks_done: int

@@ -12,7 +12,7 @@ The coordinator has a second provider re-render a small random window of a tile 
   from `benchmarks/bench_verify_compare.py` (record: docs/verification-calibration.md).
 
 Pure numpy on arrays already in memory: no Blender, no files, no network, no policy (who
-gets checked and what a disagreement costs live in `coordinator/verification.py`). Bad
+gets checked and what a disagreement costs live in `coordinator/verify/policy.py`). Bad
 pixel data (other shapes, NaN or Inf) is a disagreement with a reason, never an exception.
 """
 

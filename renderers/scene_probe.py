@@ -15,7 +15,7 @@ inspected the scene, and measures two things the farm cannot learn any other way
   `PREVIEW_MAX_SIDE` x `PREVIEW_MAX_SIDE` with the frame's aspect, at most
   `PREVIEW_MAX_SAMPLES` samples, seed 0, no denoising, as Rec.709 linear luminance
   (row 0 at the top). The coordinator refuses a flat or black tile where these show
-  something else (coordinator/upload_checks.py).
+  something else (coordinator/verify/upload_checks.py).
 
 Limits, stated plainly: the cost comes from renders of a fraction of a second, so it is
 noisy (+-30 % seen on a busy 2-core machine), it is measured on the submitter's CPU (a scene
@@ -67,7 +67,7 @@ __all__ = [
 
 #: Previews fit this many pixels on each side (protocol.models.FramePreview's limit).
 PREVIEW_MAX_SIDE = 64
-#: The most samples a preview pixel gets (coordinator/upload_checks.py relies on it).
+#: The most samples a preview pixel gets (coordinator/verify/upload_checks.py relies on it).
 PREVIEW_MAX_SAMPLES = 16
 PREVIEW_MAX_FRAMES = 3
 #: A preview that took longer than this makes the next ones use fewer samples.

@@ -256,7 +256,7 @@ def port_of(url: str) -> int:
 def _serve_from_args(argv: list[str]) -> None:
     from coordinator.config import CoordinatorConfig
     from coordinator.server import serve
-    from coordinator.verification import VerificationPolicy
+    from coordinator.verify.policy import VerificationPolicy
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, required=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,70 @@ def test_every_cli_command_is_documented_in_the_readme() -> None:
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     missing = [name for name in commands.choices if f"tessera {name}" not in readme]
     assert not missing, f"commands without a README section: {missing}"
+
+
+# --- the coordinator's rooms -----------------------------------------------------------------
+
+MAX_MODULE_LINES = 700
+#: SQL that changes a task's or a job's status (or a frame's), or creates a task or job.
+STATUS_WRITE = re.compile(
+    r"\bUPDATE\s+(?:tasks|jobs|frames)\s+SET\b(?:(?!\bWHERE\b).)*\bstatus\s*="
+    r"|\bINSERT\s+(?:OR\s+\w+\s+)?INTO\s+(?:tasks|jobs|frames)\b",
+    re.IGNORECASE | re.DOTALL,
+)
+STATE_MACHINE = REPO / "coordinator" / "task_states.py"
+
+
+def _sql_strings(path: Path) -> list[str]:
+    """Every string literal of a module (adjacent literals are one; f-strings joined)."""
+    texts: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            texts.append(node.value)
+        elif isinstance(node, ast.JoinedStr):
+            texts.append(
+                "".join(
+                    part.value if isinstance(part, ast.Constant) else "?" for part in node.values
+                )
+            )
+    return texts
+
+
+@pytest.mark.parametrize("package", ["coordinator", "protocol"])
+def test_no_module_is_over_700_lines(package: str) -> None:
+    long = {
+        str(path.relative_to(REPO)): lines
+        for path in _modules(package)
+        if (lines := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert not long, f"split these modules (at most {MAX_MODULE_LINES} lines): {long}"
+
+
+def test_the_status_pattern_finds_status_writes() -> None:
+    assert STATUS_WRITE.search("UPDATE tasks SET status = ?, lease_id = NULL WHERE id = ?")
+    assert STATUS_WRITE.search("UPDATE jobs SET message = ?, status = ? WHERE id = ?")
+    assert STATUS_WRITE.search("INSERT OR IGNORE INTO tasks (id, job_id) VALUES (?, ?)")
+    assert not STATUS_WRITE.search("UPDATE jobs SET priority = ? WHERE id = ? AND status = ?")
+    assert not STATUS_WRITE.search("UPDATE nodes SET current_task = NULL WHERE id = ?")
+
+
+def test_statuses_change_only_in_the_task_state_machine() -> None:
+    offenders = [
+        f"{path.relative_to(REPO)}: {' '.join(text.split())[:90]}"
+        for path in _modules("coordinator")
+        if path != STATE_MACHINE
+        for text in _sql_strings(path)
+        if STATUS_WRITE.search(text)
+    ]
+    assert not offenders, f"status written outside coordinator/task_states.py: {offenders}"
+    assert any(STATUS_WRITE.search(text) for text in _sql_strings(STATE_MACHINE))
+
+
+def test_the_http_layer_runs_no_sql() -> None:
+    sql = re.compile(r"\.execute\(|\.executemany\(|\bdb\.query|\bdb\.fetch_one|\bdb\.transaction")
+    offenders = [
+        str(path.relative_to(REPO))
+        for path in (REPO / "coordinator" / "http").rglob("*.py")
+        if sql.search(path.read_text()) or {"sqlite3", "sqlite_utils"} & _imports(path)
+    ]
+    assert not offenders, f"SQL in the HTTP layer: {offenders}"

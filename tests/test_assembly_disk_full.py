@@ -32,26 +32,18 @@ import numpy as np
 
 from coordinator import ledger
 from coordinator.assembly import Assembler
-from coordinator.config import CoordinatorConfig
-from coordinator.db import Database
-from coordinator.events import EventBus
-from coordinator.farm import Farm, Principal
-from coordinator.store import ContentStore
-from coordinator.verification import VerificationPolicy
+from coordinator.farm import Principal
+from coordinator.verify.policy import VerificationPolicy
 from protocol.client import sha256_file
 from protocol.models import LeaseRequest, Role
 from renderers.exr import read_exr
+from tests.coordinator_tools import open_farm
 from tests.inprocess_farm import TRUTH, setup_farm, small_spec, write_tile_exr
 
 data, scene, scratch = (Path(arg) for arg in sys.argv[1:4])
-config = CoordinatorConfig(
-    data_dir=data, verification=VerificationPolicy(enabled=False), min_free_disk=0
-)
-db = Database(config.db_path)
-store = ContentStore(config.store_dir)
-bus = EventBus()
-farm = Farm(config, db, store, bus)
-assembler = Assembler(db, store, bus, retry_seconds=0.3)
+farm = open_farm(data, verification=VerificationPolicy(enabled=False), min_free_disk=0)
+db, store = farm.db, farm.store
+assembler = Assembler(farm.states, retry_seconds=0.3)
 farm.on_frame_ready.append(assembler.submit)
 assembler.start()
 job_id, nodes = setup_farm(farm, small_spec(), scene, scratch / "bundle")

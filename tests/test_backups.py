@@ -8,20 +8,17 @@ test_sampling.py); the time a tile has run is real (short sleeps).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from common.errors import ApiError
-from coordinator.config import CoordinatorConfig
-from coordinator.db import Database
-from coordinator.events import EventBus
+from coordinator.errors import DomainError
 from coordinator.farm import Farm, Principal
-from coordinator.store import ContentStore
-from coordinator.verification import VerificationPolicy
+from coordinator.http.errors import status_of
+from coordinator.verify.policy import VerificationPolicy
 from protocol.client import sha256_file
 from protocol.models import Heartbeat, JobSpec, Lease, LeaseRequest, Role, TaskKind, TaskStatus
+from tests.coordinator_tools import FreshFarm
 from tests.inprocess_farm import TRUTH, setup_farm, small_spec, task_status, write_tile_exr
 
 A, B = Principal("a", Role.PROVIDER), Principal("b", Role.PROVIDER)
@@ -33,15 +30,8 @@ def spec() -> JobSpec:
 
 
 @pytest.fixture()
-def farm(tmp_path: Path) -> Iterator[Farm]:
-    config = CoordinatorConfig(
-        data_dir=tmp_path / "coordinator",
-        verification=VerificationPolicy(enabled=False),
-        backup_after_seconds=0.05,
-    )
-    db = Database(config.db_path)
-    yield Farm(config, db, ContentStore(config.store_dir), EventBus())
-    db.close()
+def farm(fresh_farm: FreshFarm) -> Farm:
+    return fresh_farm(verification=VerificationPolicy(enabled=False), backup_after_seconds=0.05)
 
 
 def _lease(farm: Farm, who: Principal, node_id: str) -> Lease:
@@ -83,10 +73,10 @@ def test_a_backup_that_finishes_first_wins_and_the_slow_node_is_told(
     assert _upload(farm, A, backup, tmp_path)
     assert task_status(farm, slow.task.id) == TaskStatus.COMPLETED
     assert task_status(farm, backup.task.id) == TaskStatus.CANCELED
-    with pytest.raises(ApiError) as beat:
+    with pytest.raises(DomainError) as beat:
         farm.heartbeat(B, slow.lease_id, Heartbeat(progress=0.5))
-    assert beat.value.status == 404
-    with pytest.raises(ApiError):
+    assert status_of(beat.value) == 404
+    with pytest.raises(DomainError):
         _upload(farm, B, slow, tmp_path)
     assert _paid(farm, slow.task.id) == 1 and _paid(farm, backup.task.id) == 0
     node = farm.db.fetch_one("SELECT node_id FROM tasks WHERE id = ?", (slow.task.id,))
@@ -104,27 +94,20 @@ def test_the_original_finishing_first_cancels_its_backup(
     backup = _lease(farm, A, node_a)
     assert _upload(farm, B, slow, tmp_path)
     assert farm.heartbeat(A, backup.lease_id, Heartbeat()).cancel
-    with pytest.raises(ApiError) as late:
+    with pytest.raises(DomainError) as late:
         _upload(farm, A, backup, tmp_path)
-    assert late.value.status == 409, "a late backup is not accepted"
+    assert status_of(late.value) == 409, "a late backup is not accepted"
     assert task_status(farm, slow.task.id) == TaskStatus.COMPLETED
     assert _paid(farm, backup.task.id) == 0 and _paid(farm, slow.task.id) == 1
     assert farm.ledger_check(Principal("admin", Role.ADMIN)).ok
 
 
-def test_backups_can_be_turned_off(spec: JobSpec, demo_scene: Path, tmp_path: Path) -> None:
-    config = CoordinatorConfig(
-        data_dir=tmp_path / "coordinator",
-        verification=VerificationPolicy(enabled=False),
-        backup_after_seconds=0,
-    )
-    db = Database(config.db_path)
-    try:
-        farm = Farm(config, db, ContentStore(config.store_dir), EventBus())
-        _, (node_a, node_b) = setup_farm(farm, spec, demo_scene, tmp_path / "bundle")
-        assert _upload(farm, A, _lease(farm, A, node_a), tmp_path)
-        _lease(farm, B, node_b)
-        time.sleep(0.3)
-        assert farm.try_lease(A, node_a, LeaseRequest(wait=0)) is None
-    finally:
-        db.close()
+def test_backups_can_be_turned_off(
+    fresh_farm: FreshFarm, spec: JobSpec, demo_scene: Path, tmp_path: Path
+) -> None:
+    farm = fresh_farm(verification=VerificationPolicy(enabled=False), backup_after_seconds=0)
+    _, (node_a, node_b) = setup_farm(farm, spec, demo_scene, tmp_path / "bundle")
+    assert _upload(farm, A, _lease(farm, A, node_a), tmp_path)
+    _lease(farm, B, node_b)
+    time.sleep(0.3)
+    assert farm.try_lease(A, node_a, LeaseRequest(wait=0)) is None

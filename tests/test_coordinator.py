@@ -14,7 +14,7 @@ import requests
 
 from common.errors import ApiError
 from protocol.client import sha256_file
-from protocol.models import Heartbeat, LeaseRequest, NodeCapabilities, Role
+from protocol.models import FrameStatus, Heartbeat, LeaseRequest, NodeCapabilities, Role
 from renderers.exr import read_exr
 from renderers.local_render import LocalRenderOptions, render_frame_local
 from renderers.scene_info import SceneInfo, inspect_scene
@@ -219,10 +219,18 @@ def test_tiled_job_frames_equal_one_piece_renders(
     with coordinator.client(tokens["requester"]) as client:
         client.upload_bundle(path)
         job = client.submit_job(job_spec(demo_info, sha, frames="2-3", denoise=False))
+        assert [(f.frame, f.status, f.tiles_done, f.tiles) for f in client.frames(job.id)] == [
+            (2, FrameStatus.PENDING, 0, 4),
+            (3, FrameStatus.PENDING, 0, 4),
+        ]
         with coordinator.client(tokens["provider"]) as provider:
             done = serve_leases(provider, worker, demo_scene, tmp_path, until_idle=2)
         assert done == 8
         assert wait_for_job(client, job.id) == "completed"
+        assert [(f.frame, f.status, f.tiles_done, f.tiles) for f in client.frames(job.id)] == [
+            (2, FrameStatus.DONE, 4, 4),
+            (3, FrameStatus.DONE, 4, 4),
+        ]
         for frame in (2, 3):
             farm = read_exr(client.download_frame(job.id, frame, tmp_path / f"f{frame}.exr"))
             local = tmp_path / f"local{frame}.exr"

@@ -21,7 +21,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -32,10 +31,10 @@ import requests
 
 from common.errors import ApiError
 from coordinator import ledger
-from coordinator.config import CoordinatorConfig
 from coordinator.db import Database
-from coordinator.events import EventBus
+from coordinator.errors import DomainError
 from coordinator.farm import Farm, Principal
+from coordinator.http.errors import status_of
 from coordinator.store import ContentStore, StorageFullError
 from protocol.client import TesseraClient, sha256_file
 from protocol.models import JobSpec, LeaseRequest, Role, TaskFailure, TaskKind, TaskStatus
@@ -44,6 +43,7 @@ from renderers.exr import read_exr
 from renderers.local_render import LocalRenderOptions, render_frame_local
 from renderers.scene_info import inspect_scene
 from renderers.worker import RenderWorker
+from tests.coordinator_tools import FreshFarm
 from tests.farm_tools import REPO, RunningCoordinator, job_spec, make_bundle, wait_for_job
 from tests.fault_tools import (
     FaultyProxy,
@@ -410,11 +410,8 @@ A, B = Principal("a", Role.PROVIDER), Principal("b", Role.PROVIDER)
 
 
 @pytest.fixture()
-def farm(tmp_path: Path) -> Iterator[Farm]:
-    config = CoordinatorConfig(data_dir=tmp_path / "coordinator")
-    db = Database(config.db_path)
-    yield Farm(config, db, ContentStore(config.store_dir), EventBus())
-    db.close()
+def farm(fresh_farm: FreshFarm) -> Farm:
+    return fresh_farm()
 
 
 def test_a_repeated_upload_gets_its_first_receipt_and_is_paid_once(
@@ -435,13 +432,13 @@ def test_a_repeated_upload_gets_its_first_receipt_and_is_paid_once(
     assert again == first
     farm.check_upload(A, lease.lease_id)  # the API lets the repeat's body in
     other = write_tile_exr(tmp_path / "other.exr", TRUTH[r.y0 : r.y1, r.x0 : r.x1] * 0.5)
-    with pytest.raises(ApiError) as conflict:
+    with pytest.raises(DomainError) as conflict:
         farm.accept_result(A, lease.lease_id, sha256_file(other), iter([other.read_bytes()]))
-    assert conflict.value.status == 409
+    assert status_of(conflict.value) == 409
     for attempt in (farm.check_upload, lambda who, lid: farm.accept_result(who, lid, sha, [])):
-        with pytest.raises(ApiError) as foreign:
+        with pytest.raises(DomainError) as foreign:
             attempt(B, lease.lease_id)
-        assert foreign.value.status == 403
+        assert status_of(foreign.value) == 403
     receipts = farm.db.query("SELECT * FROM receipts WHERE lease_id = ?", (lease.lease_id,))
     assert len(receipts) == 1
     assert farm.ledger_check(Principal("admin", Role.ADMIN)).ok
@@ -453,7 +450,7 @@ def test_a_repeated_failure_report_changes_nothing(
     _, (node_a, _) = setup_farm(farm, small_spec(), demo_scene, tmp_path / "bundle")
     lease = farm.try_lease(A, node_a, LeaseRequest(wait=0))
     assert lease is not None
-    failure = TaskFailure(kind="RenderFailedError", message="out of memory", retryable=True)
+    failure = TaskFailure(kind="render_failed", message="out of memory", retryable=True)
     farm.report_failure(A, lease.lease_id, failure)
     farm.report_failure(A, lease.lease_id, failure)  # its reply was lost: sent again
     count = farm.db.fetch_one(
@@ -462,6 +459,6 @@ def test_a_repeated_failure_report_changes_nothing(
     attempts = farm.db.fetch_one("SELECT attempts FROM tasks WHERE id = ?", (lease.task.id,))[0]
     assert (count, attempts) == (1, 1)
     assert task_status(farm, lease.task.id) == TaskStatus.SOFT_FAILED
-    with pytest.raises(ApiError) as stranger:
+    with pytest.raises(DomainError) as stranger:
         farm.report_failure(B, lease.lease_id, failure)
-    assert stranger.value.status == 404
+    assert status_of(stranger.value) == 404

@@ -19,14 +19,10 @@ from common.errors import ApiError
 from coordinator import ledger
 from coordinator.config import CoordinatorConfig
 from coordinator.db import Database
-from coordinator.farm import (
-    denoise_units,
-    estimate_milli,
-    plan_assignments,
-    plan_for,
-    render_units,
-    sample_units,
-)
+from coordinator.errors import DomainError
+from coordinator.http.errors import status_of
+from coordinator.planning import plan_assignments, plan_for
+from coordinator.pricing import denoise_units, estimate_milli, render_units, sample_units
 from protocol.models import Region, Role
 from renderers.regions import Tile
 from renderers.scene_info import SceneInfo, inspect_scene
@@ -116,9 +112,9 @@ def test_grant_escrow_pay_refund(db: Database) -> None:
 def test_escrow_is_refused_with_the_numbers_and_nothing_is_written(db: Database) -> None:
     with db.transaction() as conn:
         ledger.grant(conn, "alice", 5_000)
-    with pytest.raises(ApiError) as refused:
+    with pytest.raises(DomainError) as refused:
         _job(db, "alice", 1, 12_500)
-    assert refused.value.status == 402
+    assert status_of(refused.value) == 402
     assert "12.5 credits" in refused.value.message and "is 5." in refused.value.message
     assert db.fetch_one("SELECT COUNT(*) AS n FROM jobs")["n"] == 0
     assert ledger.balance(db, "user:alice") == 5_000
@@ -206,8 +202,8 @@ def test_random_operations_keep_the_ledger_sound(
             elif kind == "submit":
                 try:
                     _job(db, op[1], op[2], op[3])
-                except ApiError as exc:
-                    assert exc.status == 402
+                except DomainError as exc:
+                    assert status_of(exc) == 402
             elif kind == "accept":
                 picked = _pick(db, op[1])
                 if picked is not None:

@@ -8,7 +8,6 @@ with real renders is in test_verification.py.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator.config import CoordinatorConfig
-from coordinator.db import Database
-from coordinator.events import EventBus
 from coordinator.farm import Farm, Principal
-from coordinator.sampling import Result, judge, render_class, window_assignment
 from coordinator.store import ContentStore
-from coordinator.verification import (
+from coordinator.verify.judge import Result, judge, render_class, window_assignment
+from coordinator.verify.policy import (
     ProviderRecord,
     VerificationPolicy,
     choose_window,
@@ -45,6 +41,7 @@ from protocol.models import (
     TaskStatus,
 )
 from renderers.regions import PixelRect
+from tests.coordinator_tools import FreshFarm
 from tests.inprocess_farm import (
     CAPS,
     TRUTH,
@@ -217,11 +214,8 @@ def spec() -> JobSpec:
 
 
 @pytest.fixture()
-def farm(tmp_path: Path) -> Iterator[Farm]:
-    config = CoordinatorConfig(data_dir=tmp_path / "coordinator", verify_wait_seconds=0.0)
-    db = Database(config.db_path)
-    yield Farm(config, db, ContentStore(config.store_dir), EventBus())
-    db.close()
+def farm(fresh_farm: FreshFarm) -> Farm:
+    return fresh_farm(verify_wait_seconds=0.0)
 
 
 def _upload(farm: Farm, who: Principal, node_id: str, folder: Path) -> str:
@@ -258,7 +252,7 @@ def test_a_sample_failing_on_every_try_does_not_fail_the_job(
     for _ in range(farm.config.max_attempts):
         lease = farm.try_lease(b, node_b, LeaseRequest(wait=0))
         assert lease is not None and lease.task.kind is TaskKind.VERIFY
-        farm.report_failure(b, lease.lease_id, TaskFailure(kind="RenderFailedError", message="x"))
+        farm.report_failure(b, lease.lease_id, TaskFailure(kind="render_failed", message="x"))
         with farm.db.transaction() as conn:  # the blocklist would keep b away from now on
             conn.execute("DELETE FROM blocklist")
     assert task_status(farm, tile) == TaskStatus.COMPLETED

@@ -37,7 +37,7 @@ import json, sys
 from pathlib import Path
 from coordinator.config import CoordinatorConfig
 from coordinator.server import serve
-from coordinator.verification import VerificationPolicy
+from coordinator.verify.policy import VerificationPolicy
 
 options = json.loads(sys.argv[1])
 options["data_dir"] = Path(options["data_dir"])
@@ -288,6 +288,7 @@ TABLE: list[Case] = [
     Case("GET", "/jobs/{job_id}", OWNER, 404, "/jobs/{A}"),
     Case("PATCH", "/jobs/{job_id}", OWNER, 404, "/jobs/{A}", body=lambda *_: {"priority": 60}),
     Case("GET", "/jobs/{job_id}/tasks", OWNER, 404, "/jobs/{A}/tasks"),
+    Case("GET", "/jobs/{job_id}/frames", OWNER, 404, "/jobs/{A}/frames"),
     Case("GET", "/jobs/{job_id}/frames/{frame}.{kind}", OWNER, 404, "/jobs/{A}/frames/1.exr"),
     Case("GET", "/tasks/{task_id}/preview.png", OWNER, 404, "/tasks/{task_a}/preview.png"),
     Case("POST", "/jobs/{job_id}/pause", OWNER, 404, "/jobs/{C}/pause"),
@@ -338,7 +339,7 @@ TABLE: list[Case] = [
         {"bob": 204, "admin": 404},
         403,
         "/leases/{lease_1}/failure",
-        body=lambda *_: {"kind": "crash", "message": "test", "retryable": True},
+        body=lambda *_: {"kind": "worker_crashed", "message": "test", "retryable": True},
     ),
     Case(
         "POST",

@@ -1,4 +1,4 @@
-"""Tests of the coordinator's upload checks (coordinator/upload_checks.py) on real renders.
+"""Tests of the coordinator's upload checks (coordinator/verify/upload_checks.py) on real renders.
 
 Tiles are rendered by the real Blender worker, exactly as a node renders an assignment;
 every refusal is made by changing one thing in a real tile and writing it back, and every
@@ -20,8 +20,8 @@ import OpenEXR
 import pytest
 
 from app.job_spec import frame_preview
-from coordinator import upload_checks
-from coordinator.upload_checks import check_result, false_refusal_bound
+from coordinator.verify import upload_checks
+from coordinator.verify.upload_checks import check_result, false_refusal_bound
 from protocol.models import JobSpec, Region, RenderAssignment, TaskKind
 from renderers import scene_probe
 from renderers.exr import ExrImage, ExrPart, read_exr, write_exr

@@ -34,7 +34,7 @@ from app.connection import resolve_connection
 from common.errors import CoordinatorUnreachableError, UsageError
 from common.settings import Settings
 from coordinator.config import CoordinatorConfig
-from coordinator.verification import VerificationPolicy
+from coordinator.verify.policy import VerificationPolicy
 from protocol.client import TesseraClient
 from protocol.discovery import (
     COORDINATOR_TYPE,

@@ -45,6 +45,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from coordinator.config import CoordinatorConfig
+from coordinator.errors import TooManyRequestsError
 from protocol.models import API_PREFIX, ErrorBody
 
 #: How long a client told "overloaded" should wait, in seconds.
@@ -67,14 +68,6 @@ _UPLOAD_ROUTE = re.compile(rf"{_P}/(?:bundles/[^/]+|leases/[^/]+/result)")
 _WAITING_ROUTE = re.compile(rf"{_P}/(?:nodes/[^/]+/lease|events)")
 #: A node asking for new work.
 _LEASE_ROUTE = re.compile(rf"{_P}/nodes/[^/]+/lease")
-
-
-class TooManyRequestsError(Exception):
-    """Raised where a request is over its rate; rendered as 429 with Retry-After."""
-
-    def __init__(self, retry_after: float) -> None:
-        super().__init__(f"retry after {retry_after:.1f} s")
-        self.retry_after = retry_after
 
 
 class BodyTooLargeError(HTTPException):

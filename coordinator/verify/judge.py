@@ -7,8 +7,9 @@ was wrong. The pixels are compared exactly when both renders come from the same 
 machine (device, Blender build, CPU kernel and model, or GPU model); otherwise within a
 tolerance measured from the window's own noise (`renderers.compare`).
 
-This module reads result files and decides; it never writes the database. `farm.py`
-applies a `Verdict` in one transaction (payments, reputation, re-queues).
+This module reads result files and decides; it never writes the database.
+`coordinator.verify.samples` applies a `Verdict` in one transaction (payments,
+reputation, re-queues).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from coordinator.store import ContentStore
-from coordinator.verification import VerificationPolicy, choose_window
+from coordinator.verify.policy import VerificationPolicy, choose_window
 from protocol.models import JobSpec, NodeCapabilities, Region, RenderAssignment
 from renderers.compare import WindowComparison, compare_windows
 from renderers.exr import read_exr

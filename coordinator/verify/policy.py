@@ -1,6 +1,6 @@
 """Who gets checked, how much, and where: the duplicate-sampling policy.
 
-Pure functions and small records, no database and no HTTP: `farm.py` asks this module
+Pure functions and small records, no database and no HTTP: the farm asks this module
 whether an accepted tile gets a duplicate sample (`sampling_rate`, `should_verify`),
 which window of the tile to re-render (`choose_window`), and what a provider's record
 means for its standing (`reputation`, `suspension_reason`). The benchmarks simulate the

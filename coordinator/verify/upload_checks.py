@@ -321,10 +321,8 @@ def _inner_span(start: int, end: int, frame: int, preview: int) -> tuple[int, in
 
 def _samples_ratio(assignment: RenderAssignment, spec: JobSpec, preview: FramePreview) -> float:
     """Tile samples per preview pixel, over the preview's samples (a lower bound)."""
-    if spec.scene.adaptive_sampling:
-        samples = 1  # adaptive sampling may stop a converged pixel this early
-    else:
-        samples = assignment.samples or spec.samples or spec.scene.samples
+    # Adaptive sampling may stop a converged pixel after one sample.
+    samples = 1 if spec.scene.adaptive_sampling else assignment.samples or spec.effective_samples
     pixels = (assignment.width // preview.width) * (assignment.height // preview.height)
     return pixels * samples / PREVIEW_MAX_SAMPLES
 

@@ -1,0 +1,99 @@
+"""Scene bundles: stored once under their SHA-256, checked when a job names one, and
+readable only by those who have a job (or a lease) that uses it."""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from coordinator.accounts import Principal
+from coordinator.core import Core
+from coordinator.errors import InvalidRequestError, NotFoundError, UploadTooLargeError
+from coordinator.store import SpooledUpload, TooLargeError
+from protocol.models import JobSpec, Role
+from renderers.scene_info import BLEND_MAGICS
+
+__all__ = ["Bundles"]
+
+
+class Bundles:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    def exists(self, sha256: str) -> bool:
+        return self.core.store.exists(sha256)
+
+    def put(self, sha256: str, upload: SpooledUpload) -> int:
+        """Adopt a spooled bundle under its hash (a hash that is not `sha256` keeps
+        nothing). Returns its size."""
+        if self.core.store.exists(sha256):
+            upload.path.unlink(missing_ok=True)
+            return self.core.store.size(sha256)
+        self.core.store.adopt(upload, sha256)
+        return upload.size
+
+    @property
+    def max_bytes(self) -> int:
+        return self.core.config.max_bundle_bytes
+
+    def spool(self, chunks: Iterable[bytes]) -> SpooledUpload:
+        """Spool an in-memory bundle (the HTTP layer spools its request body itself)."""
+        try:
+            return self.core.store.spool_chunks(chunks, self.max_bytes)
+        except TooLargeError as exc:
+            raise self.too_large(exc) from None
+
+    @staticmethod
+    def too_large(exc: TooLargeError) -> UploadTooLargeError:
+        return UploadTooLargeError(
+            exc.message, hint="Split the scene or raise the coordinator's limit."
+        )
+
+    def check(self, spec: JobSpec) -> None:
+        """Refuse a job whose bundle is missing or has no .blend at its scene_path."""
+        store = self.core.store
+        if not store.exists(spec.bundle):
+            raise InvalidRequestError(
+                f"Bundle {spec.bundle[:12]}... has not been uploaded.",
+                hint="Upload it first (PUT /api/v1/bundles/<sha256>).",
+            )
+        try:
+            with zipfile.ZipFile(store.path(spec.bundle)) as archive:
+                try:
+                    with archive.open(spec.scene_path) as scene:
+                        head = scene.read(8)
+                except KeyError:
+                    raise InvalidRequestError(
+                        f"The bundle has no file '{spec.scene_path}'.",
+                        hint="scene_path must name the .blend inside the bundle.",
+                    ) from None
+        except zipfile.BadZipFile:
+            raise InvalidRequestError(
+                "The bundle is not a zip archive.", hint="Pack the scene with `tessera submit`."
+            ) from None
+        if not head.startswith(BLEND_MAGICS):
+            raise InvalidRequestError(
+                f"'{spec.scene_path}' in the bundle is not a .blend file.",
+                hint="Point scene_path at a Blender file.",
+            )
+
+    def download(self, who: Principal, sha256: str) -> Path:
+        """The bundle's file, for admins; the requester whose job uses the bundle; a
+        provider whose node holds a lease on a task of such a job."""
+        if not self.core.store.exists(sha256) or not self._may_read(who, sha256):
+            raise NotFoundError(f"No bundle {sha256[:12]}...")
+        return self.core.store.path(sha256)
+
+    def _may_read(self, who: Principal, sha256: str) -> bool:
+        if who.role is Role.ADMIN:
+            return True
+        if who.role is Role.REQUESTER:
+            sql = "SELECT 1 FROM jobs WHERE bundle = ? AND owner = ? LIMIT 1"
+        else:
+            sql = (
+                "SELECT 1 FROM tasks t JOIN jobs j ON j.id = t.job_id JOIN nodes n ON n.id ="
+                " t.node_id WHERE j.bundle = ? AND n.owner = ? AND t.lease_id IS NOT NULL"
+                " LIMIT 1"
+            )
+        return self.core.db.query_one(sql, (sha256, who.account)) is not None

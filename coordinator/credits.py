@@ -1,0 +1,101 @@
+"""Credits as the farm uses them: admin grants, wallets, the ledger check, and paying a
+node's owner for an accepted task. The bookkeeping itself is `coordinator.ledger`."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from datetime import datetime
+
+from coordinator import ledger
+from coordinator.accounts import Accounts, Principal
+from coordinator.core import Core
+from coordinator.errors import InvalidRequestError, NotAllowedError, NotFoundError
+from coordinator.pricing import denoise_units, render_units
+from protocol.models import (
+    LedgerCheck,
+    LedgerEntry,
+    NodeCapabilities,
+    RenderAssignment,
+    Role,
+    TaskKind,
+    Wallet,
+)
+
+__all__ = ["MAX_GRANT_CREDITS", "Credits"]
+
+#: The ledger counts integer milli-credits in SQLite (64-bit): keep grants far below that.
+MAX_GRANT_CREDITS = 1e12
+
+
+class Credits:
+    def __init__(self, core: Core, accounts: Accounts) -> None:
+        self.core = core
+        self.accounts = accounts
+
+    def grant(self, who: Principal, name: str, amount: float) -> Wallet:
+        if who.role is not Role.ADMIN:
+            raise NotAllowedError("Only an admin can grant credits.")
+        if not math.isfinite(amount) or amount > MAX_GRANT_CREDITS:
+            # found by the fuzzer: 1e300 or Infinity overflowed the ledger's integers (500)
+            raise InvalidRequestError(f"A grant is at most {MAX_GRANT_CREDITS:g} credits.")
+        if not self.accounts.exists(name):
+            raise NotFoundError(f"No account named '{name}'.", hint="Create the account first.")
+        milli = ledger.to_milli(amount)
+        if milli <= 0:
+            raise InvalidRequestError("A grant must be at least 0.001 credits.")
+        with self.core.db.transaction() as conn:
+            ledger.grant(conn, name, milli, memo=f"granted by {who.account}")
+        return self.wallet(Principal(account=name, role=who.role))
+
+    def wallet(self, who: Principal) -> Wallet:
+        db = self.core.db
+        account = ledger.user(who.account)
+        return Wallet(
+            account=who.account,
+            balance=ledger.credits(ledger.balance(db, account)),
+            escrow=ledger.credits(ledger.escrow_held(db, who.account)),
+            history=[
+                LedgerEntry(
+                    txn=h.txn,
+                    kind=h.kind,
+                    amount=ledger.credits(h.amount),
+                    job_id=h.job_id,
+                    task_id=h.task_id,
+                    memo=h.memo,
+                    at=datetime.fromisoformat(h.at),
+                )
+                for h in ledger.history(db, account, 100)
+            ],
+        )
+
+    def check(self, who: Principal) -> LedgerCheck:
+        if who.role is not Role.ADMIN:
+            raise NotAllowedError("Only an admin can check the ledger.")
+        problems = ledger.check(self.core.db)
+        return LedgerCheck(ok=not problems, problems=problems)
+
+    def pay_task(self, conn: sqlite3.Connection, row: sqlite3.Row) -> None:
+        """Pay the node's owner for an accepted task, inside the accepting transaction."""
+        node = conn.execute(
+            "SELECT owner, capabilities FROM nodes WHERE id = ?", (row["node_id"],)
+        ).fetchone()
+        if node is None:
+            return
+        spec = self.core.spec_in(conn, row["job_id"])
+        caps = NodeCapabilities.model_validate_json(node["capabilities"])
+        price = min(caps.price, spec.max_price)
+        if price <= 0:
+            return
+        if row["kind"] == TaskKind.DENOISE.value:
+            units = denoise_units(spec)
+        else:
+            region = RenderAssignment.model_validate_json(row["assignment"]).render_region
+            units = render_units(spec, region)
+        amount = ledger.cost_milli(units, price)
+        paid = ledger.pay(
+            conn, row["id"], row["job_id"], node["owner"], amount, self.core.config.fee_rate
+        )
+        conn.execute(
+            "UPDATE nodes SET earned_milli = earned_milli + ? WHERE id = ?", (paid, row["node_id"])
+        )

@@ -1,0 +1,115 @@
+"""Who is calling: the bearer token's account, the role each route needs (checked
+before any body is read), and the LAN join handshake that trades the farm's secret for
+a token."""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import threading
+import time
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from coordinator.errors import NotAllowedError, NotAuthenticatedError, NotFoundError
+from coordinator.farm import Farm, Principal
+from coordinator.http.limits import Limits
+from protocol.discovery import join_proof
+from protocol.models import AccountToken, JoinRequest, Role
+
+__all__ = ["Admin", "LanJoin", "Provider", "Requester", "Who", "principal"]
+
+JOIN_NONCE_SECONDS = 60.0
+bearer = HTTPBearer(auto_error=False)
+
+
+def principal(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal:
+    """The account behind the request's bearer token (401 if none or unknown)."""
+    if credentials is None:
+        raise NotAuthenticatedError(
+            "This endpoint needs a token.", hint="Send 'Authorization: Bearer <token>'."
+        )
+    farm: Farm = request.app.state.services.farm
+    limits: Limits = request.app.state.services.limits
+    # Tokens are stored as SHA-256 digests and found by the digest of the token sent, so
+    # the comparison's timing depends only on a hash of the caller's guess: it tells an
+    # attacker nothing about any stored token (finding a token from its digest means
+    # inverting SHA-256). No raw token is ever compared or stored.
+    who = farm.authenticate(credentials.credentials)
+    if who is None:
+        # Made-up tokens count against the client address's rate, not a fresh bucket each.
+        limits.auth_failed(request.client.host if request.client else "unknown")
+        raise NotAuthenticatedError(
+            "The token is not valid.",
+            hint="Check the token, or ask the farm's admin for a new one.",
+        )
+    return who
+
+
+Who = Annotated[Principal, Depends(principal)]
+
+
+def _role(role: Role, refusal: str) -> Any:
+    def check(who: Who) -> Principal:
+        if not who.can(role):
+            raise NotAllowedError(f"{refusal} Your token is a {who.role.value} token.")
+        return who
+
+    return Depends(check)
+
+
+# Role checks are dependencies so that they run before the body is read or validated.
+Admin = Annotated[Principal, _role(Role.ADMIN, "Only an admin may do this.")]
+Requester = Annotated[Principal, _role(Role.REQUESTER, "This needs a requester token.")]
+Provider = Annotated[Principal, _role(Role.PROVIDER, "This needs a provider token.")]
+
+
+class LanJoin:
+    """One-use challenges for nodes that prove they know the farm's secret."""
+
+    def __init__(self, farm: Farm, secret: str | None) -> None:
+        self.farm = farm
+        self.secret = secret
+        self._nonces: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def _require_lan(self) -> str:
+        if not self.secret:
+            raise NotFoundError(
+                "This coordinator does not accept LAN joins.",
+                hint="Start it with --lan --farm NAME --secret S, or use a token.",
+            )
+        return self.secret
+
+    def challenge(self) -> str:
+        self._require_lan()
+        nonce = secrets.token_hex(16)
+        with self._lock:
+            now = time.monotonic()
+            for stale in [n for n, t in self._nonces.items() if t < now]:
+                del self._nonces[stale]
+            self._nonces[nonce] = now + JOIN_NONCE_SECONDS
+        return nonce
+
+    def join(self, body: JoinRequest) -> AccountToken:
+        secret = self._require_lan()
+        with self._lock:
+            expires = self._nonces.pop(body.nonce, 0.0)  # each nonce works once
+        if expires < time.monotonic():
+            raise NotAuthenticatedError(
+                "The join challenge expired or was already used.",
+                hint="Ask for a new challenge (GET /api/v1/join/challenge).",
+            )
+        expected = join_proof(secret, body.nonce, body.name)
+        if not hmac.compare_digest(expected, body.proof):
+            raise NotAuthenticatedError(
+                "Wrong farm secret.", hint="Use the --secret the coordinator was started with."
+            )
+        if body.role == Role.REQUESTER.value:
+            return self.farm.issue_token(f"lan-user-{body.name}", Role.REQUESTER)
+        return self.farm.issue_token(f"lan-{body.name}", Role.PROVIDER)

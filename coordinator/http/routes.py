@@ -1,0 +1,256 @@
+"""The routes of API v1. Each one checks who may call it (see `auth`), calls one `Farm`
+method, and answers with a model from `protocol.models`.
+
+Who may call what: admin-only routes (accounts, grants, provider reinstatement, the
+ledger check) answer 403 to other roles; requester routes (bundle uploads, job
+submission) and provider routes (nodes' leases and everything done with a lease) answer
+403 to the other role, checked before any body is read. A job, its tasks, frames and
+previews are visible to its owner and admins only; anyone else gets 404, as for a job
+that does not exist. A bundle can be downloaded by the requester whose job uses it, the
+provider whose node holds a lease on such a job, and admins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, StreamingResponse
+
+from coordinator.http.auth import Admin, Provider, Requester, Who
+from coordinator.http.events import event_stream
+from coordinator.http.uploads import check_room, check_sha, spool
+from protocol.models import (
+    API_PREFIX,
+    AccountCreate,
+    AccountToken,
+    FrameState,
+    Grant,
+    Health,
+    Heartbeat,
+    HeartbeatReply,
+    Job,
+    JobEstimate,
+    JobPatch,
+    JobSpec,
+    JoinChallenge,
+    JoinRequest,
+    Lease,
+    LeaseRequest,
+    LedgerCheck,
+    Me,
+    NodeCapabilities,
+    NodeInfo,
+    NodeRegistration,
+    Task,
+    TaskFailure,
+    UploadReceipt,
+    Wallet,
+)
+
+if TYPE_CHECKING:
+    from coordinator.http.app import Services
+
+__all__ = ["router"]
+
+#: Work appearing wakes long polls at once (EventBus.work_version); this is a safety net.
+IDLE_RETRY_SECONDS = 5.0
+
+
+def router(services: Services) -> APIRouter:
+    farm, config = services.farm, services.config
+    store, bus = farm.store, farm.bus
+    api = APIRouter(prefix=API_PREFIX)
+
+    @api.get("/health", response_model=Health)
+    def health() -> Health:
+        return Health(status="ok", version=config.version, farm=config.farm_name)
+
+    @api.get("/me", response_model=Me)
+    def me(who: Who) -> Me:
+        return Me(account=who.account, role=who.role)
+
+    @api.post("/accounts", response_model=AccountToken, status_code=201)
+    def create_account(body: AccountCreate, who: Admin) -> AccountToken:
+        return farm.create_account(body.name, body.role)
+
+    @api.post("/accounts/{name}/grant", response_model=Wallet)
+    def grant(name: str, body: Grant, who: Admin) -> Wallet:
+        return farm.grant_credits(who, name, body.amount)
+
+    @api.get("/wallet", response_model=Wallet)
+    def wallet(who: Who) -> Wallet:
+        return farm.wallet(who)
+
+    @api.post("/providers/{account}/reinstate", status_code=204)
+    def reinstate(account: str, who: Admin) -> Response:
+        farm.reinstate(who, account)
+        return Response(status_code=204)
+
+    @api.get("/ledger/check", response_model=LedgerCheck)
+    def ledger_check(who: Admin) -> LedgerCheck:
+        return farm.ledger_check(who)
+
+    # LAN join: a node that knows the farm's secret gets a provider token
+
+    @api.get("/join/challenge", response_model=JoinChallenge)
+    def join_challenge() -> JoinChallenge:
+        return JoinChallenge(nonce=services.lan.challenge())
+
+    @api.post("/join", response_model=AccountToken)
+    def join(body: JoinRequest) -> AccountToken:
+        return services.lan.join(body)
+
+    # bundles
+
+    @api.head("/bundles/{sha256}")
+    def has_bundle(sha256: str, who: Requester) -> Response:
+        # Lets a requester skip uploading a bundle the farm has (content-addressed: asking
+        # needs the bundle's hash, i.e. its content). Downloads are checked below.
+        return Response(status_code=200 if farm.bundles.exists(sha256) else 404)
+
+    @api.put("/bundles/{sha256}")
+    async def put_bundle(sha256: str, request: Request, who: Requester) -> dict[str, Any]:
+        check_sha(sha256)
+        check_room(store, request, config.min_free_disk)
+        upload = await spool(store, request, config.max_bundle_bytes)
+        try:
+            size = await run_in_threadpool(farm.put_bundle, sha256, upload)
+        finally:
+            upload.path.unlink(missing_ok=True)
+        return {"sha256": sha256, "size": size}
+
+    @api.get("/bundles/{sha256}")
+    def get_bundle(sha256: str, who: Who) -> FileResponse:
+        check_sha(sha256)
+        return FileResponse(farm.bundles.download(who, sha256), media_type="application/zip")
+
+    # jobs
+
+    @api.post("/jobs", response_model=Job, status_code=201)
+    def submit(spec: JobSpec, who: Requester) -> Job:
+        return farm.submit(who, spec)
+
+    @api.post("/jobs/estimate", response_model=JobEstimate)
+    def estimate(spec: JobSpec, who: Requester) -> JobEstimate:
+        """What submitting `spec` would escrow, and the caller's balance (a dry run)."""
+        return farm.estimate(who, spec)
+
+    @api.get("/jobs", response_model=list[Job])
+    def jobs(who: Who) -> list[Job]:
+        return farm.jobs(who)
+
+    @api.get("/jobs/{job_id}", response_model=Job)
+    def job(job_id: str, who: Who) -> Job:
+        return farm.job(who, job_id)
+
+    @api.patch("/jobs/{job_id}", response_model=Job)
+    def patch_job(job_id: str, body: JobPatch, who: Who) -> Job:
+        if body.priority is not None:
+            return farm.set_priority(who, job_id, body.priority)
+        return farm.job(who, job_id)
+
+    @api.post("/jobs/{job_id}/pause", response_model=Job)
+    def pause(job_id: str, who: Who) -> Job:
+        return farm.pause(who, job_id)
+
+    @api.post("/jobs/{job_id}/resume", response_model=Job)
+    def resume(job_id: str, who: Who) -> Job:
+        return farm.resume(who, job_id)
+
+    @api.post("/jobs/{job_id}/cancel", response_model=Job)
+    def cancel(job_id: str, who: Who) -> Job:
+        return farm.cancel(who, job_id)
+
+    @api.get("/jobs/{job_id}/tasks", response_model=list[Task])
+    def tasks(job_id: str, who: Who) -> list[Task]:
+        return farm.tasks(who, job_id)
+
+    @api.get("/jobs/{job_id}/frames", response_model=list[FrameState])
+    def frames(job_id: str, who: Who) -> list[FrameState]:
+        return farm.frames(who, job_id)
+
+    @api.get("/jobs/{job_id}/frames/{frame}.{kind}")
+    def frame_file(job_id: str, frame: int, kind: str, who: Who) -> FileResponse:
+        path = farm.frame_file(who, job_id, frame, kind)
+        return FileResponse(path, media_type="image/x-exr" if kind == "exr" else "image/png")
+
+    @api.get("/tasks/{task_id}/preview.png")
+    def task_preview(task_id: str, who: Who) -> FileResponse:
+        return FileResponse(farm.task_preview(who, task_id), media_type="image/png")
+
+    @api.get("/events")
+    async def events(
+        request: Request, who: Who, after: int = 0, job: str | None = None
+    ) -> StreamingResponse:
+        if job is not None:
+            await run_in_threadpool(farm.job, who, job)
+        return StreamingResponse(
+            event_stream(farm, bus, request, who, after, job),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    # nodes and leases
+
+    @api.post("/nodes", response_model=NodeRegistration)
+    def register(body: NodeCapabilities, who: Provider) -> NodeRegistration:
+        return farm.register_node(who, body)
+
+    @api.get("/nodes", response_model=list[NodeInfo])
+    def nodes(who: Who) -> list[NodeInfo]:
+        return farm.nodes(who)
+
+    @api.post(
+        "/nodes/{node_id}/lease",
+        response_model=Lease,
+        responses={204: {"description": "no task within the wait"}},
+    )
+    async def lease(node_id: str, body: LeaseRequest, who: Provider) -> Any:
+        deadline = time.monotonic() + min(body.wait, config.poll_timeout)
+        seen, tried_at = -1, 0.0
+        while True:
+            version = bus.work_version
+            if version != seen or time.monotonic() - tried_at > IDLE_RETRY_SECONDS:
+                seen, tried_at = version, time.monotonic()
+                granted = await run_in_threadpool(farm.try_lease, who, node_id, body)
+                if granted is not None:
+                    return granted
+            if time.monotonic() >= deadline or farm.stopping.is_set():
+                return Response(status_code=204)
+            await asyncio.sleep(0.05)
+
+    @api.post("/leases/{lease_id}/heartbeat", response_model=HeartbeatReply)
+    def heartbeat(lease_id: str, body: Heartbeat, who: Provider) -> HeartbeatReply:
+        return farm.heartbeat(who, lease_id, body)
+
+    @api.put("/leases/{lease_id}/result", response_model=UploadReceipt)
+    async def upload(lease_id: str, request: Request, who: Provider) -> UploadReceipt:
+        claimed = request.headers.get("x-content-sha256")
+        # Only the lease's holder may make the coordinator spool anything to disk.
+        await run_in_threadpool(farm.check_upload, who, lease_id)
+        check_room(store, request, config.min_free_disk)
+        body = await spool(store, request, config.max_result_bytes)
+        receipt: UploadReceipt = await run_in_threadpool(
+            farm.accept_result, who, lease_id, claimed, body
+        )
+        return receipt
+
+    @api.post("/leases/{lease_id}/failure", status_code=204)
+    def failure(lease_id: str, body: TaskFailure, who: Provider) -> Response:
+        farm.report_failure(who, lease_id, body)
+        return Response(status_code=204)
+
+    @api.post("/leases/{lease_id}/release", status_code=204)
+    def release(lease_id: str, who: Provider) -> Response:
+        farm.release(who, lease_id)
+        return Response(status_code=204)
+
+    @api.get("/leases/{lease_id}/denoise-input")
+    def denoise_input(lease_id: str, who: Provider) -> FileResponse:
+        return FileResponse(farm.denoise_input(who, lease_id), media_type="image/x-exr")
+
+    return api

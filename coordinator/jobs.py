@@ -1,0 +1,244 @@
+"""Jobs: submitting (with its escrow), estimating, listing and steering them, and what
+a job's owner may read of it (tasks, frames and their files, previews)."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+from coordinator import ledger
+from coordinator.accounts import Principal, require
+from coordinator.bundles import Bundles
+from coordinator.core import Core
+from coordinator.db import now_iso
+from coordinator.errors import ConflictError, JobNotFoundError, NotFoundError
+from coordinator.planning import plan_assignments, render_tasks
+from coordinator.pricing import estimate_milli, over_max_credits
+from coordinator.results import Results
+from coordinator.scheduler import Scheduler, task_model
+from coordinator.task_states import RUNNABLE_JOBS, Changes, TaskStates
+from protocol.models import (
+    FINISHED_JOB_STATES,
+    FrameState,
+    FrameStatus,
+    Job,
+    JobEstimate,
+    JobProgress,
+    JobSpec,
+    JobStatus,
+    Role,
+    Task,
+    TaskKind,
+    TaskStatus,
+)
+
+__all__ = ["Jobs"]
+
+
+class Jobs:
+    def __init__(
+        self,
+        core: Core,
+        states: TaskStates,
+        bundles: Bundles,
+        scheduler: Scheduler,
+        results: Results,
+    ) -> None:
+        self.core = core
+        self.states = states
+        self.bundles = bundles
+        self.scheduler = scheduler
+        self.results = results
+
+    def submit(self, who: Principal, spec: JobSpec) -> Job:
+        require(who, Role.REQUESTER)
+        self.bundles.check(spec)
+        job_id = uuid.uuid4().hex[:12]
+        assignments = plan_assignments(spec)
+        estimate = estimate_milli(spec, [a for _, a in assignments], self.core.config)
+        too_dear = over_max_credits(spec, estimate)
+        if too_dear is not None:
+            raise too_dear
+        job = {
+            "id": job_id,
+            "owner": who.account,
+            "name": spec.name,
+            "priority": spec.priority,
+            "spec": spec.model_dump_json(),
+            "bundle": spec.bundle,
+        }
+        changes = Changes()
+        with self.core.db.transaction() as conn:
+            self.states.create_job(
+                conn, job, render_tasks(job_id, assignments), spec.frames.frames(), changes
+            )
+            ledger.escrow(conn, job_id, who.account, estimate)
+        self.states.announce(changes)
+        return self.job(who, job_id)
+
+    def estimate(self, who: Principal, spec: JobSpec) -> JobEstimate:
+        """What `submit(who, spec)` would escrow, and why it would refuse the job (a dry
+        run: the bundle need not exist yet and nothing is held)."""
+        require(who, Role.REQUESTER)
+        assignments = [a for _, a in plan_assignments(spec)]
+        estimate = estimate_milli(spec, assignments, self.core.config)
+        have = ledger.balance(self.core.db, ledger.user(who.account))
+        refusal = over_max_credits(spec, estimate) or ledger.unaffordable(estimate, have)
+        return JobEstimate(
+            credits=ledger.credits(estimate),
+            balance=ledger.credits(have),
+            max_credits=spec.max_credits,
+            refusal=refusal.message if refusal is not None else "",
+            refusal_hint=refusal.hint if refusal is not None else "",
+        )
+
+    def jobs(self, who: Principal) -> list[Job]:
+        db = self.core.db
+        if who.role is Role.ADMIN:
+            rows = db.query("SELECT * FROM jobs ORDER BY created_at")
+        else:
+            rows = db.query(
+                "SELECT * FROM jobs WHERE owner = ? ORDER BY created_at", (who.account,)
+            )
+        return [self._job_model(row) for row in rows]
+
+    def job(self, who: Principal, job_id: str) -> Job:
+        return self._job_model(self._job_row(who, job_id))
+
+    def owned_job_ids(self, who: Principal) -> set[str]:
+        rows = self.core.db.query("SELECT id FROM jobs WHERE owner = ?", (who.account,))
+        return {row["id"] for row in rows}
+
+    def tasks(self, who: Principal, job_id: str) -> list[Task]:
+        self._job_row(who, job_id)
+        rows = self.core.db.query(
+            "SELECT * FROM tasks WHERE job_id = ? ORDER BY frame, kind, tile_index", (job_id,)
+        )
+        return [task_model(row) for row in rows]
+
+    def frames(self, who: Principal, job_id: str) -> list[FrameState]:
+        """Where each frame of the job stands, with its tiles accepted so far."""
+        self._job_row(who, job_id)
+        rows = self.core.db.query(
+            "SELECT f.frame, f.status, COUNT(t.id) AS tiles, COALESCE(SUM(t.status = ?), 0)"
+            " AS tiles_done FROM frames f LEFT JOIN tasks t ON t.job_id = f.job_id AND"
+            " t.frame = f.frame AND t.kind = ? WHERE f.job_id = ? GROUP BY f.frame"
+            " ORDER BY f.frame",
+            (TaskStatus.COMPLETED.value, TaskKind.RENDER.value, job_id),
+        )
+        return [
+            FrameState(
+                frame=row["frame"],
+                status=FrameStatus(row["status"]),
+                tiles_done=row["tiles_done"],
+                tiles=row["tiles"],
+            )
+            for row in rows
+        ]
+
+    def frame_file(self, who: Principal, job_id: str, frame: int, kind: str) -> Path:
+        """A finished frame's EXR or PNG."""
+        self._job_row(who, job_id)
+        if kind not in ("exr", "png"):
+            raise NotFoundError(f"Frames come as .exr or .png, not .{kind}.")
+        row = self.core.db.query_one(
+            "SELECT * FROM frames WHERE job_id = ? AND frame = ?", (job_id, frame)
+        )
+        if row is None or row["status"] != FrameStatus.DONE.value:
+            raise NotFoundError(
+                f"Frame {frame} of job {job_id} is not finished.",
+                hint="Follow /api/v1/events or poll the job until it is.",
+            )
+        return self.core.store.path(row["exr_sha"] if kind == "exr" else row["png_sha"])
+
+    def task_preview(self, who: Principal, task_id: str) -> Path:
+        row = self.core.db.query_one(
+            "SELECT job_id, result_sha FROM tasks WHERE id = ?", (task_id,)
+        )
+        if row is None:
+            raise NotFoundError(f"No task {task_id}.")
+        self._job_row(who, row["job_id"])
+        if not row["result_sha"]:
+            raise NotFoundError(f"Task {task_id} has no result yet.")
+        return self.results.preview(task_id, row["result_sha"])
+
+    def set_priority(self, who: Principal, job_id: str, priority: int) -> Job:
+        self._job_row(who, job_id)
+        with self.core.db.transaction() as conn:
+            conn.execute(
+                "UPDATE jobs SET priority = ?, updated_at = ? WHERE id = ?",
+                (priority, now_iso(), job_id),
+            )
+        self.core.bus.work_changed()
+        return self.job(who, job_id)
+
+    def pause(self, who: Principal, job_id: str) -> Job:
+        row = self._job_row(who, job_id)
+        if row["status"] in RUNNABLE_JOBS:
+            self.states.set_job_status(
+                job_id, JobStatus.PAUSED, "Paused: running tiles finish, no new tiles start."
+            )
+        elif row["status"] != JobStatus.PAUSED.value:
+            raise ConflictError(
+                f"Job {job_id} is {row['status']}; only a queued or active job can be paused."
+            )
+        return self.job(who, job_id)
+
+    def resume(self, who: Principal, job_id: str) -> Job:
+        row = self._job_row(who, job_id)
+        if row["status"] == JobStatus.PAUSED.value:
+            self.states.set_job_status(job_id, JobStatus.QUEUED, "")
+        elif row["status"] not in RUNNABLE_JOBS:
+            raise ConflictError(f"Job {job_id} is {row['status']} and cannot be resumed.")
+        return self.job(who, job_id)
+
+    def cancel(self, who: Principal, job_id: str) -> Job:
+        row = self._job_row(who, job_id)
+        if row["status"] not in {s.value for s in FINISHED_JOB_STATES}:
+            self.states.cancel_job(job_id)
+        return self.job(who, job_id)
+
+    def _job_row(self, who: Principal, job_id: str) -> sqlite3.Row:
+        row = self.core.db.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        if row is None or (row["owner"] != who.account and who.role is not Role.ADMIN):
+            raise JobNotFoundError(f"No job {job_id}.")
+        return row
+
+    def _job_model(self, row: sqlite3.Row) -> Job:
+        db = self.core.db
+        spec = JobSpec.model_validate_json(row["spec"])
+        counts = db.fetch_one(
+            "SELECT COUNT(*) AS total, SUM(status = ?) AS done FROM tasks WHERE job_id = ?"
+            " AND kind = ?",
+            (TaskStatus.COMPLETED.value, row["id"], TaskKind.RENDER.value),
+        )
+        frames = db.query(
+            "SELECT frame FROM frames WHERE job_id = ? AND status = ? ORDER BY frame",
+            (row["id"], FrameStatus.DONE.value),
+        )
+        message = row["message"]
+        if row["status"] in RUNNABLE_JOBS and not message:
+            message = self.scheduler.no_node_message(spec)
+        escrowed, paid = ledger.job_credits(db, row["id"])
+        return Job(
+            id=row["id"],
+            name=row["name"],
+            owner=row["owner"],
+            status=JobStatus(row["status"]),
+            priority=row["priority"],
+            spec=spec,
+            progress=JobProgress(
+                tasks_total=counts["total"] or 0,
+                tasks_done=counts["done"] or 0,
+                frames_total=len(spec.frames.frames()),
+                frames_done=len(frames),
+            ),
+            created_at=datetime.fromisoformat(row["created_at"]),
+            updated_at=datetime.fromisoformat(row["updated_at"]),
+            message=message,
+            frames_done=[r["frame"] for r in frames],
+            credits_escrowed=ledger.credits(escrowed),
+            credits_spent=ledger.credits(paid),
+        )

@@ -1,0 +1,159 @@
+"""Planning: the tasks a job needs, of every kind, and who can run them.
+
+Every task the farm ever creates is described here as a `NewTask` (a job's render tiles,
+a duplicate sample's window, a backup copy of a slow tile, a frame's denoise) and written
+by `coordinator.task_states`. Pure: no database, no clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from protocol.models import (
+    JobSpec,
+    NodeCapabilities,
+    Region,
+    RenderAssignment,
+    TaskKind,
+)
+from renderers.regions import ADAPTIVE_SAMPLING_MARGIN, RegionPlan, plan_grid
+
+__all__ = [
+    "NewTask",
+    "backup_task",
+    "denoise_task",
+    "lease_device",
+    "node_can_run",
+    "plan_assignments",
+    "plan_for",
+    "render_tasks",
+    "verify_task",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """A task about to be inserted (queued, no attempts yet)."""
+
+    id: str
+    job_id: str
+    kind: TaskKind
+    frame: int
+    tile_index: int
+    assignment: str | None = None
+    denoise_input: str | None = None
+    verifies: str | None = None
+    excluded_owners: str = ""
+    backs_up: str | None = None
+
+
+def plan_for(spec: JobSpec) -> RegionPlan:
+    """The region plan of every frame of a job (the same for all its frames)."""
+    width, height = spec.effective_size()
+    adaptive = spec.scene.adaptive_sampling
+    margin = ADAPTIVE_SAMPLING_MARGIN if adaptive else 0
+    return plan_grid(width, height, spec.tiles.columns, spec.tiles.rows, margin=margin)
+
+
+def plan_assignments(spec: JobSpec) -> list[tuple[int, RenderAssignment]]:
+    """(tile index, assignment) of every render task of a job, frame by frame."""
+    plan = plan_for(spec)
+    return [
+        (
+            tile.index,
+            RenderAssignment(
+                frame=frame,
+                width=plan.width,
+                height=plan.height,
+                render_region=Region(**_rect(tile.render)),
+                core_region=Region(**_rect(tile.core)),
+                whole_frame=plan.is_whole_frame,
+                samples=spec.samples,
+                percentage=spec.percentage,
+                denoise_data=spec.wants_denoise and not plan.is_whole_frame,
+                denoise_in_render=spec.wants_denoise and plan.is_whole_frame,
+            ),
+        )
+        for frame in spec.frames.frames()
+        for tile in plan.tiles
+    ]
+
+
+def render_tasks(job_id: str, assignments: list[tuple[int, RenderAssignment]]) -> list[NewTask]:
+    """The render tasks of a new job."""
+    return [
+        NewTask(
+            id=f"{job_id}-f{a.frame}-t{index}",
+            job_id=job_id,
+            kind=TaskKind.RENDER,
+            frame=a.frame,
+            tile_index=index,
+            assignment=a.model_dump_json(),
+        )
+        for index, a in assignments
+    ]
+
+
+def verify_task(
+    tile: Any, number: int, window: RenderAssignment, excluded_owners: set[str]
+) -> NewTask:
+    """The `number`th duplicate sample of `tile` (a task row): a window of it, rendered
+    by a node of none of `excluded_owners`."""
+    return NewTask(
+        id=f"{tile['id']}-v{number}",
+        job_id=tile["job_id"],
+        kind=TaskKind.VERIFY,
+        frame=tile["frame"],
+        tile_index=tile["tile_index"],
+        assignment=window.model_dump_json(),
+        verifies=tile["id"],
+        excluded_owners=",".join(sorted(excluded_owners)),
+    )
+
+
+def backup_task(tile: Any, number: int) -> NewTask:
+    """The `number`th backup copy of a slow render task (a task row)."""
+    return NewTask(
+        id=f"{tile['id']}-b{number}",
+        job_id=tile["job_id"],
+        kind=TaskKind.BACKUP,
+        frame=tile["frame"],
+        tile_index=tile["tile_index"],
+        assignment=tile["assignment"],
+        backs_up=tile["id"],
+    )
+
+
+def denoise_task(job_id: str, frame: int, merged_sha: str) -> NewTask:
+    """The denoise of a merged frame (its id is fixed: a frame is denoised once)."""
+    return NewTask(
+        id=f"{job_id}-f{frame}-denoise",
+        job_id=job_id,
+        kind=TaskKind.DENOISE,
+        frame=frame,
+        tile_index=0,
+        denoise_input=merged_sha,
+    )
+
+
+def node_can_run(caps: NodeCapabilities, spec: JobSpec) -> bool:
+    if spec.blender_version and spec.blender_version not in caps.blender_versions:
+        return False
+    if "CYCLES" not in caps.engines:
+        return False
+    if spec.device in ("ANY", "CPU"):
+        return "CPU" in caps.devices
+    if spec.device == "GPU":
+        return any(d != "CPU" for d in caps.devices)
+    return spec.device in caps.devices
+
+
+def lease_device(spec: JobSpec) -> str:
+    """The device a lease names: a job that takes any device renders on CPU, so that the
+    tiles of one frame never mix device classes."""
+    return "CPU" if spec.device == "ANY" else spec.device
+
+
+def _rect(rect: Any) -> dict[str, int]:
+    return {"x0": rect.x0, "y0": rect.y0, "x1": rect.x1, "y1": rect.y1}

@@ -1,0 +1,289 @@
+"""Results: what a node hands back for its lease. An upload is adopted into the store,
+checked (`coordinator.verify.upload_checks`), and then held for a duplicate sample or
+accepted; a failure report counts an attempt. Every accepted upload leaves a receipt,
+so a node whose reply was lost and that sends the same result again gets the same
+answer, never a second payment."""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from coordinator.accounts import Principal
+from coordinator.core import Core, TaskRow
+from coordinator.db import now_iso
+from coordinator.errors import (
+    BadUploadError,
+    InvalidRequestError,
+    LeaseOverError,
+    NotAllowedError,
+    UploadTooLargeError,
+)
+from coordinator.scheduler import Scheduler
+from coordinator.store import SpooledUpload, TooLargeError
+from coordinator.task_states import Changes, TaskStates
+from coordinator.verify.samples import Samples
+from coordinator.verify.upload_checks import check_result
+from protocol.models import RenderAssignment, Role, TaskFailure, TaskKind, TaskStatus, UploadReceipt
+from renderers.exr import read_exr
+from renderers.preview import write_preview_png
+
+__all__ = ["Results"]
+
+
+class Results:
+    def __init__(
+        self, core: Core, states: TaskStates, scheduler: Scheduler, samples: Samples
+    ) -> None:
+        self.core = core
+        self.states = states
+        self.scheduler = scheduler
+        self.samples = samples
+
+    @property
+    def max_bytes(self) -> int:
+        return self.core.config.max_result_bytes
+
+    @staticmethod
+    def too_large(exc: TooLargeError) -> UploadTooLargeError:
+        return UploadTooLargeError(
+            exc.message, hint="A tile this large means a wrong render region."
+        )
+
+    def spool(self, chunks: Iterable[bytes]) -> SpooledUpload:
+        """Spool an in-memory upload (the HTTP layer spools its request body itself)."""
+        try:
+            return self.core.store.spool_chunks(chunks, self.max_bytes)
+        except TooLargeError as exc:
+            raise self.too_large(exc) from None
+
+    def check_upload(self, who: Principal, lease_id: str) -> None:
+        """Refuse an upload to a lease that is not this provider's, before any of its body
+        is stored. A lease whose result was accepted takes a repeat."""
+        row = self.core.db.query_one(
+            "SELECT n.owner FROM receipts r LEFT JOIN nodes n ON n.id = r.node_id"
+            " WHERE r.lease_id = ?",
+            (lease_id,),
+        )
+        if row is None:
+            self.scheduler.lease_row(who, lease_id)
+        elif row["owner"] != who.account and who.role is not Role.ADMIN:
+            raise NotAllowedError("This lease is held by another provider's node.")
+
+    def accept(
+        self,
+        who: Principal,
+        lease_id: str,
+        claimed_sha256: str | None,
+        upload: SpooledUpload | Iterable[bytes],
+    ) -> UploadReceipt:
+        """Store, check and accept a task's EXR from the node that holds its lease."""
+        if not isinstance(upload, SpooledUpload):
+            upload = self.spool(upload)
+        try:
+            return self._accept(who, lease_id, claimed_sha256, upload)
+        finally:
+            upload.path.unlink(missing_ok=True)
+
+    def _accept(
+        self, who: Principal, lease_id: str, claimed_sha256: str | None, upload: SpooledUpload
+    ) -> UploadReceipt:
+        if not claimed_sha256:
+            raise BadUploadError(
+                "The upload has no X-Content-SHA256 header.",
+                hint="Send the SHA-256 of the EXR with the upload.",
+            )
+        receipt = self._receipt(who, lease_id, claimed_sha256)
+        if receipt is not None:
+            return receipt
+        row = self.scheduler.lease_row(who, lease_id)
+        if row["status"] == TaskStatus.COMPLETED.value and row["result_sha"] == claimed_sha256:
+            # A retried upload of a result accepted before receipts were kept.
+            return UploadReceipt(task_id=row["id"], sha256=claimed_sha256, accepted=True)
+        if row["status"] != TaskStatus.ACTIVE.value:
+            raise LeaseOverError(
+                f"The task is {row['status']}; this lease no longer accepts results.",
+                hint="Drop the result and ask for a new lease.",
+            )
+        sha256 = self.core.store.adopt(upload, claimed_sha256)
+        problem = self._check(row, sha256)
+        if problem:
+            changes = Changes()
+            with self.core.db.transaction() as conn:
+                self.states.fail_attempt(
+                    conn, row, "bad_result", problem, changes, retryable=True, penalise=True
+                )
+            self.states.announce(changes)
+            raise InvalidRequestError(
+                f"The result was refused: {problem}", hint="The task goes back to the queue."
+            )
+        if row["kind"] == TaskKind.VERIFY.value:
+            return self._accept_sample(who, row, lease_id, sha256)
+        changes = Changes()
+        with self.core.db.transaction() as conn:
+            repeat = self._receipt_in(conn, who, lease_id, sha256)
+            if repeat is not None:
+                return repeat  # the same upload, sent twice at once, was accepted meanwhile
+            self.states.record_result(conn, row, lease_id, sha256)
+            accepted = True
+            if row["kind"] == TaskKind.BACKUP.value:
+                tile = self.states.take_backup(conn, row, sha256, changes)
+                if tile is None:
+                    accepted = False
+                else:
+                    self._settle(conn, tile, changes)
+            else:
+                self.states.cancel_backups(conn, row["id"], "the original render finished first")
+                self._settle(conn, row, changes)
+            self._write_receipt(conn, row, lease_id, sha256, accepted, bool(changes.frames))
+        self.states.announce(changes)
+        if not accepted:
+            return UploadReceipt(task_id=row["id"], sha256=sha256, accepted=False)
+        return UploadReceipt(
+            task_id=row["id"], sha256=sha256, accepted=True, frame_completed=bool(changes.frames)
+        )
+
+    def _settle(self, conn: sqlite3.Connection, row: TaskRow, changes: Changes) -> None:
+        """A checked tile or denoised frame: hold it for a sample, or accept it now."""
+        if row["kind"] == TaskKind.RENDER.value and self.samples.start(conn, row, changes):
+            self.states.checking(conn, row, changes)
+        else:
+            self.states.complete(conn, row["id"], changes)
+
+    def _accept_sample(
+        self, who: Principal, row: sqlite3.Row, lease_id: str, sha256: str
+    ) -> UploadReceipt:
+        """A verify task's window came back: judge it against the tile (and a first sample)."""
+        tile, verdict = self.samples.judge(row, sha256)
+        changes = Changes()
+        with self.core.db.transaction() as conn:
+            repeat = self._receipt_in(conn, who, lease_id, sha256)
+            if repeat is not None:
+                return repeat
+            self.states.record_result(conn, row, lease_id, sha256)
+            current = conn.execute(
+                "SELECT status FROM tasks WHERE id = ?", (row["verifies"],)
+            ).fetchone()
+            if (
+                verdict is None
+                or tile is None
+                or current is None
+                or current["status"] != TaskStatus.CHECKING.value
+            ):
+                # The tile was settled meanwhile: this sample was still honest work.
+                self.states.complete(conn, row["id"], changes)
+            else:
+                self.samples.apply(conn, tile, row, verdict, changes)
+            self._write_receipt(conn, row, lease_id, sha256, True, bool(changes.frames))
+        self.states.announce(changes)
+        return UploadReceipt(
+            task_id=row["id"], sha256=sha256, accepted=True, frame_completed=bool(changes.frames)
+        )
+
+    def _check(self, row: sqlite3.Row, sha256: str) -> str | None:
+        """Structure and values of an uploaded EXR against its task; None when fine."""
+        spec = self.core.spec(row["job_id"])
+        assignment = (
+            RenderAssignment.model_validate_json(row["assignment"])
+            if row["kind"] != TaskKind.DENOISE.value
+            else None
+        )
+        return check_result(self.core.store.path(sha256), TaskKind(row["kind"]), assignment, spec)
+
+    def _receipt(self, who: Principal, lease_id: str, claimed_sha256: str) -> UploadReceipt | None:
+        with self.core.db.lock:
+            return self._receipt_in(self.core.db.conn, who, lease_id, claimed_sha256)
+
+    @staticmethod
+    def _receipt_in(
+        conn: sqlite3.Connection, who: Principal, lease_id: str, claimed_sha256: str
+    ) -> UploadReceipt | None:
+        """The receipt given for this lease's accepted upload, if there is one. Another
+        hash for a lease already delivered is a conflict."""
+        row = conn.execute(
+            "SELECT r.*, n.owner AS node_owner FROM receipts r LEFT JOIN nodes n"
+            " ON n.id = r.node_id WHERE r.lease_id = ?",
+            (lease_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        if row["node_owner"] != who.account and who.role is not Role.ADMIN:
+            raise NotAllowedError("This lease is held by another provider's node.")
+        if row["sha256"] != claimed_sha256:
+            raise LeaseOverError(
+                "This lease's result was already delivered, with another SHA-256.",
+                hint="Drop this result and ask for a new lease.",
+            )
+        return UploadReceipt(
+            task_id=row["task_id"],
+            sha256=row["sha256"],
+            accepted=bool(row["accepted"]),
+            frame_completed=bool(row["frame_completed"]),
+        )
+
+    @staticmethod
+    def _write_receipt(
+        conn: sqlite3.Connection,
+        row: TaskRow,
+        lease_id: str,
+        sha256: str,
+        accepted: bool,
+        frame_completed: bool,
+    ) -> None:
+        conn.execute(
+            "INSERT INTO receipts (lease_id, task_id, node_id, sha256, accepted,"
+            " frame_completed, at) VALUES (?,?,?,?,?,?,?)",
+            (
+                lease_id,
+                row["id"],
+                row["node_id"],
+                sha256,
+                int(accepted),
+                int(frame_completed),
+                now_iso(),
+            ),
+        )
+
+    def report_failure(self, who: Principal, lease_id: str, failure: TaskFailure) -> None:
+        """Record a node's failed attempt; a repeat of a report already recorded (its
+        reply was lost and the node sent it again) changes nothing. A fault of the scene
+        itself fails the task at once: no other node would fix it."""
+        done = self.core.db.query_one(
+            "SELECT n.owner FROM failures f LEFT JOIN nodes n ON n.id = f.node_id"
+            " WHERE f.lease_id = ? LIMIT 1",
+            (lease_id,),
+        )
+        if done is not None and done["owner"] == who.account:
+            return
+        row = self.scheduler.lease_row(who, lease_id)
+        if row["status"] != TaskStatus.ACTIVE.value:
+            raise LeaseOverError(f"The task is {row['status']}; this lease is over.")
+        changes = Changes()
+        with self.core.db.transaction() as conn:
+            self.states.fail_attempt(
+                conn,
+                row,
+                failure.kind.value,
+                failure.message,
+                changes,
+                retryable=failure.retryable and not failure.kind.scene_fault,
+            )
+        self.states.announce(changes)
+
+    def preview(self, task_id: str, result_sha: str) -> Path:
+        """A PNG of the task's result, made once and kept."""
+        store, db = self.core.store, self.core.db
+        row = db.query_one("SELECT png_sha FROM previews WHERE task_id = ?", (task_id,))
+        if row is not None and store.exists(row["png_sha"]):
+            return store.path(row["png_sha"])
+        with tempfile.TemporaryDirectory(dir=store.root / "tmp") as scratch:
+            png = write_preview_png(read_exr(store.path(result_sha)), Path(scratch) / "tile.png")
+            png_sha = store.put_file(png)
+        with db.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO previews (task_id, png_sha) VALUES (?, ?)",
+                (task_id, png_sha),
+            )
+        return store.path(png_sha)
