@@ -36,7 +36,7 @@ from farm_node.cheats import (
     fewer_samples,
     parse_cheat,
 )
-from farm_node.daemon import NodeConfig
+from farm_node.config import NodeConfig
 from protocol.models import (
     Lease,
     NodeCapabilities,
