@@ -8,9 +8,12 @@ so a folder named by a hash is always complete.
 Extraction is the one place where a stranger's file decides where bytes go, so it is
 guarded BEFORE anything is written: entries with absolute paths, ``..`` components,
 drive letters or backslashes, symbolic links and other special files, encrypted entries,
-and archives whose declared size or file count exceed the limits are refused with an
-`UnsafeBundleError` naming the entry. While extracting, no entry may write more bytes
-than it declared.
+compression methods this node cannot decode, and archives whose declared size or file
+count exceed the limits are refused with an `UnsafeBundleError` naming the entry. While
+extracting, no entry may write more bytes than it declared, and an entry whose data
+cannot be decoded (corrupt deflate, LZMA or bzip2 data, a wrong CRC) is refused the same
+way: its hash was verified, so every node would meet the same bytes, and the task fails
+for good instead of taking node after node down.
 
 Least-recently-used bundles are deleted to keep the cache under `max_bytes`; a bundle
 in use (`pin`) is never evicted. Last-use times live in a small JSON index written
@@ -24,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import lzma
 import os
 import re
 import shutil
@@ -32,6 +36,7 @@ import tempfile
 import threading
 import time
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -60,6 +65,20 @@ _INDEX_TEMP_PREFIX = ".index-"
 _LEFTOVER_PREFIXES = (_TEMP_PREFIX, _TRASH_PREFIX, _INDEX_TEMP_PREFIX)
 # Unix file types a zip may record in the high 16 bits of external_attr.
 _ALLOWED_TYPES = (0, stat.S_IFREG, stat.S_IFDIR)
+#: Compression methods zipfile decodes: stored, deflate, bzip2, LZMA (not Deflate64 (9),
+#: AES (99), ...).
+_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+#: What decoding an entry's data raises when the data is wrong (NotImplementedError is a
+#: RuntimeError; bzip2 raises a bare OSError, told apart from disk errors by its errno).
+_UNDECODABLE = (
+    zipfile.BadZipFile,
+    zlib.error,
+    lzma.LZMAError,
+    EOFError,
+    RuntimeError,
+    ValueError,
+    OSError,
+)
 
 
 @dataclass(slots=True)
@@ -109,6 +128,8 @@ def _safe_member_path(info: zipfile.ZipInfo) -> PurePosixPath:
         reason = "a '..' component"
     elif info.flag_bits & 0x1:
         reason = "encryption"
+    elif info.compress_type not in _METHODS:
+        reason = f"compression method {info.compress_type}, which no node decodes"
     else:
         file_type = stat.S_IFMT(info.external_attr >> 16)
         if file_type == stat.S_IFLNK:
@@ -251,8 +272,11 @@ class BundleCache:
     def _extract(self, sha: str, zip_path: Path, folder: Path) -> None:
         try:
             archive = zipfile.ZipFile(zip_path)
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise BundleError(f"Bundle {sha[:12]} is not a readable zip file ({exc}).") from exc
+        except (zipfile.BadZipFile, OSError, ValueError, RuntimeError, EOFError) as exc:
+            # Its hash was verified: every node would get these bytes, and fail the same.
+            raise UnsafeBundleError(
+                f"Bundle {sha[:12]} is not a readable zip file ({exc})."
+            ) from exc
         with archive:
             entries = check_zip_entries(
                 archive.infolist(),
@@ -292,8 +316,18 @@ class BundleCache:
             return 0
         target.parent.mkdir(parents=True, exist_ok=True)
         written = 0
-        with archive.open(info) as source, target.open("xb") as sink:
-            for block in iter(lambda: source.read(_CHUNK), b""):
+        try:
+            source = archive.open(info)
+        except _UNDECODABLE as exc:
+            raise _undecodable(info, exc) from exc
+        with source, target.open("xb") as sink:
+            while True:
+                try:
+                    block = source.read(_CHUNK)
+                except _UNDECODABLE as exc:
+                    raise _undecodable(info, exc) from exc
+                if not block:
+                    break
                 written += len(block)
                 # zipfile stops at the declared size; this also bounds a lying header.
                 if written > info.file_size or written > budget:
@@ -393,6 +427,17 @@ class BundleCache:
         except BaseException:
             Path(temp).unlink(missing_ok=True)
             raise
+
+
+def _undecodable(info: zipfile.ZipInfo, error: Exception) -> Exception:
+    """`error`, met while decoding entry `info`, as what the node should raise."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return error  # the disk, not the data: a BundleError (retryable) further up
+    detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+    what = type(error).__name__ + (f": {detail}" if detail else "")
+    return UnsafeBundleError(
+        f"Refusing bundle entry {info.filename!r}: its data cannot be decoded ({what})."
+    )
 
 
 def _checked_sha(sha256: str) -> str:

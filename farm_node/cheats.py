@@ -26,6 +26,10 @@ denoise leases never are. The faked modes render the task honestly first and the
 replace its pixels in place, so the file keeps the exact structure of a real render:
 the same parts, channels, sizes, pixel types, header attributes and (lossless)
 compression. Only a look at the pixels can tell.
+
+`CheatingRunner` wraps the node's real `TaskRunner`: its `render` plans the fake, has
+the real runner render, and fakes the output; everything else is the real runner's. The
+daemon's render path is the same for honest and cheating nodes.
 """
 
 from __future__ import annotations
@@ -43,8 +47,10 @@ import numpy.typing as npt
 import OpenEXR
 
 from common.errors import ExrError, UsageError
+from farm_node.runner import TaskRunner
 from protocol.models import Lease, TaskKind
 from renderers.atomic import write_atomically
+from renderers.worker import ProgressCallback, RenderResult
 
 __all__ = [
     "FAKES",
@@ -54,6 +60,7 @@ __all__ = [
     "Cheat",
     "CheatMode",
     "CheatPlan",
+    "CheatingRunner",
     "cheat_modes",
     "parse_cheat",
 ]
@@ -177,13 +184,48 @@ class Cheat:
         )
 
 
+class CheatingRunner:
+    """The node's real `TaskRunner` with `render` faked as `cheat` plans (a wrapper).
+
+    Denoising, cancelling and closing are the real runner's: denoise leases are never
+    faked, and the node's lifecycle is the same as an honest node's.
+    """
+
+    def __init__(self, runner: TaskRunner, cheat: Cheat) -> None:
+        self.runner = runner
+        self.cheat = cheat
+
+    def __repr__(self) -> str:
+        return f"CheatingRunner({self.cheat!r})"
+
+    def render(
+        self,
+        lease: Lease,
+        scene: Path,
+        output: Path,
+        on_progress: ProgressCallback | None = None,
+    ) -> RenderResult:
+        plan = self.cheat.plan(lease)
+        result = self.runner.render(plan.lease, scene, output, on_progress=on_progress)
+        self.cheat.finish(plan, result.output)
+        return result
+
+    def denoise(
+        self, lease: Lease, input_exr: Path, output: Path, samples: int | None = None
+    ) -> Path:
+        return self.runner.denoise(lease, input_exr, output, samples)
+
+    def cancel(self) -> None:
+        self.runner.cancel()
+
+
 def fewer_samples(lease: Lease) -> Lease:
     """`lease` asking a `SAMPLES_DIVISOR`th of its samples (at least 1)."""
     assignment = lease.assignment
     if assignment is None:
         return lease
-    asked = assignment.samples if assignment.samples is not None else lease.samples
-    fewer = max(1, asked // SAMPLES_DIVISOR)
+    # `Lease.samples` is the effective count (the job's override, else the scene's).
+    fewer = max(1, lease.samples // SAMPLES_DIVISOR)
     return lease.model_copy(
         update={
             "assignment": assignment.model_copy(update={"samples": fewer}),

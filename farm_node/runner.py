@@ -38,6 +38,7 @@ from renderers.denoise import denoise_frame
 from renderers.devices import ComputeDevice, parse_cycles_devices, resolve_device
 from renderers.exr import read_exr, write_exr
 from renderers.regions import PixelRect, border_fractions
+from renderers.scene_paths import bundle_root
 from renderers.worker import (
     Progress,
     ProgressCallback,
@@ -206,6 +207,8 @@ class TaskRunner:
                 denoise=assignment.denoise_in_render,
                 device=device,
                 threads=self.threads,
+                # A stranger's scene sees its own bundle and nothing else of this machine.
+                confine_to=bundle_root(scene, lease.scene_path),
             )
             worker = self._worker_for(lease.bundle, device)
             result = self._run(worker, lambda: self._render_on(worker, request, on_progress))

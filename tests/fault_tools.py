@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from farm_node.bundle_cache import BundleCache
-from farm_node.daemon import NodeConfig, NodeDaemon
+from farm_node.config import NodeConfig
+from farm_node.daemon import NodeDaemon
 from farm_node.runner import TaskRunner
 from protocol.client import TesseraClient
 from renderers.builds import BlenderBuild

@@ -398,7 +398,7 @@ def test_byte_sizes(text: str, size: int) -> None:
 
 def test_full_disk_errors_are_recognised_through_their_causes() -> None:
     from common.errors import BundleError, RenderFailedError
-    from farm_node.daemon import _disk_full
+    from farm_node.gate import disk_full as _disk_full
     from renderers.worker import InsufficientDiskSpaceError
 
     full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/node/results/x.json")

@@ -32,12 +32,13 @@ from farm_node.cheats import (
     FAKES,
     SOMETIMES_RATE,
     Cheat,
+    CheatingRunner,
     CheatMode,
     cheat_modes,
     fewer_samples,
     parse_cheat,
 )
-from farm_node.daemon import NodeConfig
+from farm_node.config import NodeConfig
 from protocol.models import (
     Lease,
     NodeCapabilities,
@@ -50,7 +51,7 @@ from protocol.models import (
 )
 from renderers.exr import read_exr
 from renderers.regions import PixelRect, border_fractions
-from renderers.worker import RenderRequest, RenderWorker
+from renderers.worker import RenderRequest, RenderResult, RenderWorker
 
 REPO = Path(__file__).resolve().parent.parent
 # The demo scene at 10 % is 64x36.
@@ -458,3 +459,45 @@ def test_the_help_says_cheating_is_for_demonstrating_verification() -> None:
     done = tessera("node", "--help")
     assert done.returncode == 0
     assert "demonstrate the farm's verification" in " ".join(done.stdout.split())
+
+
+class _RecordingRunner:
+    """A stand-in for TaskRunner: 'renders' by copying a real tile, records what it got."""
+
+    def __init__(self, tile: Path) -> None:
+        self.tile = tile
+        self.rendered: list[Lease] = []
+        self.denoised: list[Lease] = []
+        self.cancels = 0
+
+    def render(self, lease: Lease, scene: Path, output: Path, on_progress: Any = None) -> Any:
+        self.rendered.append(lease)
+        shutil.copyfile(self.tile, output)
+        return RenderResult(output, 0.1, WIDTH, HEIGHT, "CPU")
+
+    def denoise(self, lease: Lease, source: Path, output: Path, samples: int | None = None) -> Path:
+        self.denoised.append(lease)
+        return output
+
+    def cancel(self) -> None:
+        self.cancels += 1
+
+
+def test_the_cheating_runner_wraps_the_real_one(tiles: dict[str, Path], tmp_path: Path) -> None:
+    real = _RecordingRunner(tiles["a"])
+    runner = CheatingRunner(real, Cheat("samples"))  # type: ignore[arg-type]
+    lease = make_lease(samples=SAMPLES)
+    result = runner.render(lease, tmp_path / "scene.blend", tmp_path / "out.exr")
+    assert result.output == tmp_path / "out.exr"
+    (asked,) = real.rendered
+    assert asked.samples == SAMPLES // 4 and lease.samples == SAMPLES, "the real runner asked less"
+
+    black = CheatingRunner(real, Cheat("black"))  # type: ignore[arg-type]
+    black.render(lease, tmp_path / "scene.blend", tmp_path / "black.exr")
+    assert real.rendered[-1] == lease, "black renders what was asked, then fakes the pixels"
+    assert not np.any(_pixels(tmp_path / "black.exr")["ViewLayer.Combined.R"])
+
+    denoise = make_lease(kind=TaskKind.DENOISE)
+    assert black.denoise(denoise, tmp_path / "in.exr", tmp_path / "d.exr") == tmp_path / "d.exr"
+    black.cancel()
+    assert (real.denoised, real.cancels) == ([denoise], 1)

@@ -37,7 +37,15 @@ from coordinator.farm import Farm, Principal
 from coordinator.http.errors import status_of
 from coordinator.store import ContentStore, StorageFullError
 from protocol.client import TesseraClient, sha256_file
-from protocol.models import JobSpec, LeaseRequest, Role, TaskFailure, TaskKind, TaskStatus
+from protocol.models import (
+    FailureKind,
+    JobSpec,
+    LeaseRequest,
+    Role,
+    TaskFailure,
+    TaskKind,
+    TaskStatus,
+)
 from renderers.builds import BlenderBuild
 from renderers.exr import read_exr
 from renderers.local_render import LocalRenderOptions, render_frame_local
@@ -450,7 +458,7 @@ def test_a_repeated_failure_report_changes_nothing(
     _, (node_a, _) = setup_farm(farm, small_spec(), demo_scene, tmp_path / "bundle")
     lease = farm.try_lease(A, node_a, LeaseRequest(wait=0))
     assert lease is not None
-    failure = TaskFailure(kind="render_failed", message="out of memory", retryable=True)
+    failure = TaskFailure(kind=FailureKind.OUT_OF_MEMORY, message="out of memory", retryable=True)
     farm.report_failure(A, lease.lease_id, failure)
     farm.report_failure(A, lease.lease_id, failure)  # its reply was lost: sent again
     count = farm.db.fetch_one(

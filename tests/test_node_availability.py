@@ -25,7 +25,8 @@ import requests
 
 from farm_node.availability import ProvidePolicy
 from farm_node.bundle_cache import BundleCache
-from farm_node.daemon import NodeConfig, NodeDaemon
+from farm_node.config import NodeConfig
+from farm_node.daemon import NodeDaemon
 from farm_node.runner import TaskRunner
 from protocol.client import TesseraClient
 from protocol.models import API_PREFIX, NodeInfo, Task

@@ -294,3 +294,63 @@ def test_a_corrupt_index_is_rebuilt(tmp_path: Path, source: Source) -> None:
     cache.ensure(sha, source.fetcher(sha))
     (tmp_path / "index.json").write_text("{not json")
     assert BundleCache(tmp_path, max_bytes=1 << 20).cached() == [sha]
+
+
+# --- entries that cannot be decoded (issue 17): refused, naming the entry, never a crash ---
+
+
+def _corrupt_second_entry(compression: int) -> bytes:
+    """A bundle with an intact scene and a second entry whose compressed data is garbage."""
+    payload = bytes(range(256)) * 64
+    entries = [("scene.blend", b"BLENDER-v300 intact"), ("tex/wood.png", payload)]
+    raw = bytearray(_zip_bytes(entries, compression))
+    # The second local header; its data starts after the fixed header, name and extra.
+    local = raw.find(b"PK\x03\x04", 1)
+    name_length = int.from_bytes(raw[local + 26 : local + 28], "little")
+    extra_length = int.from_bytes(raw[local + 28 : local + 30], "little")
+    start = local + 30 + name_length + extra_length
+    skip = 16 if compression == zipfile.ZIP_LZMA else 0  # keep LZMA's properties header
+    for offset in range(start + skip, start + skip + 64):
+        raw[offset] = 0xFF
+    return bytes(raw)
+
+
+def _method(compression: int, method: int) -> bytes:
+    """A one-entry bundle that declares compression `method` (e.g. 9, Deflate64; 99, AES)."""
+    raw = bytearray(_zip_bytes([("scene.blend", b"x" * 100), ("tex/a.bin", b"y" * 100)]))
+    for signature, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
+        position = raw.find(signature, raw.find(signature) + 1)
+        raw[position + offset : position + offset + 2] = method.to_bytes(2, "little")
+    return bytes(raw)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (lambda: _corrupt_second_entry(zipfile.ZIP_DEFLATED), "cannot be decoded"),
+        (lambda: _corrupt_second_entry(zipfile.ZIP_LZMA), "cannot be decoded"),
+        (lambda: _corrupt_second_entry(zipfile.ZIP_BZIP2), "cannot be decoded"),
+        (lambda: _method(zipfile.ZIP_DEFLATED, 9), "compression method 9"),
+        (lambda: _method(zipfile.ZIP_DEFLATED, 99), "compression method 99"),
+    ],
+    ids=["deflate", "lzma", "bzip2", "deflate64", "aes"],
+)
+def test_an_entry_that_cannot_be_decoded_is_refused_naming_it(
+    tmp_path: Path, source: Source, data: Callable[[], bytes], reason: str
+) -> None:
+    sha = source.add(data())
+    cache = BundleCache(tmp_path / "c", max_bytes=1 << 30)
+    with pytest.raises(UnsafeBundleError, match=reason) as refused:
+        cache.ensure(sha, source.fetcher(sha))
+    assert "'tex/" in refused.value.message, "the message names the entry"
+    assert _files_under(tmp_path / "c") == [], "nothing half-extracted is left"
+    assert cache.cached() == []
+
+
+def test_a_bad_crc_is_refused_naming_the_entry(tmp_path: Path, source: Source) -> None:
+    raw = bytearray(_zip_bytes([("scene.blend", b"intact"), ("tex/a.bin", b"z" * 1000)]))
+    central = raw.find(b"PK\x01\x02", raw.find(b"PK\x01\x02") + 1)
+    raw[central + 16] ^= 0xFF  # the second entry's CRC-32 in the central directory
+    sha = source.add(bytes(raw))
+    with pytest.raises(UnsafeBundleError, match=r"'tex/a\.bin'.*cannot be decoded"):
+        BundleCache(tmp_path / "c", max_bytes=1 << 30).ensure(sha, source.fetcher(sha))

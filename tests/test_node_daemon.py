@@ -23,19 +23,24 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 from pydantic import BaseModel
 
 from farm_node.bundle_cache import BundleCache
-from farm_node.daemon import Backoff, NodeConfig, NodeDaemon, run_node, worker_environment
+from farm_node.config import NodeConfig
+from farm_node.daemon import NodeDaemon
+from farm_node.main import run_node, worker_environment
+from farm_node.retry import Backoff
 from farm_node.runner import TaskRunner
 from protocol.client import SHA256_HEADER, TesseraClient
 from protocol.models import (
     API_PREFIX,
     MAX_SAMPLES,
     ErrorBody,
+    FailureKind,
     Heartbeat,
     HeartbeatReply,
     Lease,
@@ -612,11 +617,72 @@ def test_a_scene_error_is_reported_as_not_retryable(
     node.finish()
     kinds = {lease_id: (f.kind, f.retryable) for lease_id, f in fake.failures}
     assert kinds == {
-        "no-camera": ("NoCameraError", False),
-        "missing": ("SceneNotFoundError", False),
+        "no-camera": (FailureKind.NO_CAMERA, False),
+        "missing": (FailureKind.SCENE_NOT_FOUND, False),
     }
     assert "no active camera" in fake.failures[0][1].message
     assert fake.uploads == {}
+
+
+def test_a_corrupt_scene_is_reported_without_the_nodes_own_paths(
+    fake: FakeCoordinator,
+    server: RunningServer,
+    start_node: Callable[..., NodeUnderTest],
+    tmp_path: Path,
+) -> None:
+    """Blender names the file it cannot read; the provider's folders stay private."""
+    bad = tmp_path / "scene.blend"
+    bad.write_bytes(b"BLENDER-v300" + bytes(range(256)) * 16)  # right magic, no blocks
+    data = _zip_scene(bad)
+    sha = hashlib.sha256(data).hexdigest()
+    fake.bundles[sha] = data
+    fake.add_lease(make_lease(sha, "corrupt"))
+    node = start_node(_url(server))
+    fake.wait_for(lambda: len(fake.failures) == 1)
+    node.finish()
+    ((lease_id, failure),) = fake.failures
+    assert (lease_id, failure.kind, failure.retryable) == (
+        "corrupt",
+        FailureKind.CORRUPT_SCENE,
+        False,
+    )
+    assert str(node.config.data_dir) not in failure.message
+    assert str(node.config.data_dir.resolve()) not in failure.message
+    assert str(tmp_path) not in failure.message
+    assert "<bundle>/scene.blend" in failure.message
+    assert len(failure.message) <= 4000
+
+
+def test_an_unexpected_error_fails_the_task_and_the_node_goes_on(
+    fake: FakeCoordinator,
+    server: RunningServer,
+    start_node: Callable[..., NodeUnderTest],
+    demo_bundle: tuple[str, bytes],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever a task raises (here a library's ValueError, with a local path in it) is
+    that task's failure, reported and counted; the node renders the next lease."""
+    sha, data = demo_bundle
+    fake.bundles[sha] = data
+    fake.add_lease(make_lease(sha, "breaks"))
+    fake.add_lease(make_lease(sha, "honest"))
+    real_render = TaskRunner.render
+
+    def render(self: TaskRunner, lease: Lease, scene: Path, *args: Any, **kwargs: Any) -> Any:
+        if lease.lease_id == "breaks":
+            raise ValueError(f"cannot parse {scene}: " + "x" * 10_000)
+        return real_render(self, lease, scene, *args, **kwargs)
+
+    monkeypatch.setattr(TaskRunner, "render", render)
+    node = start_node(_url(server))
+    fake.wait_for(lambda: "honest" in fake.uploads)
+    node.finish()
+    ((lease_id, failure),) = fake.failures
+    assert (lease_id, failure.kind, failure.retryable) == ("breaks", FailureKind.OTHER, True)
+    assert failure.message.startswith("ValueError: cannot parse <bundle>/scene.blend: xxx")
+    assert str(node.config.data_dir) not in failure.message
+    assert len(failure.message) <= 4000
+    assert fake.releases == [], "a failure is reported (and counted), not a release"
 
 
 def test_a_denoise_task_is_denoised_and_uploaded(

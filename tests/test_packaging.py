@@ -27,7 +27,7 @@ import pytest
 
 from app.cli import build_parser
 from common.settings import Settings
-from farm_node.daemon import NodeConfig
+from farm_node.config import NodeConfig
 from renderers.demo_scene import DEMO_SCRIPT
 from renderers.worker import WORKER_SCRIPT
 

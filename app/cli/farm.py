@@ -525,7 +525,8 @@ def cmd_app(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
     import socket
 
-    from farm_node.daemon import NodeConfig, run_node
+    from farm_node.config import NodeConfig
+    from farm_node.main import run_node
 
     policy, limits = _providing(args), _render_limits(args)
     logging.basicConfig(

@@ -1,0 +1,131 @@
+"""What a node is told once, before it starts: `NodeConfig` and the rules for its values.
+
+The CLI builds a `NodeConfig` from its options; tests build their own. Nothing here
+reads the environment or settings at import time, starts a thread or touches the disk.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.errors import UsageError
+from farm_node.availability import ProvidePolicy
+from farm_node.bundle_cache import DEFAULT_MAX_FILES, DEFAULT_MAX_UNCOMPRESSED_BYTES
+from farm_node.hardware import NO_AVX2_ENV
+from farm_node.runner import DEFAULT_MAX_WARM
+from renderers.devices import normalise_device_name
+from renderers.worker import RenderLimits
+
+__all__ = ["CHEAT_MODES", "FORWARDED_ENV", "NodeConfig"]
+
+#: What `NodeConfig.cheat` may be (besides None): the `farm_node.cheats.CheatMode` values.
+CHEAT_MODES = ("samples", "copy", "noise", "black", "sometimes")
+#: Environment variables of the node's own process that must reach Blender although the
+#: render environment is scrubbed (they choose the CPU kernel, see hardware.cpu_kernel).
+FORWARDED_ENV = (NO_AVX2_ENV,)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything a node needs, passed in once (the CLI builds it; tests build their own).
+
+    `data_dir` holds ``bundles/`` (the cache), ``results/`` (finished EXRs until
+    delivered), ``scratch/`` (Blender's private folders, partial outputs) and
+    ``benchmark.json``. `stop_grace`: seconds a running task may take to finish after a
+    stop before it is cancelled and released. `heartbeat_grace`: seconds a render goes on
+    while no heartbeat gets through (by then the coordinator has re-queued the task); None
+    renders on regardless. `retry_initial`/`retry_max` bound the backoff while the
+    coordinator is unreachable.
+    """
+
+    coordinator_url: str
+    data_dir: Path
+    token: str | None = None
+    name: str = field(default_factory=socket.gethostname)
+    device: str = "CPU"
+    threads: int = 0
+    cache_max_bytes: int = 50 << 30
+    stop_grace: float = 30.0
+    heartbeat_grace: float | None = 300.0
+    poll_wait: float = 5.0  # also bounds how long Ctrl-C waits for an idle poll to end
+    task_timeout: float | None = 3600.0
+    blender_executables: list[Path] = field(default_factory=list)
+    use_bpy: bool = True
+    extra_env: dict[str, str] = field(default_factory=dict)
+    #: Credits asked per work unit (pixels x samples / 1e6); jobs offering less skip us.
+    price: float = 0.0
+    benchmark: bool = True
+    max_warm_workers: int = DEFAULT_MAX_WARM
+    retry_initial: float = 1.0
+    retry_max: float = 60.0
+    bundle_max_uncompressed_bytes: int = DEFAULT_MAX_UNCOMPRESSED_BYTES
+    bundle_max_files: int = DEFAULT_MAX_FILES
+    #: A `farm_node.cheats.CheatMode` name: fake renders to demonstrate verification.
+    #: None (the default, and the only value for real work): an honest node.
+    cheat: str | None = None
+    #: When this node may render (always, idle only, in hours; GPU temperature cap).
+    policy: ProvidePolicy = field(default_factory=ProvidePolicy)
+    #: Memory, free disk and sandbox of every render (`renderers.worker.RenderLimits`).
+    limits: RenderLimits = field(default_factory=RenderLimits)
+    #: A JSON file whose readings replace the machine's probes (input idle seconds, GPU
+    #: utilisation and temperature): for tests and for scripts that know better.
+    machine_state_file: Path | None = None
+    #: How often availability is checked while paused and while a task runs (seconds).
+    availability_interval: float = 1.0
+    #: Seconds without leasing after a task was refused for lack of disk space.
+    disk_full_pause: float = 60.0
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "bundles"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"
+
+    @property
+    def scratch_dir(self) -> Path:
+        return self.data_dir / "scratch"
+
+    @property
+    def benchmark_file(self) -> Path:
+        return self.data_dir / "benchmark.json"
+
+    def validate(self) -> None:
+        """Fail fast, with the option's name, on values that cannot work."""
+        problems: list[str] = []
+        url: object = self.coordinator_url
+        if not url:
+            problems.append("no coordinator URL (pass --coordinator or set TESSERA_COORDINATOR)")
+        elif not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            problems.append(f"coordinator URL {url!r} is not http(s)://...")
+        if not self.name.strip() or len(self.name) > 100:
+            problems.append("the node name must be 1 to 100 characters")
+        if self.price < 0:
+            problems.append(f"--price must be 0 or more, not {self.price}")
+        if self.threads < 0:
+            problems.append(f"threads must be 0 (all cores) or more, not {self.threads}")
+        if self.cache_max_bytes < 0:
+            problems.append("the cache size must not be negative")
+        if self.stop_grace < 0 or (self.heartbeat_grace is not None and self.heartbeat_grace <= 0):
+            problems.append("grace periods must be positive")
+        if not 0 <= self.poll_wait <= 60:
+            problems.append(f"poll wait must be 0 to 60 s, not {self.poll_wait}")
+        if self.task_timeout is not None and self.task_timeout <= 0:
+            problems.append("the task timeout must be positive")
+        if self.retry_initial <= 0 or self.retry_max < self.retry_initial:
+            problems.append("retry delays must be positive, the maximum at least the first")
+        if self.cheat is not None and self.cheat not in CHEAT_MODES:
+            problems.append(f"--cheat must be one of {', '.join(CHEAT_MODES)}, not {self.cheat!r}")
+        problems.extend(self.policy.problems())
+        if not 0.05 <= self.availability_interval <= 60:
+            problems.append(
+                f"the availability interval must be 0.05 to 60 s, not {self.availability_interval}"
+            )
+        if self.disk_full_pause < 0:
+            problems.append("the pause after a full disk must not be negative")
+        if problems:
+            raise UsageError("Invalid node settings: " + "; ".join(problems) + ".")
+        normalise_device_name(self.device)

@@ -1,0 +1,135 @@
+"""The node's composition root: a `NodeConfig` in, a running node out (``tessera node``).
+
+`run_node` validates the configuration, forwards the node's own CPU-kernel variables to
+Blender (`worker_environment`), chooses the Blender to render with (`select_build`),
+builds the coordinator client, the task runner and the bundle cache, hands them to a
+`NodeDaemon`, and installs the SIGINT/SIGTERM handlers: the first signal stops after the
+current task (within `NodeConfig.stop_grace`), a second one cancels it at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from types import FrameType
+
+from common.errors import BlenderNotFoundError, TesseraError
+from farm_node.bundle_cache import BundleCache
+from farm_node.config import FORWARDED_ENV, NodeConfig
+from farm_node.daemon import NodeDaemon
+from farm_node.runner import TaskRunner
+from protocol.client import TesseraClient
+from renderers.builds import BlenderBuild, find_builds, probe_bpy
+
+__all__ = ["run_node", "select_build", "worker_environment"]
+
+log = logging.getLogger(__name__)
+
+
+def worker_environment(extra_env: Mapping[str, str], node_env: Mapping[str, str]) -> dict[str, str]:
+    """The variables every Blender of this node gets on top of the scrubbed environment.
+
+    Render processes inherit nothing, so `FORWARDED_ENV` variables set for the node itself
+    (``CYCLES_CPU_NO_AVX2=1 tessera node``) are forwarded explicitly; `extra_env` wins.
+    """
+    forwarded = {name: node_env[name] for name in FORWARDED_ENV if name in node_env}
+    return {**forwarded, **extra_env}
+
+
+def select_build(config: NodeConfig) -> BlenderBuild:
+    """The Blender this node renders with: the first executable named, else this
+    interpreter's bpy module (when `use_bpy`), else ``blender`` on PATH."""
+    if config.blender_executables:
+        return find_builds(config.blender_executables, search_path=False, include_bpy=False)[0]
+    if config.use_bpy:
+        build = probe_bpy()
+        if build is not None:
+            return build
+    builds = find_builds(search_path=True, include_bpy=False)
+    if not builds:
+        raise BlenderNotFoundError("No Blender to render with: no bpy module, no blender on PATH.")
+    return builds[0]
+
+
+def run_node(config: NodeConfig) -> int:
+    """Build a node from `config` and run it until SIGINT/SIGTERM; the exit status.
+
+    The first signal stops after the current task (within `stop_grace`); a second one
+    cancels it at once. Returns 0 after a clean stop, 1 when the node could not go on.
+    """
+    try:
+        config.validate()
+        config = dataclasses.replace(
+            config, extra_env=worker_environment(config.extra_env, os.environ)
+        )
+        build = select_build(config)
+    except TesseraError as exc:
+        log.error("The node cannot start: %s", exc)
+        return 1
+    log.info("Rendering with %s", build.label)
+    client = TesseraClient(config.coordinator_url, config.token)
+    runner = TaskRunner(
+        build,
+        config.scratch_dir,
+        config.device,
+        config.threads,
+        task_timeout=config.task_timeout,
+        extra_env=config.extra_env,
+        max_warm=config.max_warm_workers,
+        limits=config.limits,
+    )
+    stop = threading.Event()
+    daemon = NodeDaemon(config, client, runner, _cache(config))
+    previous = _install_signal_handlers(stop, daemon)
+    try:
+        daemon.run(stop)
+    except TesseraError as exc:
+        log.error("The node stopped: %s", exc)
+        return 1
+    finally:
+        _restore_signal_handlers(previous)
+        runner.close()
+        client.close()
+    return 0
+
+
+def _cache(config: NodeConfig) -> BundleCache:
+    return BundleCache(
+        config.cache_dir,
+        config.cache_max_bytes,
+        max_uncompressed_bytes=config.bundle_max_uncompressed_bytes,
+        max_files=config.bundle_max_files,
+    )
+
+
+_Handler = Callable[[int, FrameType | None], object] | int | None
+
+
+def _install_signal_handlers(
+    stop: threading.Event, daemon: NodeDaemon
+) -> dict[signal.Signals, _Handler]:
+    if threading.current_thread() is not threading.main_thread():
+        log.debug("Not in the main thread: no signal handlers (the caller sets the stop event)")
+        return {}
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            log.warning("Second %s: cancelling the current task now", signal.Signals(signum).name)
+            daemon.abort()
+        else:
+            log.info("%s: finishing the current task, then stopping", signal.Signals(signum).name)
+            stop.set()
+
+    previous: dict[signal.Signals, _Handler] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, on_signal)
+    return previous
+
+
+def _restore_signal_handlers(previous: Mapping[signal.Signals, _Handler]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
