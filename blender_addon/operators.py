@@ -339,6 +339,7 @@ class TESSERA_OT_submit_job(bpy.types.Operator):  # noqa: N801 (Blender naming)
         job = work.job
         settings.last_job_id = str(job["id"])
         settings.last_frame_path = ""
+        settings.downloaded_frames = ""
         _apply(context.scene, {"job": job, "frames": []})
         self.report({"INFO"}, f"Submitted job {job['id']} to Tessera.")
         start_following()
@@ -349,21 +350,27 @@ class TESSERA_OT_submit_job(bpy.types.Operator):  # noqa: N801 (Blender naming)
 
 
 def poll_job(
-    url: str, token: str, job_id: str, folder: Path, kinds: tuple[str, ...]
+    url: str,
+    token: str,
+    job_id: str,
+    folder: Path,
+    kinds: tuple[str, ...],
+    downloaded: frozenset[int] = frozenset(),
 ) -> dict[str, Any]:
-    """Fetch the job and download its finished frames not on disk yet (no bpy: it runs
-    on a thread). Returns {"job": ..., "frames": [paths], "error": message or None}."""
+    """Fetch the job and download its finished frames not `downloaded` yet (files of an
+    earlier job in the same folder are replaced). No bpy: it runs on a thread. Returns
+    {"job": ..., "frames": [(frame, path)], "error": message or None}."""
     result: dict[str, Any] = {"job_id": job_id, "job": None, "frames": [], "error": None}
     try:
         with FarmClient(url, token) as client:
             job = client.job(job_id)
             result["job"] = job
-            for frame in sorted(job.get("frames_done") or []):
+            for frame in sorted(set(job.get("frames_done") or []) - downloaded):
                 for kind in kinds:
-                    target = folder / frame_file_name(frame, kind)
-                    if not target.exists():
-                        client.download_frame(job_id, frame, target, kind)
-                result["frames"].append(str(folder / frame_file_name(frame, kinds[0])))
+                    client.download_frame(
+                        job_id, frame, folder / frame_file_name(frame, kind), kind
+                    )
+                result["frames"].append((frame, str(folder / frame_file_name(frame, kinds[0]))))
     except FarmError as exc:
         result["error"] = str(exc)
     except OSError as exc:
@@ -375,15 +382,21 @@ def _job_folder(scene: Any) -> Path:
     return Path(output_folder(bpy.path.abspath(scene.render.filepath), bpy.data.filepath))
 
 
-def _poll_args(scene: Any) -> tuple[str, str, str, Path, tuple[str, ...]]:
+def _downloaded(settings: Any) -> frozenset[int]:
+    return frozenset(int(x) for x in settings.downloaded_frames.split(",") if x.strip())
+
+
+def _poll_args(scene: Any) -> tuple[str, str, str, Path, tuple[str, ...], frozenset[int]]:
     prefs = preferences()
-    kinds = ("exr", "png") if scene.tessera.preview_video else ("exr",)
+    settings = scene.tessera
+    kinds = ("exr", "png") if settings.preview_video else ("exr",)
     return (
         prefs.coordinator_url,
         prefs.token,
-        scene.tessera.last_job_id,
+        settings.last_job_id,
         _job_folder(scene),
         kinds,
+        _downloaded(settings),
     )
 
 
@@ -411,7 +424,9 @@ def _apply(scene: Any, result: dict[str, Any]) -> None:
     settings.eta_seconds = -1.0 if shown["eta"] is None else shown["eta"]
     settings.job_message = shown["message"]
     if result.get("frames"):
-        settings.last_frame_path = result["frames"][-1]
+        frames = _downloaded(settings) | {frame for frame, _path in result["frames"]}
+        settings.downloaded_frames = ",".join(str(frame) for frame in sorted(frames))
+        settings.last_frame_path = result["frames"][-1][1]
 
 
 class _Following:

@@ -117,6 +117,7 @@ class TesseraSceneSettings(bpy.types.PropertyGroup):
     credits_spent: FloatProperty(name="Credits Spent")
     eta_seconds: FloatProperty(name="ETA", default=-1.0)
     last_frame_path: StringProperty(name="Last Frame", subtype="FILE_PATH")
+    downloaded_frames: StringProperty(name="Downloaded Frames")
 
 
 class TESSERA_PT_submit(bpy.types.Panel):  # noqa: N801 (Blender naming)

@@ -216,6 +216,25 @@ def test_a_job_that_cannot_work_is_refused_with_the_reason(
         spec_module.parse_frames("1..4")
 
 
+def test_the_panel_shows_progress_credits_and_an_eta() -> None:
+    spec_module = addon_module("spec")
+    job = {
+        "status": "active",
+        "progress": {"tasks_total": 8, "tasks_done": 2, "frames_total": 2, "frames_done": 0},
+        "credits_spent": 1.5,
+        "credits_escrowed": 6.0,
+    }
+    shown = spec_module.describe_job(job, now=130.0, created=100.0)
+    assert shown["status"] == "active" and shown["frames_total"] == 2
+    assert shown["credits_spent"] == 1.5
+    assert shown["eta"] == pytest.approx(90.0), "2 tasks in 30 s: 6 more take 90 s"
+    assert spec_module.describe_job(job, now=130.0, created=None)["eta"] is None
+    assert spec_module.frame_file_name(7) == "frame_0007.exr"
+    assert spec_module.output_folder("/renders/shot_", "/p/a.blend") == "/renders"
+    assert spec_module.output_folder("/renders/", "/p/a.blend") == "/renders/"
+    assert spec_module.output_folder("", "/p/a.blend") == "/p/tessera_frames"
+
+
 def test_the_join_proof_is_the_coordinators() -> None:
     from protocol.discovery import join_proof
 

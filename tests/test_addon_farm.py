@@ -63,6 +63,23 @@ for case in json.loads(sys.argv[-1]):
         done["result"] = sorted(bpy.ops.tessera.submit_job())
     except RuntimeError as exc:  # an operator's ERROR report raises here
         done["result"], done["error"] = ["CANCELLED"], str(exc)
+    for op in case.get("after", []):
+        try:
+            result = sorted(getattr(bpy.ops.tessera, op)())
+        except RuntimeError as exc:
+            result = str(exc)
+        done.setdefault("after", []).append([op, result, scene.tessera.job_status])
+    if case.get("timer") and scene.tessera.last_job_id:
+        # What bpy.app.timers does in the UI: the poll runs on a thread, its result is
+        # applied on the next call; the timer stops itself when the job is finished.
+        operators = sys.modules["bl_ext.user_default.tessera.operators"]
+        deadline, calls = time.monotonic() + case["timer"], 0
+        while time.monotonic() < deadline:
+            calls += 1
+            if operators._timer() is None:
+                break
+            time.sleep(0.2)
+        done["timer_calls"] = calls
     if case.get("follow") and scene.tessera.last_job_id:
         deadline = time.monotonic() + case["follow"]
         while time.monotonic() < deadline:
@@ -166,6 +183,9 @@ def test_a_linked_scene_submitted_from_blender_comes_back_as_the_one_piece_rende
     addon_home: Path, scenes: dict[str, Path], farm: LocalFarm, worker: RenderWorker, tmp_path: Path
 ) -> None:
     output = tmp_path / "frames"
+    output.mkdir()
+    # A frame of an earlier job in the same output folder is replaced, not kept.
+    (output / "frame_0001.exr").write_bytes(b"an older job's frame")
     (case,) = drive(
         addon_home,
         [
@@ -182,7 +202,8 @@ def test_a_linked_scene_submitted_from_blender_comes_back_as_the_one_piece_rende
                     "max_credits": 50.0,
                 },
                 "before": ["test_connection", "estimate"],
-                "follow": 240,
+                "timer": 240,
+                "follow": 30,
             }
         ],
     )
@@ -197,6 +218,8 @@ def test_a_linked_scene_submitted_from_blender_comes_back_as_the_one_piece_rende
     assert job.status.value == "completed", job.message
     assert job.spec.scene_path == "shot.blend"
     assert (job.spec.frames.start, job.spec.frames.end) == (1, 1)
+    assert case["timer_calls"] > 1, "the timer polled on a thread until the job finished"
+    assert "refresh_errors" not in case, case
     assert case["status"] == "completed" and case["frames_done"] == case["frames_total"] == 1
     frame_path = output / "frame_0001.exr"
     assert case["last_frame"] == str(frame_path) and frame_path.is_file()
@@ -310,5 +333,44 @@ def test_joining_a_lan_farm_by_url_and_secret_saves_a_token(
         assert out["join"] == ["FINISHED"] and out["token"], out
         assert out["test"] == ["FINISHED"], out
         assert out["status"].startswith("Connected as lan-user-artist (requester)"), out
+    finally:
+        coordinator.stop()
+
+
+def test_pause_resume_and_cancel_from_blender(
+    addon_home: Path, scenes: dict[str, Path], tmp_path: Path
+) -> None:
+    """No node: the job waits, so the panel's buttons act on a queued job."""
+    coordinator = start_coordinator(tmp_path / "coordinator")
+    try:
+        with coordinator.client(coordinator.admin_token) as admin:
+            token = admin.create_account("artist", "requester").token
+        (case,) = drive(
+            addon_home,
+            [
+                {
+                    "name": "controls",
+                    "scene": str(scenes["linked"]),
+                    "url": coordinator.url,
+                    "token": token,
+                    "output": f"{tmp_path / 'frames'}/",
+                    "settings": {"split": "TILES", "tiles_x": 2, "tiles_y": 2, "priority": 80},
+                    "after": ["pause_job", "resume_job", "cancel_job", "open_last_frame"],
+                }
+            ],
+        )
+        assert case["result"] == ["FINISHED"], case
+        after = {op: (result, status) for op, result, status in case["after"]}
+        assert after["pause_job"] == (["FINISHED"], "paused"), case
+        assert after["resume_job"][0] == ["FINISHED"], case
+        assert after["resume_job"][1] in ("queued", "active"), case
+        assert after["cancel_job"] == (["FINISHED"], "canceled"), case
+        result, _status = after["open_last_frame"]
+        assert result.strip() == "Error: No finished frame of the last job has been downloaded yet."
+        with coordinator.client(token) as client:
+            job = client.job(case["job_id"])
+        assert job.status.value == "canceled"
+        assert (job.spec.tiles.columns, job.spec.tiles.rows) == (2, 2)
+        assert job.priority == 80
     finally:
         coordinator.stop()
