@@ -68,6 +68,8 @@ class TesseraPreferences(bpy.types.AddonPreferences):
 
 
 class TesseraSceneSettings(bpy.types.PropertyGroup):
+    __slots__ = ()  # Blender 5 warns about property groups without slots
+
     use_scene_range: BoolProperty(
         name="Scene Frame Range", description="Render the scene's frame range", default=True
     )

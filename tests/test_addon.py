@@ -279,6 +279,17 @@ def test_the_bundle_is_the_desktop_clients(bat_scenes: Path, tmp_path: Path) -> 
     assert packing.missing_dependencies(scene) == [str(path) for path in theirs.missing]
 
 
+def test_a_zstd_compressed_scene_packs_as_the_desktop_client_packs_it(
+    bat_scenes: Path, tmp_path: Path
+) -> None:
+    """Blender's Python ships zstandard (bpy declares it), which BAT needs for these."""
+    scene = tmp_path / "basic_file_compressed_zstd.blend"
+    scene.write_bytes((bat_scenes / scene.name).read_bytes())
+    ours = addon_module("packing").pack_scene(scene, tmp_path / "ours")
+    theirs = desktop_pack_scene(scene, tmp_path / "theirs")
+    assert (ours.sha256, ours.scene_path) == (theirs.sha256, theirs.scene_path)
+
+
 def test_missing_files_are_listed(bat_scenes: Path, tmp_path: Path) -> None:
     scene = tmp_path / "missing_textures.blend"
     scene.write_bytes((bat_scenes / "missing_textures.blend").read_bytes())
