@@ -191,12 +191,15 @@ class InstallResult:
     enabled: bool
 
 
-def _install_command(blender: Path | None, script: Path, zip_path: Path) -> tuple[list[str], str]:
+def _install_command(
+    blender: Path | None, script: Path, zip_path: Path, use_bpy: bool
+) -> tuple[list[str], str]:
+    has_bpy = importlib.util.find_spec("bpy") is not None
     if blender is None:
-        found = shutil.which("blender")
+        found = None if use_bpy else shutil.which("blender")
         if found is not None:
             blender = Path(found)
-        elif importlib.util.find_spec("bpy") is not None:
+        elif has_bpy:
             return [sys.executable, str(script), str(zip_path)], f"bpy module in {sys.executable}"
         else:
             raise AddonBuildError(
@@ -214,18 +217,21 @@ def install_extension(
     *,
     env: dict[str, str] | None = None,
     timeout: float = 300.0,
+    use_bpy: bool = False,
 ) -> InstallResult:
     """Install and enable the extension zip in `blender` (an executable; default: the
-    `blender` on PATH, else this interpreter's bpy module), into its user_default
-    repository, and save its preferences. `env` replaces the environment (tests point
-    HOME and BLENDER_USER_RESOURCES at a scratch folder)."""
+    `blender` on PATH, else this interpreter's bpy module; `use_bpy`: the bpy module even
+    when a `blender` is on PATH), into its user_default repository, and save its
+    preferences (the bpy module shares a Blender of its version's user folder). `env`
+    replaces the environment (tests point HOME and BLENDER_USER_RESOURCES at a scratch
+    folder). Raises `AddonBuildError` when no Blender is found or the install fails."""
     zip_path = zip_path.resolve()
     if not zipfile.is_zipfile(zip_path):
         raise AddonBuildError(f"{zip_path} is not an extension zip.")
     script = zip_path.with_name(f".{zip_path.stem}-install.py")
     script.write_text(_INSTALL_SCRIPT)
     try:
-        command, label = _install_command(blender, script, zip_path)
+        command, label = _install_command(blender, script, zip_path, use_bpy)
         try:
             completed = subprocess.run(
                 command,
@@ -245,7 +251,12 @@ def install_extension(
             report = json.loads(line[len(INSTALL_MARK) :])
     if completed.returncode != 0 or report is None or report["result"] != ["FINISHED"]:
         tail = (completed.stderr or completed.stdout)[-2000:]
-        raise AddonBuildError(f"{label} could not install {zip_path.name}:\n{tail}")
+        raise AddonBuildError(
+            f"{label} could not install {zip_path.name} (exit code {completed.returncode}):"
+            f"\n{tail}",
+            hint="Install it from Blender instead: Edit > Preferences > Get Extensions > "
+            "Install from Disk.",
+        )
     return InstallResult(
         blender=label,
         blender_version=str(report["version"]),

@@ -106,7 +106,7 @@ def test_the_extension_installs_and_enables_in_the_bpy_module(tmp_path: Path) ->
     home = tmp_path / "home"
     home.mkdir()
     built = build_extension(tmp_path / "out")
-    result = install_extension(built, env=blender_env(home))
+    result = install_extension(built, env=blender_env(home), use_bpy=True)
     assert result.enabled
     assert result.blender.startswith("bpy module")
     assert result.extensions_dir == home / "blender" / "extensions"
@@ -147,11 +147,27 @@ def test_the_extension_installs_and_enables_in_the_bpy_module(tmp_path: Path) ->
     assert "Traceback" not in completed.stderr, completed.stderr[-3000:]
 
 
+def test_a_named_blender_executable_runs_the_install_in_background(tmp_path: Path) -> None:
+    """`--blender PATH`: Blender's own command line (-b, --python SCRIPT -- ZIP), played
+    here by a stand-in that runs the bpy module with the same script and zip."""
+    home = tmp_path / "home"
+    home.mkdir()
+    fake = tmp_path / "blender"
+    fake.write_text(
+        "#!/bin/sh\n"
+        '[ "$1 $2 $3 $4 $6" = "-b --python-exit-code 1 --python --" ] || exit 3\n'
+        f'exec {sys.executable} "$5" "$7"\n'
+    )
+    fake.chmod(0o755)
+    result = install_extension(build_extension(tmp_path / "out"), fake, env=blender_env(home))
+    assert result.blender == str(fake) and result.enabled
+
+
 def test_installing_something_that_is_not_a_zip_is_refused(tmp_path: Path) -> None:
     bogus = tmp_path / "tessera.zip"
     bogus.write_text("not a zip")
     with pytest.raises(AddonBuildError, match="not an extension zip"):
-        install_extension(bogus, env=blender_env(tmp_path))
+        install_extension(bogus, env=blender_env(tmp_path), use_bpy=True)
 
 
 # --- the bpy-free modules ------------------------------------------------------------

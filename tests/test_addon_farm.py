@@ -135,7 +135,7 @@ def addon_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A HOME with the extension built, installed and enabled."""
     home = tmp_path_factory.mktemp("addon-home")
     built = build_extension(tmp_path_factory.mktemp("addon-zip"))
-    assert install_extension(built, env=blender_env(home)).enabled
+    assert install_extension(built, env=blender_env(home), use_bpy=True).enabled
     return home
 
 
