@@ -2,7 +2,8 @@
 
 Each command family adds its subcommands (`render`: inspect, render-local, devices;
 `farm`: coordinator, node, join, app; `jobs`: submit, jobs, job, pause, resume, cancel,
-priority; `local`: render, demo; `accounts`: nodes, wallet, grant, ledger, provider).
+priority; `local`: render, demo; `accounts`: nodes, wallet, grant, ledger, provider;
+`addon`: addon build, addon install).
 `main` parses, loads the settings once and runs the handler: every `TesseraError`
 becomes a message and a hint on stderr with exit status 2; no traceback reaches the user.
 No Qt is imported here.
@@ -15,7 +16,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from app.cli import accounts, farm, jobs, local, render
+from app.cli import accounts, addon, farm, jobs, local, render
 from app.cli.options import Handler
 from common.errors import TesseraError
 from common.settings import load_settings
@@ -54,5 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_commands(sub)
     jobs.add_commands(sub)
     accounts.add_commands(sub)
+    addon.add_commands(sub)
     farm.add_app(sub)
     return parser
