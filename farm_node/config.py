@@ -6,9 +6,11 @@ reads the environment or settings at import time, starts a thread or touches the
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from common.errors import UsageError
 from farm_node.availability import ProvidePolicy
@@ -129,3 +131,31 @@ class NodeConfig:
         if problems:
             raise UsageError("Invalid node settings: " + "; ".join(problems) + ".")
         normalise_device_name(self.device)
+
+
+def loopback_url(url: str) -> bool:
+    """Whether `url` names this machine (127.0.0.0/8, ::1 or localhost)."""
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def sandbox_refusal(coordinator_url: str, mode: str, sandbox_works: bool) -> str | None:
+    """Why a node must not start with this sandbox setting, or None when it may.
+
+    Strangers' scenes render in bubblewrap by default. Without a working bubblewrap the
+    default ("auto") still serves a coordinator on this machine (a local farm renders the
+    user's own scenes), but refuses any other: only an explicit ``--sandbox off`` takes
+    that risk.
+    """
+    if mode != "auto" or sandbox_works or loopback_url(coordinator_url):
+        return None
+    return (
+        f"No render sandbox: bubblewrap is not installed or cannot run here, and "
+        f"{coordinator_url} is not on this machine, so strangers' scenes would run with "
+        "this user's rights (reading every file it can, using the network)."
+    )

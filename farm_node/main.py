@@ -17,13 +17,14 @@ import threading
 from collections.abc import Callable, Mapping
 from types import FrameType
 
-from common.errors import BlenderNotFoundError, TesseraError
+from common.errors import BlenderNotFoundError, TesseraError, UsageError
 from farm_node.bundle_cache import BundleCache
-from farm_node.config import FORWARDED_ENV, NodeConfig
+from farm_node.config import FORWARDED_ENV, NodeConfig, sandbox_refusal
 from farm_node.daemon import NodeDaemon
 from farm_node.runner import TaskRunner
 from protocol.client import TesseraClient
 from renderers.builds import BlenderBuild, find_builds, probe_bpy
+from renderers.sandbox import find_bwrap
 
 __all__ = ["run_node", "select_build", "worker_environment"]
 
@@ -66,6 +67,7 @@ def run_node(config: NodeConfig) -> int:
         config = dataclasses.replace(
             config, extra_env=worker_environment(config.extra_env, os.environ)
         )
+        _check_sandbox(config)
         build = select_build(config)
     except TesseraError as exc:
         log.error("The node cannot start: %s", exc)
@@ -95,6 +97,18 @@ def run_node(config: NodeConfig) -> int:
         runner.close()
         client.close()
     return 0
+
+
+def _check_sandbox(config: NodeConfig) -> None:
+    """Refuse to serve strangers without a sandbox unless told so (`sandbox_refusal`)."""
+    works = config.limits.sandbox != "auto" or find_bwrap() is not None
+    refusal = sandbox_refusal(config.coordinator_url, config.limits.sandbox, works)
+    if refusal is not None:
+        raise UsageError(
+            refusal,
+            hint="Install bubblewrap (e.g. `apt install bubblewrap`), or pass `--sandbox off` "
+            "to render without it at your own risk.",
+        )
 
 
 def _cache(config: NodeConfig) -> BundleCache:
