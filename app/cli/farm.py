@@ -394,8 +394,9 @@ def _add_render_limit_options(parser: argparse.ArgumentParser) -> None:
         "--sandbox",
         choices=("auto", "bwrap", "off"),
         default="auto",
-        help="run Blender in bubblewrap: auto (when it works, the default), bwrap "
-        "(required) or off",
+        help="run Blender in bubblewrap: auto (the default: in the sandbox when it works; "
+        "without it only a coordinator on this machine is served), bwrap (required) or off "
+        "(no sandbox, at your own risk)",
     )
     group.add_argument(
         "--task-timeout",
