@@ -25,8 +25,8 @@ import requests
 import urllib3
 
 from common.errors import CoordinatorUnreachableError, TesseraError, UsageError
-from protocol.client import TesseraClient
-from protocol.models import FINISHED_JOB_STATES, Event, Job
+from protocol.client import TesseraClient, sha256_file
+from protocol.models import FINISHED_JOB_STATES, Event, FrameStatus, Job
 
 log = logging.getLogger(__name__)
 
@@ -311,3 +311,67 @@ def follow_job(
         read_timeout=STREAM_READ_TIMEOUT if stop is None else max(1.0, poll_interval),
     )
     return follower.run()
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadSummary:
+    """What `download_job` did: files fetched, files already there, frames not finished."""
+
+    job: Job
+    folder: Path
+    downloaded: tuple[Path, ...]
+    present: tuple[Path, ...]
+    unfinished: tuple[int, ...]
+
+
+def download_job(
+    client: TesseraClient,
+    job_id: str,
+    out_dir: Path,
+    on_file: Callable[[Path, bool], None] | None = None,
+    *,
+    kinds: tuple[str, ...] = FRAME_KINDS,
+) -> DownloadSummary:
+    """Fetch every finished frame of a job into `frame_folder(out_dir, job)`: a file that
+    is there already with the coordinator's SHA-256 is skipped (so a broken-off download
+    resumes where it stopped), any other is downloaded (atomically, its hash checked).
+    `on_file(path, downloaded)` is called for each file. Raises what `follow_job` does."""
+    job = client.job(job_id)
+    folder = frame_folder(out_dir, job)
+    downloaded: list[Path] = []
+    present: list[Path] = []
+    unfinished: list[int] = []
+    for state in client.frames(job_id):
+        if state.status is not FrameStatus.DONE:
+            unfinished.append(state.frame)
+            continue
+        for kind in kinds:
+            expected = state.files.get(kind)
+            target = folder / frame_file_name(state.frame, kind)
+            if expected is not None and target.is_file() and sha256_file(target) == expected:
+                present.append(target)
+                fetched = False
+            else:
+                _fetch_frame(client, job_id, state.frame, kind, target, expected)
+                downloaded.append(target)
+                fetched = True
+            if on_file is not None:
+                on_file(target, fetched)
+    return DownloadSummary(job, folder, tuple(downloaded), tuple(present), tuple(unfinished))
+
+
+def _fetch_frame(
+    client: TesseraClient, job_id: str, frame: int, kind: str, target: Path, sha: str | None
+) -> None:
+    try:
+        client.download_frame(job_id, frame, target, kind=kind, expected_sha256=sha)
+    except requests.RequestException as exc:
+        target.with_name(target.name + ".part").unlink(missing_ok=True)
+        raise CoordinatorUnreachableError(
+            f"Lost the connection while downloading frame {frame} of job {job_id} from "
+            f"{client.base_url} ({exc}); run the download again to resume."
+        ) from exc
+    except OSError as exc:
+        raise FrameDownloadError(
+            f"Cannot write frame {frame} to {target}: {exc.strerror or exc}."
+        ) from exc

@@ -122,7 +122,8 @@ class Jobs:
         """Where each frame of the job stands, with its tiles accepted so far."""
         self._job_row(who, job_id)
         rows = self.core.db.query(
-            "SELECT f.frame, f.status, COUNT(t.id) AS tiles, COALESCE(SUM(t.status = ?), 0)"
+            "SELECT f.frame, f.status, f.exr_sha, f.png_sha, COUNT(t.id) AS tiles,"
+            " COALESCE(SUM(t.status = ?), 0)"
             " AS tiles_done FROM frames f LEFT JOIN tasks t ON t.job_id = f.job_id AND"
             " t.frame = f.frame AND t.kind = ? WHERE f.job_id = ? GROUP BY f.frame"
             " ORDER BY f.frame",
@@ -134,6 +135,7 @@ class Jobs:
                 status=FrameStatus(row["status"]),
                 tiles_done=row["tiles_done"],
                 tiles=row["tiles"],
+                files={kind: row[f"{kind}_sha"] for kind in ("exr", "png") if row[f"{kind}_sha"]},
             )
             for row in rows
         ]

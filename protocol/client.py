@@ -275,8 +275,19 @@ class TesseraClient:
             "PATCH", f"/jobs/{job_id}", Job, **self._body(JobPatch(priority=priority))
         )
 
-    def download_frame(self, job_id: str, frame: int, target: Path, kind: str = "exr") -> Path:
-        return self._download(f"/jobs/{job_id}/frames/{frame}.{kind}", target)
+    def download_frame(
+        self,
+        job_id: str,
+        frame: int,
+        target: Path,
+        kind: str = "exr",
+        expected_sha256: str | None = None,
+    ) -> Path:
+        """Download a finished frame's file; with `expected_sha256`, a body of another
+        hash is refused and nothing is written."""
+        return self._download(
+            f"/jobs/{job_id}/frames/{frame}.{kind}", target, expected_sha256=expected_sha256
+        )
 
     def download_task_preview(self, task_id: str, target: Path) -> Path:
         return self._download(f"/tasks/{task_id}/preview.png", target)

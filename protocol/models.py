@@ -314,6 +314,9 @@ class FrameState(Strict):
     #: Render tiles of the frame accepted so far, of `tiles`.
     tiles_done: int = Field(ge=0)
     tiles: int = Field(ge=0)
+    #: A finished frame's files by kind ("exr", "png"): their SHA-256, so a client can
+    #: skip a file it already has and check the ones it downloads.
+    files: dict[str, Sha256] = Field(default_factory=dict)
 
 
 class JobProgress(Strict):

@@ -413,3 +413,58 @@ def test_wallet_grant_and_ledger_check(coordinator: RunningCoordinator, requeste
     assert bad.returncode == 2 and "positive number" in bad.stderr
     check = tessera("ledger", "check", url=url, token=admin)
     assert check.returncode == 0 and "every invariant holds" in check.stdout, check.stderr
+
+
+def test_download_fetches_finished_frames_and_resumes_by_hash(
+    coordinator: RunningCoordinator,
+    requester: str,
+    provider: str,
+    worker: RenderWorker,
+    demo_info: SceneInfo,
+    demo_scene: Path,
+    tmp_path: Path,
+) -> None:
+    path, sha = make_bundle(demo_scene, tmp_path / "bundle")
+    spec = job_spec(demo_info, sha, frames="7-8", tiles=(2, 1), samples=2, denoise=False)
+    with coordinator.client(requester) as client:
+        client.upload_bundle(path, sha)
+        job = client.submit_job(spec)
+        with coordinator.client(provider) as node_client:
+            node = NodeThread(
+                node_client, worker=worker, scene=demo_scene, scratch=tmp_path / "node"
+            )
+            try:
+                follow_job(client, job.id, tmp_path / "followed", poll_interval=0.2)
+            finally:
+                node.join()
+    out = tmp_path / "out"
+    first = tessera(
+        "download", job.id, "--out", str(out), "--json", url=coordinator.url, token=requester
+    )
+    assert first.returncode == 0, first.stderr
+    report = json.loads(first.stdout)
+    folder = frame_folder(out, job)
+    expected = [folder / frame_file_name(f, k) for f in (7, 8) for k in ("exr", "png")]
+    assert sorted(report["downloaded"]) == sorted(map(str, expected)) and not report["present"]
+    for file in expected:  # the same bytes `follow_job` fetched
+        assert file.read_bytes() == (tmp_path / "followed" / folder.name / file.name).read_bytes()
+    (folder / frame_file_name(8, "exr")).write_bytes(b"a download that broke off")
+    again = json.loads(
+        tessera(
+            "download", job.id, "--out", str(out), "--json", url=coordinator.url, token=requester
+        ).stdout
+    )
+    assert again["downloaded"] == [str(folder / frame_file_name(8, "exr"))]
+    assert len(again["present"]) == 3 and again["unfinished"] == []
+    plain = tessera("download", job.id, "--out", str(out), url=coordinator.url, token=requester)
+    assert "0 file(s) downloaded, 4 already there" in plain.stdout
+
+
+def test_download_of_another_accounts_job_is_refused(
+    coordinator: RunningCoordinator, requester: str, tmp_path: Path
+) -> None:
+    result = tessera(
+        "download", "no-such-job", "--out", str(tmp_path), url=coordinator.url, token=requester
+    )
+    assert result.returncode == 2 and "no-such-job" in result.stderr
+    assert not any(tmp_path.iterdir())

@@ -144,6 +144,20 @@ def add_commands(sub: Subparsers) -> None:
     add_connection_options(priority)
     priority.set_defaults(handler=cmd_priority)
 
+    download = sub.add_parser(
+        "download",
+        help="fetch a job's finished frames",
+        description="Download every finished frame of a job into DIR/<scene>/, skipping "
+        "files already there with the coordinator's SHA-256 (run it again to resume).",
+    )
+    download.add_argument("job_id", metavar="JOB", help="the job (see `tessera jobs`)")
+    download.add_argument(
+        "--out", type=Path, default=None, help="folder for <scene>/ (default: the current one)"
+    )
+    add_json_option(download)
+    add_connection_options(download)
+    download.set_defaults(handler=cmd_download)
+
 
 # --- submit --------------------------------------------------------------------------------
 
@@ -508,4 +522,38 @@ def cmd_priority(args: argparse.Namespace, settings: Settings) -> int:
         print_json(job.model_dump(mode="json"))
     else:
         print(f"Job {job.id} now has priority {job.priority}.")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace, settings: Settings) -> int:
+    from app.follow import download_job
+
+    def report(path: Path, fetched: bool) -> None:
+        if not args.json:
+            print(f"{'downloaded' if fetched else 'up to date'}  {path}", flush=True)
+
+    out = args.out if args.out is not None else Path()
+    with connect(args, settings) as client:
+        summary = download_job(client, args.job_id, out, report)
+    if args.json:
+        print_json(
+            {
+                "job": summary.job.id,
+                "status": summary.job.status.value,
+                "folder": str(summary.folder),
+                "downloaded": [str(p) for p in summary.downloaded],
+                "present": [str(p) for p in summary.present],
+                "unfinished": list(summary.unfinished),
+            }
+        )
+        return 0
+    print(
+        f"{len(summary.downloaded)} file(s) downloaded, {len(summary.present)} already there,"
+        f" in {summary.folder}"
+    )
+    if summary.unfinished:
+        print(
+            f"{len(summary.unfinished)} frame(s) not finished yet (job {summary.job.status.value});"
+            " run `tessera download` again later."
+        )
     return 0
