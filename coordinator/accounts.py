@@ -2,6 +2,16 @@
 
 Tokens are stored as SHA-256 digests and found by the digest of the token sent, so no
 raw token is ever compared or stored.
+
+An admin can revoke an account: its row stays (the ledger and its jobs name it), its
+token stops authenticating at once, and it can never be given a new one (a LAN re-join
+under its name is refused). The admin account itself cannot be revoked.
+
+Valid tokens are remembered in memory (digest -> `Principal`), so that authenticating
+a known token - which the HTTP layer does on every request, before its rate and load
+limits - costs no database access. Every change to the accounts table goes through this
+class, which forgets the digests it changes (a revoked or replaced token), so the memory
+is never staler than the database.
 """
 
 from __future__ import annotations
@@ -9,12 +19,15 @@ from __future__ import annotations
 import hashlib
 import secrets
 import sqlite3
+import threading
 from dataclasses import dataclass
+from datetime import datetime
 
+from coordinator import ledger
 from coordinator.core import Core
 from coordinator.db import now_iso
-from coordinator.errors import ConflictError, NotAllowedError
-from protocol.models import AccountToken, Role
+from coordinator.errors import ConflictError, NotAllowedError, NotFoundError
+from protocol.models import AccountInfo, AccountToken, Role
 
 __all__ = ["Accounts", "Principal", "hash_token", "require"]
 
@@ -41,6 +54,13 @@ def require(who: Principal, role: Role) -> None:
 class Accounts:
     def __init__(self, core: Core) -> None:
         self.core = core
+        #: digest of a valid token -> its account (see the module docstring)
+        self._known: dict[str, Principal] = {}
+        #: bumped by every forgetting, so that a lookup racing a revocation is not kept
+        self._generation = 0
+        #: accounts revoked since start (earlier ones never authenticated in this run)
+        self._revoked: set[str] = set()
+        self._lock = threading.Lock()
 
     def ensure_admin(self) -> str | None:
         """Create the admin account on first start; returns its new token (else None)."""
@@ -71,11 +91,18 @@ class Accounts:
     def issue_token(self, name: str, role: Role) -> AccountToken:
         """A fresh token for `name` (created if new); the old token stops working."""
         token = "tsr_" + secrets.token_urlsafe(32)
-        taken = self.core.db.query_one("SELECT role FROM accounts WHERE name = ?", (name,))
+        taken = self.core.db.query_one(
+            "SELECT role, revoked_at FROM accounts WHERE name = ?", (name,)
+        )
         if taken is not None and taken["role"] != role.value:
             raise ConflictError(
                 f"The account name '{name}' is taken by a {taken['role']}.",
                 hint="Choose another node name.",
+            )
+        if taken is not None and taken["revoked_at"] is not None:
+            raise NotAllowedError(
+                f"The account '{name}' was revoked by the farm's admin.",
+                hint="Ask the farm's admin for an account.",
             )
         with self.core.db.transaction() as conn:
             updated = conn.execute(
@@ -87,15 +114,86 @@ class Accounts:
                     "INSERT INTO accounts (name, role, token_hash, created_at) VALUES (?,?,?,?)",
                     (name, role.value, hash_token(token), now_iso()),
                 )
+        self._forget(name)  # the token it replaced
         return AccountToken(account=name, role=role, token=token)
 
     def authenticate(self, token: str) -> Principal | None:
+        """The account of a valid token; None for an unknown or revoked one."""
+        digest = hash_token(token)
+        with self._lock:
+            known = self._known.get(digest)
+        if known is not None:
+            return known
+        generation = self._generation
         row = self.core.db.query_one(
-            "SELECT name, role FROM accounts WHERE token_hash = ?", (hash_token(token),)
+            "SELECT name, role FROM accounts WHERE token_hash = ? AND revoked_at IS NULL",
+            (digest,),
         )
         if row is None:
             return None
-        return Principal(account=row["name"], role=Role(row["role"]))
+        who = Principal(account=row["name"], role=Role(row["role"]))
+        with self._lock:
+            if generation == self._generation:
+                self._known[digest] = who
+        return who
+
+    def known(self, token: str) -> Principal | None:
+        """`authenticate` from memory only (never the database): None when not known."""
+        with self._lock:
+            return self._known.get(hash_token(token))
+
+    def is_revoked(self, name: str) -> bool:
+        """Whether an account that authenticated earlier was revoked since (open long
+        polls and event streams ask; no database access)."""
+        with self._lock:
+            return name in self._revoked
+
+    def revoke(self, who: Principal, name: str) -> AccountInfo:
+        """Revoke `name`'s token for good (admin only); revoking twice changes nothing."""
+        require(who, Role.ADMIN)
+        row = self.core.db.query_one("SELECT role FROM accounts WHERE name = ?", (name,))
+        if row is None:
+            raise NotFoundError(f"No account named '{name}'.", hint="`tessera account list`.")
+        if row["role"] == Role.ADMIN.value:
+            raise ConflictError(
+                "The admin account cannot be revoked: the farm would have no admin.",
+                hint="Revoke requester and provider accounts only.",
+            )
+        with self.core.db.transaction() as conn:
+            conn.execute(
+                "UPDATE accounts SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+                (now_iso(), name),
+            )
+        with self._lock:
+            self._revoked.add(name)
+        self._forget(name)
+        return self._info(name)
+
+    def listing(self, who: Principal) -> list[AccountInfo]:
+        """Every account, oldest first, with its balance (admin only)."""
+        require(who, Role.ADMIN)
+        rows = self.core.db.query("SELECT name FROM accounts ORDER BY created_at, name")
+        return [self._info(row["name"]) for row in rows]
+
+    def _info(self, name: str) -> AccountInfo:
+        db = self.core.db
+        row = db.fetch_one(
+            "SELECT name, role, created_at, revoked_at FROM accounts WHERE name = ?", (name,)
+        )
+        revoked = row["revoked_at"]
+        return AccountInfo(
+            name=row["name"],
+            role=Role(row["role"]),
+            created_at=datetime.fromisoformat(row["created_at"]),
+            revoked_at=datetime.fromisoformat(revoked) if revoked else None,
+            balance=ledger.credits(ledger.balance(db, ledger.user(name))),
+        )
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            self._generation += 1
+            for digest in [d for d, who in self._known.items() if who.account == name]:
+                del self._known[digest]
 
     def exists(self, name: str) -> bool:
         return self.core.db.query_one("SELECT 1 FROM accounts WHERE name = ?", (name,)) is not None

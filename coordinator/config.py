@@ -54,6 +54,22 @@ class CoordinatorConfig:
     min_free_disk: int = 2**30
     #: Retry-After (seconds) of a 507: how long a sender waits before trying again.
     storage_retry_after: float = 10.0
+    #: Seconds a client has to send a request body (408 and the connection closed past
+    #: it), plus one second per `body_min_rate` bytes received: a slow but progressing
+    #: upload of a big bundle keeps going, a sender trickling bytes does not hold a
+    #: request slot. 0 = no limit.
+    body_timeout: float = 15.0
+    body_min_rate: int = 16 * 1024
+    #: Requests without a valid token (no token, a wrong or revoked one) in progress at
+    #: once from one client address; past it 429. They may also hold at most a quarter
+    #: of `max_concurrent` together, so strangers never starve accounts and nodes.
+    #: /health needs no slot. 0 = no limit.
+    max_anonymous_per_ip: int = 8
+    #: Node traffic (lease polls and everything done with a lease) has a bucket per
+    #: account, on top of `rate_limit`/`rate_burst`: each node the account registered
+    #: adds this many requests a second and this much burst.
+    node_rate: float = 2.0
+    node_burst: int = 10
 
     @property
     def db_path(self) -> Path:

@@ -177,6 +177,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE failures ADD COLUMN lease_id TEXT;
     CREATE INDEX failures_by_lease ON failures(lease_id);
     """,
+    # 7: revocable tokens. A revoked account keeps its row (the ledger and its jobs name
+    # it) but its token no longer authenticates, and it cannot be given a new one.
+    """
+    ALTER TABLE accounts ADD COLUMN revoked_at TEXT;
+    """,
 )
 
 

@@ -35,6 +35,7 @@ from coordinator.task_states import FrameReady, TaskStates
 from coordinator.verify.reputation import Reputation
 from coordinator.verify.samples import Samples
 from protocol.models import (
+    AccountInfo,
     AccountToken,
     FrameState,
     Heartbeat,
@@ -131,6 +132,12 @@ class Farm:
 
     def authenticate(self, token: str) -> Principal | None:
         return self.accounts.authenticate(token)
+
+    def list_accounts(self, who: Principal) -> list[AccountInfo]:
+        return self.accounts.listing(who)
+
+    def revoke_account(self, who: Principal, name: str) -> AccountInfo:
+        return self.accounts.revoke(who, name)
 
     def grant_credits(self, who: Principal, name: str, amount: float) -> Wallet:
         return self.credits.grant(who, name, amount)

@@ -4,18 +4,77 @@ announce the URL only once the server accepts connections. TLS when given a cert
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from coordinator.config import CoordinatorConfig
 from coordinator.http import create_app
 
 #: How long an idle keep-alive connection stays open (uvicorn's default is 5 s).
 KEEP_ALIVE_SECONDS = 30
+#: Beyond the keep-alive time, how long a connection may take to send a request's headers
+#: (when `body_timeout` is 0).
+REQUEST_START_SECONDS = 15.0
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with one more timer: a connection must start a request
+    (its headers complete) within `start_limit` seconds of opening or of its last
+    response, or it is closed. uvicorn's keep-alive timer closes idle connections, but
+    any byte received cancels it, so a client trickling header bytes, or the rest of a
+    body the coordinator already answered, would hold its connection for ever. (Bodies
+    being read by a request have their own deadline: `limits.RequestLimits`.)"""
+
+    #: Set per server by `serve` (a subclass with the configured value).
+    start_limit: float = 45.0
+    _guard: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def handle_events(self) -> None:
+        before = self.cycle
+        super().handle_events()
+        if self.cycle is not before:  # a request started
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self._between_requests():
+            self._arm()
+
+    def _between_requests(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._guard = self.loop.call_later(self.start_limit, self._expired)
+
+    def _disarm(self) -> None:
+        if self._guard is not None:
+            self._guard.cancel()
+            self._guard = None
+
+    def _expired(self) -> None:
+        self._guard = None
+        if not self.transport.is_closing() and self._between_requests():
+            if self.conn.our_state not in (h11.ERROR, h11.CLOSED):
+                with contextlib.suppress(h11.LocalProtocolError):
+                    self.conn.send(h11.ConnectionClosed())
+            self.transport.close()
 
 
 class _AnnouncingServer(uvicorn.Server):
@@ -71,13 +130,20 @@ def serve(
         if on_ready is not None:
             on_ready(url, app.state.services.admin_token)
 
+    # Nodes talk every heartbeat_interval (5 s by default): with uvicorn's default of
+    # 5 s, every heartbeat raced the server closing its idle connection (and paid for
+    # a new one). Idle keep-alive connections cost a file descriptor each.
+    keep_alive = max(KEEP_ALIVE_SECONDS, int(2 * config.heartbeat_interval) + 1)
+    protocol = type(
+        "FarmH11Protocol",
+        (GuardedH11Protocol,),
+        {"start_limit": keep_alive + (config.body_timeout or REQUEST_START_SECONDS)},
+    )
     uv_config = uvicorn.Config(
         app,
         log_level="warning",
-        # Nodes talk every heartbeat_interval (5 s by default): with uvicorn's default of
-        # 5 s, every heartbeat raced the server closing its idle connection (and paid for
-        # a new one). Idle keep-alive connections cost a file descriptor each.
-        timeout_keep_alive=max(KEEP_ALIVE_SECONDS, int(2 * config.heartbeat_interval) + 1),
+        http=protocol,
+        timeout_keep_alive=keep_alive,
         timeout_graceful_shutdown=3,
         ssl_certfile=str(certfile) if certfile else None,
         ssl_keyfile=str(keyfile) if keyfile else None,

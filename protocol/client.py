@@ -29,6 +29,7 @@ from common.errors import ApiError, BundleError, CoordinatorUnreachableError, Us
 from protocol.models import (
     API_PREFIX,
     AccountCreate,
+    AccountInfo,
     AccountToken,
     Event,
     FrameState,
@@ -386,6 +387,17 @@ class TesseraClient:
             )
         partial.replace(target)
         return target
+
+    # --- accounts (admin) ----------------------------------------------------------------------
+
+    def accounts(self) -> list[AccountInfo]:
+        """Every account: name, role, created, revoked, balance (admin only)."""
+        return self._list("/accounts", AccountInfo)
+
+    def revoke_account(self, name: str) -> AccountInfo:
+        """Revoke an account's token for good (admin only). Retried: revoking twice
+        changes nothing."""
+        return self._json("POST", f"/accounts/{name}/revoke", AccountInfo)
 
 
 class _FileBody:

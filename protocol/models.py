@@ -598,3 +598,18 @@ class Health(Strict):
     version: str
     api: str = "v1"
     farm: str | None = None
+
+
+# --- accounts (admin) ---------------------------------------------------------------------
+
+
+class AccountInfo(Strict):
+    """An account as the admin's `GET /api/v1/accounts` lists it (never its token)."""
+
+    name: str
+    role: Role
+    created_at: datetime
+    revoked_at: datetime | None = Field(
+        default=None, description="when its token was revoked; None while it works"
+    )
+    balance: float = Field(default=0.0, description="the account's credits")

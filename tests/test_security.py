@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -140,6 +142,7 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
             ("dave", "requester"),
             ("bob", "provider"),
             ("carol", "provider"),
+            ("eve", "requester"),  # revoked by the admin in the route table
         ]:
             reply = call(url, "POST", "/accounts", admin, json_body={"name": name, "role": role})
             tokens[name] = reply.json()["token"]
@@ -249,6 +252,8 @@ TABLE: list[Case] = [
     Case("GET", "/me", {}, 200),
     Case("GET", "/wallet", {}, 200),
     Case("POST", "/accounts", {"admin": 201}, 403, body=_new_account),
+    Case("GET", "/accounts", ADMIN_ONLY, 403),
+    Case("POST", "/accounts/{name}/revoke", ADMIN_ONLY, 403, "/accounts/eve/revoke"),
     Case(
         "POST",
         "/accounts/{name}/grant",
@@ -354,6 +359,9 @@ TABLE: list[Case] = [
 EXTRA: list[Case] = [
     Case("GET", "/jobs/{job_id}", OWNER, 404, "/jobs/{B}"),
     Case("GET", "/jobs/{job_id}", {}, 404, "/jobs/no-such-job"),
+    # the admin account cannot be revoked; an unknown one is not found
+    Case("POST", "/accounts/{name}/revoke", {"admin": 409}, 403, "/accounts/admin/revoke"),
+    Case("POST", "/accounts/{name}/revoke", {"admin": 404}, 403, "/accounts/nobody/revoke"),
     Case("GET", "/jobs/{job_id}/frames/{frame}.{kind}", OWNER, 404, "/jobs/{A}/frames/1.png"),
     Case("GET", "/events", OWNER, 404, "/events?job={A}"),
     Case("PATCH", "/jobs/{job_id}", OWNER, 404, "/jobs/{B}", body=lambda *_: {"priority": 0}),
@@ -541,16 +549,18 @@ def test_rate_limits_per_token_answer_429_with_retry_after(tmp_path: Path) -> No
         assert reply.json()["error"] == "too many requests"
         # another token is not affected
         assert call(url, "GET", "/me", admin).status_code == 200
-        # each node's long poll has its own bucket: bob's throttled token still polls
+        # node traffic has the account's node bucket, as large as its two nodes need:
+        # bob's throttled token still polls (rate 1 + 2 x 2 a second, burst 4 + 2 x 10)
         for node in nodes:
             for _ in range(3):
                 reply = call(url, "POST", f"/nodes/{node}/lease", bob, json_body={"wait": 0})
                 assert reply.status_code == 204, reply.text
-        # ... but one node hammering its poll is throttled too
-        reply = call(url, "POST", f"/nodes/{nodes[0]}/lease", bob, json_body={"wait": 0})
-        for _ in range(3):
-            reply = call(url, "POST", f"/nodes/{nodes[0]}/lease", bob, json_body={"wait": 0})
-        assert reply.status_code == 429
+        # ... but past what two nodes need it is throttled too, whichever node or lease
+        # the path names (the bucket is the account's, not the path's)
+        paths = [f"/nodes/{nodes[i % 2]}/lease" for i in range(10)]
+        paths += [f"/leases/made-up-{i}/heartbeat" for i in range(20)]
+        codes = [call(url, "POST", path, bob, json_body={"wait": 0}).status_code for path in paths]
+        assert 429 in codes, codes
         # the bucket refills at the configured rate
         time.sleep(float(call(url, "GET", "/me", bob).headers.get("Retry-After", "1")) + 0.1)
         assert call(url, "GET", "/me", bob).status_code == 200
@@ -625,12 +635,14 @@ def test_overload_answers_503_with_retry_after(tmp_path: Path) -> None:
             try:
                 time.sleep(1.0)  # no other request meanwhile: it could take a place
                 deadline = time.monotonic() + 30
-                while (reply := call(url, "GET", "/health")).status_code != 503:
+                while (reply := call(url, "GET", "/me", admin)).status_code != 503:
                     assert time.monotonic() < deadline, "never overloaded"
                     time.sleep(0.2)
                 assert reply.headers["Retry-After"] == "1"
                 assert reply.json()["error"] == "unavailable"
                 assert "overloaded" in reply.json()["detail"]
+                # /health needs no slot: it answers even now
+                assert call(url, "GET", "/health").status_code == 200
             finally:
                 release.set()
             # the two slow uploads end (a wrong hash: 400), the third was refused
@@ -714,5 +726,111 @@ def test_https_with_a_self_signed_certificate(tmp_path: Path) -> None:
         # plain HTTP is not served on the TLS port
         with pytest.raises(requests.exceptions.ConnectionError):
             requests.get(coordinator.url.replace("https", "http") + f"{API}/health", timeout=30)
+    finally:
+        coordinator.stop()
+
+
+# --- accounts: create, list and revoke from the CLI -----------------------------------------
+
+_CLI = "from app.cli import main; raise SystemExit(main())"
+
+
+def tessera(url: str, token: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`tessera ARGS` in a fresh Python, as a user would run it."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(TESSERA_COORDINATOR=url, TESSERA_TOKEN=token)
+    return subprocess.run(
+        [sys.executable, "-c", _CLI, *args],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_accounts_are_created_listed_and_revoked_by_the_admin(tmp_path: Path) -> None:
+    coordinator = start_configured(tmp_path / "c", verification=False)
+    try:
+        url, admin = coordinator.url, coordinator.admin_token
+        made = tessera(url, admin, "account", "create", "mallory", "--role", "provider", "--json")
+        assert made.returncode == 0, made.stderr
+        mallory = json.loads(made.stdout)["token"]
+        made = tessera(url, admin, "account", "create", "rita", "--role", "requester")
+        assert made.returncode == 0, made.stderr
+        assert "Created requester account 'rita'" in made.stdout
+        rita = made.stdout.strip().splitlines()[-1]
+        assert call(url, "GET", "/me", rita).json()["account"] == "rita"
+        # only an admin creates accounts (or lists or revokes them)
+        for token in (rita, mallory):
+            refused = tessera(url, token, "account", "create", "sneaky", "--role", "requester")
+            assert refused.returncode == 2
+            assert "admin" in refused.stderr and "Traceback" not in refused.stderr
+            assert tessera(url, token, "account", "list").returncode == 2
+            assert tessera(url, token, "account", "revoke", "rita").returncode == 2
+        assert call(url, "GET", "/me", rita).status_code == 200
+        assert call(url, "POST", "/accounts/rita/grant", admin, json_body={"amount": 7}).ok
+        node = call(url, "POST", "/nodes", mallory, json_body=caps("m1")).json()["node_id"]
+
+        # a long poll and an event stream open before the revocation
+        with ThreadPoolExecutor(2) as pool:
+            poll = pool.submit(
+                lambda: (
+                    call(
+                        url, "POST", f"/nodes/{node}/lease", mallory, json_body={"wait": 20}
+                    ).status_code
+                )
+            )
+
+            def stream() -> float:
+                with call(url, "GET", "/events", rita) as reply:
+                    assert reply.status_code == 200
+                    for _ in reply.iter_lines():
+                        pass
+                return time.monotonic()
+
+            ended = pool.submit(stream)
+            time.sleep(1.0)
+            for name in ("mallory", "rita"):
+                revoked = tessera(url, admin, "account", "revoke", name)
+                assert revoked.returncode == 0, revoked.stderr
+                assert f"Account '{name}' is revoked" in revoked.stdout
+            at = time.monotonic()
+            # every new request is refused at once, on every route
+            for token, path in [(rita, "/me"), (rita, "/jobs"), (mallory, "/nodes")]:
+                reply = call(url, "GET", path, token)
+                assert reply.status_code == 401, reply.text
+                assert "revoked" in reply.json()["detail"]
+            reply = call(url, "POST", "/leases/x/heartbeat", mallory, json_body={})
+            assert reply.status_code == 401
+            # ... and what was open ends within a second or so
+            assert poll.result(timeout=10) == 401
+            assert ended.result(timeout=10) - at < 5
+        # revoking twice changes nothing; the admin cannot be revoked
+        assert tessera(url, admin, "account", "revoke", "rita").returncode == 0
+        refused = tessera(url, admin, "account", "revoke", "admin")
+        assert refused.returncode == 2 and "cannot be revoked" in refused.stderr
+        # the listing: every account, its role, when made and revoked, its balance
+        listed = tessera(url, admin, "account", "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        accounts = {a["name"]: a for a in json.loads(listed.stdout)}
+        assert set(accounts) == {"admin", "mallory", "rita"}
+        assert accounts["rita"]["role"] == "requester"
+        assert accounts["rita"]["balance"] == 7
+        assert accounts["rita"]["revoked_at"] and accounts["mallory"]["revoked_at"]
+        assert accounts["admin"]["revoked_at"] is None
+        text = tessera(url, admin, "account", "list").stdout
+        assert text.splitlines()[0].split() == ["NAME", "ROLE", "CREATED", "REVOKED", "BALANCE"]
+        assert any(line.split()[0] == "admin" and " - " in line for line in text.splitlines())
+        # the list never shows a token
+        assert rita not in listed.stdout and mallory not in listed.stdout
+    finally:
+        coordinator.stop()
+    # a restart keeps the revocation (it is in the database, not only in memory)
+    coordinator = start_configured(tmp_path / "c", verification=False)
+    try:
+        assert call(coordinator.url, "GET", "/me", rita).status_code == 401
+        assert call(coordinator.url, "GET", "/me", coordinator.admin_token).status_code == 200
     finally:
         coordinator.stop()

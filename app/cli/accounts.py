@@ -1,5 +1,6 @@
-"""`tessera nodes`, `wallet`, `grant`, `ledger` and `provider`: the farm's machines and
-its credits, as the coordinator reports them (or, for `nodes --lan`, what zeroconf hears).
+"""`tessera nodes`, `wallet`, `grant`, `ledger`, `provider` and `account`: the farm's
+machines, its credits and its accounts, as the coordinator reports them (or, for
+`nodes --lan`, what zeroconf hears).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from app.cli.options import (
 )
 from app.cli.output import MESSAGE_WIDTH, clip, table
 from common.settings import Settings
-from protocol.models import NodeInfo
+from protocol.models import AccountInfo, NodeInfo, Role
 
 
 def add_commands(sub: Subparsers) -> None:
@@ -46,6 +47,56 @@ def add_commands(sub: Subparsers) -> None:
     add_connection_options(nodes)
     nodes.set_defaults(handler=cmd_nodes)
     _add_credit_commands(sub)
+
+
+def add_account_commands(sub: Subparsers) -> None:
+    """`tessera account create|list|revoke` (admin)."""
+    account = sub.add_parser(
+        "account",
+        help="create, list and revoke accounts (admin)",
+        description="Manage the farm's accounts with the admin token: `create NAME --role "
+        "requester|provider` prints the new account's token (shown once: the coordinator "
+        "keeps only its digest), `list` shows every account with its role, creation and "
+        "revocation dates and balance, `revoke NAME` makes the account's token stop working "
+        "at once, for good.",
+    )
+    actions = account.add_subparsers(title="actions", metavar="ACTION", required=True)
+
+    create = actions.add_parser(
+        "create",
+        help="create an account and print its token (admin)",
+        description="Create a requester or provider account and print its token once.",
+    )
+    create.add_argument("name", metavar="NAME", help="the account's name (A-Z a-z 0-9 _ . @ -)")
+    create.add_argument(
+        "--role",
+        required=True,
+        choices=(Role.REQUESTER.value, Role.PROVIDER.value),
+        help="requester (submits jobs) or provider (runs nodes)",
+    )
+    add_json_option(create)
+    add_connection_options(create)
+    create.set_defaults(handler=cmd_account_create)
+
+    listing = actions.add_parser(
+        "list",
+        help="list the accounts (admin)",
+        description="List every account: name, role, created, revoked, balance.",
+    )
+    add_json_option(listing)
+    add_connection_options(listing)
+    listing.set_defaults(handler=cmd_account_list)
+
+    revoke = actions.add_parser(
+        "revoke",
+        help="revoke an account's token (admin)",
+        description="The account's token is refused (401) from now on, on every route; "
+        "its jobs, nodes and credits stay on record. The admin account cannot be revoked.",
+    )
+    revoke.add_argument("name", metavar="NAME", help="the account to revoke")
+    add_json_option(revoke)
+    add_connection_options(revoke)
+    revoke.set_defaults(handler=cmd_account_revoke)
 
 
 def _add_credit_commands(sub: Subparsers) -> None:
@@ -177,6 +228,54 @@ def cmd_provider(args: argparse.Namespace, settings: Settings) -> int:
         client.reinstate(args.account)
     print(f"Provider '{args.account}' is reinstated: its nodes may lease work again.")
     return 0
+
+
+# --- accounts -----------------------------------------------------------------------------
+
+
+def cmd_account_create(args: argparse.Namespace, settings: Settings) -> int:
+    with connect(args, settings) as client:
+        created = client.create_account(args.name, args.role)
+    if args.json:
+        print_json(created.model_dump(mode="json"))
+        return 0
+    print(f"Created {created.role.value} account '{created.account}'. Its token (shown once):")
+    print(created.token)
+    return 0
+
+
+def cmd_account_list(args: argparse.Namespace, settings: Settings) -> int:
+    with connect(args, settings) as client:
+        accounts = client.accounts()
+    if args.json:
+        print_json([account.model_dump(mode="json") for account in accounts])
+        return 0
+    print(table(ACCOUNT_COLUMNS, [_account_row(account) for account in accounts]))
+    return 0
+
+
+def cmd_account_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    with connect(args, settings) as client:
+        revoked = client.revoke_account(args.name)
+    if args.json:
+        print_json(revoked.model_dump(mode="json"))
+    else:
+        print(f"Account '{revoked.name}' is revoked: its token no longer works.")
+    return 0
+
+
+ACCOUNT_COLUMNS = ("NAME", "ROLE", "CREATED", "REVOKED", "BALANCE")
+
+
+def _account_row(account: AccountInfo) -> tuple[str, ...]:
+    when = "%Y-%m-%d %H:%M"
+    return (
+        account.name,
+        account.role.value,
+        account.created_at.strftime(when),
+        account.revoked_at.strftime(when) if account.revoked_at else "-",
+        f"{account.balance:g}",
+    )
 
 
 def _lan_listing(args: argparse.Namespace) -> int:

@@ -2,8 +2,8 @@
 
 Each command family adds its subcommands (`render`: inspect, render-local, devices;
 `farm`: coordinator, node, join, app; `jobs`: submit, jobs, job, pause, resume, cancel,
-priority; `local`: render, demo; `accounts`: nodes, wallet, grant, ledger, provider;
-`addon`: addon build, addon install).
+priority, download; `local`: render, demo; `accounts`: nodes, wallet, grant, ledger,
+provider, account create/list/revoke; `addon`: addon build, addon install).
 `main` parses, loads the settings once and runs the handler: every `TesseraError`
 becomes a message and a hint on stderr with exit status 2; no traceback reaches the user.
 No Qt is imported here.
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_commands(sub)
     jobs.add_commands(sub)
     accounts.add_commands(sub)
+    accounts.add_account_commands(sub)
     addon.add_commands(sub)
     farm.add_app(sub)
     return parser

@@ -26,7 +26,13 @@ class Services:
     def __init__(self, config: CoordinatorConfig) -> None:
         self.config = config
         self.farm = Farm.open(config)
-        self.limits = Limits(config)
+        farm = self.farm
+        self.limits = Limits(
+            config,
+            known=farm.accounts.known,
+            authenticate=farm.authenticate,
+            node_count=lambda who: sum(1 for n in farm.nodes(who) if n.owner == who.account),
+        )
         self.lan = LanJoin(self.farm, config.lan_secret)
         self.admin_token = self.farm.ensure_admin()
 

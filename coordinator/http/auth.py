@@ -1,5 +1,5 @@
 """Who is calling: the bearer token's account, the role each route needs (checked
-before any body is read), and the LAN join handshake that trades the farm's secret for
+before an upload is spooled), and the LAN join handshake that trades the farm's secret for
 a token."""
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from coordinator.errors import NotAllowedError, NotAuthenticatedError, NotFoundError
 from coordinator.farm import Farm, Principal
-from coordinator.http.limits import Limits
 from protocol.discovery import join_proof
 from protocol.models import AccountToken, JoinRequest, Role
 
@@ -35,17 +34,16 @@ def principal(
             "This endpoint needs a token.", hint="Send 'Authorization: Bearer <token>'."
         )
     farm: Farm = request.app.state.services.farm
-    limits: Limits = request.app.state.services.limits
     # Tokens are stored as SHA-256 digests and found by the digest of the token sent, so
     # the comparison's timing depends only on a hash of the caller's guess: it tells an
     # attacker nothing about any stored token (finding a token from its digest means
     # inverting SHA-256). No raw token is ever compared or stored.
+    # Known tokens are answered from memory; a revoked one is never known. (Made-up
+    # tokens were charged to the client address's bucket by `limits.RequestLimits`.)
     who = farm.authenticate(credentials.credentials)
     if who is None:
-        # Made-up tokens count against the client address's rate, not a fresh bucket each.
-        limits.auth_failed(request.client.host if request.client else "unknown")
         raise NotAuthenticatedError(
-            "The token is not valid.",
+            "The token is not valid (unknown, replaced or revoked).",
             hint="Check the token, or ask the farm's admin for a new one.",
         )
     return who
@@ -63,7 +61,8 @@ def _role(role: Role, refusal: str) -> Any:
     return Depends(check)
 
 
-# Role checks are dependencies so that they run before the body is read or validated.
+# Role checks are dependencies so that they run before an upload is spooled or a body
+# validated (FastAPI reads a JSON body first: `limits` bounds its size and time).
 Admin = Annotated[Principal, _role(Role.ADMIN, "Only an admin may do this.")]
 Requester = Annotated[Principal, _role(Role.REQUESTER, "This needs a requester token.")]
 Provider = Annotated[Principal, _role(Role.PROVIDER, "This needs a provider token.")]

@@ -68,6 +68,7 @@ def reason(status: int) -> str:
         401: "unauthorized",
         403: "forbidden",
         404: "not found",
+        408: "request timeout",
         409: "conflict",
         413: "too large",
         422: "invalid request",
@@ -115,7 +116,8 @@ def install_error_handlers(app: FastAPI, storage_retry_after: float) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, reason(exc.status_code), str(exc.detail))
+        status, headers = exc.status_code, dict(exc.headers or {})
+        return error_response(status, reason(status), str(exc.detail), headers=headers)
 
     @app.exception_handler(Exception)
     async def crashed(_: Request, exc: Exception) -> JSONResponse:

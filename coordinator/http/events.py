@@ -23,7 +23,7 @@ async def event_stream(
     last, quiet_since = after, time.monotonic()
     yield ": connected\n\n"
     while not farm.stopping.is_set():
-        if await request.is_disconnected():
+        if await request.is_disconnected() or farm.accounts.is_revoked(who.account):
             return
         batch = bus.since(last, job)
         if batch and who.role is not Role.ADMIN and job is None:

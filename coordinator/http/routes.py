@@ -1,13 +1,14 @@
 """The routes of API v1. Each one checks who may call it (see `auth`), calls one `Farm`
 method, and answers with a model from `protocol.models`.
 
-Who may call what: admin-only routes (accounts, grants, provider reinstatement, the
-ledger check) answer 403 to other roles; requester routes (bundle uploads, job
-submission) and provider routes (nodes' leases and everything done with a lease) answer
-403 to the other role, checked before any body is read. A job, its tasks, frames and
-previews are visible to its owner and admins only; anyone else gets 404, as for a job
-that does not exist. A bundle can be downloaded by the requester whose job uses it, the
-provider whose node holds a lease on such a job, and admins.
+Who may call what: admin-only routes (accounts: creating, listing, revoking; grants,
+provider reinstatement, the ledger check) answer 403 to other roles; requester routes
+(bundle uploads, job submission) and provider routes (nodes' leases and everything done
+with a lease) answer 403 to the other role, checked before an upload is spooled (FastAPI
+reads a JSON body, bounded and timed by `limits`, before it checks). A job, its tasks,
+frames and previews are visible to its owner and admins only; anyone else gets 404, as
+for a job that does not exist. A bundle can be downloaded by the requester whose job
+uses it, the provider whose node holds a lease on such a job, and admins.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 
+from coordinator.errors import NotAuthenticatedError
 from coordinator.http.auth import Admin, Provider, Requester, Who
 from coordinator.http.events import event_stream
 from coordinator.http.uploads import check_room, check_sha, spool
 from protocol.models import (
     API_PREFIX,
     AccountCreate,
+    AccountInfo,
     AccountToken,
     FrameState,
     Grant,
@@ -76,6 +79,16 @@ def router(services: Services) -> APIRouter:
     @api.post("/accounts", response_model=AccountToken, status_code=201)
     def create_account(body: AccountCreate, who: Admin) -> AccountToken:
         return farm.create_account(body.name, body.role)
+
+    @api.get("/accounts", response_model=list[AccountInfo])
+    def accounts(who: Admin) -> list[AccountInfo]:
+        return farm.list_accounts(who)
+
+    @api.post("/accounts/{name}/revoke", response_model=AccountInfo)
+    def revoke_account(name: str, who: Admin) -> AccountInfo:
+        """The account's token stops working at once, on every route (open long polls
+        and event streams end too); the account and its history stay."""
+        return farm.revoke_account(who, name)
 
     @api.post("/accounts/{name}/grant", response_model=Wallet)
     def grant(name: str, body: Grant, who: Admin) -> Wallet:
@@ -221,6 +234,10 @@ def router(services: Services) -> APIRouter:
                     return granted
             if time.monotonic() >= deadline or farm.stopping.is_set():
                 return Response(status_code=204)
+            if farm.accounts.is_revoked(who.account):
+                raise NotAuthenticatedError(
+                    "The token was revoked.", hint="Ask the farm's admin for an account."
+                )
             await asyncio.sleep(0.05)
 
     @api.post("/leases/{lease_id}/heartbeat", response_model=HeartbeatReply)
