@@ -312,7 +312,10 @@ def test_many_nodes_of_one_provider_are_not_throttled_at_defaults(
 async def _answer_at_once(scope: Scope, receive: Receive, send: Send) -> None:
     """An ASGI app that answers without reading the request body."""
     assert scope["type"] == "http"
-    await send({"type": "http.response.start", "status": 200, "headers": []})
+    # Content-Length framed, as `read_reply` reads (else h11 chunks it and the terminator
+    # of one reply would be read as the head of the next).
+    headers = [(b"content-length", b"0")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": b""})
 
 
