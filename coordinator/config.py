@@ -54,6 +54,15 @@ class CoordinatorConfig:
     min_free_disk: int = 2**30
     #: Retry-After (seconds) of a 507: how long a sender waits before trying again.
     storage_retry_after: float = 10.0
+    #: The most render tasks (frames x tiles) one job may have, whatever it pays: a
+    #: bigger plan is refused from arithmetic before any task is built.
+    max_tasks_per_job: int = 20_000
+    #: Render tasks any requester may have queued or running at once, even with no
+    #: credits (free jobs included)...
+    free_queued_tasks: int = 2_000
+    #: ...plus this many per credit of the requester's balance (up to max_tasks_per_job
+    #: per job): a stranger with nothing to lose cannot fill the farm's queue.
+    queued_tasks_per_credit: int = 1_000
 
     @property
     def db_path(self) -> Path:
