@@ -3,6 +3,7 @@ a job's owner may read of it (tasks, frames and their files, previews)."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import uuid
 from datetime import datetime
@@ -47,6 +48,21 @@ _DONE_TASKS = (
     TaskStatus.FAILED,
     TaskStatus.CANCELED,
 )
+
+
+#: The longest message a job or task shows its owner (a provider's report may be long).
+MAX_MESSAGE = 500
+#: An absolute path on a provider's machine: POSIX ("/home/x/...") or Windows ("C:\\...").
+_ABSOLUTE_PATH = re.compile(
+    r"(?<![\w.:/])(?:/|[A-Za-z]:[\\/])(?:[^\s'\"/\\]+[/\\])+(?=[^\s'\"/\\])"
+)
+
+
+def public_message(message: str) -> str:
+    """A job's or task's message as its owner sees it: no absolute path of a provider's
+    machine (only the file's name is kept) and at most MAX_MESSAGE characters."""
+    text = _ABSOLUTE_PATH.sub("…/", message)
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
 
 
 def _storable(spec: JobSpec) -> str:
@@ -167,7 +183,8 @@ class Jobs:
         rows = self.core.db.query(
             "SELECT * FROM tasks WHERE job_id = ? ORDER BY frame, kind, tile_index", (job_id,)
         )
-        return [task_model(row) for row in rows]
+        tasks = (task_model(row) for row in rows)
+        return [t.model_copy(update={"message": public_message(t.message)}) for t in tasks]
 
     def frames(self, who: Principal, job_id: str) -> list[FrameState]:
         """Where each frame of the job stands, with its tiles accepted so far."""
@@ -337,7 +354,7 @@ class Jobs:
             ),
             created_at=datetime.fromisoformat(row["created_at"]),
             updated_at=datetime.fromisoformat(row["updated_at"]),
-            message=message,
+            message=public_message(message),
             frames_done=[r["frame"] for r in frames],
             credits_escrowed=ledger.credits(escrowed),
             credits_spent=ledger.credits(paid),
