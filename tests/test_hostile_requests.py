@@ -26,7 +26,15 @@ import requests
 from coordinator.farm import Principal
 from coordinator.planning import plan_assignments
 from coordinator.pricing import render_units
-from protocol.models import FailureKind, JobSpec, LeaseRequest, NodeCapabilities, Role, TaskFailure
+from protocol.models import (
+    FailureKind,
+    JobSpec,
+    LeaseRequest,
+    NodeCapabilities,
+    RenderAssignment,
+    Role,
+    TaskFailure,
+)
 from renderers.exr import ExrImage, ExrPart, write_exr
 from tests.coordinator_tools import FreshFarm
 from tests.farm_tools import RunningCoordinator
@@ -351,3 +359,35 @@ def test_the_disk_full_message_hides_the_free_bytes(tmp_path: Path) -> None:
         store.check_room(10, 1 << 60)
     assert "less than the minimum free space" in raised.value.message
     assert str(store.free_bytes()) not in raised.value.message
+
+
+def test_old_assignments_get_explicit_settings_on_upgrade(tmp_path: Path) -> None:
+    from coordinator.db import MIGRATIONS, Database
+
+    scene = small_spec().scene.model_copy(update={"samples": 64})
+    spec = small_spec().model_copy(update={"scene": scene, "samples": None})
+    old = plan_assignments(spec)[0][1].model_dump(mode="json")
+    for key in ("resolution_x", "resolution_y"):
+        del old[key]
+    old.update(samples=None, percentage=None)
+    db = Database(tmp_path / "old.sqlite")
+    with db.transaction() as conn:
+        conn.execute(f"PRAGMA user_version={len(MIGRATIONS) - 1}")
+        conn.execute("INSERT INTO accounts VALUES ('a', 'requester', 'h', 'x')")
+        conn.execute(
+            "INSERT INTO jobs (id, owner, name, status, priority, spec, bundle, created_at,"
+            " updated_at) VALUES ('j', 'a', 'n', 'queued', 50, ?, ?, 'x', 'x')",
+            (spec.model_dump_json(), spec.bundle),
+        )
+        conn.execute(
+            "INSERT INTO tasks (id, job_id, kind, frame, tile_index, status, attempts,"
+            " assignment, updated_at) VALUES ('t', 'j', 'render', 1, 0, 'queued', 0, ?, 'x')",
+            (json.dumps(old),),
+        )
+    db.close()
+    db = Database(tmp_path / "old.sqlite")
+    raw = db.fetch_one("SELECT assignment FROM tasks WHERE id = 't'")[0]
+    db.close()
+    assignment = RenderAssignment.model_validate_json(raw)
+    assert (assignment.samples, assignment.percentage) == (64, 10)
+    assert (assignment.resolution_x, assignment.resolution_y) == (640, 480)
