@@ -51,7 +51,8 @@ _DONE_TASKS = (
 
 
 #: The longest message a job or task shows its owner (a provider's report may be long).
-MAX_MESSAGE = 500
+MAX_MESSAGE = 300
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 #: An absolute path on a provider's machine: POSIX ("/home/x/...") or Windows ("C:\\...").
 _ABSOLUTE_PATH = re.compile(
     r"(?<![\w.:/])(?:/|[A-Za-z]:[\\/])(?:[^\s'\"/\\]+[/\\])+(?=[^\s'\"/\\])"
@@ -59,9 +60,9 @@ _ABSOLUTE_PATH = re.compile(
 
 
 def public_message(message: str) -> str:
-    """A job's or task's message as its owner sees it: no absolute path of a provider's
-    machine (only the file's name is kept) and at most MAX_MESSAGE characters."""
-    text = _ABSOLUTE_PATH.sub("…/", message)
+    """A job's or task's message as its owner sees it: one line, no absolute path of a
+    provider's machine (only the file's name is kept), at most MAX_MESSAGE characters."""
+    text = _ABSOLUTE_PATH.sub("…/", _CONTROL.sub(" ", message))
     return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
 
 

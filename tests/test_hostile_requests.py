@@ -339,15 +339,18 @@ def test_job_messages_hide_provider_paths(fresh_farm: FreshFarm) -> None:
     assert lease is not None
     secret = "/home/alice/.cache/tessera/bundles/0123/scene.blend"
     failure = TaskFailure(
-        kind=FailureKind.NO_CAMERA, message=f"{secret}: no camera " + "x" * 3000, retryable=False
+        kind=FailureKind.NO_CAMERA,
+        message=f"{secret}: no camera\n" + "x" * 3000,
+        retryable=False,
     )
     farm.report_failure(provider, lease.lease_id, failure)
     shown = farm.job(who, job.id)
     assert shown.status == "failed"
-    assert "/home/alice" not in shown.message and len(shown.message) <= 500
+    assert "/home/alice" not in shown.message and len(shown.message) <= 300
+    assert "\n" not in shown.message
     assert "scene.blend" in shown.message
     for task in farm.tasks(who, job.id):
-        assert "/home/alice" not in task.message and len(task.message) <= 500
+        assert "/home/alice" not in task.message and len(task.message) <= 300
 
 
 def test_the_disk_full_message_hides_the_free_bytes(tmp_path: Path) -> None:
