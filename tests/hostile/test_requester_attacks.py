@@ -151,19 +151,23 @@ def test_a_huge_plan_is_refused_quickly_and_cheaply(tmp_path: Path) -> None:
         assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("field", ["max_price", "max_credits"])
-@pytest.mark.parametrize("raw", ["Infinity", "1e308"])
-@pytest.mark.parametrize("path", ["/jobs", "/jobs/estimate"])
-def test_absurd_prices_are_422(tmp_path: Path, field: str, raw: str, path: str) -> None:
+def test_absurd_prices_are_422(tmp_path: Path) -> None:
     with hostile_farm(tmp_path / "c") as farm:
         alice = farm.account("alice", "requester")
         sha = farm.upload_bundle(alice)
-        body = spec(sha)
-        body[field] = "@@RAW@@"
-        reply = call(
-            farm.url, "POST", path, alice, data=raw_json(body, **{"@@RAW@@": raw}), headers=JSON
-        )
-        assert reply.status_code == 422, (
-            f"{field}={raw} on {path}: {reply.status_code} {reply.text[:300]}"
-        )
-        assert call(farm.url, "GET", "/jobs", alice).status_code == 200
+        problems = []
+        for path in ("/jobs", "/jobs/estimate"):
+            for field in ("max_price", "max_credits"):
+                for raw in ("Infinity", "1e308"):
+                    body = spec(sha)
+                    body[field] = "@@RAW@@"
+                    data = raw_json(body, **{"@@RAW@@": raw})
+                    reply = call(farm.url, "POST", path, alice, data=data, headers=JSON)
+                    if reply.status_code != 422:
+                        problems.append(
+                            f"{field}={raw} on {path}: {reply.status_code} {reply.text[:150]}"
+                        )
+        jobs = call(farm.url, "GET", "/jobs", alice)
+        if jobs.status_code != 200:
+            problems.append(f"GET /jobs afterwards: {jobs.status_code}")
+        assert not problems, "want 422 for each:\n" + "\n".join(problems)
