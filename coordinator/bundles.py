@@ -3,7 +3,9 @@ readable only by those who have a job (or a lease) that uses it."""
 
 from __future__ import annotations
 
+import lzma
 import zipfile
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,6 +17,37 @@ from protocol.models import JobSpec, Role
 from renderers.scene_info import BLEND_MAGICS
 
 __all__ = ["Bundles"]
+
+#: Zip methods a node unpacks (Python's zipfile without extra modules).
+_METHODS = {
+    zipfile.ZIP_STORED: "stored",
+    zipfile.ZIP_DEFLATED: "deflate",
+    zipfile.ZIP_BZIP2: "bzip2",
+    zipfile.ZIP_LZMA: "LZMA",
+}
+_PACK_HINT = "Pack the scene again with `tessera submit` (a plain zip, no password)."
+
+
+def _entry_problem(entry: zipfile.ZipInfo) -> str | None:
+    """Why a node could not unpack this entry, from the zip's directory alone."""
+    if entry.flag_bits & 0x1:
+        return "is encrypted"
+    if entry.compress_type not in _METHODS:
+        return (
+            f"uses compression method {entry.compress_type}; the farm unpacks only"
+            f" {', '.join(_METHODS.values())}"
+        )
+    return None
+
+
+def _quoted(name: str, limit: int = 120) -> str:
+    """A name from a stranger's file, bounded and quoted for a message."""
+    return repr(name if len(name) <= limit else name[:limit] + "...")
+
+
+def _short(exc: BaseException, limit: int = 160) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class Bundles:
@@ -51,30 +84,63 @@ class Bundles:
         )
 
     def check(self, spec: JobSpec) -> None:
-        """Refuse a job whose bundle is missing or has no .blend at its scene_path."""
+        """Refuse a job whose bundle is missing, is not a zip a node can unpack, or has no
+        readable .blend at its scene_path.
+
+        Only the zip's directory and the scene's first bytes are read: every entry's
+        flags and method are checked from the directory (an encrypted entry, or a
+        method other than stored, deflate, bzip2 and LZMA, is refused: nodes could not
+        unpack it), and reading the scene's start catches a corrupt stream.
+        """
         store = self.core.store
         if not store.exists(spec.bundle):
             raise InvalidRequestError(
                 f"Bundle {spec.bundle[:12]}... has not been uploaded.",
                 hint="Upload it first (PUT /api/v1/bundles/<sha256>).",
             )
+        scene = _quoted(spec.scene_path)
         try:
             with zipfile.ZipFile(store.path(spec.bundle)) as archive:
+                for entry in archive.infolist():
+                    problem = _entry_problem(entry)
+                    if problem is not None:
+                        raise InvalidRequestError(
+                            f"The bundle's entry {_quoted(entry.filename)} {problem}"
+                            + (" (it is the scene)." if entry.filename == spec.scene_path else "."),
+                            hint=_PACK_HINT,
+                        )
                 try:
-                    with archive.open(spec.scene_path) as scene:
-                        head = scene.read(8)
+                    with archive.open(spec.scene_path) as stream:
+                        head = stream.read(8)
                 except KeyError:
                     raise InvalidRequestError(
-                        f"The bundle has no file '{spec.scene_path}'.",
+                        f"The bundle has no file {scene}.",
                         hint="scene_path must name the .blend inside the bundle.",
                     ) from None
-        except zipfile.BadZipFile:
+        except InvalidRequestError:
+            raise
+        except zipfile.BadZipFile as exc:
             raise InvalidRequestError(
-                "The bundle is not a zip archive.", hint="Pack the scene with `tessera submit`."
+                f"The bundle is not a readable zip archive, or its scene {scene} is corrupt"
+                f" ({_short(exc)}).",
+                hint=_PACK_HINT,
+            ) from None
+        except (
+            zlib.error,
+            lzma.LZMAError,
+            EOFError,
+            OSError,
+            RuntimeError,
+            NotImplementedError,
+            ValueError,
+        ) as exc:
+            raise InvalidRequestError(
+                f"The bundle's scene {scene} cannot be read: {type(exc).__name__} ({_short(exc)}).",
+                hint=_PACK_HINT,
             ) from None
         if not head.startswith(BLEND_MAGICS):
             raise InvalidRequestError(
-                f"'{spec.scene_path}' in the bundle is not a .blend file.",
+                f"{scene} in the bundle is not a .blend file.",
                 hint="Point scene_path at a Blender file.",
             )
 

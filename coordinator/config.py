@@ -70,6 +70,15 @@ class CoordinatorConfig:
     #: adds this many requests a second and this much burst.
     node_rate: float = 2.0
     node_burst: int = 10
+    #: The most render tasks (frames x tiles) one job may have, whatever it pays: a
+    #: bigger plan is refused from arithmetic before any task is built.
+    max_tasks_per_job: int = 20_000
+    #: Render tasks any requester may have queued or running at once, even with no
+    #: credits (free jobs included)...
+    free_queued_tasks: int = 2_000
+    #: ...plus this many per credit of the requester's balance (up to max_tasks_per_job
+    #: per job): a stranger with nothing to lose cannot fill the farm's queue.
+    queued_tasks_per_credit: int = 1_000
 
     @property
     def db_path(self) -> Path:

@@ -4,15 +4,20 @@ submission). Built once by `coordinator.farm.Farm`."""
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
+
+from pydantic import ValidationError
 
 from coordinator.config import CoordinatorConfig
 from coordinator.db import Database
 from coordinator.events import EventBus
 from coordinator.store import ContentStore
 from protocol.models import JobSpec
+
+log = logging.getLogger(__name__)
 
 #: A task's database row, or a copy of one with changes (a backup's result moved in).
 TaskRow = sqlite3.Row | dict[str, Any]
@@ -42,3 +47,15 @@ class Core:
             raw = conn.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
             spec = self._specs[job_id] = JobSpec.model_validate_json(raw)
         return spec
+
+    def readable_spec(self, job_id: str, raw: str) -> JobSpec | None:
+        """Like `spec`, but None (logged) for a stored spec that no longer validates (a
+        row written before a validation rule existed): one bad row must not break every
+        listing and lease poll."""
+        try:
+            return self.spec(job_id, raw)
+        except ValidationError as exc:
+            log.error(
+                "job %s: its stored spec cannot be read (%d errors)", job_id, exc.error_count()
+            )
+            return None

@@ -90,8 +90,7 @@ class Credits:
         if row["kind"] == TaskKind.DENOISE.value:
             units = denoise_units(spec)
         else:
-            region = RenderAssignment.model_validate_json(row["assignment"]).render_region
-            units = render_units(spec, region)
+            units = render_units(spec, RenderAssignment.model_validate_json(row["assignment"]))
         amount = ledger.cost_milli(units, price)
         paid = ledger.pay(
             conn, row["id"], row["job_id"], node["owner"], amount, self.core.config.fee_rate

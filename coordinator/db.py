@@ -182,6 +182,25 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE accounts ADD COLUMN revoked_at TEXT;
     """,
+    # 8: explicit render settings (issue 17). Every assignment names its samples and
+    # percentage and the scene's declared resolution; older rows left samples and
+    # percentage to the .blend (null). They get their job spec's effective values.
+    """
+    UPDATE tasks SET assignment = json_set(
+        assignment,
+        '$.samples', COALESCE(json_extract(assignment, '$.samples'), (SELECT
+            COALESCE(json_extract(j.spec, '$.samples'), json_extract(j.spec, '$.scene.samples'))
+            FROM jobs j WHERE j.id = tasks.job_id)),
+        '$.percentage', COALESCE(json_extract(assignment, '$.percentage'), (SELECT
+            COALESCE(json_extract(j.spec, '$.percentage'),
+                json_extract(j.spec, '$.scene.resolution_percentage'))
+            FROM jobs j WHERE j.id = tasks.job_id)),
+        '$.resolution_x', COALESCE(json_extract(assignment, '$.resolution_x'), (SELECT
+            json_extract(j.spec, '$.scene.resolution_x') FROM jobs j WHERE j.id = tasks.job_id)),
+        '$.resolution_y', COALESCE(json_extract(assignment, '$.resolution_y'), (SELECT
+            json_extract(j.spec, '$.scene.resolution_y') FROM jobs j WHERE j.id = tasks.job_id))
+    ) WHERE assignment IS NOT NULL AND json_valid(assignment)
+    """,
 )
 
 

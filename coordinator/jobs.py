@@ -3,24 +3,29 @@ a job's owner may read of it (tasks, frames and their files, previews)."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import uuid
 from datetime import datetime
 from pathlib import Path
+
+from pydantic import ValidationError
 
 from coordinator import ledger
 from coordinator.accounts import Principal, require
 from coordinator.bundles import Bundles
 from coordinator.core import Core
 from coordinator.db import now_iso
-from coordinator.errors import ConflictError, JobNotFoundError, NotFoundError
-from coordinator.planning import plan_assignments, render_tasks
+from coordinator.errors import ConflictError, InvalidRequestError, JobNotFoundError, NotFoundError
+from coordinator.planning import plan_assignments, render_tasks, task_count
 from coordinator.pricing import estimate_milli, over_max_credits
 from coordinator.results import Results
 from coordinator.scheduler import Scheduler, task_model
 from coordinator.task_states import RUNNABLE_JOBS, Changes, TaskStates
 from protocol.models import (
     FINISHED_JOB_STATES,
+    MAX_FRAME,
+    MIN_FRAME,
     FrameState,
     FrameStatus,
     Job,
@@ -35,6 +40,46 @@ from protocol.models import (
 )
 
 __all__ = ["Jobs"]
+
+#: Task states that no longer wait for a node.
+_DONE_TASKS = (
+    TaskStatus.COMPLETED,
+    TaskStatus.REJECTED,
+    TaskStatus.FAILED,
+    TaskStatus.CANCELED,
+)
+
+
+#: The longest message a job or task shows its owner (a provider's report may be long).
+MAX_MESSAGE = 300
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+#: An absolute path on a provider's machine: POSIX ("/home/x/...") or Windows ("C:\\...").
+_ABSOLUTE_PATH = re.compile(
+    r"(?<![\w.:/])(?:/|[A-Za-z]:[\\/])(?:[^\s'\"/\\]+[/\\])+(?=[^\s'\"/\\])"
+)
+
+
+def public_message(message: str) -> str:
+    """A job's or task's message as its owner sees it: one line, no absolute path of a
+    provider's machine (only the file's name is kept), at most MAX_MESSAGE characters."""
+    text = _ABSOLUTE_PATH.sub("…/", _CONTROL.sub(" ", message))
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
+
+
+def _storable(spec: JobSpec) -> str:
+    """The spec as it is stored, after checking that it reads back as itself: a spec
+    that would not survive its own storage is refused before anything is committed."""
+    stored = spec.model_dump_json()
+    try:
+        same = JobSpec.model_validate_json(stored) == spec
+    except ValidationError:
+        same = False
+    if not same:
+        raise InvalidRequestError(
+            "The job spec does not survive being stored (a value JSON cannot hold).",
+            hint="Send finite numbers only.",
+        )
+    return stored
 
 
 class Jobs:
@@ -53,39 +98,53 @@ class Jobs:
         self.results = results
 
     def submit(self, who: Principal, spec: JobSpec) -> Job:
+        """Queue the job and escrow its estimate. Every check, the stored spec's and the
+        reply's included, happens before the commit: a job is either refused whole or
+        queued with a reply."""
         require(who, Role.REQUESTER)
+        stored = _storable(spec)
         self.bundles.check(spec)
-        job_id = uuid.uuid4().hex[:12]
-        assignments = plan_assignments(spec)
-        estimate = estimate_milli(spec, [a for _, a in assignments], self.core.config)
+        have = ledger.balance(self.core.db, ledger.user(who.account))
+        too_many = self._too_many_tasks(who, spec, have)
+        if too_many is not None:
+            raise too_many
+        estimate = estimate_milli(spec, self.core.config)
         too_dear = over_max_credits(spec, estimate)
         if too_dear is not None:
             raise too_dear
+        job_id = uuid.uuid4().hex[:12]
         job = {
             "id": job_id,
             "owner": who.account,
             "name": spec.name,
             "priority": spec.priority,
-            "spec": spec.model_dump_json(),
+            "spec": stored,
             "bundle": spec.bundle,
         }
         changes = Changes()
+        tasks = render_tasks(job_id, plan_assignments(spec))
         with self.core.db.transaction() as conn:
-            self.states.create_job(
-                conn, job, render_tasks(job_id, assignments), spec.frames.frames(), changes
-            )
+            self.states.create_job(conn, job, tasks, spec.frames.frames(), changes)
             ledger.escrow(conn, job_id, who.account, estimate)
+            # The reply is built before the commit: if it cannot be, nothing was queued.
+            reply = self.job(who, job_id)
         self.states.announce(changes)
-        return self.job(who, job_id)
+        return reply
 
     def estimate(self, who: Principal, spec: JobSpec) -> JobEstimate:
         """What `submit(who, spec)` would escrow, and why it would refuse the job (a dry
-        run: the bundle need not exist yet and nothing is held)."""
+        run: the bundle need not exist yet and nothing is held). A plan over the farm's
+        per-job task limit is refused outright (its work is bounded by arithmetic)."""
         require(who, Role.REQUESTER)
-        assignments = [a for _, a in plan_assignments(spec)]
-        estimate = estimate_milli(spec, assignments, self.core.config)
+        _storable(spec)
         have = ledger.balance(self.core.db, ledger.user(who.account))
-        refusal = over_max_credits(spec, estimate) or ledger.unaffordable(estimate, have)
+        too_many = self._too_many_tasks(who, spec, have)
+        if too_many is not None and task_count(spec) > self.core.config.max_tasks_per_job:
+            raise too_many
+        estimate = estimate_milli(spec, self.core.config)
+        refusal = (
+            too_many or over_max_credits(spec, estimate) or ledger.unaffordable(estimate, have)
+        )
         return JobEstimate(
             credits=ledger.credits(estimate),
             balance=ledger.credits(have),
@@ -95,6 +154,8 @@ class Jobs:
         )
 
     def jobs(self, who: Principal) -> list[Job]:
+        """The caller's jobs (every job for an admin). A job whose stored spec no longer
+        reads is left out (and logged), never the whole listing."""
         db = self.core.db
         if who.role is Role.ADMIN:
             rows = db.query("SELECT * FROM jobs ORDER BY created_at")
@@ -102,10 +163,17 @@ class Jobs:
             rows = db.query(
                 "SELECT * FROM jobs WHERE owner = ? ORDER BY created_at", (who.account,)
             )
-        return [self._job_model(row) for row in rows]
+        models = (self._job_model(row) for row in rows)
+        return [job for job in models if job is not None]
 
     def job(self, who: Principal, job_id: str) -> Job:
-        return self._job_model(self._job_row(who, job_id))
+        job = self._job_model(self._job_row(who, job_id))
+        if job is None:
+            raise ConflictError(
+                f"Job {job_id} was stored with a spec this coordinator cannot read.",
+                hint="Cancel it and submit it again.",
+            )
+        return job
 
     def owned_job_ids(self, who: Principal) -> set[str]:
         rows = self.core.db.query("SELECT id FROM jobs WHERE owner = ?", (who.account,))
@@ -116,7 +184,8 @@ class Jobs:
         rows = self.core.db.query(
             "SELECT * FROM tasks WHERE job_id = ? ORDER BY frame, kind, tile_index", (job_id,)
         )
-        return [task_model(row) for row in rows]
+        tasks = (task_model(row) for row in rows)
+        return [t.model_copy(update={"message": public_message(t.message)}) for t in tasks]
 
     def frames(self, who: Principal, job_id: str) -> list[FrameState]:
         """Where each frame of the job stands, with its tiles accepted so far."""
@@ -145,6 +214,8 @@ class Jobs:
         self._job_row(who, job_id)
         if kind not in ("exr", "png"):
             raise NotFoundError(f"Frames come as .exr or .png, not .{kind}.")
+        if not MIN_FRAME <= frame <= MAX_FRAME:
+            raise NotFoundError(f"Job {job_id} has no frame {frame}.")
         row = self.core.db.query_one(
             "SELECT * FROM frames WHERE job_id = ? AND frame = ?", (job_id, frame)
         )
@@ -208,9 +279,56 @@ class Jobs:
             raise JobNotFoundError(f"No job {job_id}.")
         return row
 
-    def _job_model(self, row: sqlite3.Row) -> Job:
+    def _too_many_tasks(
+        self, who: Principal, spec: JobSpec, have: int
+    ) -> InvalidRequestError | None:
+        """Why the job has too many tasks (from arithmetic: nothing is built), or None.
+
+        A job may have at most `max_tasks_per_job` render tasks. And a requester may have
+        at most `free_queued_tasks` plus `queued_tasks_per_credit` per credit of balance
+        render tasks unfinished at once, free jobs included: queueing work costs the farm
+        even when nobody is paid for it.
+        """
+        config = self.core.config
+        count = task_count(spec)
+        shape = (
+            f"{count} tasks ({len(spec.frames.frames())} frames x {spec.tiles.columns}x"
+            f"{spec.tiles.rows} tiles)"
+        )
+        if count > config.max_tasks_per_job:
+            return InvalidRequestError(
+                f"This job has {shape}; the farm takes at most {config.max_tasks_per_job}"
+                " tasks per job (max_tasks_per_job).",
+                hint="Use fewer tiles, or split the frames into several jobs.",
+            )
+        balance = max(0, have) // 1000
+        allowed = config.free_queued_tasks + balance * config.queued_tasks_per_credit
+        queued = self._unfinished_tasks(who.account)
+        if queued + count <= allowed:
+            return None
+        waiting = f" and {queued} of yours are still unfinished" if queued else ""
+        return InvalidRequestError(
+            f"This job has {shape}{waiting}; with a balance of {balance} credits you may"
+            f" have at most {allowed} tasks queued ({config.free_queued_tasks} plus"
+            f" {config.queued_tasks_per_credit} per credit held).",
+            hint="Use fewer tiles or frames, wait for your jobs to finish, or ask an admin"
+            " for credits (`tessera grant`).",
+        )
+
+    def _unfinished_tasks(self, owner: str) -> int:
+        row = self.core.db.fetch_one(
+            "SELECT COUNT(*) FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE j.owner = ?"
+            f" AND j.status NOT IN ({', '.join('?' * len(FINISHED_JOB_STATES))}) AND t.kind = ?"
+            f" AND t.status NOT IN ({', '.join('?' * len(_DONE_TASKS))})",
+            (owner, *FINISHED_JOB_STATES, TaskKind.RENDER.value, *_DONE_TASKS),
+        )
+        return int(row[0])
+
+    def _job_model(self, row: sqlite3.Row) -> Job | None:
         db = self.core.db
-        spec = JobSpec.model_validate_json(row["spec"])
+        spec = self.core.readable_spec(row["id"], row["spec"])
+        if spec is None:
+            return None
         counts = db.fetch_one(
             "SELECT COUNT(*) AS total, SUM(status = ?) AS done FROM tasks WHERE job_id = ?"
             " AND kind = ?",
@@ -239,7 +357,7 @@ class Jobs:
             ),
             created_at=datetime.fromisoformat(row["created_at"]),
             updated_at=datetime.fromisoformat(row["updated_at"]),
-            message=message,
+            message=public_message(message),
             frames_done=[r["frame"] for r in frames],
             credits_escrowed=ledger.credits(escrowed),
             credits_spent=ledger.credits(paid),

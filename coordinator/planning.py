@@ -23,11 +23,13 @@ __all__ = [
     "NewTask",
     "backup_task",
     "denoise_task",
+    "frame_assignments",
     "lease_device",
     "node_can_run",
     "plan_assignments",
     "plan_for",
     "render_tasks",
+    "task_count",
     "verify_task",
 ]
 
@@ -56,8 +58,18 @@ def plan_for(spec: JobSpec) -> RegionPlan:
     return plan_grid(width, height, spec.tiles.columns, spec.tiles.rows, margin=margin)
 
 
-def plan_assignments(spec: JobSpec) -> list[tuple[int, RenderAssignment]]:
-    """(tile index, assignment) of every render task of a job, frame by frame."""
+def task_count(spec: JobSpec) -> int:
+    """How many render tasks the job has, from arithmetic alone (nothing is built)."""
+    return len(spec.frames.frames()) * spec.tiles.columns * spec.tiles.rows
+
+
+def frame_assignments(spec: JobSpec, frame: int) -> list[tuple[int, RenderAssignment]]:
+    """(tile index, assignment) of the render tasks of one frame of a job.
+
+    Every assignment names the render settings the job is priced for (its effective
+    samples and percentage, the scene's declared resolution): a node forces them, so it
+    never renders more than was paid for, whatever the .blend holds.
+    """
     plan = plan_for(spec)
     return [
         (
@@ -69,14 +81,26 @@ def plan_assignments(spec: JobSpec) -> list[tuple[int, RenderAssignment]]:
                 render_region=Region(**_rect(tile.render)),
                 core_region=Region(**_rect(tile.core)),
                 whole_frame=plan.is_whole_frame,
-                samples=spec.samples,
-                percentage=spec.percentage,
+                samples=spec.effective_samples,
+                percentage=spec.effective_percentage,
+                resolution_x=spec.scene.resolution_x,
+                resolution_y=spec.scene.resolution_y,
                 denoise_data=spec.wants_denoise and not plan.is_whole_frame,
                 denoise_in_render=spec.wants_denoise and plan.is_whole_frame,
             ),
         )
-        for frame in spec.frames.frames()
         for tile in plan.tiles
+    ]
+
+
+def plan_assignments(spec: JobSpec) -> list[tuple[int, RenderAssignment]]:
+    """(tile index, assignment) of every render task of a job, frame by frame. Callers
+    bound `task_count(spec)` first: this builds every one of them."""
+    first = frame_assignments(spec, spec.frames.start)
+    return [
+        (index, assignment.model_copy(update={"frame": frame}))
+        for frame in spec.frames.frames()
+        for index, assignment in first
     ]
 
 

@@ -11,9 +11,9 @@ import random
 from coordinator import ledger
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import InvalidRequestError
-from coordinator.planning import plan_for
+from coordinator.planning import frame_assignments, plan_for
 from coordinator.verify.judge import window_assignment
-from protocol.models import JobSpec, Region, RenderAssignment
+from protocol.models import MAX_CREDITS, JobSpec, RenderAssignment
 
 __all__ = [
     "denoise_units",
@@ -24,11 +24,13 @@ __all__ = [
 ]
 
 
-def render_units(spec: JobSpec, region: Region) -> float:
-    """Work units of a render task: region pixels x effective samples / 1e6, times the
-    scene's cost relative to the benchmark scene."""
+def render_units(spec: JobSpec, assignment: RenderAssignment) -> float:
+    """Work units of a render task: its region's pixels x the samples it names / 1e6,
+    times the scene's cost relative to the benchmark scene. The assignment's own numbers
+    (what the node is told to render), never the file's."""
+    region = assignment.render_region
     pixels = (region.x1 - region.x0) * (region.y1 - region.y0)
-    return pixels * spec.effective_samples / 1e6 * spec.scene_cost
+    return pixels * assignment.samples / 1e6 * spec.scene_cost
 
 
 def denoise_units(spec: JobSpec) -> float:
@@ -40,28 +42,37 @@ def denoise_units(spec: JobSpec) -> float:
 def sample_units(spec: JobSpec, tile: RenderAssignment, config: CoordinatorConfig) -> float:
     """Work units of one duplicate sample of `tile` (its size is fixed, its place random)."""
     window = window_assignment(tile, spec, config.verification, random.Random(0))
-    return render_units(spec, window.render_region)
+    return render_units(spec, window)
 
 
-def estimate_milli(
-    spec: JobSpec, assignments: list[RenderAssignment], config: CoordinatorConfig
-) -> int:
+def estimate_milli(spec: JobSpec, config: CoordinatorConfig) -> int:
     """The most a job can cost at its max price: every tile, one duplicate sample of each
-    (new providers are sampled on every tile), and the denoise of each tiled frame."""
-    estimate = 0
-    for assignment in assignments:
-        units = render_units(spec, assignment.render_region)
+    (new providers are sampled on every tile), and the denoise of each tiled frame.
+
+    Every frame of a job has the same tiles, so one frame is priced and multiplied:
+    the work is bounded by the tiles of a frame, whatever the number of frames.
+    """
+    frames = len(spec.frames.frames())
+    per_frame = 0
+    for _, assignment in frame_assignments(spec, spec.frames.start):
+        units = render_units(spec, assignment)
         if config.verification.enabled and not assignment.denoise_in_render:
             units += sample_units(spec, assignment, config)
-        estimate += ledger.cost_milli(units, spec.max_price, round_up=True)
+        per_frame += ledger.cost_milli(units, spec.max_price, round_up=True)
     if spec.wants_denoise and not plan_for(spec).is_whole_frame:
-        per_frame = ledger.cost_milli(denoise_units(spec), spec.max_price, round_up=True)
-        estimate += per_frame * len(spec.frames.frames())
-    return estimate
+        per_frame += ledger.cost_milli(denoise_units(spec), spec.max_price, round_up=True)
+    return per_frame * frames
 
 
 def over_max_credits(spec: JobSpec, estimate: int) -> InvalidRequestError | None:
-    """The refusal of a job whose estimate exceeds its max_credits."""
+    """The refusal of a job whose estimate exceeds its max_credits, or any amount the
+    ledger can hold."""
+    if estimate > ledger.to_milli(MAX_CREDITS):
+        return InvalidRequestError(
+            f"This job may cost up to {ledger.credits(estimate):.3g} credits, more than the"
+            f" farm accepts for one job ({MAX_CREDITS:g}).",
+            hint="Lower --max-price, or render fewer samples, pixels or frames.",
+        )
     if spec.max_credits is None or estimate <= ledger.to_milli(spec.max_credits):
         return None
     return InvalidRequestError(

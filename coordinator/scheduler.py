@@ -301,8 +301,8 @@ class Scheduler:
         }
         best: tuple[Any, ...] | None = None
         for job in jobs:
-            spec = self.core.spec(job["job_id"], job["spec"])
-            if not node_can_run(caps, spec) or caps.price > spec.max_price:
+            spec = self.core.readable_spec(job["job_id"], job["spec"])
+            if spec is None or not node_can_run(caps, spec) or caps.price > spec.max_price:
                 continue
             row = db.query_one(
                 "SELECT id, job_id, kind, frame, tile_index FROM tasks WHERE job_id = ? AND"
@@ -366,8 +366,8 @@ class Scheduler:
         for row in rows:
             if row["unfinished"] != 1:
                 continue
-            spec = self.core.spec(row["job_id"], row["spec"])
-            if not node_can_run(caps, spec) or caps.price > spec.max_price:
+            spec = self.core.readable_spec(row["job_id"], row["spec"])
+            if spec is None or not node_can_run(caps, spec) or caps.price > spec.max_price:
                 continue
             times = [
                 r[0]

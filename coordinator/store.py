@@ -94,8 +94,8 @@ class ContentStore:
         free = self.free_bytes()
         if free - max(0, incoming) < keep_free:
             raise StorageFullError(
-                f"The coordinator's disk is nearly full: {free} bytes free, and it keeps at "
-                f"least {keep_free} free (min_free_disk), so it cannot take {incoming} more."
+                "The coordinator's disk is nearly full: taking this upload would leave less"
+                " than the minimum free space it keeps (min_free_disk)."
             )
 
     def spool(self, max_bytes: int) -> Spool:

@@ -22,6 +22,17 @@ SHA256_PATTERN = r"^[0-9a-f]{64}$"
 MAX_TILES_PER_AXIS = 64
 MAX_FRAMES_PER_JOB = 100_000
 MAX_SAMPLES = 1 << 20
+#: Blender's frame numbers (MINAFRAME..MAXFRAME).
+MIN_FRAME, MAX_FRAME = -1_048_574, 1_048_574
+#: The largest side of a rendered frame, in pixels (after the resolution percentage).
+MAX_FRAME_SIDE = 65536
+#: Credits per work unit a job may offer or a node ask, at most.
+MAX_PRICE = 1e6
+#: Any amount of credits on the wire (a grant, a job's max_credits), at most: far below
+#: what the ledger's 64-bit milli-credits hold.
+MAX_CREDITS = 1e12
+#: The largest magnitude of a float32 (what an EXR pixel can hold).
+MAX_FLOAT32 = 3.4028234663852886e38
 DEVICE_CLASSES = ("CPU", "GPU", "CUDA", "OPTIX", "HIP", "METAL", "ONEAPI")
 #: What a job may ask for: a device class, or "ANY" (the farm picks; today that is CPU,
 #: so that the tiles of one frame never mix device classes).
@@ -32,7 +43,10 @@ Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN, description="lower-case he
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Every wire model: unknown fields are errors, and no float may be NaN or infinite
+    (a non-finite number cannot be stored as JSON and read back, nor priced)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --- states (modelled on Flamenco's) ----------------------------------------------------
@@ -130,8 +144,8 @@ class SceneSummary(Strict):
     """What the submitter's inspection found; the coordinator checks it against the spec."""
 
     name: str = Field(min_length=1, max_length=200)
-    frame_start: int
-    frame_end: int
+    frame_start: int = Field(ge=MIN_FRAME, le=MAX_FRAME)
+    frame_end: int = Field(ge=MIN_FRAME, le=MAX_FRAME)
     resolution_x: int = Field(ge=1, le=65536)
     resolution_y: int = Field(ge=1, le=65536)
     resolution_percentage: int = Field(ge=1, le=32767)
@@ -147,9 +161,9 @@ class SceneSummary(Strict):
 
 
 class FrameRange(Strict):
-    start: int = Field(ge=-1_048_574, le=1_048_574)
-    end: int = Field(ge=-1_048_574, le=1_048_574)
-    step: int = Field(default=1, ge=1)
+    start: int = Field(ge=MIN_FRAME, le=MAX_FRAME)
+    end: int = Field(ge=MIN_FRAME, le=MAX_FRAME)
+    step: int = Field(default=1, ge=1, le=MAX_FRAME - MIN_FRAME + 1)
 
     @model_validator(mode="after")
     def _ordered(self) -> FrameRange:
@@ -189,10 +203,12 @@ class FramePreview(Strict):
     The coordinator uses it to refuse a black or flat tile where the scene is not.
     """
 
-    frame: int
+    frame: int = Field(ge=MIN_FRAME, le=MAX_FRAME)
     width: int = Field(ge=1, le=64)
     height: int = Field(ge=1, le=64)
-    luminance: list[float] = Field(max_length=MAX_PREVIEW_PIXELS)
+    luminance: list[Annotated[float, Field(ge=-MAX_FLOAT32, le=MAX_FLOAT32)]] = Field(
+        max_length=MAX_PREVIEW_PIXELS
+    )
 
     @model_validator(mode="after")
     def _sized(self) -> FramePreview:
@@ -217,8 +233,8 @@ class JobOptions(Strict):
     denoise: bool | None = None
     device: JobDevice = "ANY"
     name: str | None = Field(default=None, min_length=1, max_length=200)
-    max_price: float = Field(default=0.0, ge=0)
-    max_credits: float | None = Field(default=None, ge=0)
+    max_price: float = Field(default=0.0, ge=0, le=MAX_PRICE)
+    max_credits: float | None = Field(default=None, ge=0, le=MAX_CREDITS)
 
 
 class JobSpec(Strict):
@@ -240,9 +256,14 @@ class JobSpec(Strict):
     priority: int = Field(default=50, ge=0, le=100)
     device: JobDevice = "ANY"
     blender_version: str | None = Field(default=None, max_length=40)
-    max_price: float = Field(default=0, ge=0, description="credits per work unit, at most")
+    max_price: float = Field(
+        default=0, ge=0, le=MAX_PRICE, description="credits per work unit, at most"
+    )
     max_credits: float | None = Field(
-        default=None, ge=0, description="refuse the job if its estimated cost is higher"
+        default=None,
+        ge=0,
+        le=MAX_CREDITS,
+        description="refuse the job if its estimated cost is higher",
     )
     scene_cost: float = Field(
         default=1.0,
@@ -278,6 +299,11 @@ class JobSpec(Strict):
                 f"{self.scene.frame_start}-{self.scene.frame_end}"
             )
         width, height = self.effective_size()
+        if width > MAX_FRAME_SIDE or height > MAX_FRAME_SIDE:
+            raise ValueError(
+                f"a {width}x{height} frame is larger than {MAX_FRAME_SIDE} pixels on a side:"
+                " lower the resolution percentage"
+            )
         if self.tiles.columns > width or self.tiles.rows > height:
             raise ValueError(
                 f"{self.tiles.columns}x{self.tiles.rows} tiles do not fit a {width}x{height} frame"
@@ -366,27 +392,42 @@ class JobPatch(Strict):
 # --- tasks and leases ------------------------------------------------------------
 
 
+_Pixel = Annotated[int, Field(ge=0, le=MAX_FRAME_SIDE)]
+
+
 class Region(Strict):
     """Pixel rectangle, half-open, origin top-left (see renderers.regions.PixelRect)."""
 
-    x0: int
-    y0: int
-    x1: int
-    y1: int
+    x0: _Pixel
+    y0: _Pixel
+    x1: _Pixel
+    y1: _Pixel
 
 
 class RenderAssignment(Strict):
-    """Everything a node needs to render one task; any node renders the same pixels."""
+    """Everything a node needs to render one task; any node renders the same pixels.
 
-    frame: int
-    width: int
-    height: int
+    The render settings are explicit, never "the file's": a node forces `samples`,
+    `percentage` and the full-frame `resolution_x` x `resolution_y` (the scene's size as
+    the spec declared it, before the percentage) on the scene, so it renders exactly
+    what the job was priced and paid for, whatever the .blend says.
+    """
+
+    frame: int = Field(ge=MIN_FRAME, le=MAX_FRAME)
+    #: The frame's size after the percentage (the plan's, what regions refer to).
+    width: int = Field(ge=1, le=MAX_FRAME_SIDE)
+    height: int = Field(ge=1, le=MAX_FRAME_SIDE)
     render_region: Region
     core_region: Region
     whole_frame: bool
-    samples: int | None
-    percentage: int | None
-    seed: int | None = None
+    #: Samples per pixel (the spec's override, else the scene's as declared).
+    samples: int = Field(ge=1, le=MAX_SAMPLES)
+    #: Resolution percentage (the spec's override, else the scene's as declared).
+    percentage: int = Field(ge=1, le=32767)
+    #: The scene's full-frame resolution, before the percentage, as the spec declared it.
+    resolution_x: int = Field(ge=1, le=65536)
+    resolution_y: int = Field(ge=1, le=65536)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     denoise_data: bool
     #: Whole frames denoise in Blender itself (no seams to avoid, no extra task).
     denoise_in_render: bool = False
@@ -403,7 +444,7 @@ class Task(Strict):
     node: str | None = None
     message: str = ""
     result_sha256: str | None = None
-    render_seconds: float | None = None
+    render_seconds: float | None = Field(default=None, ge=0)
     #: When its status last changed (None from coordinators older than this field).
     updated_at: datetime | None = None
 
@@ -452,24 +493,24 @@ class UploadReceipt(Strict):
 class GpuInfo(Strict):
     type: str
     name: str
-    vram_mib: int | None = None
+    vram_mib: int | None = Field(default=None, ge=0, le=1 << 40)
 
 
 class NodeCapabilities(Strict):
     name: str = Field(min_length=1, max_length=100)
     hostname: str = Field(default="", max_length=255)
     cpu: str = ""
-    cpu_threads: int = Field(default=1, ge=1)
-    ram_mib: int = Field(default=0, ge=0)
+    cpu_threads: int = Field(default=1, ge=1, le=1 << 20)
+    ram_mib: int = Field(default=0, ge=0, le=1 << 40)
     devices: list[str] = Field(
         default_factory=lambda: ["CPU"], description="Cycles device types this node can render with"
     )
     gpus: list[GpuInfo] = Field(default_factory=list)
     blender_versions: list[str] = Field(default_factory=list)
     engines: list[str] = Field(default_factory=lambda: ["CYCLES"])
-    benchmark_score: float | None = None
+    benchmark_score: float | None = Field(default=None, ge=0, le=1e12)
     cpu_kernel: str = ""
-    price: float = Field(default=0, ge=0, description="credits per work unit")
+    price: float = Field(default=0, ge=0, le=MAX_PRICE, description="credits per work unit")
 
 
 class NodeRegistration(Strict):
@@ -538,7 +579,7 @@ class JoinRequest(Strict):
 
 
 class Grant(Strict):
-    amount: float = Field(gt=0, description="credits")
+    amount: float = Field(gt=0, le=MAX_CREDITS, description="credits")
 
 
 class LedgerEntry(Strict):

@@ -89,8 +89,10 @@ def make_lease(
             render_region=region,
             core_region=region,
             whole_frame=False,
-            samples=samples,
+            samples=samples or SAMPLES,
             percentage=PERCENTAGE,
+            resolution_x=WIDTH * 100 // PERCENTAGE,
+            resolution_y=HEIGHT * 100 // PERCENTAGE,
             seed=0,
             denoise_data=True,
         ),
@@ -257,7 +259,7 @@ def test_samples_changes_only_the_request(tiles: dict[str, Path], tmp_path: Path
 
 
 @pytest.mark.parametrize(
-    ("asked", "scene_samples", "rendered"), [(2, 2, 1), (1, 1, 1), (400, 400, 100), (None, 64, 16)]
+    ("asked", "scene_samples", "rendered"), [(2, 2, 1), (1, 1, 1), (400, 400, 100), (64, 64, 16)]
 )
 def test_samples_asks_a_quarter_and_at_least_one(
     asked: int | None, scene_samples: int, rendered: int

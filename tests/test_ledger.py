@@ -21,10 +21,9 @@ from coordinator.config import CoordinatorConfig
 from coordinator.db import Database
 from coordinator.errors import DomainError
 from coordinator.http.errors import status_of
-from coordinator.planning import plan_assignments, plan_for
+from coordinator.planning import frame_assignments, plan_assignments
 from coordinator.pricing import denoise_units, estimate_milli, render_units, sample_units
-from protocol.models import Region, Role
-from renderers.regions import Tile
+from protocol.models import Role
 from renderers.scene_info import SceneInfo, inspect_scene
 from renderers.worker import RenderWorker
 from tests.farm_tools import (
@@ -309,13 +308,13 @@ def test_a_priced_job_pays_its_provider_and_refunds_the_rest(
             earned = provider.wallet().balance
         after = client.wallet()
     assert spec.wants_denoise
-    plan_units = [render_units(spec, _region(tile)) for tile in plan_for(spec).tiles]
+    plan_units = [render_units(spec, a) for _, a in frame_assignments(spec, spec.frames.start)]
     plan_units.append(denoise_units(spec))
     expected_milli = sum(ledger.cost_milli(units, 1) for units in plan_units)
     fee_milli = sum(int(ledger.cost_milli(units, 1) * 0.05) for units in plan_units)
     config = CoordinatorConfig(data_dir=tmp_path)
     assignments = [a for _, a in plan_assignments(spec)]
-    assert escrowed == pytest.approx(estimate_milli(spec, assignments, config) / 1000)
+    assert escrowed == pytest.approx(estimate_milli(spec, config) / 1000)
     # The estimate covers each tile and one duplicate sample of it at the max price.
     allowance = sum(sample_units(spec, a, config) for a in assignments)
     assert escrowed == pytest.approx(
@@ -330,11 +329,6 @@ def test_a_priced_job_pays_its_provider_and_refunds_the_rest(
     with coordinator.client(coordinator.admin_token) as admin:
         check = admin.ledger_check()
         assert check.ok, check.problems
-
-
-def _region(tile: Tile) -> Region:
-    render = tile.render
-    return Region(x0=render.x0, y0=render.y0, x1=render.x1, y1=render.y1)
 
 
 def test_an_unaffordable_job_gets_402_with_the_numbers_and_nothing_is_created(

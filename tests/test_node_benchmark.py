@@ -76,6 +76,8 @@ def test_the_runner_keeps_the_benchmark_worker_warm_for_the_first_task(
                 whole_frame=True,
                 samples=1,
                 percentage=5,
+                resolution_x=640,
+                resolution_y=360,
                 denoise_data=False,
             ),
             device="CPU",

@@ -343,6 +343,8 @@ def make_lease(
             whole_frame=True,
             samples=samples,
             percentage=percentage,
+            resolution_x=640,
+            resolution_y=360,
             seed=0,
             denoise_data=False,
         ),

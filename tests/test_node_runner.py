@@ -57,6 +57,8 @@ def make_lease(
         whole_frame=region == (0, 0, width, height),
         samples=samples,
         percentage=PERCENTAGE,
+        resolution_x=WIDTH * 100 // PERCENTAGE,
+        resolution_y=HEIGHT * 100 // PERCENTAGE,
         seed=0,
         denoise_data=denoise_data,
     )

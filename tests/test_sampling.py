@@ -98,7 +98,9 @@ def _assignment(render: Region, core: Region, size: tuple[int, int] = (64, 48)) 
         core_region=core,
         whole_frame=False,
         samples=8,
-        percentage=None,
+        percentage=100,
+        resolution_x=size[0],
+        resolution_y=size[1],
         denoise_data=True,
     )
 

@@ -104,6 +104,8 @@ def _render(
         whole_frame=whole,
         samples=samples,
         percentage=scene.percentage,
+        resolution_x=scene.spec().scene.resolution_x,
+        resolution_y=scene.spec().scene.resolution_y,
         denoise_data=denoise_data,
     )
     return Rendered(output, assignment)

@@ -4,7 +4,10 @@
 when it is sound, or a short reason that completes "The result was refused: ...". The
 checks, in order (the first failure is the reason):
 
-1. it is a readable EXR;
+1. its header (read alone, before any pixel is decoded: `header_problem`) is that of
+   an EXR of the expected size with at most MAX_RESULT_CHANNELS float or half channels
+   in a lossless codec, so a small file claiming gigabytes of pixels is never decoded;
+   then it is a readable EXR;
 2. its size: the render region for render and verify tasks, the whole frame
    (`JobSpec.effective_size`) for denoise tasks;
 3. its structure: every part the same size (`read_exr` refuses anything else) and a
@@ -39,17 +42,19 @@ import numpy.typing as npt
 
 from common.errors import ExrError
 from protocol.models import FramePreview, JobSpec, Region, RenderAssignment, TaskKind
-from renderers.exr import LOSSLESS_COMPRESSIONS, ExrImage, read_exr
+from renderers.exr import LOSSLESS_COMPRESSIONS, ExrHeader, ExrImage, read_exr, read_exr_header
 
 __all__ = [
     "DENOISING_DATA_PASSES",
     "FALSE_REFUSAL_BOUND",
     "LOSSY_COMPRESSIONS",
+    "MAX_RESULT_CHANNELS",
     "PREVIEW_EROSION",
     "PREVIEW_MAX_SAMPLES",
     "check_result",
     "false_refusal_bound",
     "flat_tile_problem",
+    "header_problem",
 ]
 
 #: The passes Blender adds to every view layer when "Denoising Data" is on (bpy 5.0.1).
@@ -59,6 +64,11 @@ DENOISING_DATA_PASSES = ("Denoising Normal", "Denoising Albedo", "Denoising Dept
 #: are perceptual. (B44 happens to store float32 channels exactly, but a tile must not
 #: depend on that: it would lose half channels.)
 LOSSY_COMPRESSIONS = ("pxr24", "b44", "b44a", "dwaa", "dwab")
+
+#: Channels a result may have, in all its parts: every pass Cycles writes, for several
+#: view layers, fits far below this; a file claiming more is refused from its header,
+#: since the memory it takes decoded grows with it.
+MAX_RESULT_CHANNELS = 256
 
 _CODEC_NAMES = {"none": "no compression", "rle": "RLE", "zips": "ZIPS", "zip": "ZIP", "piz": "PIZ"}
 
@@ -123,11 +133,6 @@ def check_result(
     `assignment` is the task's render assignment (None for a denoise task, whose result
     is a whole frame); `spec` is the job's spec (frame size, samples and previews).
     """
-    try:
-        image = read_exr(path)
-    except ExrError as exc:
-        message = exc.message.replace(str(path), "the file")
-        return f"it is not a readable EXR ({message})"
     rendered = kind in (TaskKind.RENDER, TaskKind.VERIFY, TaskKind.BACKUP)
     if rendered and assignment is None:
         return f"a {kind.value} task needs a render assignment to check its result against"
@@ -135,6 +140,19 @@ def check_result(
         expected = _size(assignment.render_region)
     else:
         expected = spec.effective_size()
+    # The header first: a few kilobytes can claim gigabytes of pixels, so nothing is
+    # decoded before its size, channels and codec are known to be what the task asks.
+    try:
+        header = read_exr_header(path)
+    except ExrError as exc:
+        return f"it is not a readable EXR ({_without_path(exc, path)})"
+    problem = header_problem(header, expected)
+    if problem is not None:
+        return problem
+    try:
+        image = read_exr(path, max_pixels=expected[0] * expected[1])
+    except ExrError as exc:
+        return f"it is not a readable EXR ({_without_path(exc, path)})"
     if (image.width, image.height) != expected:
         return (
             f"it is {image.width}x{image.height} pixels; the task asked for "
@@ -152,6 +170,49 @@ def check_result(
     if problem is None and rendered and assignment is not None:
         problem = flat_tile_problem(image, assignment, spec)
     return problem
+
+
+# --- the header, before any pixel is decoded -------------------------------------------------
+
+
+def header_problem(header: ExrHeader, expected: tuple[int, int]) -> str | None:
+    """Why a file whose header is `header` cannot be the result of a task of size
+    `expected`, judged before decoding: every part that size, at most
+    MAX_RESULT_CHANNELS float or half channels in all, a lossless codec, scanlines."""
+    width, height = expected
+    if not header.parts:
+        return "it has no parts"
+    if header.deep:
+        return "it holds deep data; tiles are flat images"
+    for part in header.parts:
+        if (part.width, part.height) != expected:
+            name = _quoted([part.name or "(unnamed)"])
+            return (
+                f"its part {name} is {max(part.width, 0)}x{max(part.height, 0)} pixels; the"
+                f" task asked for {width}x{height} (refused before decoding)"
+            )
+    channels = sum(len(part.channels) for part in header.parts)
+    if channels > MAX_RESULT_CHANNELS:
+        return (
+            f"it has {channels} channels, more than the {MAX_RESULT_CHANNELS} a result may"
+            " have (refused before decoding)"
+        )
+    for part in header.parts:
+        for name, kind in part.channels.items():
+            if kind not in ("float", "half"):
+                shown = {"uint": "uint32"}.get(kind, kind)
+                return f"channel {_quoted([name])} holds {shown} values; tiles hold float or half"
+        # A codec the header parser has no name for ("#13") is judged after decoding,
+        # which is bounded now that the size is known, by its proper name.
+        if not part.compression.startswith("#"):
+            problem = _compression_problem(part.compression)
+            if problem is not None:
+                return problem
+    return None
+
+
+def _without_path(exc: ExrError, path: Path) -> str:
+    return exc.message.replace(str(path), "the file")
 
 
 # --- structure ------------------------------------------------------------------------------

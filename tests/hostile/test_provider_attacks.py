@@ -161,9 +161,6 @@ def exr_bomb(path: Path, size: int = 8000) -> bytes:
     return path.read_bytes()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 17: an EXR bomb is decoded whole before its size is checked"
-)
 def test_an_exr_decompression_bomb_is_refused_cheaply(tmp_path: Path) -> None:
     bomb = exr_bomb(tmp_path / "bomb.exr")
     assert len(bomb) < 8 * 2**20, len(bomb)
@@ -187,8 +184,10 @@ def test_an_exr_decompression_bomb_is_refused_cheaply(tmp_path: Path) -> None:
         assert not problems, "\n".join(problems)
 
 
+# Not strict on branch cfa: wrong-size EXRs are now refused from their header at once,
+# so the four checks rarely overlap and the race (not fixed here) may not show.
 @pytest.mark.xfail(
-    strict=True, reason="issue 17: concurrent bad uploads on one lease each count a failure"
+    strict=False, reason="issue 17: concurrent bad uploads on one lease each count a failure"
 )
 def test_racing_bad_uploads_count_one_failure(tmp_path: Path) -> None:
     with hostile_farm(tmp_path / "c", "--no-verification", "--suspend-after", "10") as farm:
