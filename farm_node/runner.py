@@ -202,6 +202,8 @@ class TaskRunner:
                 border=border,
                 samples=assignment.samples,
                 percentage=assignment.percentage,
+                # What the requester paid for, whatever the .blend itself says.
+                resolution=(assignment.resolution_x, assignment.resolution_y),
                 seed=assignment.seed,
                 denoise_data=assignment.denoise_data,
                 denoise=assignment.denoise_in_render,

@@ -135,6 +135,9 @@ class RenderRequest:
     border: BorderFractions | None = None
     samples: int | None = None
     percentage: int | None = None
+    #: The frame's full size (before `percentage`), or None for the file's own: a farm
+    #: task names it, so a node renders the size that was paid for, whatever the file says.
+    resolution: tuple[int, int] | None = None
     seed: int | None = None
     adaptive_sampling: bool | None = None
     denoise_data: bool = False
@@ -162,6 +165,7 @@ class RenderRequest:
             "border": border,
             "samples": self.samples,
             "percentage": self.percentage,
+            "resolution": None if self.resolution is None else list(self.resolution),
             "seed": self.seed,
             "adaptive_sampling": self.adaptive_sampling,
             "denoise_data": self.denoise_data,

@@ -313,6 +313,8 @@ class Worker:
 
 SNAPSHOT_ATTRS: dict[str, tuple[str, ...]] = {
     "render": (
+        "resolution_x",
+        "resolution_y",
         "resolution_percentage",
         "use_border",
         "use_crop_to_border",
@@ -359,6 +361,10 @@ def _apply_render_settings(scene: Any, request: dict[str, Any], originals: dict[
     desired = dict(originals)
     if request.get("percentage"):
         desired["render:resolution_percentage"] = int(request["percentage"])
+    if request.get("resolution"):
+        desired["render:resolution_x"], desired["render:resolution_y"] = map(
+            int, request["resolution"]
+        )
     if request.get("samples"):
         desired["cycles:samples"] = int(request["samples"])
     if request.get("seed") is not None:

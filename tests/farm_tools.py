@@ -174,6 +174,7 @@ def do_lease(
             border=None if a.whole_frame else border_fractions(region, a.width, a.height),
             samples=a.samples,
             percentage=a.percentage,
+            resolution=(a.resolution_x, a.resolution_y),
             denoise_data=a.denoise_data,
             denoise=a.denoise_in_render,
         )

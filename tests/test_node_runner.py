@@ -187,3 +187,19 @@ def test_a_render_lease_without_an_assignment_is_refused(
         with pytest.raises(LeaseError, match="without an assignment"):
             runner.render(make_lease(with_assignment=False), demo_scene, tmp_path / "x.exr")
         assert runner.worker_starts == 0, "refused before starting Blender"
+
+
+def test_the_node_renders_the_size_and_samples_that_were_paid_for(
+    runner: TaskRunner, demo_scene: Path, tmp_path: Path
+) -> None:
+    """A requester declared a 320x180 scene at 3 samples (the file is 640x360 at 64): the
+    node renders what the lease names, not what the .blend says (issue 17, finding 5)."""
+    lease = make_lease(width=32, height=18, region=(0, 0, 32, 18), samples=3)
+    assert lease.assignment is not None
+    paid = lease.assignment.model_copy(update={"resolution_x": 320, "resolution_y": 180})
+    lease = lease.model_copy(update={"assignment": paid})
+    progress: list[Progress] = []
+    result = runner.render(lease, demo_scene, tmp_path / "paid.exr", on_progress=progress.append)
+    image = read_exr(result.output)
+    assert (image.width, image.height) == (32, 18)
+    assert progress and all(p.samples_total == 3 for p in progress)
