@@ -9,6 +9,7 @@ import sys
 BENCHMARKS = (
     "benchmarks.bench_tiles",
     "benchmarks.bench_merge",
+    "benchmarks.bench_upload",
     "benchmarks.bench_farm",
     "benchmarks.bench_coordinator",
     "benchmarks.bench_verify_compare",
