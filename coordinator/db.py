@@ -177,6 +177,18 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE failures ADD COLUMN lease_id TEXT;
     CREATE INDEX failures_by_lease ON failures(lease_id);
     """,
+    # 7: no one party's word decides. A failure a node reports as final waits for another
+    # provider to confirm it (`final`), and costs its provider reputation once another's
+    # result is accepted (`contradicted`); a tile doubted against the requester's preview
+    # keeps the doubt while another provider checks it (`doubt`), and a confirmed one marks
+    # the job's previews untrustworthy (`previews_trusted`).
+    """
+    ALTER TABLE failures ADD COLUMN final INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE failures ADD COLUMN contradicted INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX failures_by_task ON failures(task_id, id);
+    ALTER TABLE tasks ADD COLUMN doubt TEXT;
+    ALTER TABLE jobs ADD COLUMN previews_trusted INTEGER NOT NULL DEFAULT 1;
+    """,
 )
 
 

@@ -111,6 +111,8 @@ class Results:
         problem = self._check(row, sha256)
         if problem:
             changes = Changes()
+            # fail_attempt re-checks the lease inside the transaction: of several bad
+            # uploads racing on one lease, one ends it and the others are told it is over.
             with self.core.db.transaction() as conn:
                 self.states.fail_attempt(
                     conn, row, "bad_result", problem, changes, retryable=True, penalise=True
@@ -248,29 +250,40 @@ class Results:
 
     def report_failure(self, who: Principal, lease_id: str, failure: TaskFailure) -> None:
         """Record a node's failed attempt; a repeat of a report already recorded (its
-        reply was lost and the node sent it again) changes nothing. A fault of the scene
-        itself fails the task at once: no other node would fix it."""
-        done = self.core.db.query_one(
-            "SELECT n.owner FROM failures f LEFT JOIN nodes n ON n.id = f.node_id"
-            " WHERE f.lease_id = ? LIMIT 1",
-            (lease_id,),
-        )
-        if done is not None and done["owner"] == who.account:
+        reply was lost and the node sent it again, or both copies came at once) changes
+        nothing. A node's word never fails a job alone: a failure it calls final (a fault
+        of the scene) is confirmed by another provider first (`TaskStates.fail_attempt`),
+        and its free text reaches the requester only as a bounded quote."""
+        if self._reported(who, lease_id):
             return
         row = self.scheduler.lease_row(who, lease_id)
         if row["status"] != TaskStatus.ACTIVE.value:
             raise LeaseOverError(f"The task is {row['status']}; this lease is over.")
         changes = Changes()
-        with self.core.db.transaction() as conn:
-            self.states.fail_attempt(
-                conn,
-                row,
-                failure.kind.value,
-                failure.message,
-                changes,
-                retryable=failure.retryable and not failure.kind.scene_fault,
-            )
+        try:
+            with self.core.db.transaction() as conn:
+                self.states.fail_attempt(
+                    conn,
+                    row,
+                    failure.kind.value,
+                    failure.message,
+                    changes,
+                    retryable=failure.retryable and not failure.kind.scene_fault,
+                    reported=True,
+                )
+        except LeaseOverError:
+            if self._reported(who, lease_id):
+                return  # the same report, sent twice at once: the other copy was recorded
+            raise
         self.states.announce(changes)
+
+    def _reported(self, who: Principal, lease_id: str) -> bool:
+        done = self.core.db.query_one(
+            "SELECT n.owner FROM failures f LEFT JOIN nodes n ON n.id = f.node_id"
+            " WHERE f.lease_id = ? LIMIT 1",
+            (lease_id,),
+        )
+        return done is not None and done["owner"] == who.account
 
     def preview(self, task_id: str, result_sha: str) -> Path:
         """A PNG of the task's result, made once and kept."""

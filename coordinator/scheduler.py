@@ -300,16 +300,34 @@ class Scheduler:
             )
         }
         best: tuple[Any, ...] | None = None
+        # A task that just failed on this node goes to another first (see below).
+        retry_cutoff = datetime.fromtimestamp(
+            time.time() - self.core.config.same_node_retry_seconds, UTC
+        ).isoformat()
         for job in jobs:
             spec = self.core.spec(job["job_id"], job["spec"])
             if not node_can_run(caps, spec) or caps.price > spec.max_price:
                 continue
+            # A duplicate sample goes to another account, and so does a task whose
+            # provider called it impossible (excluded_owners). A task whose last attempt
+            # failed on this node is not leased to it again in a row while another node
+            # might take it: only once `same_node_retry_seconds` passed unleased.
             row = db.query_one(
-                "SELECT id, job_id, kind, frame, tile_index FROM tasks WHERE job_id = ? AND"
-                " status IN (?, ?) AND instr(',' || excluded_owners || ',', ',' || ? || ',')"
-                " = 0 ORDER BY kind != ?, frame, tile_index LIMIT 1",
-                (job["job_id"], *LEASABLE, node["owner"], TaskKind.VERIFY.value),
-            )  # a duplicate sample goes to another account (excluded_owners)
+                "SELECT t.id, t.job_id, t.kind, t.frame, t.tile_index FROM tasks t WHERE"
+                " t.job_id = ? AND t.status IN (?, ?) AND instr(',' || t.excluded_owners ||"
+                " ',', ',' || ? || ',') = 0 AND NOT EXISTS (SELECT 1 FROM failures f WHERE"
+                " f.id = (SELECT MAX(g.id) FROM failures g WHERE g.task_id = t.id) AND"
+                " f.node_id = ? AND f.at > ?) ORDER BY t.kind != ?, t.frame, t.tile_index"
+                " LIMIT 1",
+                (
+                    job["job_id"],
+                    *LEASABLE,
+                    node["owner"],
+                    node["id"],
+                    retry_cutoff,
+                    TaskKind.VERIFY.value,
+                ),
+            )
             if row is None:
                 continue
             locality = 2 if job["bundle"] in warm else 1 if job["bundle"] in cached else 0

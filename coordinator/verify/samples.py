@@ -13,7 +13,7 @@ from typing import Any
 
 from coordinator.core import Core
 from coordinator.db import now_iso
-from coordinator.planning import lease_device, node_can_run, verify_task
+from coordinator.planning import lease_device, verify_task
 from coordinator.task_states import LEASABLE, Changes, TaskStates
 from coordinator.verify import judge as judging
 from coordinator.verify.policy import should_verify
@@ -66,20 +66,7 @@ class Samples:
         self, conn: sqlite3.Connection, spec: JobSpec, job_id: str, excluded: set[str]
     ) -> bool:
         """Whether a connected node of another, unsuspended account could take a sample."""
-        cutoff = time.time() - self.core.config.verifier_seen_seconds
-        rows = conn.execute(
-            "SELECT n.owner, n.capabilities FROM nodes n LEFT JOIN providers p ON"
-            " p.account = n.owner WHERE n.last_seen >= ? AND p.suspended IS NULL AND NOT EXISTS"
-            " (SELECT 1 FROM blocklist b WHERE b.job_id = ? AND b.node_id = n.id)",
-            (cutoff, job_id),
-        ).fetchall()
-        for node in rows:
-            if node["owner"] in excluded:
-                continue
-            caps = NodeCapabilities.model_validate_json(node["capabilities"])
-            if node_can_run(caps, spec) and caps.price <= spec.max_price:
-                return True
-        return False
+        return self.states.provider_online(conn, job_id, excluded, spec)
 
     def judge(
         self, row: sqlite3.Row, sha256: str
