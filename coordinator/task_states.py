@@ -486,7 +486,7 @@ class TaskStates:
             self.block(conn, tile["job_id"], tile["node_id"], "a result failed duplicate sampling")
         conn.execute(
             "UPDATE tasks SET status = ?, result_sha = NULL, lease_id = NULL, node_id = NULL,"
-            " render_seconds = NULL, message = ?, updated_at = ? WHERE id = ?",
+            " render_seconds = NULL, doubt = NULL, message = ?, updated_at = ? WHERE id = ?",
             (TaskStatus.QUEUED.value, reason[:2000], now_iso(), tile["id"]),
         )
         conn.execute("DELETE FROM previews WHERE task_id = ?", (tile["id"],))
