@@ -446,6 +446,35 @@ class Scheduler:
         self.states.announce(changes)
         return len(expired)
 
+    def fail_unconfirmed(self) -> int:
+        """Fail the tasks (and jobs) that a provider called impossible, or that failed
+        every attempt on one account, once no other provider could take them for
+        `verify_wait_seconds`: nothing else would ever confirm or contradict the claim."""
+        cutoff = datetime.fromtimestamp(
+            time.time() - self.core.config.verify_wait_seconds, UTC
+        ).isoformat()
+        sql = (
+            "SELECT t.* FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.status = ? AND"
+            " t.kind IN (?, ?) AND t.excluded_owners != '' AND t.updated_at < ? AND"
+            " j.status IN (?, ?)"
+        )
+        params = (
+            TaskStatus.SOFT_FAILED.value,
+            TaskKind.RENDER.value,
+            TaskKind.DENOISE.value,
+            cutoff,
+            *RUNNABLE_JOBS,
+        )
+        if not self.core.db.query(sql, params):
+            return 0  # the common case, checked without taking the write lock
+        changes = Changes()
+        failed = 0
+        with self.core.db.transaction() as conn:
+            for row in conn.execute(sql, params).fetchall():
+                failed += self.states.fail_unconfirmable(conn, row, changes)
+        self.states.announce(changes)
+        return failed
+
     def lease_row(self, who: Principal, lease_id: str) -> sqlite3.Row:
         row = self.core.db.query_one(
             "SELECT t.*, n.owner AS node_owner, j.status AS job_status FROM tasks t"

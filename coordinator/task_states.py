@@ -261,6 +261,12 @@ class TaskStates:
         if row["kind"] == TaskKind.VERIFY.value and final:
             self._give_up_sample(conn, row, message, changes)
             return
+        if row["kind"] == TaskKind.BACKUP.value and final:
+            # The original still renders: a backup that cannot be done is dropped.
+            self._cancel(conn, row["id"], message[:2000])
+            self._free_node(conn, node_id, row["id"], failed=True)
+            changes.tasks.append((row, TaskStatus.CANCELED))
+            return
         status = TaskStatus.FAILED if final else TaskStatus.SOFT_FAILED
         conn.execute(
             "UPDATE tasks SET status = ?, attempts = ?, lease_id = NULL, node_id = NULL,"
@@ -284,15 +290,43 @@ class TaskStates:
         changes.tasks.append((row, status))
         changes.work = True
         if final:
-            reasons = [
-                f"{r['kind']}: {r['message']}"
-                for r in conn.execute(
-                    "SELECT kind, message FROM failures WHERE task_id = ? ORDER BY id",
-                    (row["id"],),
-                )
-            ]
-            summary = f"Task {row['id']} failed ({why}): " + " | ".join(reasons[-3:])
-            self.fail_job(conn, job_id, summary, changes)
+            self._fail_job_for_task(conn, row["id"], job_id, why, changes)
+
+    def _fail_job_for_task(
+        self, conn: sqlite3.Connection, task_id: str, job_id: str, why: str, changes: Changes
+    ) -> None:
+        """The task failed for good: fail its job, with the reasons its attempts gave."""
+        reasons = [
+            f"{r['kind']}: {r['message']}"
+            for r in conn.execute(
+                "SELECT kind, message FROM failures WHERE task_id = ? ORDER BY id", (task_id,)
+            )
+        ]
+        summary = f"Task {task_id} failed ({why}): " + " | ".join(reasons[-3:])
+        self.fail_job(conn, job_id, summary, changes)
+
+    def fail_unconfirmable(self, conn: sqlite3.Connection, row: TaskRow, changes: Changes) -> bool:
+        """A soft-failed task whose providers so far are kept off it (one called it
+        impossible, or failed every attempt), with still no other provider that could try
+        it: it fails, and its job, with the reasons collected. False if one could now, or
+        the task or its job moved on."""
+        excluded = set(filter(None, row["excluded_owners"].split(",")))
+        job = conn.execute("SELECT status FROM jobs WHERE id = ?", (row["job_id"],)).fetchone()
+        if job is None or job["status"] not in RUNNABLE_JOBS:
+            return False
+        if self.provider_online(conn, row["job_id"], excluded):
+            return False
+        moved = conn.execute(
+            "UPDATE tasks SET status = ?, updated_at = ? WHERE id = ? AND status = ?",
+            (TaskStatus.FAILED.value, now_iso(), row["id"], TaskStatus.SOFT_FAILED.value),
+        ).rowcount
+        if not moved:
+            return False
+        changes.tasks.append((row, TaskStatus.FAILED))
+        self._fail_job_for_task(
+            conn, row["id"], row["job_id"], "no other provider came to try it", changes
+        )
+        return True
 
     def _settled_as_failed(
         self,

@@ -112,6 +112,27 @@ def test_a_scene_fault_with_nobody_else_to_ask_fails_with_a_quoted_reason(
     assert task.message.startswith('node reported: "') and len(task.message) <= REPORT_CHARS
 
 
+def test_a_claim_nobody_else_comes_to_check_fails_the_job_after_a_while(
+    fresh_farm: FreshFarm, demo_scene: Path, tmp_path: Path
+) -> None:
+    farm = fresh_farm()
+    job_id, (node_a, node_b) = setup_farm(farm, small_spec(), demo_scene, tmp_path / "b")
+    lease = _lease(farm, A, node_a)
+    farm.report_failure(A, lease.lease_id, TaskFailure(kind="corrupt_scene", message="bad"))
+    assert farm.job(ARTIST, job_id).status is JobStatus.ACTIVE, "b could still try it"
+    _offline(farm, node_b)
+    assert farm.fail_unconfirmed() == 0, "b may come back: the task waits a while"
+    with farm.db.transaction() as conn:
+        conn.execute("UPDATE tasks SET updated_at = '2000-01-01T00:00:00+00:00'")
+    assert farm.fail_unconfirmed() == 1
+    job = farm.job(ARTIST, job_id)
+    assert job.status is JobStatus.FAILED
+    assert "no other provider came to try it" in job.message
+    assert 'corrupt_scene: node reported: "bad"' in job.message
+    assert task_status(farm, lease.task.id) == TaskStatus.FAILED
+    assert farm.ledger_check(Principal("admin", Role.ADMIN)).ok
+
+
 def test_a_task_is_not_leased_twice_in_a_row_to_the_node_it_failed_on(
     fresh_farm: FreshFarm, demo_scene: Path, tmp_path: Path
 ) -> None:
