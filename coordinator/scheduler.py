@@ -251,7 +251,7 @@ class Scheduler:
             backup: dict[str, Any] | None = None
             chosen: TaskRow
             if found is None:
-                candidate = self._backup_candidate(node_id, caps)
+                candidate = self._backup_candidate(node_id, node["owner"], caps)
                 if candidate is None:
                     return None
                 backup, spec = candidate
@@ -311,14 +311,15 @@ class Scheduler:
             # A duplicate sample goes to another account, and so does a task whose
             # provider called it impossible (excluded_owners). A task whose last attempt
             # failed on this node is not leased to it again in a row while another node
-            # might take it: only once `same_node_retry_seconds` passed unleased.
+            # might take it: only once `same_node_retry_seconds` passed unleased. (A
+            # lease that merely expired is no failure of the task: the node may have it.)
             row = db.query_one(
                 "SELECT t.id, t.job_id, t.kind, t.frame, t.tile_index FROM tasks t WHERE"
                 " t.job_id = ? AND t.status IN (?, ?) AND instr(',' || t.excluded_owners ||"
                 " ',', ',' || ? || ',') = 0 AND NOT EXISTS (SELECT 1 FROM failures f WHERE"
                 " f.id = (SELECT MAX(g.id) FROM failures g WHERE g.task_id = t.id) AND"
-                " f.node_id = ? AND f.at > ?) ORDER BY t.kind != ?, t.frame, t.tile_index"
-                " LIMIT 1",
+                " f.node_id = ? AND f.kind != 'lease_expired' AND f.at > ?)"
+                " ORDER BY t.kind != ?, t.frame, t.tile_index LIMIT 1",
                 (
                     job["job_id"],
                     *LEASABLE,
@@ -348,7 +349,7 @@ class Scheduler:
         return None if best is None else (best[1], best[2])
 
     def _backup_candidate(
-        self, node_id: str, caps: NodeCapabilities
+        self, node_id: str, owner: str, caps: NodeCapabilities
     ) -> tuple[dict[str, Any], JobSpec] | None:
         """A backup copy of a tile that holds up its frame on a slow node, for this idle node.
 
@@ -382,8 +383,8 @@ class Scheduler:
             ),
         )
         for row in rows:
-            if row["unfinished"] != 1:
-                continue
+            if row["unfinished"] != 1 or owner in row["excluded_owners"].split(","):
+                continue  # (an account that called the tile impossible backs it up never)
             spec = self.core.spec(row["job_id"], row["spec"])
             if not node_can_run(caps, spec) or caps.price > spec.max_price:
                 continue

@@ -22,39 +22,17 @@ from coordinator.core import Core, TaskRow
 from coordinator.credits import Credits
 from coordinator.db import now_iso
 from coordinator.errors import LeaseOverError
-from coordinator.planning import NewTask, denoise_task, node_can_run
+from coordinator.planning import NewTask, denoise_task
+from coordinator.verify import claims
 from coordinator.verify.reputation import Reputation
-from protocol.models import FrameStatus, JobSpec, JobStatus, NodeCapabilities, TaskKind, TaskStatus
+from protocol.models import FrameStatus, JobStatus, TaskKind, TaskStatus
 
-__all__ = [
-    "LEASABLE",
-    "REPORT_CHARS",
-    "RUNNABLE_JOBS",
-    "Changes",
-    "FrameReady",
-    "TaskStates",
-    "quoted_report",
-]
+__all__ = ["LEASABLE", "RUNNABLE_JOBS", "Changes", "FrameReady", "TaskStates"]
 
 LEASABLE = (TaskStatus.QUEUED.value, TaskStatus.SOFT_FAILED.value)
 RUNNABLE_JOBS = (JobStatus.QUEUED.value, JobStatus.ACTIVE.value)
 #: Called with (job_id, frame) once every tile of a frame is accepted (or its denoise).
 FrameReady = Callable[[str, int], None]
-#: The most characters of a node's own words a requester is shown, quotes included.
-REPORT_CHARS = 300
-_REPORT_PREFIX = 'node reported: "'
-
-
-def quoted_report(text: str) -> str:
-    """A node's free text as a requester sees it: one line of printable characters,
-    quoted and attributed, at most REPORT_CHARS long. A node's words are a claim, never
-    the coordinator's own."""
-    printable = "".join(ch if ch.isprintable() else " " for ch in text)
-    line = " ".join(printable.split()).replace('"', "'")
-    room = REPORT_CHARS - len(_REPORT_PREFIX) - 1
-    if len(line) > room:
-        line = line[: room - 1] + "\u2026"
-    return f'{_REPORT_PREFIX}{line}"'
 
 
 @dataclass
@@ -225,14 +203,15 @@ class TaskStates:
         `retryable`), or the last of `max_attempts` attempts, keeps that provider's
         account off the task and queues it for another (soft-failed); the task fails, and
         fails its job, only when a provider of another account reports it final too (or
-        the attempts were spread over two accounts), or when no other provider that
-        could try it is connected. A node that fails a job's tasks too often is kept off
-        the job. A duplicate sample that cannot be rendered never fails the job: its tile
-        is accepted as if it had not been sampled.
+        the attempts were spread over two accounts), or when no other provider came to
+        try it within `verify_wait_seconds` (`fail_unconfirmable`, from the sweeper). A
+        node that fails a job's tasks too often is kept off the job. A duplicate sample
+        that cannot be rendered never fails the job: its tile is accepted as if it had
+        not been sampled; a backup copy that cannot be done is dropped.
 
         `penalise`: the node's own result was wrong (not a crash), which counts against
         its provider's reputation. `reported`: `message` is the node's own free text,
-        kept and shown only as a quote (`quoted_report`).
+        kept and shown only as a quote (`claims.quoted_report`).
         """
         current = conn.execute(
             "SELECT status, lease_id, attempts, excluded_owners FROM tasks WHERE id = ?",
@@ -253,11 +232,18 @@ class TaskStates:
         if penalise and row["node_owner"]:
             self.reputation.count(conn, row["node_owner"], rejected=1)
         if reported:
-            message = quoted_report(message)
+            message = claims.quoted_report(message)
         self.record_failure(
             conn, row["id"], job_id, node_id, kind, message, row["lease_id"], final=not retryable
         )
-        final, why, excluded = self._settled_as_failed(conn, row, current, attempts, retryable)
+        final, why, excluded = claims.verdict(
+            conn,
+            row,
+            current["excluded_owners"],
+            attempts,
+            self.core.config.max_attempts,
+            retryable,
+        )
         if row["kind"] == TaskKind.VERIFY.value and final:
             self._give_up_sample(conn, row, message, changes)
             return
@@ -295,14 +281,18 @@ class TaskStates:
     def _fail_job_for_task(
         self, conn: sqlite3.Connection, task_id: str, job_id: str, why: str, changes: Changes
     ) -> None:
-        """The task failed for good: fail its job, with the reasons its attempts gave."""
+        """The task failed for good: fail its job, with the reasons its last attempts gave,
+        the whole message at most REPORT_CHARS long (node reports stay closed quotes)."""
         reasons = [
             f"{r['kind']}: {r['message']}"
             for r in conn.execute(
-                "SELECT kind, message FROM failures WHERE task_id = ? ORDER BY id", (task_id,)
+                "SELECT kind, message FROM failures WHERE task_id = ? ORDER BY id DESC LIMIT 3",
+                (task_id,),
             )
-        ]
-        summary = f"Task {task_id} failed ({why}): " + " | ".join(reasons[-3:])
+        ][::-1]
+        head = f"Task {task_id} failed ({why}): "
+        room = (claims.REPORT_CHARS - len(head) - 3 * (len(reasons) - 1)) // max(1, len(reasons))
+        summary = head + " | ".join(claims.shortened(reason, room) for reason in reasons)
         self.fail_job(conn, job_id, summary, changes)
 
     def fail_unconfirmable(self, conn: sqlite3.Connection, row: TaskRow, changes: Changes) -> bool:
@@ -314,7 +304,7 @@ class TaskStates:
         job = conn.execute("SELECT status FROM jobs WHERE id = ?", (row["job_id"],)).fetchone()
         if job is None or job["status"] not in RUNNABLE_JOBS:
             return False
-        if self.provider_online(conn, row["job_id"], excluded):
+        if claims.provider_online(self.core, conn, row["job_id"], excluded):
             return False
         moved = conn.execute(
             "UPDATE tasks SET status = ?, updated_at = ? WHERE id = ? AND status = ?",
@@ -327,69 +317,6 @@ class TaskStates:
             conn, row["id"], row["job_id"], "no other provider came to try it", changes
         )
         return True
-
-    def _settled_as_failed(
-        self,
-        conn: sqlite3.Connection,
-        row: sqlite3.Row,
-        current: sqlite3.Row,
-        attempts: int,
-        retryable: bool,
-    ) -> tuple[bool, str, set[str]]:
-        """Whether this failed attempt (already recorded) fails the task for good, why,
-        and the accounts kept off the task from now on."""
-        excluded = set(filter(None, current["excluded_owners"].split(",")))
-
-        def accounts(final_only: bool) -> set[str]:
-            return {
-                r[0]
-                for r in conn.execute(
-                    "SELECT DISTINCT n.owner FROM failures f JOIN nodes n ON n.id = f.node_id"
-                    " WHERE f.task_id = ?" + (" AND f.final = 1" if final_only else ""),
-                    (row["id"],),
-                )
-                if r[0]
-            }
-
-        if retryable:
-            if attempts < self.core.config.max_attempts:
-                return False, "", excluded
-            if len(accounts(False)) >= 2:
-                return True, "every attempt failed, on nodes of more than one provider", excluded
-        elif len(accounts(True)) >= 2:
-            return True, "two providers reported it cannot be done", excluded
-        # This provider had its say: another account's node tries the task.
-        if row["node_owner"]:
-            excluded.add(row["node_owner"])
-        if not self.provider_online(conn, row["job_id"], excluded):
-            return True, "no other provider could try it", excluded
-        return False, "", excluded
-
-    def provider_online(
-        self,
-        conn: sqlite3.Connection,
-        job_id: str,
-        excluded: set[str],
-        spec: JobSpec | None = None,
-    ) -> bool:
-        """Whether a recently seen node of an unsuspended account not in `excluded`, not
-        kept off the job, could run the job's tasks at the job's price."""
-        if spec is None:
-            spec = self.core.spec_in(conn, job_id)
-        cutoff = time.time() - self.core.config.verifier_seen_seconds
-        rows = conn.execute(
-            "SELECT n.owner, n.capabilities FROM nodes n LEFT JOIN providers p ON"
-            " p.account = n.owner WHERE n.last_seen >= ? AND p.suspended IS NULL AND NOT EXISTS"
-            " (SELECT 1 FROM blocklist b WHERE b.job_id = ? AND b.node_id = n.id)",
-            (cutoff, job_id),
-        ).fetchall()
-        for node in rows:
-            if node["owner"] in excluded:
-                continue
-            caps = NodeCapabilities.model_validate_json(node["capabilities"])
-            if node_can_run(caps, spec) and caps.price <= spec.max_price:
-                return True
-        return False
 
     def _give_up_sample(
         self, conn: sqlite3.Connection, row: sqlite3.Row, message: str, changes: Changes
@@ -463,7 +390,7 @@ class TaskStates:
             (row["node_id"],),
         )
         self.credits.pay_task(conn, row)
-        self._contradict_claims(conn, row)
+        claims.contradict(conn, self.reputation, row)
         changes.tasks.append((row, TaskStatus.COMPLETED))
         if row["kind"] == TaskKind.DENOISE.value:
             changes.frames.append((row["job_id"], row["frame"]))
@@ -477,22 +404,6 @@ class TaskStates:
         ).fetchone()[0]
         if remaining == 0:
             changes.frames.append((row["job_id"], row["frame"]))
-
-    def _contradict_claims(self, conn: sqlite3.Connection, row: sqlite3.Row) -> None:
-        """The task's result was accepted: every other account whose node called the task
-        impossible (a final failure) was contradicted, which costs it a rejection once."""
-        owner = conn.execute("SELECT owner FROM nodes WHERE id = ?", (row["node_id"],)).fetchone()
-        claims = conn.execute(
-            "SELECT f.id, n.owner FROM failures f JOIN nodes n ON n.id = f.node_id"
-            " WHERE f.task_id = ? AND f.final = 1 AND f.contradicted = 0",
-            (row["id"],),
-        ).fetchall()
-        claimants = {c["owner"] for c in claims} - {owner[0] if owner else None}
-        for claimant in sorted(claimants):
-            self.reputation.count(conn, claimant, rejected=1)
-        conn.executemany(
-            "UPDATE failures SET contradicted = 1 WHERE id = ?", [(c["id"],) for c in claims]
-        )
 
     def reject(self, conn: sqlite3.Connection, row: TaskRow, reason: str, changes: Changes) -> None:
         """A sample that lost its comparison: never paid."""

@@ -90,7 +90,7 @@ def test_one_providers_scene_fault_is_confirmed_by_another_before_the_job_fails(
     assert farm.job(ARTIST, job_id).status is not JobStatus.FAILED
 
 
-def test_a_scene_fault_with_nobody_else_to_ask_fails_with_a_quoted_reason(
+def test_a_scene_fault_nobody_else_comes_to_check_fails_with_a_quoted_reason(
     fresh_farm: FreshFarm, demo_scene: Path, tmp_path: Path
 ) -> None:
     farm = fresh_farm()
@@ -99,15 +99,18 @@ def test_a_scene_fault_with_nobody_else_to_ask_fails_with_a_quoted_reason(
     lease = _lease(farm, A, node_a)
     text = 'Visit "http://evil.example"\nnow!\r\n\u202eFAKE: your job was cancelled' + "x" * 3000
     farm.report_failure(A, lease.lease_id, TaskFailure(kind="no_camera", message=text))
+    assert farm.job(ARTIST, job_id).status is JobStatus.ACTIVE, "a alone fails nothing at once"
+    with farm.db.transaction() as conn:  # ...and no one else came for a while
+        conn.execute("UPDATE tasks SET updated_at = '2000-01-01T00:00:00+00:00'")
+    assert farm.fail_unconfirmed() == 1
     job = farm.job(ARTIST, job_id)
     assert job.status is JobStatus.FAILED
-    assert "no other provider could try it" in job.message
+    assert "no other provider came to try it" in job.message
     assert "\n" not in job.message and "\r" not in job.message and "\u202e" not in job.message
-    start = job.message.index('node reported: "')
-    quoted = job.message[start:]
-    end = quoted.index('"', len('node reported: "')) + 1
-    assert end <= REPORT_CHARS and len(job.message) < 400
-    assert "http://evil.example" in quoted[:end]
+    assert len(job.message) <= REPORT_CHARS
+    quoted = job.message[job.message.index('node reported: "') :]
+    assert quoted.endswith('"') and quoted.count('"') == 2
+    assert "http://evil.example" in quoted
     (task,) = [t for t in farm.tasks(ARTIST, job_id) if t.id == lease.task.id]
     assert task.message.startswith('node reported: "') and len(task.message) <= REPORT_CHARS
 

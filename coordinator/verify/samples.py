@@ -15,6 +15,7 @@ from coordinator.core import Core
 from coordinator.db import now_iso
 from coordinator.planning import lease_device, verify_task
 from coordinator.task_states import LEASABLE, Changes, TaskStates
+from coordinator.verify import claims
 from coordinator.verify import judge as judging
 from coordinator.verify.policy import should_verify
 from coordinator.verify.reputation import Reputation
@@ -85,7 +86,7 @@ class Samples:
         self, conn: sqlite3.Connection, spec: JobSpec, job_id: str, excluded: set[str]
     ) -> bool:
         """Whether a connected node of another, unsuspended account could take a sample."""
-        return self.states.provider_online(conn, job_id, excluded, spec)
+        return claims.provider_online(self.core, conn, job_id, excluded, spec)
 
     def judge(
         self, row: sqlite3.Row, sha256: str

@@ -56,17 +56,26 @@ def test_non_finite_preview_luminance_is_refused_up_front(tmp_path: Path, raw: s
         body = spec(sha, max_price=1.0, previews=bright_previews(range(1, 2), size=2))
         body["previews"][0]["luminance"][0] = "@@RAW@@"
         data = raw_json(body, **{"@@RAW@@": raw})
-        for path in ("/jobs/estimate", "/jobs"):
+        problems = []
+        for path in ("/jobs", "/jobs/estimate"):
             reply = call(farm.url, "POST", path, alice, data=data, headers=JSON)
-            assert reply.status_code == 422, f"{path}: {reply.status_code} {reply.text[:300]}"
-            assert "luminance" in reply.text, f"{path}: the reply names no field: {reply.text}"
+            if reply.status_code != 422 or "luminance" not in reply.text:
+                problems.append(
+                    f"POST {path}: {reply.status_code} {reply.text[:200]}"
+                    " (want 422 naming luminance)"
+                )
         jobs = call(farm.url, "GET", "/jobs", alice)
-        assert jobs.status_code == 200, f"GET /jobs broke: {jobs.status_code} {jobs.text[:200]}"
-        assert jobs.json() == [], "a job was created from a refused spec"
+        if jobs.status_code != 200:
+            problems.append(f"GET /jobs broke afterwards: {jobs.status_code} {jobs.text[:200]}")
+        elif jobs.json() != []:
+            problems.append("a job was created from a refused spec")
         after = call(farm.url, "GET", "/wallet", alice).json()["balance"]
-        assert after == balance, f"credits were escrowed for a refused spec: {balance} -> {after}"
+        if after != balance:
+            problems.append(f"credits were escrowed for a refused spec: {balance} -> {after}")
         reply = call(farm.url, "POST", f"/nodes/{node}/lease", bob, json_body={"wait": 0})
-        assert reply.status_code in (200, 204), f"lease poll broke: {reply.status_code}"
+        if reply.status_code not in (200, 204):
+            problems.append(f"lease poll broke afterwards: {reply.status_code} {reply.text[:200]}")
+        assert not problems, "\n".join(problems)
 
 
 def test_fake_previews_never_get_an_honest_provider_penalised(tmp_path: Path) -> None:
@@ -123,7 +132,7 @@ def test_a_huge_plan_is_refused_quickly_and_cheaply(tmp_path: Path) -> None:
         sha = farm.upload_bundle(alice)
         body = spec(
             sha,
-            scene={"resolution_x": 4096, "resolution_y": 4096},
+            scene={"resolution_x": 4096, "resolution_y": 4096, "frame_end": 25},
             percentage=100,
             frames={"start": 1, "end": 25},
             tiles={"columns": 64, "rows": 64},
@@ -134,10 +143,16 @@ def test_a_huge_plan_is_refused_quickly_and_cheaply(tmp_path: Path) -> None:
         reply = call(farm.url, "POST", "/jobs/estimate", alice, json_body=body, timeout=60)
         took = time.monotonic() - started
         grown = (rss_peak_kb(pid) - before) / 1024
-        assert reply.status_code in (413, 422), f"{reply.status_code}: {reply.text[:300]}"
-        assert "task" in reply.text.lower(), f"the refusal names no task limit: {reply.text}"
-        assert took < 5, f"took {took:.1f}s"
-        assert grown < 100, f"peak memory grew {grown:.0f} MB"
+        problems = []
+        if reply.status_code not in (413, 422) or "task" not in reply.text.lower():
+            problems.append(
+                f"want 413/422 naming the task limit, got {reply.status_code}: {reply.text[:300]}"
+            )
+        if took >= 5:
+            problems.append(f"took {took:.1f}s")
+        if grown >= 100:
+            problems.append(f"peak memory grew {grown:.0f} MB")
+        assert not problems, "\n".join(problems)
 
 
 @pytest.mark.xfail(strict=True, reason="issue 17: non-finite/huge prices give 500 instead of 422")
