@@ -13,7 +13,7 @@ from coordinator.accounts import Principal
 from coordinator.core import Core
 from coordinator.errors import InvalidRequestError, NotFoundError, UploadTooLargeError
 from coordinator.store import SpooledUpload, TooLargeError
-from protocol.models import JobSpec, Role
+from protocol.models import JobSpec, Role, TaskStatus
 from renderers.scene_info import BLEND_MAGICS
 
 __all__ = ["Bundles"]
@@ -146,7 +146,7 @@ class Bundles:
 
     def download(self, who: Principal, sha256: str) -> Path:
         """The bundle's file, for admins; the requester whose job uses the bundle; a
-        provider whose node holds a lease on a task of such a job."""
+        provider whose node holds a live lease on a task of such a job."""
         if not self.core.store.exists(sha256) or not self._may_read(who, sha256):
             raise NotFoundError(f"No bundle {sha256[:12]}...")
         return self.core.store.path(sha256)
@@ -156,10 +156,13 @@ class Bundles:
             return True
         if who.role is Role.REQUESTER:
             sql = "SELECT 1 FROM jobs WHERE bundle = ? AND owner = ? LIMIT 1"
-        else:
-            sql = (
-                "SELECT 1 FROM tasks t JOIN jobs j ON j.id = t.job_id JOIN nodes n ON n.id ="
-                " t.node_id WHERE j.bundle = ? AND n.owner = ? AND t.lease_id IS NOT NULL"
-                " LIMIT 1"
-            )
-        return self.core.db.query_one(sql, (sha256, who.account)) is not None
+            return self.core.db.query_one(sql, (sha256, who.account)) is not None
+        # A live lease only: a finished task keeps its lease id, and its node has no
+        # business with the scene any more.
+        sql = (
+            "SELECT 1 FROM tasks t JOIN jobs j ON j.id = t.job_id JOIN nodes n ON n.id ="
+            " t.node_id WHERE j.bundle = ? AND n.owner = ? AND t.lease_id IS NOT NULL"
+            " AND t.status = ? LIMIT 1"
+        )
+        params = (sha256, who.account, TaskStatus.ACTIVE.value)
+        return self.core.db.query_one(sql, params) is not None

@@ -32,6 +32,10 @@ class CoordinatorConfig:
     #: A node counts as able to take a sample if it was seen this recently (nodes poll or
     #: beat every few seconds; `node_offline_after` is kept long for display).
     verifier_seen_seconds: float = 30.0
+    #: A task whose last attempt failed on a node is not leased to that node again for
+    #: this long: another node gets the next try. Only when none takes it meanwhile does
+    #: the same node (a farm of one node, say) try again.
+    same_node_retry_seconds: float = 30.0
     #: An idle node gets a backup copy of the last unfinished tile of a frame once that
     #: tile has run this long and twice the job's median tile time; the first result
     #: wins. 0 turns backups off.

@@ -201,6 +201,18 @@ MIGRATIONS: tuple[str, ...] = (
             json_extract(j.spec, '$.scene.resolution_y') FROM jobs j WHERE j.id = tasks.job_id))
     ) WHERE assignment IS NOT NULL AND json_valid(assignment)
     """,
+    # 9: no one party's word decides. A failure a node reports as final waits for another
+    # provider to confirm it (`final`), and costs its provider reputation once another's
+    # result is accepted (`contradicted`); a tile doubted against the requester's preview
+    # keeps the doubt while another provider checks it (`doubt`), and a confirmed one marks
+    # the job's previews untrustworthy (`previews_trusted`).
+    """
+    ALTER TABLE failures ADD COLUMN final INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE failures ADD COLUMN contradicted INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX failures_by_task ON failures(task_id, id);
+    ALTER TABLE tasks ADD COLUMN doubt TEXT;
+    ALTER TABLE jobs ADD COLUMN previews_trusted INTEGER NOT NULL DEFAULT 1;
+    """,
 )
 
 

@@ -9,7 +9,8 @@ forwards each public operation to the room that owns it; it holds no rule of its
 - every status change (`task_states.py`), frame assembly (`assembly.py`).
 
 `Farm.open` also owns the running parts: the frame assembler and the sweeper thread
-that re-queues expired leases and settles samples nobody could take.
+that re-queues expired leases, settles samples nobody could take and fails the tasks a
+provider called impossible that no other provider came to try.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ class Farm:
             try:
                 self.requeue_expired()
                 self.resolve_stale_samples()
+                self.fail_unconfirmed()
             except Exception:
                 log.exception("lease sweep failed")
 
@@ -224,6 +226,9 @@ class Farm:
 
     def resolve_stale_samples(self) -> int:
         return self.samples.resolve_stale()
+
+    def fail_unconfirmed(self) -> int:
+        return self.scheduler.fail_unconfirmed()
 
     # --- results ---------------------------------------------------------------------------
 

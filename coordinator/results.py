@@ -25,7 +25,7 @@ from coordinator.scheduler import Scheduler
 from coordinator.store import SpooledUpload, TooLargeError
 from coordinator.task_states import Changes, TaskStates
 from coordinator.verify.samples import Samples
-from coordinator.verify.upload_checks import check_result
+from coordinator.verify.upload_checks import Doubt, inspect_result
 from protocol.models import RenderAssignment, Role, TaskFailure, TaskKind, TaskStatus, UploadReceipt
 from renderers.exr import read_exr
 from renderers.preview import write_preview_png
@@ -108,9 +108,11 @@ class Results:
                 hint="Drop the result and ask for a new lease.",
             )
         sha256 = self.core.store.adopt(upload, claimed_sha256)
-        problem = self._check(row, sha256)
+        problem, doubt = self._check(row, sha256)
         if problem:
             changes = Changes()
+            # fail_attempt re-checks the lease inside the transaction: of several bad
+            # uploads racing on one lease, one ends it and the others are told it is over.
             with self.core.db.transaction() as conn:
                 self.states.fail_attempt(
                     conn, row, "bad_result", problem, changes, retryable=True, penalise=True
@@ -133,10 +135,10 @@ class Results:
                 if tile is None:
                     accepted = False
                 else:
-                    self._settle(conn, tile, changes)
+                    self._settle(conn, tile, changes, doubt)
             else:
                 self.states.cancel_backups(conn, row["id"], "the original render finished first")
-                self._settle(conn, row, changes)
+                self._settle(conn, row, changes, doubt)
             self._write_receipt(conn, row, lease_id, sha256, accepted, bool(changes.frames))
         self.states.announce(changes)
         if not accepted:
@@ -145,10 +147,14 @@ class Results:
             task_id=row["id"], sha256=sha256, accepted=True, frame_completed=bool(changes.frames)
         )
 
-    def _settle(self, conn: sqlite3.Connection, row: TaskRow, changes: Changes) -> None:
-        """A checked tile or denoised frame: hold it for a sample, or accept it now."""
-        if row["kind"] == TaskKind.RENDER.value and self.samples.start(conn, row, changes):
-            self.states.checking(conn, row, changes)
+    def _settle(
+        self, conn: sqlite3.Connection, row: TaskRow, changes: Changes, doubt: Doubt | None
+    ) -> None:
+        """A checked tile or denoised frame: hold it for a sample, or accept it now. A
+        doubted tile always gets a sample when another provider can take one."""
+        if row["kind"] == TaskKind.RENDER.value and self.samples.start(conn, row, changes, doubt):
+            message = None if doubt is None else f"checked by another provider: {doubt.reason}"
+            self.states.checking(conn, row, changes, message)
         else:
             self.states.complete(conn, row["id"], changes)
 
@@ -182,15 +188,25 @@ class Results:
             task_id=row["id"], sha256=sha256, accepted=True, frame_completed=bool(changes.frames)
         )
 
-    def _check(self, row: sqlite3.Row, sha256: str) -> str | None:
-        """Structure and values of an uploaded EXR against its task; None when fine."""
+    def _check(self, row: sqlite3.Row, sha256: str) -> tuple[str | None, Doubt | None]:
+        """Structure and values of an uploaded EXR against its task (why it is refused),
+        and whether the job's previews doubt it (never a refusal: see `_settle`)."""
         spec = self.core.spec(row["job_id"])
         assignment = (
             RenderAssignment.model_validate_json(row["assignment"])
             if row["kind"] != TaskKind.DENOISE.value
             else None
         )
-        return check_result(self.core.store.path(sha256), TaskKind(row["kind"]), assignment, spec)
+        trusted = self.core.db.query_one(
+            "SELECT previews_trusted FROM jobs WHERE id = ?", (row["job_id"],)
+        )
+        return inspect_result(
+            self.core.store.path(sha256),
+            TaskKind(row["kind"]),
+            assignment,
+            spec,
+            previews=trusted is not None and bool(trusted[0]),
+        )
 
     def _receipt(self, who: Principal, lease_id: str, claimed_sha256: str) -> UploadReceipt | None:
         with self.core.db.lock:
@@ -248,29 +264,40 @@ class Results:
 
     def report_failure(self, who: Principal, lease_id: str, failure: TaskFailure) -> None:
         """Record a node's failed attempt; a repeat of a report already recorded (its
-        reply was lost and the node sent it again) changes nothing. A fault of the scene
-        itself fails the task at once: no other node would fix it."""
-        done = self.core.db.query_one(
-            "SELECT n.owner FROM failures f LEFT JOIN nodes n ON n.id = f.node_id"
-            " WHERE f.lease_id = ? LIMIT 1",
-            (lease_id,),
-        )
-        if done is not None and done["owner"] == who.account:
+        reply was lost and the node sent it again, or both copies came at once) changes
+        nothing. A node's word never fails a job alone: a failure it calls final (a fault
+        of the scene) is confirmed by another provider first (`TaskStates.fail_attempt`),
+        and its free text reaches the requester only as a bounded quote."""
+        if self._reported(who, lease_id):
             return
         row = self.scheduler.lease_row(who, lease_id)
         if row["status"] != TaskStatus.ACTIVE.value:
             raise LeaseOverError(f"The task is {row['status']}; this lease is over.")
         changes = Changes()
-        with self.core.db.transaction() as conn:
-            self.states.fail_attempt(
-                conn,
-                row,
-                failure.kind.value,
-                failure.message,
-                changes,
-                retryable=failure.retryable and not failure.kind.scene_fault,
-            )
+        try:
+            with self.core.db.transaction() as conn:
+                self.states.fail_attempt(
+                    conn,
+                    row,
+                    failure.kind.value,
+                    failure.message,
+                    changes,
+                    retryable=failure.retryable and not failure.kind.scene_fault,
+                    reported=True,
+                )
+        except LeaseOverError:
+            if self._reported(who, lease_id):
+                return  # the same report, sent twice at once: the other copy was recorded
+            raise
         self.states.announce(changes)
+
+    def _reported(self, who: Principal, lease_id: str) -> bool:
+        done = self.core.db.query_one(
+            "SELECT n.owner FROM failures f LEFT JOIN nodes n ON n.id = f.node_id"
+            " WHERE f.lease_id = ? LIMIT 1",
+            (lease_id,),
+        )
+        return done is not None and done["owner"] == who.account
 
     def preview(self, task_id: str, result_sha: str) -> Path:
         """A PNG of the task's result, made once and kept."""

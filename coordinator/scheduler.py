@@ -251,7 +251,7 @@ class Scheduler:
             backup: dict[str, Any] | None = None
             chosen: TaskRow
             if found is None:
-                candidate = self._backup_candidate(node_id, caps)
+                candidate = self._backup_candidate(node_id, node["owner"], caps)
                 if candidate is None:
                     return None
                 backup, spec = candidate
@@ -300,16 +300,35 @@ class Scheduler:
             )
         }
         best: tuple[Any, ...] | None = None
+        # A task that just failed on this node goes to another first (see below).
+        retry_cutoff = datetime.fromtimestamp(
+            time.time() - self.core.config.same_node_retry_seconds, UTC
+        ).isoformat()
         for job in jobs:
             spec = self.core.readable_spec(job["job_id"], job["spec"])
             if spec is None or not node_can_run(caps, spec) or caps.price > spec.max_price:
                 continue
+            # A duplicate sample goes to another account, and so does a task whose
+            # provider called it impossible (excluded_owners). A task whose last attempt
+            # failed on this node is not leased to it again in a row while another node
+            # might take it: only once `same_node_retry_seconds` passed unleased. (A
+            # lease that merely expired is no failure of the task: the node may have it.)
             row = db.query_one(
-                "SELECT id, job_id, kind, frame, tile_index FROM tasks WHERE job_id = ? AND"
-                " status IN (?, ?) AND instr(',' || excluded_owners || ',', ',' || ? || ',')"
-                " = 0 ORDER BY kind != ?, frame, tile_index LIMIT 1",
-                (job["job_id"], *LEASABLE, node["owner"], TaskKind.VERIFY.value),
-            )  # a duplicate sample goes to another account (excluded_owners)
+                "SELECT t.id, t.job_id, t.kind, t.frame, t.tile_index FROM tasks t WHERE"
+                " t.job_id = ? AND t.status IN (?, ?) AND instr(',' || t.excluded_owners ||"
+                " ',', ',' || ? || ',') = 0 AND NOT EXISTS (SELECT 1 FROM failures f WHERE"
+                " f.id = (SELECT MAX(g.id) FROM failures g WHERE g.task_id = t.id) AND"
+                " f.node_id = ? AND f.kind != 'lease_expired' AND f.at > ?)"
+                " ORDER BY t.kind != ?, t.frame, t.tile_index LIMIT 1",
+                (
+                    job["job_id"],
+                    *LEASABLE,
+                    node["owner"],
+                    node["id"],
+                    retry_cutoff,
+                    TaskKind.VERIFY.value,
+                ),
+            )
             if row is None:
                 continue
             locality = 2 if job["bundle"] in warm else 1 if job["bundle"] in cached else 0
@@ -330,7 +349,7 @@ class Scheduler:
         return None if best is None else (best[1], best[2])
 
     def _backup_candidate(
-        self, node_id: str, caps: NodeCapabilities
+        self, node_id: str, owner: str, caps: NodeCapabilities
     ) -> tuple[dict[str, Any], JobSpec] | None:
         """A backup copy of a tile that holds up its frame on a slow node, for this idle node.
 
@@ -364,8 +383,8 @@ class Scheduler:
             ),
         )
         for row in rows:
-            if row["unfinished"] != 1:
-                continue
+            if row["unfinished"] != 1 or owner in row["excluded_owners"].split(","):
+                continue  # (an account that called the tile impossible backs it up never)
             spec = self.core.readable_spec(row["job_id"], row["spec"])
             if spec is None or not node_can_run(caps, spec) or caps.price > spec.max_price:
                 continue
@@ -427,6 +446,35 @@ class Scheduler:
                 self.states.requeue(conn, row, changes, expired=True)
         self.states.announce(changes)
         return len(expired)
+
+    def fail_unconfirmed(self) -> int:
+        """Fail the tasks (and jobs) that a provider called impossible, or that failed
+        every attempt on one account, once no other provider could take them for
+        `verify_wait_seconds`: nothing else would ever confirm or contradict the claim."""
+        cutoff = datetime.fromtimestamp(
+            time.time() - self.core.config.verify_wait_seconds, UTC
+        ).isoformat()
+        sql = (
+            "SELECT t.* FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.status = ? AND"
+            " t.kind IN (?, ?) AND t.excluded_owners != '' AND t.updated_at < ? AND"
+            " j.status IN (?, ?)"
+        )
+        params = (
+            TaskStatus.SOFT_FAILED.value,
+            TaskKind.RENDER.value,
+            TaskKind.DENOISE.value,
+            cutoff,
+            *RUNNABLE_JOBS,
+        )
+        if not self.core.db.query(sql, params):
+            return 0  # the common case, checked without taking the write lock
+        changes = Changes()
+        failed = 0
+        with self.core.db.transaction() as conn:
+            for row in conn.execute(sql, params).fetchall():
+                failed += self.states.fail_unconfirmable(conn, row, changes)
+        self.states.announce(changes)
+        return failed
 
     def lease_row(self, who: Principal, lease_id: str) -> sqlite3.Row:
         row = self.core.db.query_one(

@@ -23,6 +23,7 @@ from coordinator.credits import Credits
 from coordinator.db import now_iso
 from coordinator.errors import LeaseOverError
 from coordinator.planning import NewTask, denoise_task
+from coordinator.verify import claims
 from coordinator.verify.reputation import Reputation
 from protocol.models import FrameStatus, JobStatus, TaskKind, TaskStatus
 
@@ -174,11 +175,13 @@ class TaskStates:
         kind: str,
         message: str,
         lease_id: str | None = None,
+        *,
+        final: bool = False,
     ) -> None:
         conn.execute(
-            "INSERT INTO failures (task_id, job_id, node_id, kind, message, at, lease_id) VALUES"
-            " (?,?,?,?,?,?,?)",
-            (task_id, job_id, node_id, kind, message[:2000], now_iso(), lease_id),
+            "INSERT INTO failures (task_id, job_id, node_id, kind, message, at, lease_id, final)"
+            " VALUES (?,?,?,?,?,?,?,?)",
+            (task_id, job_id, node_id, kind, message[:2000], now_iso(), lease_id, int(final)),
         )
 
     def fail_attempt(
@@ -191,29 +194,78 @@ class TaskStates:
         *,
         retryable: bool,
         penalise: bool = False,
+        reported: bool = False,
     ) -> None:
-        """Record a failed attempt: soft-failed (queued again) while attempts are left,
-        else failed, which fails the job. A node that fails a job's tasks too often is
-        kept off the job. A duplicate sample that cannot be rendered never fails the job:
-        its tile is accepted as if it had not been sampled.
+        """Record a failed attempt and end its lease, once: a lease that ended meanwhile
+        (another report or upload on it won) raises LeaseOverError and changes nothing.
+
+        Nothing one provider says fails a job. A failure the node calls final (not
+        `retryable`), or the last of `max_attempts` attempts, keeps that provider's
+        account off the task and queues it for another (soft-failed); the task fails, and
+        fails its job, only when a provider of another account reports it final too (or
+        the attempts were spread over two accounts), or when no other provider came to
+        try it within `verify_wait_seconds` (`fail_unconfirmable`, from the sweeper). A
+        node that fails a job's tasks too often is kept off the job. A duplicate sample
+        that cannot be rendered never fails the job: its tile is accepted as if it had
+        not been sampled; a backup copy that cannot be done is dropped.
 
         `penalise`: the node's own result was wrong (not a crash), which counts against
-        its provider's reputation.
+        its provider's reputation. `reported`: `message` is the node's own free text,
+        kept and shown only as a quote (`claims.quoted_report`).
         """
+        current = conn.execute(
+            "SELECT status, lease_id, attempts, excluded_owners FROM tasks WHERE id = ?",
+            (row["id"],),
+        ).fetchone()
+        if (
+            current is None
+            or row["lease_id"] is None
+            or current["status"] != TaskStatus.ACTIVE.value
+            or current["lease_id"] != row["lease_id"]
+        ):
+            raise LeaseOverError(
+                "The lease is over: its task moved on while this report or upload came in.",
+                hint="Drop this task and ask for a new lease.",
+            )
         job_id, node_id = row["job_id"], row["node_id"]
-        attempts = row["attempts"] + 1
-        final = not retryable or attempts >= self.core.config.max_attempts
+        attempts = current["attempts"] + 1
         if penalise and row["node_owner"]:
             self.reputation.count(conn, row["node_owner"], rejected=1)
-        self.record_failure(conn, row["id"], job_id, node_id, kind, message, row["lease_id"])
+        if reported:
+            message = claims.quoted_report(message)
+        self.record_failure(
+            conn, row["id"], job_id, node_id, kind, message, row["lease_id"], final=not retryable
+        )
+        final, why, excluded = claims.verdict(
+            conn,
+            row,
+            current["excluded_owners"],
+            attempts,
+            self.core.config.max_attempts,
+            retryable,
+        )
         if row["kind"] == TaskKind.VERIFY.value and final:
             self._give_up_sample(conn, row, message, changes)
+            return
+        if row["kind"] == TaskKind.BACKUP.value and final:
+            # The original still renders: a backup that cannot be done is dropped.
+            self._cancel(conn, row["id"], message[:2000])
+            self._free_node(conn, node_id, row["id"], failed=True)
+            changes.tasks.append((row, TaskStatus.CANCELED))
             return
         status = TaskStatus.FAILED if final else TaskStatus.SOFT_FAILED
         conn.execute(
             "UPDATE tasks SET status = ?, attempts = ?, lease_id = NULL, node_id = NULL,"
-            " lease_expires = NULL, message = ?, updated_at = ? WHERE id = ?",
-            (status.value, attempts, message[:2000], now_iso(), row["id"]),
+            " lease_expires = NULL, message = ?, excluded_owners = ?, updated_at = ?"
+            " WHERE id = ?",
+            (
+                status.value,
+                attempts,
+                message[:2000],
+                ",".join(sorted(excluded)),
+                now_iso(),
+                row["id"],
+            ),
         )
         self._free_node(conn, node_id, failed=True)
         node_failures = conn.execute(
@@ -224,15 +276,47 @@ class TaskStates:
         changes.tasks.append((row, status))
         changes.work = True
         if final:
-            reasons = [
-                f"{r['kind']}: {r['message']}"
-                for r in conn.execute(
-                    "SELECT kind, message FROM failures WHERE task_id = ? ORDER BY id",
-                    (row["id"],),
-                )
-            ]
-            summary = f"Task {row['id']} failed: " + " | ".join(reasons[-3:])
-            self.fail_job(conn, job_id, summary, changes)
+            self._fail_job_for_task(conn, row["id"], job_id, why, changes)
+
+    def _fail_job_for_task(
+        self, conn: sqlite3.Connection, task_id: str, job_id: str, why: str, changes: Changes
+    ) -> None:
+        """The task failed for good: fail its job, with the reasons its last attempts gave,
+        the whole message at most REPORT_CHARS long (node reports stay closed quotes)."""
+        reasons = [
+            f"{r['kind']}: {r['message']}"
+            for r in conn.execute(
+                "SELECT kind, message FROM failures WHERE task_id = ? ORDER BY id DESC LIMIT 3",
+                (task_id,),
+            )
+        ][::-1]
+        head = f"Task {task_id} failed ({why}): "
+        room = (claims.REPORT_CHARS - len(head) - 3 * (len(reasons) - 1)) // max(1, len(reasons))
+        summary = head + " | ".join(claims.shortened(reason, room) for reason in reasons)
+        self.fail_job(conn, job_id, summary, changes)
+
+    def fail_unconfirmable(self, conn: sqlite3.Connection, row: TaskRow, changes: Changes) -> bool:
+        """A soft-failed task whose providers so far are kept off it (one called it
+        impossible, or failed every attempt), with still no other provider that could try
+        it: it fails, and its job, with the reasons collected. False if one could now, or
+        the task or its job moved on."""
+        excluded = set(filter(None, row["excluded_owners"].split(",")))
+        job = conn.execute("SELECT status FROM jobs WHERE id = ?", (row["job_id"],)).fetchone()
+        if job is None or job["status"] not in RUNNABLE_JOBS:
+            return False
+        if claims.provider_online(self.core, conn, row["job_id"], excluded):
+            return False
+        moved = conn.execute(
+            "UPDATE tasks SET status = ?, updated_at = ? WHERE id = ? AND status = ?",
+            (TaskStatus.FAILED.value, now_iso(), row["id"], TaskStatus.SOFT_FAILED.value),
+        ).rowcount
+        if not moved:
+            return False
+        changes.tasks.append((row, TaskStatus.FAILED))
+        self._fail_job_for_task(
+            conn, row["id"], row["job_id"], "no other provider came to try it", changes
+        )
+        return True
 
     def _give_up_sample(
         self, conn: sqlite3.Connection, row: sqlite3.Row, message: str, changes: Changes
@@ -306,6 +390,7 @@ class TaskStates:
             (row["node_id"],),
         )
         self.credits.pay_task(conn, row)
+        claims.contradict(conn, self.reputation, row)
         changes.tasks.append((row, TaskStatus.COMPLETED))
         if row["kind"] == TaskKind.DENOISE.value:
             changes.frames.append((row["job_id"], row["frame"]))
@@ -346,7 +431,7 @@ class TaskStates:
             self.block(conn, tile["job_id"], tile["node_id"], "a result failed duplicate sampling")
         conn.execute(
             "UPDATE tasks SET status = ?, result_sha = NULL, lease_id = NULL, node_id = NULL,"
-            " render_seconds = NULL, message = ?, updated_at = ? WHERE id = ?",
+            " render_seconds = NULL, doubt = NULL, message = ?, updated_at = ? WHERE id = ?",
             (TaskStatus.QUEUED.value, reason[:2000], now_iso(), tile["id"]),
         )
         conn.execute("DELETE FROM previews WHERE task_id = ?", (tile["id"],))

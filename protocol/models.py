@@ -200,8 +200,8 @@ MAX_PREVIEW_FRAMES = 8
 class FramePreview(Strict):
     """A tiny render of one frame made at submit time (linear luminance, row 0 at the top).
 
-    The coordinator uses it to refuse a black or flat tile where the scene is not.
-    """
+    The coordinator uses it to doubt a black or flat tile where the scene is not (another
+    provider then checks the tile; the preview alone never refuses one)."""
 
     frame: int = Field(ge=MIN_FRAME, le=MAX_FRAME)
     width: int = Field(ge=1, le=64)

@@ -3,7 +3,8 @@
 Tiles are rendered by the real Blender worker, exactly as a node renders an assignment;
 every refusal is made by changing one thing in a real tile and writing it back, and every
 honest tile (whole frames, tiles with margins, verify windows, genuinely black or flat
-regions) must pass.
+regions) must pass, undoubted. A flat tile where the preview is lit is doubted (another
+provider is asked to confirm it), never refused: the preview is the requester's word.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 
 from app.job_spec import frame_preview
 from coordinator.verify import upload_checks
-from coordinator.verify.upload_checks import check_result, false_refusal_bound
+from coordinator.verify.upload_checks import check_result, false_refusal_bound, inspect_result
 from protocol.models import JobSpec, Region, RenderAssignment, TaskKind
 from renderers import scene_probe
 from renderers.exr import ExrImage, ExrPart, read_exr, write_exr
@@ -192,6 +193,20 @@ def _refusal(path: Path, rendered: Rendered, spec: JobSpec) -> str:
     return problem
 
 
+def _clean(path: Path, kind: TaskKind, assignment: RenderAssignment | None, spec: JobSpec) -> bool:
+    """Neither refused nor doubted."""
+    return inspect_result(path, kind, assignment, spec) == (None, None)
+
+
+def _doubt(path: Path, rendered: Rendered, spec: JobSpec) -> str:
+    """Why a tile is doubted against the preview; it must not be refused."""
+    problem, doubt = inspect_result(path, TaskKind.RENDER, rendered.assignment, spec)
+    assert problem is None, f"a doubt refused the tile: {problem}"
+    assert doubt is not None, "the tile was not doubted"
+    assert doubt.points, "a doubt says where the preview differs"
+    return doubt.reason
+
+
 # --- honest results are accepted -----------------------------------------------------------
 
 
@@ -199,7 +214,7 @@ def test_honest_demo_tiles_are_accepted(demo: Scene, demo_tiles: list[Rendered])
     spec = demo.spec()
     assert spec.previews and spec.previews[0].frame == 1
     for tile in demo_tiles:
-        assert check_result(tile.path, TaskKind.RENDER, tile.assignment, spec) is None
+        assert _clean(tile.path, TaskKind.RENDER, tile.assignment, spec)
 
 
 def test_honest_whole_frame_is_accepted_as_a_render_and_as_a_denoise_result(
@@ -209,8 +224,8 @@ def test_honest_whole_frame_is_accepted_as_a_render_and_as_a_denoise_result(
     frame = _render(worker, demo, PixelRect(0, 0, width, height), tmp_path / "frame.exr")
     assert frame.assignment.whole_frame
     spec = demo.spec()
-    assert check_result(frame.path, TaskKind.RENDER, frame.assignment, spec) is None
-    assert check_result(frame.path, TaskKind.DENOISE, None, spec) is None
+    assert _clean(frame.path, TaskKind.RENDER, frame.assignment, spec)
+    assert _clean(frame.path, TaskKind.DENOISE, None, spec)
 
 
 def test_honest_verify_windows_are_accepted(
@@ -223,7 +238,7 @@ def test_honest_verify_windows_are_accepted(
         rendered = _render(
             worker, demo, window, tmp_path / f"w{index}.exr", margin=ADAPTIVE_SAMPLING_MARGIN
         )
-        assert check_result(rendered.path, TaskKind.VERIFY, rendered.assignment, spec) is None
+        assert _clean(rendered.path, TaskKind.VERIFY, rendered.assignment, spec)
 
 
 def test_honest_denoising_data_tile_is_accepted(
@@ -232,7 +247,7 @@ def test_honest_denoising_data_tile_is_accepted(
     rendered = _render(
         worker, demo, PixelRect(40, 30, 100, 60), tmp_path / "dd.exr", denoise_data=True
     )
-    assert check_result(rendered.path, TaskKind.RENDER, rendered.assignment, demo.spec()) is None
+    assert _clean(rendered.path, TaskKind.RENDER, rendered.assignment, demo.spec())
 
 
 @pytest.mark.parametrize("film", ["black", "grey"])
@@ -248,7 +263,7 @@ def test_honest_black_and_flat_tiles_are_accepted(
     if film == "black":
         assert all(not read_exr(t.path).combined_rgba()[..., :3].any() for t in flat)
     for tile in tiles:
-        assert check_result(tile.path, TaskKind.RENDER, tile.assignment, spec) is None
+        assert _clean(tile.path, TaskKind.RENDER, tile.assignment, spec)
 
 
 # --- each refusal ----------------------------------------------------------------------------
@@ -335,7 +350,7 @@ def test_honest_tile_of_a_scene_saved_with_denoising_data_is_accepted(
     )
     scene = replace(demo, path=saved)
     rendered = _render(worker, scene, PixelRect(0, 0, 40, 30), tmp_path / "tile.exr")
-    assert check_result(rendered.path, TaskKind.RENDER, rendered.assignment, demo.spec()) is None
+    assert _clean(rendered.path, TaskKind.RENDER, rendered.assignment, demo.spec())
 
 
 def test_integer_channels_are_refused(
@@ -382,7 +397,7 @@ def test_lossless_codecs_are_accepted(
     target = tmp_path / f"{codec}.exr"
     _write_with_codec(tile.path, target, getattr(OpenEXR, f"{codec}_COMPRESSION"))
     assert read_exr(target).compression == ("none" if codec == "NO" else codec.lower())
-    assert check_result(target, TaskKind.RENDER, tile.assignment, demo.spec()) is None
+    assert _clean(target, TaskKind.RENDER, tile.assignment, demo.spec())
 
 
 def test_a_codec_the_farm_does_not_know_is_refused(
@@ -409,7 +424,7 @@ def test_non_finite_values_are_refused(
     assert problem == "channel 'ViewLayer.Combined.G' contains NaN or infinite values"
 
 
-def test_a_black_tile_where_the_preview_is_lit_is_refused(
+def test_a_black_tile_where_the_preview_is_lit_is_doubted_not_refused(
     worker: RenderWorker,
     demo: Scene,
     demo_tiles: list[Rendered],
@@ -420,41 +435,41 @@ def test_a_black_tile_where_the_preview_is_lit_is_refused(
     spec = demo.spec()
     for index, tile in enumerate(demo_tiles):
         target = _rewrite(tile, tmp_path / f"black-{index}.exr", lambda i: _set_combined_rgb(i, 0))
-        problem = _refusal(target, tile, spec)
+        problem = _doubt(target, tile, spec)
         assert problem.startswith("it is entirely black, but the scene's preview of frame 1")
     # Without a preview of that frame, the coordinator cannot tell: accepted.
     no_preview = demo.spec(previews=[])
-    assert check_result(target, TaskKind.RENDER, demo_tiles[-1].assignment, no_preview) is None
+    assert _clean(target, TaskKind.RENDER, demo_tiles[-1].assignment, no_preview)
     # The cube on a transparent film: black around it, lit where it is.
     cube = cube_scenes["black"]
     middle = _render(worker, cube, PixelRect(72, 40, 120, 68), tmp_path / "cube.exr")
-    assert check_result(middle.path, TaskKind.RENDER, middle.assignment, cube.spec()) is None
+    assert _clean(middle.path, TaskKind.RENDER, middle.assignment, cube.spec())
     black = _rewrite(middle, tmp_path / "cube-black.exr", lambda i: _set_combined_rgb(i, 0))
-    assert _refusal(black, middle, cube.spec()).startswith("it is entirely black")
+    assert _doubt(black, middle, cube.spec()).startswith("it is entirely black")
 
 
-def test_a_flat_tile_where_the_preview_varies_is_refused(
+def test_a_flat_tile_where_the_preview_varies_is_doubted_not_refused(
     worker: RenderWorker, cube_scenes: dict[str, Scene], tmp_path: Path
 ) -> None:
     scene = cube_scenes["grey"]
     spec = scene.spec()
     # The middle of the frame shows the cube's three faces and the world around them.
     rendered = _render(worker, scene, PixelRect(64, 27, 128, 81), tmp_path / "middle.exr")
-    assert check_result(rendered.path, TaskKind.RENDER, rendered.assignment, spec) is None
+    assert _clean(rendered.path, TaskKind.RENDER, rendered.assignment, spec)
     grey = _rewrite(rendered, tmp_path / "grey.exr", lambda i: _set_combined_rgb(i, 0.5))
-    problem = _refusal(grey, rendered, spec)
+    problem = _doubt(grey, rendered, spec)
     assert problem.startswith("it is one flat colour (RGB 0.5, 0.5, 0.5), but the scene's")
     assert "preview of frame 1 varies there" in problem
-    # The world's own grey, pasted over the cube, is refused too.
+    # The world's own grey, pasted over the cube, is doubted too.
     world = float(read_exr(rendered.path).combined_rgba()[0, 0, 0])
     pasted = _rewrite(rendered, tmp_path / "world.exr", lambda i: _set_combined_rgb(i, world))
-    assert "one flat colour" in _refusal(pasted, rendered, spec)
+    assert "one flat colour" in _doubt(pasted, rendered, spec)
     # And an all-black one as black.
     black = _rewrite(rendered, tmp_path / "black.exr", lambda i: _set_combined_rgb(i, 0.0))
-    assert _refusal(black, rendered, spec).startswith("it is entirely black")
+    assert _doubt(black, rendered, spec).startswith("it is entirely black")
 
 
-def test_a_flat_tile_is_not_refused_when_an_honest_render_could_be_flat(
+def test_a_flat_tile_is_not_doubted_when_an_honest_render_could_be_flat(
     worker: RenderWorker, demo: Scene, tmp_path: Path
 ) -> None:
     # A small window at one sample per pixel of a frame no larger than the preview: too
@@ -465,15 +480,18 @@ def test_a_flat_tile_is_not_refused_when_an_honest_render_could_be_flat(
         worker, small, PixelRect(20, 10, 28, 18), tmp_path / "w.exr", margin=4, samples=1
     )
     spec = small.spec(samples=1)
-    assert check_result(window.path, TaskKind.VERIFY, window.assignment, spec) is None
+    assert _clean(window.path, TaskKind.VERIFY, window.assignment, spec)
     black = _rewrite(window, tmp_path / "black.exr", lambda i: _set_combined_rgb(i, 0.0))
-    assert check_result(black, TaskKind.VERIFY, window.assignment, spec) is None
+    assert _clean(black, TaskKind.RENDER, window.assignment, spec)
     # A black window of the 25 % frame covering 12x12 preview pixels (after the erosion),
-    # each matched by 2x2 frame pixels: refused.
+    # each matched by 2x2 frame pixels: doubted.
     window = _render(worker, demo, PixelRect(40, 20, 80, 60), tmp_path / "w25.exr", margin=4)
     black = _rewrite(window, tmp_path / "black25.exr", lambda i: _set_combined_rgb(i, 0.0))
-    problem = check_result(black, TaskKind.VERIFY, window.assignment, demo.spec())
-    assert problem is not None and problem.startswith("it is entirely black")
+    problem, doubt = inspect_result(black, TaskKind.RENDER, window.assignment, demo.spec())
+    assert problem is None and doubt is not None
+    assert doubt.reason.startswith("it is entirely black")
+    # A verify window is judged against its tile, never against the preview.
+    assert _clean(black, TaskKind.VERIFY, window.assignment, demo.spec())
 
 
 def test_a_frame_denoised_in_blender_is_not_judged_flat(
@@ -482,9 +500,9 @@ def test_a_frame_denoised_in_blender_is_not_judged_flat(
     width, height = demo.spec().effective_size()
     frame = _render(worker, demo, PixelRect(0, 0, width, height), tmp_path / "frame.exr")
     black = _rewrite(frame, tmp_path / "black.exr", lambda i: _set_combined_rgb(i, 0.0))
-    assert _refusal(black, frame, demo.spec()).startswith("it is entirely black")
+    assert _doubt(black, frame, demo.spec()).startswith("it is entirely black")
     denoised = frame.assignment.model_copy(update={"denoise_in_render": True})
-    assert check_result(black, TaskKind.RENDER, denoised, demo.spec()) is None
+    assert _clean(black, TaskKind.RENDER, denoised, demo.spec())
 
 
 # --- the statistics ------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ Rooms:
 - `upload_checks`: structure and values of every uploaded EXR against its task.
 - `samples`: queues samples, applies verdicts, settles samples nobody could take.
 - `reputation`: provider records and suspension in the database.
+- `claims`: what providers say about tasks they could not do: confirmed by another
+  provider before a task fails, contradicted at a cost, quoted to requesters.
 """
 
 from coordinator.verify.policy import ProviderRecord, VerificationPolicy

@@ -75,12 +75,17 @@ class Verdict:
 
 
 def window_assignment(
-    tile: RenderAssignment, spec: JobSpec, policy: VerificationPolicy, rng: random.Random
+    tile: RenderAssignment,
+    spec: JobSpec,
+    policy: VerificationPolicy,
+    rng: random.Random,
+    around: tuple[int, int] | None = None,
 ) -> RenderAssignment:
-    """A verify task's assignment: a random window of the tile's core, with the margin
-    adaptive sampling needs (so its pixels equal the tile's), and the tile's settings."""
+    """A verify task's assignment: a random window of the tile's core (centred near
+    `around`, a frame pixel, when given), with the margin adaptive sampling needs (so its
+    pixels equal the tile's), and the tile's settings."""
     core = tile.core_region
-    window = choose_window(PixelRect(core.x0, core.y0, core.x1, core.y1), policy, rng)
+    window = choose_window(PixelRect(core.x0, core.y0, core.x1, core.y1), policy, rng, around)
     margin = ADAPTIVE_SAMPLING_MARGIN if spec.scene.adaptive_sampling else 0
     render = Region(
         x0=max(0, window.x0 - margin),

@@ -78,13 +78,23 @@ def suspension_reason(record: ProviderRecord, policy: VerificationPolicy) -> str
     )
 
 
-def choose_window(core: PixelRect, policy: VerificationPolicy, rng: random.Random) -> PixelRect:
-    """A random window inside the tile's core region (pixels of the whole frame)."""
+def choose_window(
+    core: PixelRect,
+    policy: VerificationPolicy,
+    rng: random.Random,
+    around: tuple[int, int] | None = None,
+) -> PixelRect:
+    """A random window inside the tile's core region (pixels of the whole frame); with
+    `around`, the window inside the core that is centred as near that pixel as it can."""
     width, height = core.x1 - core.x0, core.y1 - core.y0
     w = min(width, _window_side(width, policy))
     h = min(height, _window_side(height, policy))
-    x0 = core.x0 + rng.randint(0, width - w)
-    y0 = core.y0 + rng.randint(0, height - h)
+    if around is None:
+        x0 = core.x0 + rng.randint(0, width - w)
+        y0 = core.y0 + rng.randint(0, height - h)
+    else:
+        x0 = min(max(core.x0, around[0] - w // 2), core.x1 - w)
+        y0 = min(max(core.y0, around[1] - h // 2), core.y1 - h)
     return PixelRect(x0, y0, x0 + w, y0 + h)
 
 

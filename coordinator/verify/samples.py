@@ -13,11 +13,13 @@ from typing import Any
 
 from coordinator.core import Core
 from coordinator.db import now_iso
-from coordinator.planning import lease_device, node_can_run, verify_task
+from coordinator.planning import lease_device, verify_task
 from coordinator.task_states import LEASABLE, Changes, TaskStates
+from coordinator.verify import claims
 from coordinator.verify import judge as judging
 from coordinator.verify.policy import should_verify
 from coordinator.verify.reputation import Reputation
+from coordinator.verify.upload_checks import Doubt
 from protocol.models import JobSpec, NodeCapabilities, RenderAssignment, TaskKind, TaskStatus
 
 __all__ = ["Samples"]
@@ -30,21 +32,39 @@ class Samples:
         self.reputation = reputation
         self.rng = random.Random()
 
-    def start(self, conn: sqlite3.Connection, row: Any, changes: Changes) -> bool:
-        """Maybe queue a duplicate sample of this freshly uploaded tile; True if queued."""
+    def start(
+        self,
+        conn: sqlite3.Connection,
+        row: Any,
+        changes: Changes,
+        doubt: Doubt | None = None,
+    ) -> bool:
+        """Maybe queue a duplicate sample of this freshly uploaded tile; True if queued.
+
+        A `doubt` (the tile is flat where the requester's preview is not) always asks for
+        a sample, of a window where the preview differs, whatever the provider's record:
+        only another provider's render, never the requester's preview, judges the tile.
+        With nobody else to ask, the tile is accepted as it is, like any unsampled tile.
+        """
         policy = self.core.config.verification
         owner = row["node_owner"]
-        if not policy.enabled or owner is None:
+        if owner is None or (not policy.enabled and doubt is None):
             return False
         assignment = RenderAssignment.model_validate_json(row["assignment"])
         if assignment.denoise_in_render:
             return False  # a denoised whole frame has no noisy pixels to compare windows of
-        if not should_verify(self.reputation.record(conn, owner), policy, self.rng):
+        sampled = doubt is not None or should_verify(
+            self.reputation.record(conn, owner), policy, self.rng
+        )
+        if not sampled:
             return False
         spec = self.core.spec_in(conn, row["job_id"])
         if not self.verifier_online(conn, spec, row["job_id"], {owner}):
             return False  # nobody else could check it: accept it as it is
-        window = judging.window_assignment(assignment, spec, policy, self.rng)
+        around = self.rng.choice(doubt.points) if doubt is not None and doubt.points else None
+        window = judging.window_assignment(assignment, spec, policy, self.rng, around)
+        if doubt is not None:
+            conn.execute("UPDATE tasks SET doubt = ? WHERE id = ?", (doubt.reason, row["id"]))
         self._queue(conn, row, window, {owner}, changes)
         return True
 
@@ -66,20 +86,7 @@ class Samples:
         self, conn: sqlite3.Connection, spec: JobSpec, job_id: str, excluded: set[str]
     ) -> bool:
         """Whether a connected node of another, unsuspended account could take a sample."""
-        cutoff = time.time() - self.core.config.verifier_seen_seconds
-        rows = conn.execute(
-            "SELECT n.owner, n.capabilities FROM nodes n LEFT JOIN providers p ON"
-            " p.account = n.owner WHERE n.last_seen >= ? AND p.suspended IS NULL AND NOT EXISTS"
-            " (SELECT 1 FROM blocklist b WHERE b.job_id = ? AND b.node_id = n.id)",
-            (cutoff, job_id),
-        ).fetchall()
-        for node in rows:
-            if node["owner"] in excluded:
-                continue
-            caps = NodeCapabilities.model_validate_json(node["capabilities"])
-            if node_can_run(caps, spec) and caps.price <= spec.max_price:
-                return True
-        return False
+        return claims.provider_online(self.core, conn, job_id, excluded, spec)
 
     def judge(
         self, row: sqlite3.Row, sha256: str
@@ -150,6 +157,11 @@ class Samples:
             self._queue(conn, tile, window, excluded, changes)
         for task_id in verdict.confirmed:
             self.states.complete(conn, task_id, changes)
+        doubt = conn.execute("SELECT doubt FROM tasks WHERE id = ?", (tile["id"],)).fetchone()
+        if tile["id"] in verdict.confirmed and doubt is not None and doubt[0]:
+            # Another provider's render agrees with a tile the requester's preview
+            # doubted: the previews are wrong, and doubt no more tiles of this job.
+            conn.execute("UPDATE jobs SET previews_trusted = 0 WHERE id = ?", (tile["job_id"],))
         for task_id in verdict.rejected:
             self.states.reject(conn, rows[task_id], verdict.reason, changes)
         if verdict.requeue_tile:

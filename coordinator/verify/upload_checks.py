@@ -20,10 +20,15 @@ checks, in order (the first failure is the reason):
    lossy tile would not merge into the same frame a one-piece render gives;
 6. every value finite (no NaN or infinity in any channel: Cycles sanitises what it adds
    to its light passes, so a non-finite value means a broken render or device);
-7. for render and verify tasks whose frame has a submit-time preview (`FramePreview`,
-   see renderers/scene_probe.py): not a flat colour (all black included) where the
-   preview shows something else. See `flat_tile_problem` for the statistics that keep
-   this from ever refusing an honest tile.
+
+`inspect_result` adds a doubt that never refuses: for render tasks whose frame has a
+submit-time preview (`FramePreview`, see renderers/scene_probe.py), a core of one flat
+colour (all black included) where the preview shows something else (`flat_tile_doubt`;
+its statistics keep it from doubting an honest tile of an honest preview). The preview
+is the requester's word, and nothing the requester declares judges a provider: a doubt
+only asks another provider for a confirming render of the window where the preview
+differs (`coordinator.results`), and a confirmed tile marks the job's previews
+untrustworthy.
 
 The duplicate sampling (a window of the tile re-rendered elsewhere) catches what these
 structural checks cannot; these are the cheap checks every upload gets.
@@ -35,6 +40,7 @@ coordinator never imports bpy), no decision about payment or reputation.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +57,13 @@ __all__ = [
     "MAX_RESULT_CHANNELS",
     "PREVIEW_EROSION",
     "PREVIEW_MAX_SAMPLES",
+    "Doubt",
     "check_result",
     "false_refusal_bound",
+    "flat_tile_doubt",
     "flat_tile_problem",
     "header_problem",
+    "inspect_result",
 ]
 
 #: The passes Blender adds to every view layer when "Denoising Data" is on (bpy 5.0.1).
@@ -125,17 +134,45 @@ _REC709 = (0.2126, 0.7152, 0.0722)
 RgbPixels = npt.NDArray[np.float32]
 
 
+@dataclass(frozen=True, slots=True)
+class Doubt:
+    """Why a structurally sound result looks wrong against the requester's preview.
+
+    Never a refusal: it only asks for a confirming render by another provider."""
+
+    reason: str
+    #: Frame pixels (x, y) at the centres of the preview pixels that differ from the tile.
+    points: tuple[tuple[int, int], ...] = ()
+
+
 def check_result(
     path: Path, kind: TaskKind, assignment: RenderAssignment | None, spec: JobSpec
 ) -> str | None:
     """None if the EXR at `path` is a sound answer to its task, else why it is not.
 
     `assignment` is the task's render assignment (None for a denoise task, whose result
-    is a whole frame); `spec` is the job's spec (frame size, samples and previews).
+    is a whole frame); `spec` is the job's spec (frame size and samples).
+    """
+    return inspect_result(path, kind, assignment, spec, previews=False)[0]
+
+
+def inspect_result(
+    path: Path,
+    kind: TaskKind,
+    assignment: RenderAssignment | None,
+    spec: JobSpec,
+    *,
+    previews: bool = True,
+) -> tuple[str | None, Doubt | None]:
+    """(why the result is refused, why it is doubted): see the module's docstring.
+
+    `previews`: whether the job's previews may still raise a doubt (a confirmed tile
+    showed them untrustworthy). Only render and backup tiles are doubted: a verify
+    window is judged against the tile it samples.
     """
     rendered = kind in (TaskKind.RENDER, TaskKind.VERIFY, TaskKind.BACKUP)
     if rendered and assignment is None:
-        return f"a {kind.value} task needs a render assignment to check its result against"
+        return f"a {kind.value} task needs a render assignment to check its result against", None
     if rendered and assignment is not None:
         expected = _size(assignment.render_region)
     else:
@@ -145,19 +182,19 @@ def check_result(
     try:
         header = read_exr_header(path)
     except ExrError as exc:
-        return f"it is not a readable EXR ({_without_path(exc, path)})"
+        return f"it is not a readable EXR ({_without_path(exc, path)})", None
     problem = header_problem(header, expected)
     if problem is not None:
-        return problem
+        return problem, None
     try:
         image = read_exr(path, max_pixels=expected[0] * expected[1])
     except ExrError as exc:
-        return f"it is not a readable EXR ({_without_path(exc, path)})"
+        return f"it is not a readable EXR ({_without_path(exc, path)})", None
     if (image.width, image.height) != expected:
         return (
             f"it is {image.width}x{image.height} pixels; the task asked for "
             f"{expected[0]}x{expected[1]}"
-        )
+        ), None
     problem = _structure_problem(image)
     if problem is None and rendered and assignment is not None:
         problem = _denoising_data_problem(image, assignment.denoise_data)
@@ -167,9 +204,12 @@ def check_result(
         problem = _compression_problem(image.compression)
     if problem is None:
         problem = _finite_problem(image)
-    if problem is None and rendered and assignment is not None:
-        problem = flat_tile_problem(image, assignment, spec)
-    return problem
+    if problem is not None:
+        return problem, None
+    doubted = previews and kind in (TaskKind.RENDER, TaskKind.BACKUP)
+    if doubted and assignment is not None:
+        return None, flat_tile_doubt(image, assignment, spec)
+    return None, None
 
 
 # --- the header, before any pixel is decoded -------------------------------------------------
@@ -298,6 +338,12 @@ def _quoted(names: list[str], limit: int = 4) -> str:
 
 
 def flat_tile_problem(image: ExrImage, assignment: RenderAssignment, spec: JobSpec) -> str | None:
+    """`flat_tile_doubt`'s reason, or None."""
+    doubt = flat_tile_doubt(image, assignment, spec)
+    return None if doubt is None else doubt.reason
+
+
+def flat_tile_doubt(image: ExrImage, assignment: RenderAssignment, spec: JobSpec) -> Doubt | None:
     """Why the tile's core is a flat colour where the frame's preview is not, or None.
 
     Only Combined RGB of the first view layer is looked at (alpha is not: a faked opaque
@@ -325,24 +371,33 @@ def flat_tile_problem(image: ExrImage, assignment: RenderAssignment, spec: JobSp
     luminance = np.asarray(preview.luminance, dtype=np.float64).reshape(
         preview.height, preview.width
     )[area]
-    different = int(
-        np.count_nonzero(
-            np.abs(luminance - tile_luminance) > FLAT_ABSOLUTE + FLAT_RELATIVE * abs(tile_luminance)
-        )
+    differs = np.abs(luminance - tile_luminance) > FLAT_ABSOLUTE + FLAT_RELATIVE * abs(
+        tile_luminance
     )
+    different = int(np.count_nonzero(differs))
     ratio = _samples_ratio(assignment, spec, preview)
     if false_refusal_bound(different, luminance.size, ratio) >= FALSE_REFUSAL_BOUND:
         return None
+    rows, columns = area
+    points = tuple(
+        (
+            int((columns.start + j + 0.5) * assignment.width / preview.width),
+            int((rows.start + i + 0.5) * assignment.height / preview.height),
+        )
+        for i, j in zip(*np.nonzero(differs), strict=True)
+    )
     share = f"{different} of the {luminance.size} preview pixels inside it"
     if not colour.any():
-        return (
+        return Doubt(
             f"it is entirely black, but the scene's preview of frame {assignment.frame}"
-            f" shows light there ({share} are not black)"
+            f" shows light there ({share} are not black)",
+            points,
         )
     shown = ", ".join(f"{float(v):.4g}" for v in colour)
-    return (
+    return Doubt(
         f"it is one flat colour (RGB {shown}), but the scene's preview of frame"
-        f" {assignment.frame} varies there ({share} differ)"
+        f" {assignment.frame} varies there ({share} differ)",
+        points,
     )
 
 

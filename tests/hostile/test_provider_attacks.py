@@ -65,9 +65,6 @@ def multi_frame_farm(farm: HostileFarm) -> tuple[str, str, str, str, str]:
     return alice, bob, carol, job, farm.node(bob, "nb")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 17: one provider's no_camera report fails the whole job"
-)
 def test_one_providers_scene_fault_report_does_not_fail_the_job(tmp_path: Path) -> None:
     with hostile_farm(tmp_path / "c", "--no-verification") as farm:
         alice, bob, _, job, nb = multi_frame_farm(farm)
@@ -84,9 +81,6 @@ def test_one_providers_scene_fault_report_does_not_fail_the_job(tmp_path: Path) 
         )
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 17: a false scene-fault report costs the provider nothing"
-)
 def test_a_false_fault_report_costs_the_reporter_standing(tmp_path: Path) -> None:
     with hostile_farm(tmp_path / "c", "--no-verification") as farm:
         alice, bob, carol, job, nb = multi_frame_farm(farm)
@@ -114,9 +108,6 @@ def test_a_false_fault_report_costs_the_reporter_standing(tmp_path: Path) -> Non
         ), f"bob's false report cost nothing: before {before}, after {after}"
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 17: provider free text lands raw and unbounded in the job message"
-)
 def test_provider_failure_text_is_bounded_and_quoted(tmp_path: Path) -> None:
     with hostile_farm(tmp_path / "c", "--no-verification") as farm:
         alice, bob, carol, job, nb = multi_frame_farm(farm)
@@ -184,11 +175,7 @@ def test_an_exr_decompression_bomb_is_refused_cheaply(tmp_path: Path) -> None:
         assert not problems, "\n".join(problems)
 
 
-# Not strict on branch cfa: wrong-size EXRs are now refused from their header at once,
-# so the four checks rarely overlap and the race (not fixed here) may not show.
-@pytest.mark.xfail(
-    strict=False, reason="issue 17: concurrent bad uploads on one lease each count a failure"
-)
+# Fixed on branch cfb: the failure path re-checks the lease inside its transaction.
 def test_racing_bad_uploads_count_one_failure(tmp_path: Path) -> None:
     with hostile_farm(tmp_path / "c", "--no-verification", "--suspend-after", "10") as farm:
         alice, bob = farm.account("alice", "requester"), farm.account("bob", "provider")
@@ -230,12 +217,7 @@ def test_racing_bad_uploads_count_one_failure(tmp_path: Path) -> None:
     "end",
     [
         "release",  # refused today already: a guard
-        pytest.param(
-            "complete",
-            marks=pytest.mark.xfail(
-                strict=True, reason="issue 17: a provider reads a bundle after its lease ended"
-            ),
-        ),
+        "complete",
     ],
 )
 def test_the_bundle_is_closed_to_a_provider_after_its_lease(tmp_path: Path, end: str) -> None:

@@ -1,5 +1,5 @@
 """Attacks by a requester (issue 17): malformed numbers, fake previews, underpaid samples,
-huge plans. Each xfail test asserts what a safe farm does."""
+huge plans. Each test replays an attack and asserts what a safe farm does."""
 
 from __future__ import annotations
 
@@ -75,9 +75,6 @@ def test_non_finite_preview_luminance_is_refused_up_front(tmp_path: Path, raw: s
         assert not problems, "\n".join(problems)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 17: fake bright previews get honest providers suspended"
-)
 def test_fake_previews_never_get_an_honest_provider_penalised(tmp_path: Path) -> None:
     with hostile_farm(tmp_path / "c", "--no-verification", "--suspend-after", "3") as farm:
         alice, bob = farm.account("alice", "requester"), farm.account("bob", "provider")
