@@ -182,7 +182,19 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE accounts ADD COLUMN revoked_at TEXT;
     """,
-    # 8: explicit render settings (issue 17). Every assignment names its samples and
+    # 8: no one party's word decides. A failure a node reports as final waits for another
+    # provider to confirm it (`final`), and costs its provider reputation once another's
+    # result is accepted (`contradicted`); a tile doubted against the requester's preview
+    # keeps the doubt while another provider checks it (`doubt`), and a confirmed one marks
+    # the job's previews untrustworthy (`previews_trusted`).
+    """
+    ALTER TABLE failures ADD COLUMN final INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE failures ADD COLUMN contradicted INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX failures_by_task ON failures(task_id, id);
+    ALTER TABLE tasks ADD COLUMN doubt TEXT;
+    ALTER TABLE jobs ADD COLUMN previews_trusted INTEGER NOT NULL DEFAULT 1;
+    """,
+    # 9: explicit render settings (issue 17). Every assignment names its samples and
     # percentage and the scene's declared resolution; older rows left samples and
     # percentage to the .blend (null). They get their job spec's effective values.
     """
@@ -200,18 +212,6 @@ MIGRATIONS: tuple[str, ...] = (
         '$.resolution_y', COALESCE(json_extract(assignment, '$.resolution_y'), (SELECT
             json_extract(j.spec, '$.scene.resolution_y') FROM jobs j WHERE j.id = tasks.job_id))
     ) WHERE assignment IS NOT NULL AND json_valid(assignment)
-    """,
-    # 9: no one party's word decides. A failure a node reports as final waits for another
-    # provider to confirm it (`final`), and costs its provider reputation once another's
-    # result is accepted (`contradicted`); a tile doubted against the requester's preview
-    # keeps the doubt while another provider checks it (`doubt`), and a confirmed one marks
-    # the job's previews untrustworthy (`previews_trusted`).
-    """
-    ALTER TABLE failures ADD COLUMN final INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE failures ADD COLUMN contradicted INTEGER NOT NULL DEFAULT 0;
-    CREATE INDEX failures_by_task ON failures(task_id, id);
-    ALTER TABLE tasks ADD COLUMN doubt TEXT;
-    ALTER TABLE jobs ADD COLUMN previews_trusted INTEGER NOT NULL DEFAULT 1;
     """,
 )
 

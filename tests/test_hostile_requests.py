@@ -344,6 +344,13 @@ def test_job_messages_hide_provider_paths(fresh_farm: FreshFarm) -> None:
         retryable=False,
     )
     farm.report_failure(provider, lease.lease_id, failure)
+    # One provider's word fails no job: a second account confirms the scene fault.
+    farm.create_account("q", Role.PROVIDER)
+    other = Principal("q", Role.PROVIDER)
+    second = farm.register_node(other, NodeCapabilities(name="m", blender_versions=["5.0.1"]))
+    confirming = farm.try_lease(other, second.node_id, LeaseRequest(wait=0))
+    assert confirming is not None
+    farm.report_failure(other, confirming.lease_id, failure)
     shown = farm.job(who, job.id)
     assert shown.status == "failed"
     assert "/home/alice" not in shown.message and len(shown.message) <= 300
@@ -376,7 +383,10 @@ def test_old_assignments_get_explicit_settings_on_upgrade(tmp_path: Path) -> Non
     db = Database(tmp_path / "old.sqlite")
     with db.transaction() as conn:
         conn.execute(f"PRAGMA user_version={len(MIGRATIONS) - 1}")
-        conn.execute("INSERT INTO accounts VALUES ('a', 'requester', 'h', 'x')")
+        conn.execute(
+            "INSERT INTO accounts (name, role, token_hash, created_at)"
+            " VALUES ('a', 'requester', 'h', 'x')"
+        )
         conn.execute(
             "INSERT INTO jobs (id, owner, name, status, priority, spec, bundle, created_at,"
             " updated_at) VALUES ('j', 'a', 'n', 'queued', 50, ?, ?, 'x', 'x')",
