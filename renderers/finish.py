@@ -32,7 +32,8 @@ import numpy as np
 import OpenEXR
 
 from common.errors import ExrError, SceneError
-from renderers.video import MovieSpec
+from renderers.scene_info import OutputInfo
+from renderers.video import CODECS, CONTAINERS, MovieSpec
 
 __all__ = [
     "FinishRefusedError",
@@ -42,10 +43,19 @@ __all__ = [
     "OutputPathError",
     "UnsupportedOutputFormatError",
     "add_view_layer_passes",
+    "check_finishable",
     "place_files",
 ]
 
 FileKind = Literal["frame", "file_output"]
+
+#: Every file format Blender 5.0 writes (the same set as worker_finish.KNOWN_FORMATS).
+KNOWN_FORMATS = frozenset(
+    {
+        *("PNG", "JPEG", "JPEG2000", "TIFF", "OPEN_EXR", "OPEN_EXR_MULTILAYER", "WEBP"),
+        *("BMP", "IRIS", "TARGA", "TARGA_RAW", "CINEON", "DPX", "HDR", "FFMPEG"),
+    }
+)
 
 
 class OutputPathError(SceneError):
@@ -107,6 +117,32 @@ class FinishResult:
     def frame_file(self) -> Path:
         """The absolute path of the frame's main output."""
         return self.output_dir / next(f.path for f in self.files if f.kind == "frame")
+
+
+def check_finishable(output: OutputInfo) -> None:
+    """Refuse, from the inspection alone (before any render), a scene whose output the
+    finish cannot produce: unknown format, an output path Blender cannot expand or
+    that leaves the output folder, a sequencer edit, a movie ffmpeg cannot encode."""
+    if output.refusal:
+        raise FinishRefusedError(output.refusal)
+    if output.file_format not in KNOWN_FORMATS:
+        raise UnsupportedOutputFormatError(
+            f"The scene's output format {output.file_format!r} is not one Blender 5 writes "
+            f"(known: {', '.join(sorted(KNOWN_FORMATS))})."
+        )
+    if output.path_error:
+        raise OutputPathError(f"The scene's output path cannot be expanded: {output.path_error}")
+    for what, path in [("The output path", output.filepath)] + [
+        ("A File Output node path", p) for p in output.file_outputs
+    ]:
+        if ".." in path.replace("\\", "/").split("/"):
+            raise OutputPathError(f"{what} '{path}' climbs out of its folder with '..'.")
+    if output.movie is not None:
+        container, codec = output.movie.get("container"), output.movie.get("codec")
+        if container not in CONTAINERS or codec not in CODECS:
+            raise UnsupportedOutputFormatError(
+                f"The scene's movie ({container}, {codec}) cannot be encoded by this farm."
+            )
 
 
 def place_files(staged: Path, output_dir: Path, relative: list[Path]) -> None:

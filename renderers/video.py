@@ -86,6 +86,12 @@ CRF = {
 }
 _PRESETS = {"BEST": "slower", "GOOD": "medium", "REALTIME": "superfast"}
 _CRF_CODECS = ("H264", "H265", "AV1", "WEBM")
+#: Pads the right/bottom edge by one pixel where a dimension is odd.
+_EVEN_PAD = "pad=ceil(iw/2)*2:ceil(ih/2)*2:0:0"
+#: RGB -> Rec.709 YUV with accurate rounding (measured: swscale's default path from
+#: 16-bit PNG darkened a preview by ~5/255), tagged so players decode it the same way.
+_TO_YUV = "scale=flags=accurate_rnd+full_chroma_int:out_color_matrix=bt709:out_range=tv"
+_YUV_TAGS = ["-colorspace", "bt709", "-color_primaries", "bt709", "-color_trc", "iec61966-2-1"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +141,8 @@ class MovieSpec:
         if self.codec in ("PNG", "QTRLE") and self.color_mode == "RGBA":
             pixel_format = "argb" if self.codec == "QTRLE" else "rgba"
         arguments = ["-c:v", encoder, "-pix_fmt", pixel_format, "-g", str(self.gop)]
+        if pixel_format.startswith("yuv4"):  # chroma subsampling needs even dimensions
+            arguments = ["-vf", f"{_EVEN_PAD},{_TO_YUV}", *arguments, *_YUV_TAGS]
         if self.codec in _CRF_CODECS and self.crf in CRF:
             arguments += ["-crf", str(CRF[self.crf])]
             if self.codec in ("H264", "H265"):
@@ -189,9 +197,10 @@ def encode_preview(
     filters = []
     if max_height is not None:
         filters.append(f"scale=-2:'min({int(max_height)},ih)':flags=lanczos")
-    filters.append("pad=ceil(iw/2)*2:ceil(ih/2)*2:0:0")
+    filters += [_EVEN_PAD, _TO_YUV]
     arguments = [
         *("-vf", ",".join(filters)),
+        *_YUV_TAGS,
         *("-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(crf), "-preset", "medium"),
         *("-g", "18", "-movflags", "+faststart", "-f", "mp4"),
     ]

@@ -35,6 +35,8 @@ CASES = (
     "escape_file_output",
     "bad_template",
     "sequencer",
+    "external_image",
+    "other_scene",
 )
 
 MAKE_SCENES = r"""
@@ -189,6 +191,25 @@ def build(case):
         editor = sc.sequence_editor_create()
         editor.strips.new_effect("red", "COLOR", channel=1, frame_start=1, length=4)
         r.use_sequencer = True
+    if case == "external_image":
+        plate = N.new("CompositorNodeImage")
+        plate.image = bpy.data.images.new("plate", 8, 8)
+        plate.image.source, plate.image.filepath = "FILE", "/nonexistent/plates/plate.png"
+        over = N.new("ShaderNodeMix")
+        over.data_type = "RGBA"
+        socket(over, "Factor_Float").default_value = 0.0
+        L.new(last, socket(over, "A_Color"))
+        L.new(plate.outputs["Image"], socket(over, "B_Color"))
+        last = over.outputs[2]
+    if case == "other_scene":
+        other = bpy.data.scenes.new("Background")
+        other_rl = N.new("CompositorNodeRLayers")
+        other_rl.scene = other
+        over = N.new("ShaderNodeMix")
+        over.data_type = "RGBA"
+        L.new(last, socket(over, "A_Color"))
+        L.new(other_rl.outputs["Image"], socket(over, "B_Color"))
+        last = over.outputs[2]
     L.new(last, out.inputs[0])
     path = f"{out_dir}/{case}/scene.blend"
     bpy.ops.wm.save_as_mainfile(filepath=path)
