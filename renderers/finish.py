@@ -36,6 +36,7 @@ from renderers.scene_info import OutputInfo
 from renderers.video import CODECS, CONTAINERS, MovieSpec
 
 __all__ = [
+    "FINISH_ERROR_KINDS",
     "FinishRefusedError",
     "FinishRequest",
     "FinishResult",
@@ -44,6 +45,7 @@ __all__ = [
     "UnsupportedOutputFormatError",
     "add_view_layer_passes",
     "check_finishable",
+    "deliver_finished",
     "place_files",
 ]
 
@@ -73,6 +75,14 @@ class UnsupportedOutputFormatError(SceneError):
 class FinishRefusedError(SceneError):
     """The scene's output cannot be made from the farm's render (sequencer edit,
     another scene's Render Layers, a pass the merged frame lacks)."""
+
+
+#: The worker's error kinds for the finish (renderers.worker_finish) -> errors here.
+FINISH_ERROR_KINDS: dict[str, type[SceneError]] = {
+    "output_path": OutputPathError,
+    "output_format": UnsupportedOutputFormatError,
+    "finish_refused": FinishRefusedError,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +153,28 @@ def check_finishable(output: OutputInfo) -> None:
             raise UnsupportedOutputFormatError(
                 f"The scene's movie ({container}, {codec}) cannot be encoded by this farm."
             )
+
+
+def deliver_finished(
+    reply: dict[str, Any], staged: Path, merged_copy: Path, request: FinishRequest, seconds: float
+) -> FinishResult:
+    """The worker's reply made good: view-layer passes added to a multilayer output,
+    files moved from the staging folder into `request.output_dir`, the result typed."""
+    files = [FinishedFile(Path(f["path"]), f["kind"]) for f in reply["files"]]
+    if reply.get("multilayer_half") is not None:
+        add_view_layer_passes(
+            staged / reply["main"], merged_copy, half=bool(reply["multilayer_half"])
+        )
+    place_files(staged, request.output_dir, [f.path for f in files])
+    movie = reply.get("movie")
+    return FinishResult(
+        output_dir=request.output_dir,
+        files=files,
+        blender_name=str(reply["blender_name"]),
+        movie=None if movie is None else MovieSpec.from_worker(movie),
+        seconds=seconds,
+        warnings=[str(w) for w in reply.get("warnings", ())],
+    )
 
 
 def place_files(staged: Path, output_dir: Path, relative: list[Path]) -> None:

@@ -56,7 +56,8 @@ class OutputInfo:
     exr_codec: str
     #: The output path as stored ('//render/shot_####', templates unexpanded).
     filepath: str
-    #: Blender's name for the current frame, or None when `path_error` says why not.
+    #: Blender's name for the current frame relative to the .blend's folder, or None
+    #: when `path_error` says why not.
     frame_path: str | None
     path_error: str | None
     view_transform: str

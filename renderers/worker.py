@@ -53,16 +53,8 @@ from common.errors import (
     WorkerStartError,
 )
 from renderers.builds import BlenderBuild
-from renderers.finish import (
-    FinishedFile,
-    FinishRefusedError,
-    FinishRequest,
-    FinishResult,
-    OutputPathError,
-    UnsupportedOutputFormatError,
-    add_view_layer_passes,
-    place_files,
-)
+from renderers.exr_header import read_exr_header
+from renderers.finish import FINISH_ERROR_KINDS, FinishRequest, FinishResult, deliver_finished
 from renderers.limits import (
     OUT_OF_MEMORY_MARKERS,
     PASSTHROUGH_ENV,
@@ -91,7 +83,6 @@ from renderers.sandbox import (
     wait_gone,
 )
 from renderers.scene_paths import check_scene_paths
-from renderers.video import MovieSpec
 
 __all__ = [
     "PASSTHROUGH_ENV",
@@ -137,9 +128,7 @@ _ERROR_KINDS: dict[str, type[TesseraError]] = {
     "bad_request": WorkerError,
     "out_of_memory": RenderMemoryLimitError,
     "external_path": ExternalPathError,
-    "output_path": OutputPathError,
-    "output_format": UnsupportedOutputFormatError,
-    "finish_refused": FinishRefusedError,
+    **FINISH_ERROR_KINDS,
 }
 
 
@@ -411,7 +400,9 @@ class RenderWorker:
         what cannot be finished; nothing is written outside `output_dir`."""
         started = time.monotonic()
         self._check_disk(request.output_dir)
+        header = read_exr_header(request.merged_exr).parts[0]  # ExrError if not an EXR
         message: dict[str, Any] = {"op": "finish", "frame": request.frame, "confine_to": None}
+        message["merged_size"] = [header.width, header.height]
         view = self._confine(request.scene, request.confine_to, message)
         key = f"{os.getpid()}-{threading.get_ident()}"
         inputs, staged = self._scratch / "inputs", self._scratch / "outputs" / f"finish-{key}"
@@ -424,22 +415,10 @@ class RenderWorker:
             message.update(scene=str(request.scene), merged_exr=str(copy), output_dir=str(staged))
             what = f"finishing frame {request.frame} of {request.scene.name}"
             reply = self._call(message, timeout=request.timeout, what=what, view=view)
-            files = [FinishedFile(Path(f["path"]), f["kind"]) for f in reply["files"]]
-            if reply.get("multilayer_half") is not None:
-                main = staged / reply["main"]
-                add_view_layer_passes(main, copy, half=bool(reply["multilayer_half"]))
-            place_files(staged, request.output_dir, [f.path for f in files])
+            return deliver_finished(reply, staged, copy, request, time.monotonic() - started)
         finally:
             copy.unlink(missing_ok=True)
             shutil.rmtree(staged, ignore_errors=True)
-        movie = reply.get("movie")
-        return FinishResult(
-            output_dir=request.output_dir,
-            files=files,
-            blender_name=str(reply["blender_name"]),
-            movie=None if movie is None else MovieSpec.from_worker(movie),
-            seconds=time.monotonic() - started,
-        )
 
     # --- internals ------------------------------------------------------------------------
 

@@ -150,7 +150,10 @@ def describe_output(scene: Any, bundle: str | None = None) -> dict[str, Any]:
     render = scene.render
     settings = render.image_settings
     try:
-        frame_path: str | None = render.frame_path(frame=scene.frame_current)
+        blend_dir = Path(bpy.data.filepath).parent
+        frame_path: str | None = os.path.relpath(
+            render.frame_path(frame=scene.frame_current), blend_dir
+        )
         path_error = None
     except RuntimeError as exc:
         frame_path, path_error = None, str(exc).replace("Error: ", "").strip()
@@ -274,6 +277,7 @@ def finish_frame(scene: Any, request: dict[str, Any], fail: Fail) -> dict[str, A
             f"The scene's output format {settings.file_format!r} is not one this node can "
             f"write (known: {', '.join(sorted(KNOWN_FORMATS))}).",
         )
+    warnings = finish_warnings(scene, request.get("confine_to"))
     blend_dir = Path(bpy.data.filepath).parent
     blender_name = os.path.relpath(_frame_path(scene, frame, fail), blend_dir)
     _redirect_outputs(scene, output_dir, fail)
@@ -287,6 +291,15 @@ def finish_frame(scene: Any, request: dict[str, Any], fail: Fail) -> dict[str, A
         settings.file_format = "PNG"
         settings.color_depth = "16"
         settings.compression = 15
+    render = scene.render
+    size = [max(1, n * render.resolution_percentage // 100) for n in _resolution(render)]
+    if list(request["merged_size"]) != size:
+        width, height = request["merged_size"]
+        raise fail(
+            "finish_refused",
+            f"The merged frame is {width}x{height} but the scene renders "
+            f"{size[0]}x{size[1]}; finish a frame rendered at the scene's own size.",
+        )
     _ensure_compositor(scene)
     _read_merged_exr(scene, str(request["merged_exr"]), fail)
     for layer in scene.view_layers:
@@ -313,7 +326,12 @@ def finish_frame(scene: Any, request: dict[str, Any], fail: Fail) -> dict[str, A
             settings.color_depth == "16" if settings.media_type == "MULTI_LAYER_IMAGE" else None
         ),
         "movie": movie,
+        "warnings": warnings,
     }
+
+
+def _resolution(render: Any) -> tuple[int, int]:
+    return render.resolution_x, render.resolution_y
 
 
 def _ensure_compositor(scene: Any) -> None:

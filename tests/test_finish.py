@@ -261,3 +261,48 @@ def test_denoised_finish_against_blenders_in_render_denoise(
     for measured in findings.values():  # held to what was measured, with headroom
         assert measured["mean_diff_16bit_units"] < 400
         assert measured["max_diff_16bit_units"] < 6000
+
+
+def test_confined_finish_runs_in_the_bundle_sandbox(
+    bpy_build: object, scenes: dict[str, Path], tmp_path: Path
+) -> None:
+    """A stranger's bundle: the finish sees only the bundle and its scratch folder (the
+    sandbox must also show worker_finish.py), and still writes Blender's file."""
+    from renderers.builds import BlenderBuild
+
+    assert isinstance(bpy_build, BlenderBuild)
+    scene = scenes["file_output"]
+    with RenderWorker(bpy_build) as confined:
+        merged = tmp_path / "merged.exr"
+        render_frame_local(confined, scene, merged, LocalRenderOptions(frame=FRAME, preview=False))
+        request = FinishRequest(scene, merged, FRAME, tmp_path / "out", confine_to=scene.parent)
+        result = confined.finish(request)
+    assert sorted(str(f.path) for f in result.files) == [
+        "render/fo/extra_beauty0003.png",
+        "render/fo/extra_depth0003.png",
+        "render/shot_0003.png",
+    ]
+
+
+def test_finish_reports_what_it_cannot_honour(
+    worker: RenderWorker, scenes: dict[str, Path], tmp_path: Path
+) -> None:
+    """A compositor image that is not in the bundle: finished without it, with a warning."""
+    scene = scenes["external_image"]
+    merged = tmp_path / "merged.exr"
+    render_frame_local(worker, scene, merged, LocalRenderOptions(frame=FRAME, preview=False))
+    result = worker.finish(FinishRequest(scene, merged, FRAME, tmp_path / "out"))
+    assert result.frame_file == tmp_path / "out/render/shot_0003.png"
+    assert any("plate.png" in warning for warning in result.warnings)
+
+
+def test_a_merged_frame_of_the_wrong_size_is_refused(
+    worker: RenderWorker, scenes: dict[str, Path], tmp_path: Path
+) -> None:
+    scene = scenes["agx_punchy_png16"]
+    merged = tmp_path / "half.exr"
+    options = LocalRenderOptions(frame=FRAME, percentage=50, preview=False)
+    render_frame_local(worker, scene, merged, options)
+    with pytest.raises(FinishRefusedError, match="32x24 but the scene renders 64x48"):
+        worker.finish(FinishRequest(scene, merged, FRAME, tmp_path / "out"))
+    assert not list((tmp_path / "out").rglob("*.png"))
