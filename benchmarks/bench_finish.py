@@ -150,7 +150,26 @@ def main() -> None:
             "ratio": farm / blender_render,
         },
         {
-            "method": "finish alone (open scene, composite, write PNG16)",
+            "method": "  of which: tile renders (sum of 4, inside Blender)",
+            "size": size,
+            "seconds": local.render_seconds,
+            "ratio": local.render_seconds / blender_render,
+        },
+        {
+            "method": "  of which: merge",
+            "size": size,
+            "seconds": local.merge_seconds,
+            "ratio": local.merge_seconds / blender_render,
+        },
+        {
+            "method": "  of which: tile I/O, merged EXR write, requests",
+            "size": size,
+            "seconds": local.wall_seconds - local.render_seconds - local.merge_seconds,
+            "ratio": (local.wall_seconds - local.render_seconds - local.merge_seconds)
+            / blender_render,
+        },
+        {
+            "method": "  of which: finish (copy EXR, open scene, composite, write PNG16)",
             "size": size,
             "seconds": finish,
             "ratio": finish / blender_render,

@@ -6,13 +6,13 @@ Two kinds:
   sRGB transfer function on linear Rec.709 (no view transform, look or exposure), for
   progress views before a frame is finished. NOT what Blender's output looks like with
   AgX or Filmic.
-- `write_thumbnail(deliverable)`: a small PNG or JPEG of a FINISHED file (any format
-  the finish writes, through Pillow), so it shows the scene's colour management,
-  compositor and look:
-  display-referred files (PNG, JPEG, TIFF, WebP...) are read as they are (Pillow, or
-  ffmpeg for what Pillow cannot decode, such as 16-bit RGB TIFF or DPX); scene-linear
-  EXR deliverables get the standard sRGB view (their Composite/Combined layer, or
-  their R, G, B channels), as an EXR viewer shows them. Thumbnails carry an sRGB ICC
+- `write_thumbnail(deliverable)`: a small PNG or JPEG (Pillow) of a FINISHED file of
+  any format the finish writes, so it shows the scene's colour management, compositor
+  and look. Display-referred files (PNG, JPEG, TIFF, WebP...) are shown as they are
+  (read by Pillow, or by ffmpeg where Pillow cannot, e.g. DPX or 16-bit RGB TIFF);
+  scene-linear EXR deliverables get the standard sRGB view of their Composite/Combined
+  layer or R, G, B channels, as an EXR viewer shows them (not the scene's view
+  transform, which only Blender's OCIO config knows). Thumbnails carry an sRGB ICC
   profile.
 
 `encode_png` (raw previews) stays a plain standard-library encoder (filter type 0).

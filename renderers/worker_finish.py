@@ -277,6 +277,7 @@ def finish_frame(scene: Any, request: dict[str, Any], fail: Fail) -> dict[str, A
             f"The scene's output format {settings.file_format!r} is not one this node can "
             f"write (known: {', '.join(sorted(KNOWN_FORMATS))}).",
         )
+    _check_size(render, request["merged_size"], fail)
     warnings = finish_warnings(scene, request.get("confine_to"))
     blend_dir = Path(bpy.data.filepath).parent
     blender_name = os.path.relpath(_frame_path(scene, frame, fail), blend_dir)
@@ -291,15 +292,6 @@ def finish_frame(scene: Any, request: dict[str, Any], fail: Fail) -> dict[str, A
         settings.file_format = "PNG"
         settings.color_depth = "16"
         settings.compression = 15
-    render = scene.render
-    size = [max(1, n * render.resolution_percentage // 100) for n in _resolution(render)]
-    if list(request["merged_size"]) != size:
-        width, height = request["merged_size"]
-        raise fail(
-            "finish_refused",
-            f"The merged frame is {width}x{height} but the scene renders "
-            f"{size[0]}x{size[1]}; finish a frame rendered at the scene's own size.",
-        )
     _ensure_compositor(scene)
     _read_merged_exr(scene, str(request["merged_exr"]), fail)
     for layer in scene.view_layers:
@@ -330,8 +322,17 @@ def finish_frame(scene: Any, request: dict[str, Any], fail: Fail) -> dict[str, A
     }
 
 
-def _resolution(render: Any) -> tuple[int, int]:
-    return render.resolution_x, render.resolution_y
+def _check_size(render: Any, merged_size: list[int], fail: Fail) -> None:
+    """The merged frame must be the size the scene renders (percentage applied)."""
+    percentage = render.resolution_percentage
+    size = [max(1, n * percentage // 100) for n in (render.resolution_x, render.resolution_y)]
+    if list(merged_size) != size:
+        width, height = merged_size
+        raise fail(
+            "finish_refused",
+            f"The merged frame is {width}x{height} but the scene renders "
+            f"{size[0]}x{size[1]}; finish a frame rendered at the scene's own size.",
+        )
 
 
 def _ensure_compositor(scene: Any) -> None:

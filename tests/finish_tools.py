@@ -37,6 +37,7 @@ CASES = (
     "sequencer",
     "external_image",
     "other_scene",
+    "absolute_output",
 )
 
 MAKE_SCENES = r"""
@@ -185,6 +186,8 @@ def build(case):
         layer.cycles.denoising_store_passes = False
     if case == "escape_output":
         r.filepath = "//../escape/shot_####"
+    if case == "absolute_output":
+        r.filepath = "/nonexistent/tessera-abs/shot_####"
     if case == "bad_template":
         r.filepath = "//render/{scene}_####"
     if case == "sequencer":
