@@ -38,6 +38,8 @@ CASES = (
     "external_image",
     "other_scene",
     "absolute_output",
+    "aov_cryptomatte",
+    "exr_multilayer_crypto",
 )
 
 MAKE_SCENES = r"""
@@ -130,7 +132,10 @@ def build(case):
         im.file_format = "OPEN_EXR"
         im.color_depth = "16" if case == "exr_half" else "32"
         im.exr_codec = "ZIP"
-    if case == "exr_multilayer":
+    if case == "exr_multilayer_crypto":
+        layer.use_pass_cryptomatte_object = True
+        layer.use_pass_diffuse_color = True
+    if case in ("exr_multilayer", "exr_multilayer_crypto"):
         im.media_type = "MULTI_LAYER_IMAGE"
         im.file_format, im.color_depth, im.exr_codec = "OPEN_EXR_MULTILAYER", "16", "ZIP"
     if case == "blur_denoise_node":
@@ -213,6 +218,22 @@ def build(case):
         L.new(last, socket(over, "A_Color"))
         L.new(other_rl.outputs["Image"], socket(over, "B_Color"))
         last = over.outputs[2]
+    if case == "aov_cryptomatte":
+        aov = layer.aovs.add()
+        aov.name, aov.type = "tint", "COLOR"
+        aov_node = blue.node_tree.nodes.new("ShaderNodeOutputAOV")
+        aov_node.aov_name = "tint"
+        aov_node.inputs["Color"].default_value = (0.9, 0.2, 0.5, 1)
+        layer.use_pass_cryptomatte_object = True
+        tinted = N.new("ShaderNodeMix")
+        tinted.data_type = "RGBA"
+        socket(tinted, "Factor_Float").default_value = 0.3
+        L.new(last, socket(tinted, "A_Color"))
+        L.new(rl.outputs["tint"], socket(tinted, "B_Color"))
+        matte = N.new("CompositorNodeCryptomatteV2")
+        matte.scene, matte.matte_id = sc, "Cube"
+        L.new(tinted.outputs[2], matte.inputs["Image"])
+        last = matte.outputs["Image"]
     L.new(last, out.inputs[0])
     path = f"{out_dir}/{case}/scene.blend"
     bpy.ops.wm.save_as_mainfile(filepath=path)

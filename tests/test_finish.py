@@ -26,7 +26,7 @@ from renderers.finish import (
 )
 from renderers.local_render import LocalRenderOptions, render_frame_local
 from renderers.scene_info import SceneInfo, inspect_scene
-from renderers.worker import RenderWorker
+from renderers.worker import RenderRequest, RenderWorker
 from tests.finish_tools import (
     CASES,
     compare_images,
@@ -51,6 +51,8 @@ COMPARABLE = (
     "template_path",
     "no_compositor",
     "denoised",
+    "aov_cryptomatte",
+    "exr_multilayer_crypto",
 )
 #: Formats that round to 8 bits where a tiny float difference can flip one step.
 ROUNDING_TOLERANCE = {"standard_curves_jpeg": 1 / 255, "filmic_png8": 1 / 255}
@@ -107,6 +109,8 @@ EQUALITY = [
     ("depth_normal", (3, 3)),
     ("template_path", (2, 2)),
     ("no_compositor", (1, 1)),
+    ("aov_cryptomatte", (2, 2)),
+    ("exr_multilayer_crypto", (2, 2)),
 ]
 
 
@@ -134,7 +138,7 @@ def test_finished_files_equal_blenders_own(
         assert report["format_a"] == report["format_b"], name
         assert report["channels_a"] == report["channels_b"], name
         assert report["max_diff"] <= ROUNDING_TOLERANCE.get(case, 0.0), (name, report)
-    if case == "exr_multilayer":
+    if case.startswith("exr_multilayer"):
         _assert_same_exr(scene.parent / expected[0], tmp_path / "out" / expected[0])
 
 
@@ -237,8 +241,11 @@ def test_denoised_finish_against_blenders_in_render_denoise(
     same OpenImageDenoise through Cycles' file denoiser. Measured with bpy 5.0.1 (CPU,
     64x48, 8 samples, AgX PNG16): NOT bit-identical to Blender's deliverable (mean
     139/65535, max 2956/65535, 8960 of 12288 values differ), while a tiled farm frame
-    equals a whole farm frame exactly. So tiled+denoised jobs can promise "same as the
-    farm's one-piece render", not "same as Blender's own"."""
+    equals a whole farm frame exactly, both paths are deterministic, and no denoiser
+    prefilter/quality setting closes the gap. A whole frame denoised INSIDE the render
+    (`RenderRequest(denoise=True)`) then finished IS identical to Blender's. So tiled +
+    denoised jobs can promise "same as the farm's one-piece render", not "same as
+    Blender's own"; whole-frame jobs denoised in-render can promise the latter."""
     scene = scenes["denoised"]
     reference = scene.parent / "render" / "shot_0003.png"
     findings = {}
@@ -256,6 +263,12 @@ def test_denoised_finish_against_blenders_in_render_denoise(
         }
     print("DENOISE FINDING", json.dumps(findings))
     (tmp_path / "denoise_finding.json").write_text(json.dumps(findings, indent=2))
+    # A whole frame denoised inside the render (RenderRequest(denoise=True)) is exact.
+    in_render = tmp_path / "in_render.exr"
+    worker.render(RenderRequest(scene=scene, frame=FRAME, output=in_render, denoise=True))
+    whole = worker.finish(FinishRequest(scene, in_render, FRAME, tmp_path / "in_render"))
+    (exact,) = compare_images([(reference, whole.frame_file)], tmp_path)
+    assert exact["max_diff"] == 0, exact
     (tiled,) = compare_images([(finished[0], finished[1])], tmp_path)
     assert tiled["max_diff"] == 0, "a tiled, merged, denoised frame equals the whole frame"
     for measured in findings.values():  # held to what was measured, with headroom
