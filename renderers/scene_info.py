@@ -45,6 +45,61 @@ class ViewLayerInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class OutputInfo:
+    """What the finish step needs to know about a scene's output (worker_finish.py's
+    `describe_output`): format, depth, path, compositor in use and what it reads."""
+
+    media_type: str
+    file_format: str
+    color_depth: str
+    color_mode: str
+    exr_codec: str
+    #: The output path as stored ('//render/shot_####', templates unexpanded).
+    filepath: str
+    #: Blender's name for the current frame relative to the .blend's folder, or None
+    #: when `path_error` says why not.
+    frame_path: str | None
+    path_error: str | None
+    view_transform: str
+    look: str
+    compositor: bool
+    #: 'ViewLayer.Pass' for every pass the compositor reads ('Combined' for Image).
+    compositor_passes: tuple[str, ...]
+    file_outputs: tuple[str, ...]
+    #: The scene's movie settings (container, codec, fps...) when it outputs a movie.
+    movie: dict[str, Any] | None
+    #: What the finish cannot honour (files outside the bundle, other scenes).
+    warnings: tuple[str, ...]
+    #: Why the finish refuses this scene (a sequencer edit), or None.
+    refusal: str | None
+
+    @property
+    def is_movie(self) -> bool:
+        return self.movie is not None
+
+    @classmethod
+    def from_worker(cls, raw: dict[str, Any]) -> OutputInfo:
+        return cls(
+            media_type=str(raw["media_type"]),
+            file_format=str(raw["file_format"]),
+            color_depth=str(raw["color_depth"]),
+            color_mode=str(raw["color_mode"]),
+            exr_codec=str(raw["exr_codec"]),
+            filepath=str(raw["filepath"]),
+            frame_path=raw["frame_path"],
+            path_error=raw["path_error"],
+            view_transform=str(raw["view_transform"]),
+            look=str(raw["look"]),
+            compositor=bool(raw["compositor"]),
+            compositor_passes=tuple(raw["compositor_passes"]),
+            file_outputs=tuple(raw["file_outputs"]),
+            movie=raw["movie"],
+            warnings=tuple(raw["warnings"]),
+            refusal=raw["refusal"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class SceneInfo:
     """What a scene asks for, as read by Blender (see worker_main._describe_scene)."""
 
@@ -78,6 +133,8 @@ class SceneInfo:
     blender_version: str
     file_version: str
     warnings: tuple[str, ...] = field(default=())
+    #: The scene's output as the finish step sees it (None from an older worker).
+    output: OutputInfo | None = None
 
     @classmethod
     def from_worker(cls, path: Path, raw: dict[str, Any]) -> SceneInfo:
@@ -120,6 +177,7 @@ class SceneInfo:
             libraries=tuple(raw["libraries"]),
             blender_version=str(raw["blender_version"]),
             file_version=str(raw["file_version"]),
+            output=OutputInfo.from_worker(raw["output"]) if raw.get("output") else None,
         )
         return _with_warnings(info)
 
@@ -135,6 +193,10 @@ class SceneInfo:
 
 def _with_warnings(info: SceneInfo) -> SceneInfo:
     warnings = list(info.python_warnings)
+    if info.output is not None:
+        warnings.extend(info.output.warnings)
+        if info.output.refusal:
+            warnings.append(info.output.refusal)
     warnings.extend(f"Missing file: {path}" for path in info.missing_files)
     if info.use_compositing:
         warnings.append(

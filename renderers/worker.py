@@ -53,6 +53,8 @@ from common.errors import (
     WorkerStartError,
 )
 from renderers.builds import BlenderBuild
+from renderers.exr_header import read_exr_header
+from renderers.finish import FINISH_ERROR_KINDS, FinishRequest, FinishResult, deliver_finished
 from renderers.limits import (
     OUT_OF_MEMORY_MARKERS,
     PASSTHROUGH_ENV,
@@ -86,6 +88,8 @@ __all__ = [
     "PASSTHROUGH_ENV",
     "SANDBOX_MODES",
     "WORKER_SCRIPT",
+    "FinishRequest",
+    "FinishResult",
     "InsufficientDiskSpaceError",
     "Progress",
     "ProgressCallback",
@@ -109,6 +113,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 WORKER_SCRIPT = Path(__file__).with_name("worker_main.py")
+#: Loaded by worker_main from beside it; a confined sandbox must show it too.
+FINISH_SCRIPT = Path(__file__).with_name("worker_finish.py")
 #: `_call`'s default: the request runs in whatever sandbox view the process has.
 _ANY_VIEW = object()
 
@@ -122,6 +128,7 @@ _ERROR_KINDS: dict[str, type[TesseraError]] = {
     "bad_request": WorkerError,
     "out_of_memory": RenderMemoryLimitError,
     "external_path": ExternalPathError,
+    **FINISH_ERROR_KINDS,
 }
 
 
@@ -388,6 +395,35 @@ class RenderWorker:
             )
         return output
 
+    def finish(self, request: FinishRequest) -> FinishResult:
+        """Composite `request.merged_exr` with the scene's compositor, colour management
+        and output settings, writing Blender's own files for the frame into
+        `request.output_dir` (see renderers.finish for names, paths and movies).
+
+        Raises OutputPathError, UnsupportedOutputFormatError or FinishRefusedError for
+        what cannot be finished; nothing is written outside `output_dir`."""
+        started = time.monotonic()
+        self._check_disk(request.output_dir)
+        header = read_exr_header(request.merged_exr).parts[0]  # ExrError if not an EXR
+        message: dict[str, Any] = {"op": "finish", "frame": request.frame, "confine_to": None}
+        message["merged_size"] = [header.width, header.height]
+        view = self._confine(request.scene, request.confine_to, message)
+        key = f"{os.getpid()}-{threading.get_ident()}"
+        inputs, staged = self._scratch / "inputs", self._scratch / "outputs" / f"finish-{key}"
+        inputs.mkdir(parents=True, exist_ok=True)
+        copy = inputs / f"{key}-{request.merged_exr.name}"
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+        try:
+            shutil.copyfile(request.merged_exr, copy)  # a confined sandbox shows only scratch
+            message.update(scene=str(request.scene), merged_exr=str(copy), output_dir=str(staged))
+            what = f"finishing frame {request.frame} of {request.scene.name}"
+            reply = self._call(message, timeout=request.timeout, what=what, view=view)
+            return deliver_finished(reply, staged, copy, request, time.monotonic() - started)
+        finally:
+            copy.unlink(missing_ok=True)
+            shutil.rmtree(staged, ignore_errors=True)
+
     # --- internals ------------------------------------------------------------------------
 
     def _confine(
@@ -498,7 +534,9 @@ class RenderWorker:
         self._log_start = self._log_file.tell()
         command = self.build.worker_command(WORKER_SCRIPT)
         if bwrap is not None:
-            install = () if view is None else install_folders(self.build.kind, str(self.build.path))
+            install: tuple[Path, ...] = ()
+            if view is not None:
+                install = (*install_folders(self.build.kind, str(self.build.path)), FINISH_SCRIPT)
             command = sandbox_command(bwrap, self._scratch, command, readable=view, install=install)
         self._view = view
         env = scrubbed_environment(self._scratch, self._extra_env)

@@ -6,7 +6,7 @@ worker_main.py`. It reads one JSON request per line on stdin and writes JSON eve
 the original stdout; everything Blender itself prints is sent to stderr so it can never
 corrupt the protocol.
 
-Requests (`op`): `hello`, `devices`, `inspect`, `render`, `denoise`, `quit`. Every
+Requests (`op`): `hello`, `devices`, `inspect`, `render`, `denoise`, `finish`, `quit`. Every
 request carries an `id`; the worker answers with zero or more `progress` events and
 exactly one `result` or `error` event with that id.
 
@@ -17,6 +17,7 @@ scripts disabled, factory settings, and no user add-ons.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -50,6 +51,10 @@ sys.stdout = sys.stderr
 
 import bpy  # noqa: E402  (the redirect above must happen before Blender prints anything)
 
+# -I keeps this folder off sys.path: load the finish step from beside this file.
+_SPEC = importlib.util.spec_from_file_location("wf", Path(__file__).with_name("worker_finish.py"))
+_FINISH = importlib.util.module_from_spec(_SPEC)  # type: ignore[arg-type]
+_SPEC.loader.exec_module(_FINISH)  # type: ignore[union-attr]
 GPU_TYPES = ("CUDA", "OPTIX", "HIP", "METAL", "ONEAPI")
 SAMPLE_RE = re.compile(r"Sample (\d+)/(\d+)")
 
@@ -186,10 +191,11 @@ class Worker:
         return {"devices": devices, "compute_types": available_types}
 
     def op_inspect(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.scene_path = None  # describe the file as saved, not a render's overrides
         self._open(request["scene"])
         _check_confined(request.get("confine_to"))
-        _set_changed(bpy.context.scene, self.originals)  # describe the file, not our overrides
-        return {"scene": _describe_scene(bpy.context.scene)}
+        output = _FINISH.describe_output(bpy.context.scene, request.get("confine_to"))
+        return {"scene": {**_describe_scene(bpy.context.scene), "output": output}}
 
     def op_render(self, request: dict[str, Any]) -> dict[str, Any]:
         started = time.monotonic()
@@ -221,6 +227,14 @@ class Worker:
             "frame_height": height,
             "device": self.active_device or "CPU",
         }
+
+    def op_finish(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Composite a merged EXR into the scene's own output files (worker_finish.py)."""
+        self.scene_path = None  # the file as saved, never a render's overrides
+        self._open(request["scene"])
+        _check_confined(request.get("confine_to"))
+        self.scene_path = None  # the finish rewires the scene: reopen it for what follows
+        return _FINISH.finish_frame(bpy.context.scene, request, WorkerFailureError)
 
     def op_denoise(self, request: dict[str, Any]) -> dict[str, Any]:
         """Denoise a single-part multilayer EXR with Cycles' own OpenImageDenoise path."""
