@@ -113,8 +113,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 WORKER_SCRIPT = Path(__file__).with_name("worker_main.py")
-#: Loaded by worker_main from beside it; a confined sandbox must show it too.
-FINISH_SCRIPT = Path(__file__).with_name("worker_finish.py")
+#: Loaded by worker_main from beside it; a confined sandbox must show them too.
+HELPER_SCRIPTS = tuple(
+    Path(__file__).with_name(f"{name}.py") for name in ("worker_finish", "worker_confine")
+)
 #: `_call`'s default: the request runs in whatever sandbox view the process has.
 _ANY_VIEW = object()
 
@@ -536,7 +538,7 @@ class RenderWorker:
         if bwrap is not None:
             install: tuple[Path, ...] = ()
             if view is not None:
-                install = (*install_folders(self.build.kind, str(self.build.path)), FINISH_SCRIPT)
+                install = (*install_folders(self.build.kind, str(self.build.path)), *HELPER_SCRIPTS)
             command = sandbox_command(bwrap, self._scratch, command, readable=view, install=install)
         self._view = view
         env = scrubbed_environment(self._scratch, self._extra_env)

@@ -51,10 +51,17 @@ sys.stdout = sys.stderr
 
 import bpy  # noqa: E402  (the redirect above must happen before Blender prints anything)
 
-# -I keeps this folder off sys.path: load the finish step from beside this file.
-_SPEC = importlib.util.spec_from_file_location("wf", Path(__file__).with_name("worker_finish.py"))
-_FINISH = importlib.util.module_from_spec(_SPEC)  # type: ignore[arg-type]
-_SPEC.loader.exec_module(_FINISH)  # type: ignore[union-attr]
+
+def _load(name: str) -> Any:
+    """A module of ours beside this file (-I keeps this folder off sys.path)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+_FINISH = _load("worker_finish")
+_CONFINE = _load("worker_confine")
 GPU_TYPES = ("CUDA", "OPTIX", "HIP", "METAL", "ONEAPI")
 SAMPLE_RE = re.compile(r"Sample (\d+)/(\d+)")
 
@@ -193,14 +200,14 @@ class Worker:
     def op_inspect(self, request: dict[str, Any]) -> dict[str, Any]:
         self.scene_path = None  # describe the file as saved, not a render's overrides
         self._open(request["scene"])
-        _check_confined(request.get("confine_to"))
+        _CONFINE.check_confined(request.get("confine_to"), WorkerFailureError)
         output = _FINISH.describe_output(bpy.context.scene, request.get("confine_to"))
         return {"scene": {**_describe_scene(bpy.context.scene), "output": output}}
 
     def op_render(self, request: dict[str, Any]) -> dict[str, Any]:
         started = time.monotonic()
         self._open(request["scene"])
-        _check_confined(request.get("confine_to"))
+        _CONFINE.check_confined(request.get("confine_to"), WorkerFailureError)
         scene = bpy.context.scene
         if scene.camera is None:
             raise WorkerFailureError("no_camera", f"Scene '{scene.name}' has no active camera.")
@@ -232,7 +239,7 @@ class Worker:
         """Composite a merged EXR into the scene's own output files (worker_finish.py)."""
         self.scene_path = None  # the file as saved, never a render's overrides
         self._open(request["scene"])
-        _check_confined(request.get("confine_to"))
+        _CONFINE.check_confined(request.get("confine_to"), WorkerFailureError)
         self.scene_path = None  # the finish rewires the scene: reopen it for what follows
         return _FINISH.finish_frame(bpy.context.scene, request, WorkerFailureError)
 
@@ -570,108 +577,6 @@ def _missing_files() -> list[str]:
         if not Path(path).exists():
             missing.add(path)
     return sorted(missing)
-
-
-#: bpy.data collections whose items may name a file Blender reads.
-_FILE_COLLECTIONS = (
-    "images",
-    "libraries",
-    "fonts",
-    "volumes",
-    "cache_files",
-    "sounds",
-    "movieclips",
-    "texts",
-)
-
-
-_SINGULAR = {"libraries": "library", "movieclips": "movie clip", "node_groups": "node group"}
-
-
-def _external_paths() -> list[tuple[str, str, Any]]:
-    """(what, stored path, library) of every file path in bpy.data: the datablocks
-    above, any other datablock with a `filepath`, node file paths (IES, OSL scripts),
-    modifier caches (mesh cache, ocean, fluid) and sequencer strips."""
-    found: list[tuple[str, str, Any]] = []
-
-    def add(what: str, path: Any, library: Any = None) -> None:
-        if isinstance(path, str) and path and not path.startswith("<"):
-            found.append((what, path, library))
-
-    for name in dir(bpy.data):
-        collection = getattr(bpy.data, name, None)
-        if not isinstance(collection, bpy.types.bpy_prop_collection):
-            continue
-        for datablock in collection:
-            singular = _SINGULAR.get(name, name.removesuffix("s").replace("_", " "))
-            label = f"{singular} '{datablock.name}'"
-            owner = getattr(datablock, "library", None)
-            if getattr(datablock, "packed_file", None) is not None:
-                continue
-            add(label, getattr(datablock, "filepath", None), owner)
-            tree = getattr(datablock, "node_tree", None)
-            for nodes in (getattr(tree, "nodes", ()), getattr(datablock, "nodes", ()) or ()):
-                for node in nodes:
-                    what = f"{label} node '{node.name}'"
-                    add(what, getattr(node, "filepath", None), owner)
-                    add(what, getattr(node, "directory", None), owner)
-                    for socket in getattr(node, "inputs", ()):
-                        # Geometry nodes' Import OBJ/PLY/STL/CSV/Text/VDB read any path.
-                        if socket.bl_idname != "NodeSocketStringFilePath":
-                            continue
-                        if socket.is_linked:
-                            found.append((f"{what} ({socket.name})", _COMPUTED, owner))
-                        else:
-                            add(what, socket.default_value, owner)
-            for modifier in getattr(datablock, "modifiers", ()) or ():
-                for attr in ("filepath", "cache_directory", "bake_directory"):
-                    add(f"{label} modifier '{modifier.name}'", getattr(modifier, attr, ""), owner)
-                for bake in getattr(modifier, "bakes", ()) or ():
-                    add(f"{label} modifier '{modifier.name}'", bake.directory, owner)
-                domain = getattr(modifier, "domain_settings", None)
-                add(f"{label} modifier '{modifier.name}'", getattr(domain, "cache_directory", ""))
-                cache = getattr(modifier, "point_cache", None)
-                if cache is not None and getattr(cache, "use_external", False):
-                    add(f"{label} modifier '{modifier.name}'", cache.filepath, owner)
-    for scene in bpy.data.scenes:
-        editor = scene.sequence_editor
-        strips = getattr(editor, "strips_all", None) or getattr(editor, "sequences_all", ())
-        for strip in strips or ():
-            label = f"sequencer strip '{strip.name}'"
-            add(label, getattr(strip, "filepath", None), scene.library)
-            directory = getattr(strip, "directory", None)
-            if directory:
-                for element in getattr(strip, "elements", ()) or ():
-                    add(label, directory + element.filename, scene.library)
-                add(label, directory, scene.library)
-    return found
-
-
-#: Stands for a file path a node computes: it cannot be checked before it is read.
-_COMPUTED = "<a path computed by the node tree>"
-
-
-def _check_confined(root: str | None) -> None:
-    """Refuse (`external_path`) a loaded file that would read outside `root`: the second
-    line of defence behind the parent's trace of the .blend (renderers.scene_paths)."""
-    if not root:
-        return
-    real_root = os.path.realpath(root)
-    for what, path, library in _external_paths():
-        if path == _COMPUTED:
-            raise WorkerFailureError(
-                "external_path",
-                f"The scene's {what} reads a file by a path the node tree computes; this "
-                "node renders only files it can check are inside the bundle.",
-            )
-        absolute = bpy.path.abspath(path, library=library)
-        real = os.path.realpath(absolute)
-        if os.path.commonpath([real_root, real]) != real_root:
-            raise WorkerFailureError(
-                "external_path",
-                f"The scene's {what} reads '{path}', which is outside the scene's bundle; "
-                "this node renders only files inside the bundle.",
-            )
 
 
 def _cycles_prefs() -> Any:

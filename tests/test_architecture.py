@@ -55,8 +55,9 @@ def test_bpy_only_in_the_worker_process() -> None:
     offenders = [
         path.name
         for path in _modules("renderers")
-        # worker_finish.py is loaded by worker_main.py, inside the same Blender process.
-        if "bpy" in _imports(path) and path.name not in ("worker_main.py", "worker_finish.py")
+        # worker_finish.py and worker_confine.py are loaded by worker_main.py, inside the
+        # same Blender process.
+        if "bpy" in _imports(path) and path.name not in BLENDER_SIDE
     ]
     assert not offenders, f"bpy imported in the parent process: {offenders}"
 
@@ -78,6 +79,7 @@ def test_every_cli_command_is_documented_in_the_readme() -> None:
 # --- the coordinator's rooms -----------------------------------------------------------------
 
 MAX_MODULE_LINES = 700
+BLENDER_SIDE = ("worker_main.py", "worker_finish.py", "worker_confine.py")
 #: SQL that changes a task's or a job's status (or a frame's), or creates a task or job.
 STATUS_WRITE = re.compile(
     r"\bUPDATE\s+(?:tasks|jobs|frames)\s+SET\b(?:(?!\bWHERE\b).)*\bstatus\s*="
