@@ -210,19 +210,8 @@ class _Follower:
         paths = []
         for kind in self.kinds:
             target = self.folder / frame_file_name(frame, kind)
-            try:
-                paths.append(self.client.download_frame(self.job_id, frame, target, kind=kind))
-            except requests.RequestException as exc:
-                # The body broke off mid-way: drop the partial file; a later sync retries.
-                target.with_name(target.name + ".part").unlink(missing_ok=True)
-                raise CoordinatorUnreachableError(
-                    f"Lost the connection while downloading frame {frame} of job "
-                    f"{self.job_id} from {self.client.base_url} ({exc})."
-                ) from exc
-            except OSError as exc:
-                raise FrameDownloadError(
-                    f"Cannot write frame {frame} to {target}: {exc.strerror or exc}."
-                ) from exc
+            _fetch_frame(self.client, self.job_id, frame, kind, target, None)
+            paths.append(target)
         files = FrameFiles(frame, tuple(paths))
         self.done.add(frame)
         self.written.append(files)
@@ -363,13 +352,15 @@ def download_job(
 def _fetch_frame(
     client: TesseraClient, job_id: str, frame: int, kind: str, target: Path, sha: str | None
 ) -> None:
+    """Download one file of a finished frame (checked against `sha` when given)."""
     try:
         client.download_frame(job_id, frame, target, kind=kind, expected_sha256=sha)
     except requests.RequestException as exc:
+        # The body broke off mid-way: drop the partial file; a later sync or run retries.
         target.with_name(target.name + ".part").unlink(missing_ok=True)
         raise CoordinatorUnreachableError(
             f"Lost the connection while downloading frame {frame} of job {job_id} from "
-            f"{client.base_url} ({exc}); run the download again to resume."
+            f"{client.base_url} ({exc})."
         ) from exc
     except OSError as exc:
         raise FrameDownloadError(
