@@ -24,6 +24,7 @@ from coordinator.errors import (
 from coordinator.scheduler import Scheduler
 from coordinator.store import SpooledUpload, TooLargeError
 from coordinator.task_states import Changes, TaskStates
+from coordinator.verify import claims
 from coordinator.verify.samples import Samples
 from coordinator.verify.upload_checks import Doubt, inspect_result
 from protocol.models import RenderAssignment, Role, TaskFailure, TaskKind, TaskStatus, UploadReceipt
@@ -151,7 +152,10 @@ class Results:
         self, conn: sqlite3.Connection, row: TaskRow, changes: Changes, doubt: Doubt | None
     ) -> None:
         """A checked tile or denoised frame: hold it for a sample, or accept it now. A
-        doubted tile always gets a sample when another provider can take one."""
+        doubted tile always gets a sample when another provider can take one, and so does
+        a tile another provider called impossible: its word against this one's."""
+        if doubt is None and claims.accounts(conn, row["id"], final_only=True):
+            doubt = Doubt("another provider reported that this task cannot be done")
         if row["kind"] == TaskKind.RENDER.value and self.samples.start(conn, row, changes, doubt):
             message = None if doubt is None else f"checked by another provider: {doubt.reason}"
             self.states.checking(conn, row, changes, message)

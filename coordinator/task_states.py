@@ -378,8 +378,15 @@ class TaskStates:
             )
         changes.tasks.append((row, TaskStatus.CHECKING))
 
-    def complete(self, conn: sqlite3.Connection, task_id: str, changes: Changes) -> None:
-        """Accept a stored result for good and pay for it; note the frame, if now complete."""
+    def complete(
+        self, conn: sqlite3.Connection, task_id: str, changes: Changes, *, confirmed: bool = False
+    ) -> None:
+        """Accept a stored result for good and pay for it; note the frame, if now complete.
+
+        `confirmed`: another provider's duplicate sample agreed with the result. Only then
+        does it contradict a provider that called the task impossible (at a cost to that
+        provider): an unchecked result may come from a partner of the requester, and must
+        not get an honest provider's true report punished."""
         row = conn.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
         conn.execute(
             "UPDATE tasks SET status = ?, updated_at = ? WHERE id = ?",
@@ -390,7 +397,8 @@ class TaskStates:
             (row["node_id"],),
         )
         self.credits.pay_task(conn, row)
-        claims.contradict(conn, self.reputation, row)
+        if confirmed:
+            claims.contradict(conn, self.reputation, row)
         changes.tasks.append((row, TaskStatus.COMPLETED))
         if row["kind"] == TaskKind.DENOISE.value:
             changes.frames.append((row["job_id"], row["frame"]))

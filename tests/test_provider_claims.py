@@ -25,10 +25,18 @@ from protocol.models import (
     LeaseRequest,
     Role,
     TaskFailure,
+    TaskKind,
     TaskStatus,
 )
 from tests.coordinator_tools import FreshFarm
-from tests.inprocess_farm import TRUTH, setup_farm, small_spec, task_status, write_tile_exr
+from tests.inprocess_farm import (
+    CAPS,
+    TRUTH,
+    setup_farm,
+    small_spec,
+    task_status,
+    write_tile_exr,
+)
 
 A, B, C = (Principal(name, Role.PROVIDER) for name in "abc")
 ARTIST = Principal("artist", Role.REQUESTER)
@@ -56,6 +64,12 @@ def _record(farm: Farm, account: str) -> tuple[int, int, str | None]:
     return (0, 0, None) if row is None else (row[0], row[1], row[2])
 
 
+def _third_provider(farm: Farm) -> str:
+    """Provider c's node: neither side of a dispute between a and b."""
+    farm.create_account("c", Role.PROVIDER)
+    return farm.register_node(C, CAPS.model_copy(update={"name": "c", "price": 1.0})).node_id
+
+
 def _offline(farm: Farm, node_id: str) -> None:
     with farm.db.transaction() as conn:
         conn.execute("UPDATE nodes SET last_seen = 0 WHERE id = ?", (node_id,))
@@ -69,6 +83,7 @@ def test_one_providers_scene_fault_is_confirmed_by_another_before_the_job_fails(
 ) -> None:
     farm = fresh_farm(verification=VerificationPolicy(enabled=False))
     job_id, (node_a, node_b) = setup_farm(farm, small_spec(), demo_scene, tmp_path / "b")
+    node_c = _third_provider(farm)
     claim = _lease(farm, A, node_a)
     farm.report_failure(
         A, claim.lease_id, TaskFailure(kind="no_camera", message="no camera", retryable=False)
@@ -82,12 +97,39 @@ def test_one_providers_scene_fault_is_confirmed_by_another_before_the_job_fails(
     assert retry.task.id == claim.task.id
     assert _record(farm, "a")[1] == 0
     assert _upload(farm, B, retry, tmp_path).accepted
+    # b's word against a's: a third provider checks b's result before anyone is judged
+    # (even with verification off), and a, the claimant, never judges it.
+    assert task_status(farm, claim.task.id) == TaskStatus.CHECKING
+    window = _lease(farm, C, node_c)
+    assert window.task.kind is TaskKind.VERIFY
+    assert _upload(farm, C, window, tmp_path).accepted
     assert task_status(farm, claim.task.id) == TaskStatus.COMPLETED
-    # The claim was contradicted by b's accepted result: it costs a's reputation, once.
+    # The claim was contradicted by a confirmed result: it costs a's reputation, once.
     assert _record(farm, "a")[1] == 1
     assert _upload(farm, A, again, tmp_path).accepted
     assert _record(farm, "a")[1] == 1
     assert farm.job(ARTIST, job_id).status is not JobStatus.FAILED
+
+
+def test_an_unconfirmed_result_never_gets_a_claimant_penalised(
+    fresh_farm: FreshFarm, demo_scene: Path, tmp_path: Path
+) -> None:
+    """A requester's partner (b) uploads made-up pixels for a task an honest provider (a)
+    truthfully called impossible: with nobody else to judge, the result is accepted as an
+    unsampled tile would be, but a's true report costs a nothing (the collusion the
+    mixed-attack suite found)."""
+    farm = fresh_farm(verification=VerificationPolicy(enabled=False))
+    _, (node_a, node_b) = setup_farm(farm, small_spec(), demo_scene, tmp_path / "b")
+    claim = _lease(farm, A, node_a)
+    farm.report_failure(
+        A, claim.lease_id, TaskFailure(kind="corrupt_scene", message="no DNA1", retryable=False)
+    )
+    retry = _lease(farm, B, node_b)
+    assert retry.task.id == claim.task.id
+    fake = np.zeros_like(TRUTH)
+    assert _upload(farm, B, retry, tmp_path, fake).accepted
+    assert task_status(farm, claim.task.id) == TaskStatus.COMPLETED
+    assert _record(farm, "a") == (0, 0, None)
 
 
 def test_a_scene_fault_nobody_else_comes_to_check_fails_with_a_quoted_reason(

@@ -59,13 +59,16 @@ class Samples:
         if not sampled:
             return False
         spec = self.core.spec_in(conn, row["job_id"])
-        if not self.verifier_online(conn, spec, row["job_id"], {owner}):
+        # Neither side of a dispute judges it: a provider that called the task impossible
+        # does not check the result that says otherwise.
+        excluded = {owner} | claims.accounts(conn, row["id"], final_only=True)
+        if not self.verifier_online(conn, spec, row["job_id"], excluded):
             return False  # nobody else could check it: accept it as it is
         around = self.rng.choice(doubt.points) if doubt is not None and doubt.points else None
         window = judging.window_assignment(assignment, spec, policy, self.rng, around)
         if doubt is not None:
             conn.execute("UPDATE tasks SET doubt = ? WHERE id = ?", (doubt.reason, row["id"]))
-        self._queue(conn, row, window, {owner}, changes)
+        self._queue(conn, row, window, excluded, changes)
         return True
 
     def _queue(
@@ -156,7 +159,7 @@ class Samples:
             window = RenderAssignment.model_validate_json(sample["assignment"])
             self._queue(conn, tile, window, excluded, changes)
         for task_id in verdict.confirmed:
-            self.states.complete(conn, task_id, changes)
+            self.states.complete(conn, task_id, changes, confirmed=True)
         doubt = conn.execute("SELECT doubt FROM tasks WHERE id = ?", (tile["id"],)).fetchone()
         if tile["id"] in verdict.confirmed and doubt is not None and doubt[0]:
             # Another provider's render agrees with a tile the requester's preview

@@ -85,6 +85,9 @@ def test_a_false_fault_report_costs_the_reporter_standing(tmp_path: Path) -> Non
     with hostile_farm(tmp_path / "c", "--no-verification") as farm:
         alice, bob, carol, job, nb = multi_frame_farm(farm)
         nc = farm.node(carol, "nc")
+        # A third provider: carol's word against bob's is settled by someone else.
+        dave = farm.account("dave", "provider")
+        nd = farm.node(dave, "nd")
         lease = farm.lease(bob, nb)
         assert lease is not None
         before = farm.node_info(bob, nb)
@@ -102,6 +105,11 @@ def test_a_false_fault_report_costs_the_reporter_standing(tmp_path: Path) -> Non
                 break
         else:
             pytest.fail("carol never got the reported task")
+        # dave checks carol's tile (verify windows are leased first) and agrees with it
+        check = farm.lease(dave, nd)
+        assert check is not None and check.task.kind == "verify", check
+        reply = farm.upload(dave, check.lease_id, honest(tmp_path, check))
+        assert reply.status_code == 200, reply.text
         after = farm.node_info(bob, nb)
         assert (
             after["reputation"] < before["reputation"] or after["rejected"] > before["rejected"]
