@@ -252,3 +252,27 @@ def test_without_a_sandbox_the_warning_says_what_is_unprotected(
     (warning,) = [r.getMessage() for r in caplog.records]
     assert "read every file this user can" in warning
     assert "network" in warning
+
+
+@pytest.mark.parametrize("sandbox", SANDBOXES)
+def test_a_node_refuses_every_attack_from_its_bundle(
+    bpy_build: BlenderBuild, bundle: Path, tmp_path: Path, sandbox: str
+) -> None:
+    """The node's own runner (farm_node), as it renders a lease: the scene's paths are
+    confined to the bundle it was extracted to, with bubblewrap and without it."""
+    from farm_node.failures import failure_kind
+    from farm_node.runner import TaskRunner
+    from tests.test_node_runner import make_lease
+
+    with TaskRunner(
+        bpy_build, tmp_path / "scratch", limits=RenderLimits(sandbox=sandbox)
+    ) as runner:
+        for attack in ATTACKS:
+            lease = make_lease(lease_id=attack).model_copy(
+                update={"scene_path": f"shots/{attack}.blend"}
+            )
+            scene = bundle / "shots" / f"{attack}.blend"
+            with pytest.raises(ExternalPathError) as refused:
+                runner.render(lease, scene, tmp_path / f"{attack}.exr")
+            assert failure_kind(refused.value).value == "unsafe_bundle"
+            assert not (tmp_path / f"{attack}.exr").exists()
