@@ -382,11 +382,8 @@ class TaskStates:
         self, conn: sqlite3.Connection, task_id: str, changes: Changes, *, confirmed: bool = False
     ) -> None:
         """Accept a stored result for good and pay for it; note the frame, if now complete.
-
-        `confirmed`: another provider's duplicate sample agreed with the result. Only then
-        does it contradict a provider that called the task impossible (at a cost to that
-        provider): an unchecked result may come from a partner of the requester, and must
-        not get an honest provider's true report punished."""
+        Only a `confirmed` result (a sample agreed) contradicts a provider that called the
+        task impossible: an unchecked one may come from the requester's partner."""
         row = conn.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
         conn.execute(
             "UPDATE tasks SET status = ?, updated_at = ? WHERE id = ?",
