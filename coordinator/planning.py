@@ -17,7 +17,7 @@ from protocol.models import (
     RenderAssignment,
     TaskKind,
 )
-from renderers.regions import ADAPTIVE_SAMPLING_MARGIN, RegionPlan, plan_grid
+from renderers.regions import RegionPlan, plan_frame
 
 __all__ = [
     "NewTask",
@@ -53,9 +53,13 @@ class NewTask:
 def plan_for(spec: JobSpec) -> RegionPlan:
     """The region plan of every frame of a job (the same for all its frames)."""
     width, height = spec.effective_size()
-    adaptive = spec.scene.adaptive_sampling
-    margin = ADAPTIVE_SAMPLING_MARGIN if adaptive else 0
-    return plan_grid(width, height, spec.tiles.columns, spec.tiles.rows, margin=margin)
+    return plan_frame(
+        width,
+        height,
+        spec.tiles.columns,
+        spec.tiles.rows,
+        adaptive_sampling=spec.scene.adaptive_sampling,
+    )
 
 
 def task_count(spec: JobSpec) -> int:

@@ -23,12 +23,11 @@ from renderers.exr import ExrImage, read_exr, write_exr
 from renderers.merge import merge_tiles
 from renderers.preview import write_preview_png
 from renderers.regions import (
-    ADAPTIVE_SAMPLING_MARGIN,
     RegionPlan,
     Tile,
     border_fractions,
     effective_resolution,
-    plan_grid,
+    plan_frame,
 )
 from renderers.scene_info import SceneInfo, inspect_scene
 from renderers.worker import ProgressCallback, RenderRequest, RenderWorker
@@ -103,13 +102,10 @@ def plan_for_scene(scene: SceneInfo, options: LocalRenderOptions) -> RegionPlan:
     percentage = options.percentage or scene.resolution_percentage
     width, height = effective_resolution(scene.resolution_x, scene.resolution_y, percentage)
     adaptive = (
-        scene.adaptive_sampling
-        if options.adaptive_sampling is None
-        else (options.adaptive_sampling)
+        scene.adaptive_sampling if options.adaptive_sampling is None else options.adaptive_sampling
     )
-    margin = ADAPTIVE_SAMPLING_MARGIN if adaptive else 0
     columns, rows = options.grid
-    return plan_grid(width, height, columns, rows, margin=margin)
+    return plan_frame(width, height, columns, rows, adaptive_sampling=adaptive)
 
 
 def render_frame_local(

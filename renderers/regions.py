@@ -187,6 +187,20 @@ def plan_grid(width: int, height: int, columns: int, rows: int, margin: int = 0)
     return RegionPlan(width, height, margin, tuple(tiles))
 
 
+def plan_frame(
+    width: int, height: int, columns: int, rows: int, *, adaptive_sampling: bool
+) -> RegionPlan:
+    """The plan of a frame to render in tiles: the grid, with the margin that keeps tiles
+    exact when adaptive sampling is on (its convergence mask crosses tile edges). The one
+    rule the farm and local renders share."""
+    return plan_grid(width, height, columns, rows, margin=render_margin(adaptive_sampling))
+
+
+def render_margin(adaptive_sampling: bool) -> int:
+    """Pixels a region is rendered beyond its core so that its core is exact."""
+    return ADAPTIVE_SAMPLING_MARGIN if adaptive_sampling else 0
+
+
 def plan_tile_size(
     width: int, height: int, tile_width: int, tile_height: int, margin: int = 0
 ) -> RegionPlan:

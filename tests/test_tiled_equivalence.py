@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from renderers import local_render
+from renderers import regions
 from renderers.exr import ExrImage, read_exr
 from renderers.local_render import LocalRenderOptions, render_frame_local
 from renderers.worker import RenderWorker
@@ -109,7 +109,7 @@ def test_converging_adaptive_sampling_needs_and_gets_its_margin(
     tiled = _render(worker, converging_scene, tmp_path / "tiled.exr", (4, 4), **common)
     _assert_identical(tiled, whole)
     # Without the margin, the convergence mask differs along tile edges: the check bites.
-    monkeypatch.setattr(local_render, "ADAPTIVE_SAMPLING_MARGIN", 0)
+    monkeypatch.setattr(regions, "ADAPTIVE_SAMPLING_MARGIN", 0)
     naive = _render(worker, converging_scene, tmp_path / "naive.exr", (4, 4), **common)
     differing = sum(
         int(np.count_nonzero(naive.channel(n) != whole.channel(n))) for n in whole.channel_names()

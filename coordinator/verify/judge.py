@@ -25,7 +25,7 @@ from coordinator.verify.policy import VerificationPolicy, choose_window
 from protocol.models import JobSpec, NodeCapabilities, Region, RenderAssignment
 from renderers.compare import WindowComparison, compare_windows
 from renderers.exr import read_exr
-from renderers.regions import ADAPTIVE_SAMPLING_MARGIN, PixelRect
+from renderers.regions import PixelRect, render_margin
 
 __all__ = [
     "Comparison",
@@ -86,7 +86,7 @@ def window_assignment(
     pixels equal the tile's), and the tile's settings."""
     core = tile.core_region
     window = choose_window(PixelRect(core.x0, core.y0, core.x1, core.y1), policy, rng, around)
-    margin = ADAPTIVE_SAMPLING_MARGIN if spec.scene.adaptive_sampling else 0
+    margin = render_margin(spec.scene.adaptive_sampling)
     render = Region(
         x0=max(0, window.x0 - margin),
         y0=max(0, window.y0 - margin),
