@@ -45,8 +45,9 @@ from blender_asset_tracer.pack import Aborted, Packer
 from blender_asset_tracer.pack import progress as pack_progress
 from blender_asset_tracer.trace import file_sequence
 
-from common.errors import BundleError, CorruptSceneError, TesseraError
+from common.errors import BundleError, CorruptSceneError, ExternalPathError, TesseraError
 from renderers.scene_info import check_scene_file
+from renderers.scene_paths import check_scene_paths
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,20 @@ def pack_scene(
             blendfile.close_all_cached()
 
 
+def _provider_refusal(scene: Path, bundle: Path) -> str | None:
+    """What a provider's node will say of the packed scene, if it refuses it: a path that
+    still leads outside the bundle (a missing file named by an absolute path or by one
+    that climbs out of the project) is never read on a stranger's machine."""
+    try:
+        check_scene_paths(scene, bundle)
+    except ExternalPathError as exc:
+        return (
+            f"Providers will refuse this scene: {exc.message} Remove or fix that path in "
+            "Blender (File > External Data > Report Missing Files), then submit again."
+        )
+    return None
+
+
 def _ignore_progress(_: PackProgress) -> None:
     return None
 
@@ -163,6 +178,9 @@ def _pack(
             f"Some files lie outside {project} and have no folder in common with the scene; "
             f"they are packed under {OUTSIDE_PROJECT}/ with their full path."
         )
+    refusal = _provider_refusal(target / scene_path, target)
+    if refusal is not None:
+        warnings.append(refusal)
     _store_blends_uncompressed(target)
     files = sorted(path.relative_to(target).as_posix() for path in _walk_files(target))
     zip_path, sha256, size = _write_zip(target, files, out_dir, scratch, report)

@@ -394,3 +394,26 @@ def test_listing_the_dependencies_of_a_damaged_scene_says_so(bat_scenes: Path) -
 
     with pytest.raises(CorruptSceneError, match="damaged or truncated"):
         list_dependencies(bat_scenes / "corrupt_only_magic.blend")
+
+
+@pytest.mark.parametrize(
+    ("scene", "path"),
+    [
+        ("absolute_path.blend", "/home/sybren/workspace/bam/blender-asset-tracer"),
+        ("image_sequencer.blend", "//../../../../cloud/pillar/testfiles/video-tiny.mkv"),
+    ],
+)
+def test_a_path_providers_will_refuse_is_a_warning_at_submit(
+    bat: Path, tmp_path: Path, scene: str, path: str
+) -> None:
+    """A path that still leads outside the packed bundle (here, missing files named by an
+    absolute path or by one climbing out of the project) is refused by every node
+    (issue 17): the artist hears it at packing, naming the path, not from a failed job."""
+    result = pack_scene(bat / scene, tmp_path / "out")
+    refusals = [w for w in result.warnings if w.startswith("Providers will refuse this scene")]
+    assert len(refusals) == 1 and path in refusals[0]
+
+
+def test_a_packed_scene_inside_its_bundle_has_no_refusal_warning(bat: Path, tmp_path: Path) -> None:
+    result = pack_scene(bat / "missing_textures.blend", tmp_path / "out")
+    assert not [w for w in result.warnings if w.startswith("Providers will refuse")]
