@@ -24,6 +24,29 @@ from renderers.worker import RenderWorker
 from tests.farm_tools import job_spec, make_bundle, start_coordinator, wait_for_job
 
 
+def _real_node(
+    url: str, token: str, build: BlenderBuild, folder: Path
+) -> tuple[NodeDaemon, TesseraClient, TaskRunner]:
+    """A real node's parts, as `tessera node` builds them, with short waits for tests."""
+    config = NodeConfig(
+        coordinator_url=url,
+        data_dir=folder / "node",
+        token=token,
+        name="real-node",
+        poll_wait=0.5,
+        benchmark=False,
+        retry_initial=0.1,
+        retry_max=1.0,
+    )
+    client = TesseraClient(url, token)
+    runner = TaskRunner(build, config.scratch_dir, task_timeout=120)
+    return (
+        NodeDaemon(config, client, runner, BundleCache(config.cache_dir, 1 << 30)),
+        client,
+        runner,
+    )
+
+
 def test_a_tiled_denoised_job_is_rendered_by_the_node(
     bpy_build: BlenderBuild, demo_scene: Path, worker: RenderWorker, tmp_path: Path
 ) -> None:
@@ -37,19 +60,7 @@ def test_a_tiled_denoised_job_is_rendered_by_the_node(
         with coordinator.client(requester) as client:
             client.upload_bundle(bundle)
             job = client.submit_job(job_spec(info, sha, frames="1", tiles=(2, 2), denoise=True))
-            config = NodeConfig(
-                coordinator_url=coordinator.url,
-                data_dir=tmp_path / "node",
-                token=provider,
-                name="real-node",
-                poll_wait=0.5,
-                benchmark=False,
-                retry_initial=0.1,
-                retry_max=1.0,
-            )
-            node_client = TesseraClient(coordinator.url, provider)
-            runner = TaskRunner(bpy_build, config.scratch_dir, task_timeout=120)
-            daemon = NodeDaemon(config, node_client, runner, BundleCache(config.cache_dir, 1 << 30))
+            daemon, node_client, runner = _real_node(coordinator.url, provider, bpy_build, tmp_path)
             stop = threading.Event()
             thread = threading.Thread(target=daemon.run, args=(stop,), name="real-node")
             thread.start()
@@ -108,19 +119,7 @@ def test_a_bundle_with_a_corrupt_entry_fails_its_job_and_the_node_goes_on(
             client.upload_bundle(bad_bundle)
             client.upload_bundle(good_bundle)
             bad_job = client.submit_job(job_spec(info, bad_sha, frames="1", tiles=(1, 1)))
-            config = NodeConfig(
-                coordinator_url=coordinator.url,
-                data_dir=tmp_path / "node",
-                token=provider,
-                name="real-node",
-                poll_wait=0.5,
-                benchmark=False,
-                retry_initial=0.1,
-                retry_max=1.0,
-            )
-            node_client = TesseraClient(coordinator.url, provider)
-            runner = TaskRunner(bpy_build, config.scratch_dir, task_timeout=120)
-            daemon = NodeDaemon(config, node_client, runner, BundleCache(config.cache_dir, 1 << 30))
+            daemon, node_client, _ = _real_node(coordinator.url, provider, bpy_build, tmp_path)
             stop = threading.Event()
             errors: list[BaseException] = []
 
