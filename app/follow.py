@@ -5,16 +5,23 @@ as it finishes and returns when the job is completed, failed or canceled. If the
 breaks it polls the job every second instead, and rides out a coordinator restart for
 `patience` seconds. `download_finished_frames` fetches what is done without waiting.
 
-Frames land in `<out_dir>/<scene file stem>/frame_####.exr` plus a `.png` preview,
-numbered as Blender's `####` does (printf `%04d`): frame 7 is `frame_0007`, frame -1 is
-`frame_-001`, frame 12345 is `frame_12345`. Downloads are atomic (the client writes
-`<name>.part` and renames it), so a file that exists is complete. No Qt, no printing.
+Everything lands in `<out_dir>/<scene file stem>/`. A job finished on the farm (the
+default) delivers the scene's own files under the names Blender gives them (sub-folders
+of its output path kept: `render/shot_0001.png`), File Output nodes' files, the raw
+multilayer EXR of every pass as `frame_####.exr`, and at the end the scene's movie and
+the preview video. A raw job (no finish) delivers `frame_####.exr` plus a `.png`
+preview. Frames are numbered as Blender's `####` does (printf `%04d`): frame 7 is
+`frame_0007`, frame -1 is `frame_-001`, frame 12345 is `frame_12345`. Downloads are
+atomic (the client writes `<name>.part` and renames it), so a file that exists is
+complete, and a file already there with the coordinator's hash is not fetched again.
+No Qt, no printing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -26,7 +33,7 @@ import urllib3
 
 from common.errors import CoordinatorUnreachableError, TesseraError, UsageError
 from protocol.client import TesseraClient, sha256_file
-from protocol.models import FINISHED_JOB_STATES, Event, FrameStatus, Job
+from protocol.models import FINISHED_JOB_STATES, Deliverable, Event, FrameStatus, Job, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +108,21 @@ class _Follower:
     last_refresh: float = 0.0
     read_timeout: float = STREAM_READ_TIMEOUT
     connections: int = 0
+    #: The job is finished on the farm: its deliverables are fetched, not raw frames.
+    finished_on_farm: bool = False
 
     def run(self) -> FollowResult:
         job = self._refresh()
         self.folder = frame_folder(self.out_dir, job)
+        self.finished_on_farm = job.spec.finish
         job = self._sync(job)
         while job.status not in FINISHED_JOB_STATES and not self.stop():
             job = self._poll(job) if self.polled else self._stream(job)
         if job.status in FINISHED_JOB_STATES:
             job = self._sync(job)
+        if job.status is JobStatus.COMPLETED and self.finished_on_farm:
+            # The movie and the preview video come once the last frame is done.
+            fetch_deliverables(self.client, job.id, self.folder, frame=None)
         return FollowResult(
             job=job,
             folder=self.folder,
@@ -208,7 +221,10 @@ class _Follower:
         if frame in self.done:
             return
         paths = []
-        for kind in self.kinds:
+        if self.finished_on_farm:
+            fetched = fetch_deliverables(self.client, self.job_id, self.folder, frame=frame)
+            paths = [path for path, _ in fetched]
+        for kind in () if self.finished_on_farm else self.kinds:
             target = self.folder / frame_file_name(frame, kind)
             _fetch_frame(self.client, self.job_id, frame, kind, target, None)
             paths.append(target)
@@ -248,11 +264,13 @@ def download_finished_frames(
         patience=0.0,
         kinds=kinds,
         folder=frame_folder(out_dir, job),
+        finished_on_farm=job.spec.finish,
     )
     follower.done = {
         frame
         for frame in job.frames_done
-        if all((follower.folder / frame_file_name(frame, kind)).is_file() for kind in kinds)
+        if not job.spec.finish
+        and all((follower.folder / frame_file_name(frame, kind)).is_file() for kind in kinds)
     }
     follower._sync(job)
     return FollowResult(job=job, folder=follower.folder, frames=tuple(follower.written))
@@ -330,7 +348,13 @@ def download_job(
     downloaded: list[Path] = []
     present: list[Path] = []
     unfinished: list[int] = []
-    for state in client.frames(job_id):
+    states = client.frames(job_id)
+    if job.spec.finish:
+        unfinished = [s.frame for s in states if s.status is not FrameStatus.DONE]
+        for path, fetched in fetch_deliverables(client, job_id, folder, on_file=on_file):
+            (downloaded if fetched else present).append(path)
+        return DownloadSummary(job, folder, tuple(downloaded), tuple(present), tuple(unfinished))
+    for state in states:
         if state.status is not FrameStatus.DONE:
             unfinished.append(state.frame)
             continue
@@ -347,6 +371,59 @@ def download_job(
             if on_file is not None:
                 on_file(target, fetched)
     return DownloadSummary(job, folder, tuple(downloaded), tuple(present), tuple(unfinished))
+
+
+#: `fetch_deliverables(frame=ALL)`: every file of the job, of every frame and none.
+ALL = "all"
+
+
+def fetch_deliverables(
+    client: TesseraClient,
+    job_id: str,
+    folder: Path,
+    *,
+    frame: int | str | None = ALL,
+    on_file: Callable[[Path, bool], None] | None = None,
+) -> list[tuple[Path, bool]]:
+    """Fetch a job's deliverables into `folder` under their own relative paths: those of
+    one `frame`, those of no frame (`None`: the movie and preview video), or `ALL`. A
+    file already there with the coordinator's hash is kept. Returns (path, downloaded)."""
+    listing = client.deliverables(job_id)
+    done: list[tuple[Path, bool]] = []
+    for file in listing.files:
+        if frame not in (ALL, file.frame):
+            continue
+        target = _inside(folder, file)
+        fetched = not (target.is_file() and sha256_file(target) == file.sha256)
+        if fetched:
+            _fetch_deliverable(client, job_id, file, target)
+        done.append((target, fetched))
+        if on_file is not None:
+            on_file(target, fetched)
+    return done
+
+
+def _inside(folder: Path, file: Deliverable) -> Path:
+    """Where a deliverable goes; never outside `folder` (its path was checked by the
+    model already: this also refuses a link planted in the folder)."""
+    target = folder / file.path
+    root = folder.resolve()
+    if os.path.commonpath([root, target.resolve()]) != str(root):
+        raise FrameDownloadError(f"Refusing to write {file.path}: it leads outside {folder}.")
+    return target
+
+
+def _fetch_deliverable(client: TesseraClient, job_id: str, file: Deliverable, target: Path) -> None:
+    try:
+        client.download_deliverable(job_id, file, target)
+    except requests.RequestException as exc:
+        target.with_name(target.name + ".part").unlink(missing_ok=True)
+        raise CoordinatorUnreachableError(
+            f"Lost the connection while downloading {file.path} of job {job_id} from "
+            f"{client.base_url} ({exc})."
+        ) from exc
+    except OSError as exc:
+        raise FrameDownloadError(f"Cannot write {target}: {exc.strerror or exc}.") from exc
 
 
 def _fetch_frame(

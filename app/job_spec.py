@@ -11,6 +11,7 @@ No Qt and no printing here.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,15 @@ from typing import Any
 from pydantic import ValidationError
 
 from common.errors import UsageError
-from protocol.models import FramePreview, FrameRange, JobOptions, JobSpec, SceneSummary
+from protocol.models import (
+    FramePreview,
+    FrameRange,
+    JobOptions,
+    JobSpec,
+    MovieOutput,
+    SceneSummary,
+)
+from renderers.finish import check_finishable
 from renderers.scene_info import SceneInfo, inspect_scene
 from renderers.scene_probe import PreviewImage, SceneProbe, preview_frames, probe_scene
 from renderers.worker import RenderWorker
@@ -93,7 +102,10 @@ def job_spec_for(
     """The job spec of an inspected scene with `options` (no Blender, no I/O): the
     scene's cost and previews from `measured` when given (else cost 1.0, no previews),
     and a placeholder bundle unless one is named. Raises `UsageError` for options that
-    do not fit the scene."""
+    do not fit the scene, and the scene's own error when its output cannot be finished
+    (an unknown format, a path leaving the output folder, a sequencer edit)."""
+    if options.finish and info.output is not None:
+        check_finishable(info.output)  # refused before any render: the finish would fail
     fields: dict[str, object] = {
         **options.model_dump(exclude={"frames"}),
         "name": options.name or info.path.stem,
@@ -171,6 +183,59 @@ def scene_summary(info: SceneInfo) -> SceneSummary:
         camera=info.camera,
         engine=info.engine,
         blender_version=info.blender_version,
+        fps=info.fps if 0 < info.fps <= 1000 else 24.0,
+        movie=movie_output(info),
+    )
+
+
+#: Blender's movie file extension per container (`render.ffmpeg.format`).
+_MOVIE_EXTENSIONS = {
+    "MPEG4": ".mp4",
+    "MKV": ".mkv",
+    "WEBM": ".webm",
+    "AVI": ".avi",
+    "QUICKTIME": ".mov",
+    "OGG": ".ogv",
+    "FLASH": ".flv",
+    "MPEG1": ".mpg",
+    "MPEG2": ".dvd",
+    "DV": ".dv",
+}
+
+
+def movie_name(path: str, start: int, end: int, movie: dict[str, Any]) -> str:
+    """A movie's file name as Blender gives it: the run of '#' becomes the frame range
+    ('shot_####' -> 'shot_0001-0004'; none: the range is appended), then the container's
+    extension (the inspection reports the path unexpanded for movies)."""
+    name = path.replace("\\", "/")
+    if name.endswith(tuple(_MOVIE_EXTENSIONS.values())):
+        return name
+    hashes = re.search(r"#+", name)
+    if hashes is None:
+        name = f"{name}{start:04d}-{end:04d}"
+    else:
+        width = len(hashes.group())
+        span = f"{start:0{width}d}-{end:0{width}d}"
+        name = name[: hashes.start()] + span + name[hashes.end() :]
+    return name + _MOVIE_EXTENSIONS.get(str(movie.get("container")), "")
+
+
+def movie_output(info: SceneInfo) -> MovieOutput | None:
+    """The scene's movie settings, when it writes a movie the farm can encode."""
+    output = info.output
+    if output is None or output.movie is None or not output.frame_path:
+        return None
+    movie = output.movie
+    return MovieOutput(
+        name=movie_name(output.frame_path, info.frame_start, info.frame_end, movie),
+        container=str(movie["container"]),
+        codec=str(movie["codec"]),
+        fps=float(movie["fps"]) / float(movie.get("fps_base") or 1.0),
+        crf=str(movie.get("crf", "MEDIUM")),
+        preset=str(movie.get("preset", "GOOD")),
+        gop=int(movie.get("gop", 18)),
+        bitrate_kbps=max(1, int(movie.get("bitrate_kbps", 6000))),
+        color_mode=str(movie.get("color_mode", "RGB")),
     )
 
 

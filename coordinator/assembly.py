@@ -2,13 +2,17 @@
 
 Runs in one background thread so uploads return quickly. A frame whose scene asks for
 denoising is merged, stored, and handed to a node as a `denoise` task (the coordinator
-never runs Blender); its result becomes the final frame. Every step is recorded in the
-`frames` table, and `recover()` re-queues frames that a crash interrupted, so a restart
-never loses or repeats accepted work. A frame that cannot be written because the disk
-(or the database) is full waits and is assembled again every `retry_seconds`, with the
-reason in its job's message: a full disk delays a job, it never fails it.
+never runs Blender); its result is the frame's final passes (the raw EXR). Those go to
+a node as a `finish` task, whose files (the scene's own output, File Output nodes') are
+unpacked into the store as the frame's deliverables, with a colour-managed thumbnail of
+the frame file as its preview. With the job's last frame, its movie and preview video
+are encoded here (ffmpeg from imageio-ffmpeg). Every step is recorded in the `frames`
+table, and `recover()` re-queues frames and encodes that a crash interrupted, so a
+restart never loses or repeats accepted work. A frame that cannot be written because the
+disk (or the database) is full waits and is assembled again every `retry_seconds`, with
+the reason in its job's message: a full disk delays a job, it never fails it.
 
-Merge only: the frame's and its job's states are written by `coordinator.task_states`.
+Merge and encode only: states are written by `coordinator.frame_states`.
 """
 
 from __future__ import annotations
@@ -18,16 +22,20 @@ import queue
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.disk_space import no_room_reason
+from coordinator.deliverables import Deliverables, StoredFile, raw_exr_name, unpack_finish
 from coordinator.errors import StorageFullError
+from coordinator.frame_states import FrameStates
 from coordinator.planning import plan_for
 from coordinator.task_states import RUNNABLE_JOBS, TaskStates
 from protocol.models import FrameStatus, JobSpec, TaskKind, TaskStatus
 from renderers.exr import ExrImage, read_exr, write_exr
 from renderers.merge import merge_tiles
-from renderers.preview import write_preview_png
+from renderers.preview import ThumbnailError, write_preview_png, write_thumbnail
+from renderers.video import MovieSpec, VideoError, encode_movie, encode_preview
 
 log = logging.getLogger(__name__)
 PREVIEW_SIZE = 1024
@@ -35,15 +43,28 @@ PREVIEW_SIZE = 1024
 STORAGE_RETRY_SECONDS = 30.0
 
 
+#: Frame files a preview video is made from directly (others: their thumbnails).
+_VIDEO_READABLE = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Encode:
+    """Queue item: encode a job's movie and preview video."""
+
+    job_id: str
+
+
 class Assembler:
     def __init__(self, states: TaskStates, retry_seconds: float = STORAGE_RETRY_SECONDS) -> None:
         self.states = states
+        self.frames = FrameStates(states)
+        self.deliverables = Deliverables(states.core)
         self.db = states.core.db
         self.store = states.core.store
         self.retry_seconds = retry_seconds
         #: Frames waiting for disk space: (when to try again, job, frame).
         self._waiting: list[tuple[float, str, int]] = []
-        self._queue: queue.Queue[tuple[str, int] | threading.Event] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, int] | _Encode | threading.Event] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -82,6 +103,8 @@ class Assembler:
         )
         for row in rows:
             self.submit(row["job_id"], row["frame"])
+        for job_id in self.frames.jobs_awaiting_videos():
+            self._queue.put(_Encode(job_id))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -92,6 +115,9 @@ class Assembler:
                 continue
             if isinstance(item, threading.Event):
                 item.set()
+                continue
+            if isinstance(item, _Encode):
+                self._encode_videos(item.job_id)
                 continue
             job_id, frame = item
             try:
@@ -149,7 +175,16 @@ class Assembler:
             )
             if denoised is not None:
                 image = read_exr(self.store.path(denoised["result_sha"]))
-                self._finish(job_id, frame, image, exr_sha=denoised["result_sha"])
+                self._final(job_id, frame, spec, image, exr_sha=denoised["result_sha"])
+            return
+        if state["status"] == FrameStatus.FINISHING.value:
+            finished = self.db.query_one(
+                "SELECT result_sha FROM tasks WHERE job_id = ? AND frame = ? AND kind = ? AND"
+                " status = ?",
+                (job_id, frame, TaskKind.FINISH.value, TaskStatus.COMPLETED.value),
+            )
+            if finished is not None:
+                self._finished(job_id, frame, spec, dict(state), finished["result_sha"])
             return
         tiles = self.db.query(
             "SELECT tile_index, result_sha, status FROM tasks WHERE job_id = ? AND frame = ?"
@@ -162,7 +197,7 @@ class Assembler:
         if plan.is_whole_frame:
             # One tile is the frame (denoised in-render if asked): keep the node's file.
             sha = tiles[0]["result_sha"]
-            self._finish(job_id, frame, read_exr(self.store.path(sha)), exr_sha=sha)
+            self._final(job_id, frame, spec, read_exr(self.store.path(sha)), exr_sha=sha)
             return
         merged = merge_tiles(
             plan, {t["tile_index"]: self.store.path(t["result_sha"]) for t in tiles}
@@ -170,7 +205,7 @@ class Assembler:
         if spec.wants_denoise:
             self._start_denoise(job_id, frame, merged)
         else:
-            self._finish(job_id, frame, merged)
+            self._final(job_id, frame, spec, merged)
 
     def _store_exr(self, image: ExrImage) -> str:
         with tempfile.TemporaryDirectory(dir=self.store.root / "tmp") as scratch:
@@ -179,14 +214,121 @@ class Assembler:
             return self.store.put_file(path)
 
     def _start_denoise(self, job_id: str, frame: int, merged: ExrImage) -> None:
-        self.states.frame_denoising(job_id, frame, self._store_exr(merged))
+        self.frames.denoising(job_id, frame, self._store_exr(merged))
 
-    def _finish(self, job_id: str, frame: int, image: ExrImage, exr_sha: str | None = None) -> None:
+    def _final(
+        self,
+        job_id: str,
+        frame: int,
+        spec: JobSpec,
+        image: ExrImage,
+        exr_sha: str | None = None,
+    ) -> None:
+        """The frame's final passes: to its finish task, or done as they are."""
         exr_sha = exr_sha or self._store_exr(image)
         with tempfile.TemporaryDirectory(dir=self.store.root / "tmp") as scratch:
             png = write_preview_png(image, Path(scratch) / "frame.png")
             png_sha = self.store.put_file(png)
-        self.states.frame_done(job_id, frame, exr_sha, png_sha)
+        if spec.finish:
+            self.frames.finishing(job_id, frame, exr_sha, png_sha)
+        else:
+            self._done(job_id, frame, exr_sha, png_sha, [])
+
+    def _finished(
+        self, job_id: str, frame: int, spec: JobSpec, state: dict[str, object], upload: str
+    ) -> None:
+        """The finish task's files: stored, the frame file (colour-managed, as the artist
+        will see it) made the frame's preview."""
+        files = unpack_finish(self.store, self.store.path(upload), frame)
+        png_sha = str(state["png_sha"])
+        main = next(f for f in files if f.kind == "frame")
+        with tempfile.TemporaryDirectory(dir=self.store.root / "tmp") as scratch:
+            try:
+                thumbnail = write_thumbnail(
+                    self.store.path(main.sha256),
+                    Path(scratch) / "thumb.png",
+                    max_size=max(spec.effective_size()),
+                )
+                png_sha = self.store.put_file(thumbnail)
+            except ThumbnailError as exc:
+                log.info("frame %s of job %s keeps its raw preview: %s", frame, job_id, exc)
+        self._done(job_id, frame, str(state["exr_sha"]), png_sha, files)
+
+    def _done(
+        self, job_id: str, frame: int, exr_sha: str, png_sha: str, files: list[StoredFile]
+    ) -> None:
+        taken = {f.path for f in files}
+        raw_name = raw_exr_name(frame)
+        if raw_name in taken:  # the scene itself writes frame_####.exr at the top
+            raw_name = raw_name.replace(".exr", ".passes.exr")
+        raw = StoredFile(raw_name, "raw_exr", exr_sha, self.store.size(exr_sha), frame)
+        if self.frames.done(job_id, frame, exr_sha, png_sha, [*files, raw]):
+            self._queue.put(_Encode(job_id))
+
+    def _encode_videos(self, job_id: str) -> None:
+        """The job's movie (a movie scene's) and preview video, then its completion. A
+        video that cannot be made is said in the job's message; the frames stand."""
+        spec = self.states.core.spec(job_id)
+        files: list[StoredFile] = []
+        problems: list[str] = []
+        frames = self.deliverables.frames_of_kind(job_id, "frame")
+        movie = spec.scene.movie if spec.finish else None
+        with tempfile.TemporaryDirectory(dir=self.store.root / "tmp") as scratch:
+            folder = Path(scratch)
+            if movie is not None:
+                try:
+                    sources = self._linked(folder / "movie", frames)
+                    settings = MovieSpec(
+                        name=movie.name,
+                        container=movie.container,
+                        codec=movie.codec,
+                        fps=movie.fps,
+                        frame_start=spec.frames.start,
+                        frame_end=spec.frames.end,
+                        crf=movie.crf,
+                        preset=movie.preset,
+                        gop=movie.gop,
+                        bitrate_kbps=movie.bitrate_kbps,
+                        color_mode=movie.color_mode,
+                    )
+                    out = encode_movie(sources, settings, folder / "movie.out")
+                    files.append(self._stored(out, movie.name, "movie"))
+                except VideoError as exc:
+                    problems.append(f"The scene's movie could not be encoded: {exc.message}")
+            if spec.preview_video:
+                try:
+                    sources = self._preview_sources(job_id, folder / "preview", frames)
+                    fps = movie.fps if movie is not None else spec.scene.fps
+                    out = encode_preview(sources, folder / "preview.mp4", fps=fps)
+                    name = f"preview_{spec.frames.start:04d}-{spec.frames.end:04d}.mp4"
+                    files.append(self._stored(out, name, "preview_video"))
+                except VideoError as exc:
+                    problems.append(f"The preview video could not be encoded: {exc.message}")
+        self.frames.videos_done(job_id, files, " ".join(problems))
+
+    def _stored(self, path: Path, name: str, kind: str) -> StoredFile:
+        sha = self.store.put_file(path)
+        return StoredFile(name, kind, sha, self.store.size(sha), None)  # type: ignore[arg-type]
+
+    def _linked(self, folder: Path, frames: list[StoredFile]) -> list[Path]:
+        """Stored frames under names with their suffix (ffmpeg reads by extension)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for index, stored in enumerate(frames):
+            link = folder / f"{index:06d}{Path(stored.path).suffix.lower()}"
+            link.symlink_to(self.store.path(stored.sha256))
+            paths.append(link)
+        return paths
+
+    def _preview_sources(self, job_id: str, folder: Path, frames: list[StoredFile]) -> list[Path]:
+        """The frame files when ffmpeg reads them, else each frame's preview PNG."""
+        if frames and all(Path(f.path).suffix.lower() in _VIDEO_READABLE for f in frames):
+            return self._linked(folder, frames)
+        rows = self.db.query(
+            "SELECT frame, png_sha FROM frames WHERE job_id = ? ORDER BY frame", (job_id,)
+        )
+        previews = [StoredFile(f"{r['frame']}.png", "frame", r["png_sha"], 0, None) for r in rows]
+        return self._linked(folder, previews)
 
     def _fail_job(self, job_id: str, frame: int) -> None:
         self.states.fail_job_now(

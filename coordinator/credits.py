@@ -87,7 +87,7 @@ class Credits:
         price = min(caps.price, spec.max_price)
         if price <= 0:
             return
-        if row["kind"] == TaskKind.DENOISE.value:
+        if row["kind"] in (TaskKind.DENOISE.value, TaskKind.FINISH.value):
             units = denoise_units(spec)
         else:
             units = render_units(spec, RenderAssignment.model_validate_json(row["assignment"]))

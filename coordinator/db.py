@@ -213,6 +213,20 @@ MIGRATIONS: tuple[str, ...] = (
             json_extract(j.spec, '$.scene.resolution_y') FROM jobs j WHERE j.id = tasks.job_id))
     ) WHERE assignment IS NOT NULL AND json_valid(assignment)
     """,
+    # 10: the artist's deliverable (issue 12). Every file a finish task made (the scene's
+    # own frame, File Output nodes' files), the raw EXR of every pass, and the job's
+    # movie and preview video, stored content-addressed and named as Blender names them.
+    """
+    CREATE TABLE deliverables (
+        job_id TEXT NOT NULL REFERENCES jobs(id),
+        path TEXT NOT NULL,
+        frame INTEGER,
+        kind TEXT NOT NULL,
+        sha TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        PRIMARY KEY (job_id, path)
+    );
+    """,
 )
 
 

@@ -38,6 +38,7 @@ from coordinator.verify.samples import Samples
 from protocol.models import (
     AccountInfo,
     AccountToken,
+    Deliverables,
     FrameState,
     Heartbeat,
     HeartbeatReply,
@@ -185,6 +186,12 @@ class Farm:
 
     def frame_file(self, who: Principal, job_id: str, frame: int, kind: str) -> Path:
         return self.jobs_room.frame_file(who, job_id, frame, kind)
+
+    def deliverables(self, who: Principal, job_id: str) -> Deliverables:
+        return self.jobs_room.deliverables(who, job_id)
+
+    def deliverable_file(self, who: Principal, job_id: str, sha256: str) -> Path:
+        return self.jobs_room.deliverable_file(who, job_id, sha256)
 
     def task_preview(self, who: Principal, task_id: str) -> Path:
         return self.jobs_room.task_preview(who, task_id)

@@ -16,6 +16,7 @@ from coordinator.accounts import Principal, require
 from coordinator.bundles import Bundles
 from coordinator.core import Core
 from coordinator.db import now_iso
+from coordinator.deliverables import Deliverables as DeliverableFiles
 from coordinator.errors import ConflictError, InvalidRequestError, JobNotFoundError, NotFoundError
 from coordinator.planning import plan_assignments, render_tasks, task_count
 from coordinator.pricing import estimate_milli, over_max_credits
@@ -26,6 +27,7 @@ from protocol.models import (
     FINISHED_JOB_STATES,
     MAX_FRAME,
     MIN_FRAME,
+    Deliverables,
     FrameState,
     FrameStatus,
     Job,
@@ -225,6 +227,20 @@ class Jobs:
                 hint="Follow /api/v1/events or poll the job until it is.",
             )
         return self.core.store.path(row["exr_sha"] if kind == "exr" else row["png_sha"])
+
+    def deliverables(self, who: Principal, job_id: str) -> Deliverables:
+        """Every file of the job so far, named as Blender names them, for DIR/<scene>/."""
+        row = self._job_row(who, job_id)
+        spec = self.core.readable_spec(job_id, row["spec"])
+        scene = Path(spec.scene_path).stem if spec is not None else row["name"]
+        return Deliverables(scene=scene, files=DeliverableFiles(self.core).of_job(job_id))
+
+    def deliverable_file(self, who: Principal, job_id: str, sha256: str) -> Path:
+        """One deliverable's bytes (the job's own: a hash of another job's is unknown)."""
+        self._job_row(who, job_id)
+        if not DeliverableFiles(self.core).has(job_id, sha256):
+            raise NotFoundError(f"Job {job_id} has no deliverable {sha256[:16]}.")
+        return self.core.store.path(sha256)
 
     def task_preview(self, who: Principal, task_id: str) -> Path:
         row = self.core.db.query_one(

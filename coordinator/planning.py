@@ -1,8 +1,8 @@
 """Planning: the tasks a job needs, of every kind, and who can run them.
 
 Every task the farm ever creates is described here as a `NewTask` (a job's render tiles,
-a duplicate sample's window, a backup copy of a slow tile, a frame's denoise) and written
-by `coordinator.task_states`. Pure: no database, no clock.
+a duplicate sample's window, a backup copy of a slow tile, a frame's denoise and its
+finish) and written by `coordinator.task_states`. Pure: no database, no clock.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ __all__ = [
     "NewTask",
     "backup_task",
     "denoise_task",
+    "finish_task",
     "frame_assignments",
     "lease_device",
     "node_can_run",
@@ -162,6 +163,18 @@ def denoise_task(job_id: str, frame: int, merged_sha: str) -> NewTask:
         frame=frame,
         tile_index=0,
         denoise_input=merged_sha,
+    )
+
+
+def finish_task(job_id: str, frame: int, frame_sha: str) -> NewTask:
+    """The finish of a final frame into the scene's own files (once per frame)."""
+    return NewTask(
+        id=f"{job_id}-f{frame}-finish",
+        job_id=job_id,
+        kind=TaskKind.FINISH,
+        frame=frame,
+        tile_index=0,
+        denoise_input=frame_sha,
     )
 
 

@@ -34,7 +34,7 @@ def render_units(spec: JobSpec, assignment: RenderAssignment) -> float:
 
 
 def denoise_units(spec: JobSpec) -> float:
-    """Work units of a denoise task: frame pixels / 1e6."""
+    """Work units of a denoise or a finish task: frame pixels / 1e6."""
     width, height = spec.effective_size()
     return width * height / 1e6
 
@@ -47,7 +47,8 @@ def sample_units(spec: JobSpec, tile: RenderAssignment, config: CoordinatorConfi
 
 def estimate_milli(spec: JobSpec, config: CoordinatorConfig) -> int:
     """The most a job can cost at its max price: every tile, one duplicate sample of each
-    (new providers are sampled on every tile), and the denoise of each tiled frame.
+    (new providers are sampled on every tile), the denoise of each tiled frame and the
+    finish of each frame.
 
     Every frame of a job has the same tiles, so one frame is priced and multiplied:
     the work is bounded by the tiles of a frame, whatever the number of frames.
@@ -60,6 +61,8 @@ def estimate_milli(spec: JobSpec, config: CoordinatorConfig) -> int:
             units += sample_units(spec, assignment, config)
         per_frame += ledger.cost_milli(units, spec.max_price, round_up=True)
     if spec.wants_denoise and not plan_for(spec).is_whole_frame:
+        per_frame += ledger.cost_milli(denoise_units(spec), spec.max_price, round_up=True)
+    if spec.finish:
         per_frame += ledger.cost_milli(denoise_units(spec), spec.max_price, round_up=True)
     return per_frame * frames
 

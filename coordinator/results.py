@@ -14,6 +14,7 @@ from pathlib import Path
 from coordinator.accounts import Principal
 from coordinator.core import Core, TaskRow
 from coordinator.db import now_iso
+from coordinator.deliverables import check_finish_upload
 from coordinator.errors import (
     BadUploadError,
     InvalidRequestError,
@@ -196,6 +197,8 @@ class Results:
         """Structure and values of an uploaded EXR against its task (why it is refused),
         and whether the job's previews doubt it (never a refusal: see `_settle`)."""
         spec = self.core.spec(row["job_id"])
+        if row["kind"] == TaskKind.FINISH.value:
+            return check_finish_upload(self.core.store.path(sha256), spec, self.max_bytes), None
         assignment = (
             RenderAssignment.model_validate_json(row["assignment"])
             if row["kind"] != TaskKind.DENOISE.value

@@ -429,6 +429,9 @@ class Scheduler:
             denoise_input=task_row["denoise_input"],
             device=lease_device(spec),
             samples=spec.effective_samples,
+            percentage=spec.effective_percentage,
+            resolution_x=spec.scene.resolution_x,
+            resolution_y=spec.scene.resolution_y,
             expires_at=datetime.fromtimestamp(expires, UTC),
             heartbeat_interval=self.heartbeat_interval(),
         )
@@ -456,13 +459,14 @@ class Scheduler:
         ).isoformat()
         sql = (
             "SELECT t.* FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.status = ? AND"
-            " t.kind IN (?, ?) AND t.excluded_owners != '' AND t.updated_at < ? AND"
+            " t.kind IN (?, ?, ?) AND t.excluded_owners != '' AND t.updated_at < ? AND"
             " j.status IN (?, ?)"
         )
         params = (
             TaskStatus.SOFT_FAILED.value,
             TaskKind.RENDER.value,
             TaskKind.DENOISE.value,
+            TaskKind.FINISH.value,
             cutoff,
             *RUNNABLE_JOBS,
         )
@@ -524,10 +528,10 @@ class Scheduler:
         self.states.announce(changes)
 
     def denoise_input(self, who: Principal, lease_id: str) -> Path:
-        """The merged frame a denoise lease works on."""
+        """The merged frame a denoise or finish lease works on."""
         row = self.lease_row(who, lease_id)
         if not row["denoise_input"]:
-            raise NotFoundError("This lease is not a denoise task.")
+            raise NotFoundError("This lease is not a denoise or finish task.")
         return self.core.store.path(row["denoise_input"])
 
 

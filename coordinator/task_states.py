@@ -2,7 +2,8 @@
 
 Every transition of a task (queued, active, checking, completed, soft-failed, failed,
 rejected, canceled) and of a job (queued, active, paused, completed, failed, canceled)
-is a method here, together with what ripples from it: the node it frees, the frame
+is a method here (a frame's, in its sibling `coordinator.frame_states`), together
+with what ripples from it: the node it frees, the frame
 it completes, the job it fails or finishes, the payment or refund it makes, and the
 events it broadcasts. Tasks are inserted here too, as `coordinator.planning` describes
 them. Methods that take `conn` run inside the caller's transaction and note what they
@@ -22,7 +23,7 @@ from coordinator.core import Core, TaskRow
 from coordinator.credits import Credits
 from coordinator.db import now_iso
 from coordinator.errors import LeaseOverError
-from coordinator.planning import NewTask, denoise_task
+from coordinator.planning import NewTask
 from coordinator.verify import claims
 from coordinator.verify.reputation import Reputation
 from protocol.models import FrameStatus, JobStatus, TaskKind, TaskStatus
@@ -397,7 +398,7 @@ class TaskStates:
         if confirmed:
             claims.contradict(conn, self.reputation, row)
         changes.tasks.append((row, TaskStatus.COMPLETED))
-        if row["kind"] == TaskKind.DENOISE.value:
+        if row["kind"] in (TaskKind.DENOISE.value, TaskKind.FINISH.value):
             changes.frames.append((row["job_id"], row["frame"]))
             return
         if row["kind"] != TaskKind.RENDER.value:
@@ -642,59 +643,3 @@ class TaskStates:
                 "UPDATE jobs SET message = ?, updated_at = ? WHERE id = ?",
                 (message, now_iso(), job_id),
             )
-
-    # --- frames ----------------------------------------------------------------------------
-
-    def frame_denoising(self, job_id: str, frame: int, merged_sha: str) -> None:
-        """The frame's tiles are merged: queue its denoise task."""
-        with self.core.db.transaction() as conn:
-            self.insert(conn, [denoise_task(job_id, frame, merged_sha)], or_ignore=True)
-            conn.execute(
-                "UPDATE frames SET status = ?, merged_sha = ? WHERE job_id = ? AND frame = ?",
-                (FrameStatus.DENOISING.value, merged_sha, job_id, frame),
-            )
-        self.core.bus.publish(
-            "frame", job_id=job_id, frame=frame, status=FrameStatus.DENOISING.value
-        )
-        self.core.bus.work_changed()
-
-    def frame_done(self, job_id: str, frame: int, exr_sha: str, png_sha: str) -> None:
-        """The frame is final; the job completes (and settles) with its last frame."""
-        changes = Changes()
-        with self.core.db.transaction() as conn:
-            conn.execute(
-                "UPDATE frames SET status = ?, exr_sha = ?, png_sha = ? WHERE"
-                " job_id = ? AND frame = ?",
-                (FrameStatus.DONE.value, exr_sha, png_sha, job_id, frame),
-            )
-            pending = conn.execute(
-                "SELECT COUNT(*) FROM frames WHERE job_id = ? AND status != ?",
-                (job_id, FrameStatus.DONE.value),
-            ).fetchone()[0]
-            if pending == 0:
-                conn.execute(
-                    "UPDATE jobs SET status = ?, message = '', updated_at = ? WHERE"
-                    " id = ? AND status IN (?, ?, ?)",
-                    (
-                        JobStatus.COMPLETED.value,
-                        now_iso(),
-                        job_id,
-                        *RUNNABLE_JOBS,
-                        JobStatus.PAUSED.value,
-                    ),
-                )
-                ledger.settle(conn, job_id)
-                changes.jobs.append((job_id, JobStatus.COMPLETED))
-            else:
-                conn.execute(
-                    "UPDATE jobs SET message = '' WHERE id = ? AND message LIKE ?",
-                    (job_id, "Frame % waits for disk space%"),
-                )
-        self.core.bus.publish(
-            "frame",
-            job_id=job_id,
-            frame=frame,
-            status=FrameStatus.DONE.value,
-            url=f"/api/v1/jobs/{job_id}/frames/{frame}.exr",
-        )
-        self.announce(changes)

@@ -297,6 +297,8 @@ class NodeDaemon:
                     _check_id(lease.lease_id, "lease id")
                     if lease.task.kind is TaskKind.DENOISE:
                         output = self._denoise(lease, control)
+                    elif lease.task.kind is TaskKind.FINISH:
+                        output = self._finish(lease, control)
                     else:
                         output = self._render(lease, control)
                 except Exception as exc:  # any: bad input must never stop a node
@@ -348,6 +350,25 @@ class NodeDaemon:
             self.tasks.denoise(lease, source, output)
         finally:
             source.unlink(missing_ok=True)
+        return output
+
+    def _finish(self, lease: Lease, control: TaskControl) -> Path:
+        """Make a final frame into the scene's own files (a zip of them)."""
+        sha = lease.bundle
+        source = self._tasks_dir / f"{lease.lease_id}.finish-input.exr"
+        output = self._tasks_dir / f"{lease.lease_id}.exr"
+        with self.cache.pin(sha):
+            control.message = "fetching the scene bundle"
+            folder = self.cache.ensure(sha, lambda target: self.client.download_bundle(sha, target))
+            scene = _scene_in_bundle(folder, lease.scene_path)
+            try:
+                control.message = "fetching the frame"
+                self.client.download_denoise_input(lease.lease_id, source)
+                control.raise_if_cancelled()
+                control.message = "finishing"
+                self.tasks.finish(lease, scene, source, output)
+            finally:
+                source.unlink(missing_ok=True)
         return output
 
     def _task_failed(self, lease: Lease, control: TaskControl, error: Exception) -> bool:

@@ -4,7 +4,8 @@
 from the assignment's render region, samples, percentage, seed, denoising data passes,
 the device resolved against what Cycles reports) and renders it with a worker that
 already has the bundle's scene open when one does. Workers of other bundles are closed
-beyond `max_warm`. `denoise` denoises a merged frame through the same workers.
+beyond `max_warm`. `denoise` denoises a merged frame through the same workers, and
+`finish` makes a final frame into the scene's own files (a zip with its manifest).
 
 Every Blender it starts gets the runner's `RenderLimits` (memory ceiling, free disk
 checked before each render, sandbox); a render refused for lack of disk space raises
@@ -21,6 +22,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -32,11 +34,12 @@ from common.errors import (
     WorkerError,
 )
 from farm_node.errors import LeaseError
-from protocol.models import Lease
+from protocol.models import FINISH_MANIFEST, FinishedEntry, FinishManifest, Lease
 from renderers.builds import BlenderBuild
 from renderers.denoise import denoise_frame
 from renderers.devices import ComputeDevice, parse_cycles_devices, resolve_device
 from renderers.exr import read_exr, write_exr
+from renderers.finish import FinishRequest, FinishResult
 from renderers.regions import PixelRect, border_fractions
 from renderers.scene_paths import bundle_root
 from renderers.worker import (
@@ -48,7 +51,13 @@ from renderers.worker import (
     RenderWorker,
 )
 
-__all__ = ["DEFAULT_MAX_WARM", "TaskRunner", "WorkerFactory"]
+__all__ = [
+    "DEFAULT_MAX_WARM",
+    "TaskRunner",
+    "WorkerFactory",
+    "lease_resolution",
+    "pack_finished",
+]
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +251,32 @@ class TaskRunner:
         write_exr(output, denoised)
         return output
 
+    def finish(self, lease: Lease, scene: Path, input_exr: Path, output: Path) -> Path:
+        """Finish the frame `input_exr` (merged passes) of `scene` into the scene's own
+        files, packed with their manifest into the zip `output` (what the coordinator
+        unpacks as the frame's deliverables)."""
+        staged = output.with_name(output.name + ".files")
+        shutil.rmtree(staged, ignore_errors=True)
+        try:
+            with self._task():
+                device = self.resolve(lease.device)
+                request = FinishRequest(
+                    scene=scene,
+                    merged_exr=input_exr,
+                    frame=lease.task.frame,
+                    output_dir=staged,
+                    confine_to=bundle_root(scene, lease.scene_path),
+                    timeout=self.task_timeout,
+                    resolution=lease_resolution(lease),
+                    percentage=lease.percentage,
+                )
+                worker = self._worker_for(lease.bundle, device)
+                result = self._run(worker, lambda: worker.finish(request))
+            pack_finished(result, output)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        return output
+
     def render_request(self, request: RenderRequest, timeout: float | None = None) -> RenderResult:
         """Render a raw request (the benchmark's) on the spare worker, keeping it warm."""
         with self._task():
@@ -359,3 +394,24 @@ class _TaskScope:
         with self._runner._state_lock:
             self._runner._in_task = False
             self._runner._cancelled.clear()
+
+
+def lease_resolution(lease: Lease) -> tuple[int, int] | None:
+    """The scene resolution a lease without an assignment works at, if it names one."""
+    if lease.resolution_x is None or lease.resolution_y is None:
+        return None
+    return lease.resolution_x, lease.resolution_y
+
+
+def pack_finished(result: FinishResult, target: Path) -> Path:
+    """A finish's files and their `FinishManifest` as one zip (deflated, no links)."""
+    manifest = FinishManifest(
+        files=[FinishedEntry(path=f.path.as_posix(), kind=f.kind) for f in result.files],
+        warnings=[w[:1000] for w in result.warnings[:50]],
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        archive.writestr(FINISH_MANIFEST, manifest.model_dump_json())
+        for entry in result.files:
+            archive.write(result.output_dir / entry.path, entry.path.as_posix())
+    return target

@@ -31,6 +31,8 @@ from protocol.models import (
     AccountCreate,
     AccountInfo,
     AccountToken,
+    Deliverable,
+    Deliverables,
     Event,
     FrameState,
     Grant,
@@ -288,6 +290,16 @@ class TesseraClient:
         hash is refused and nothing is written."""
         return self._download(
             f"/jobs/{job_id}/frames/{frame}.{kind}", target, expected_sha256=expected_sha256
+        )
+
+    def deliverables(self, job_id: str) -> Deliverables:
+        """Every file of a job so far (the scene's own files, raw EXRs, videos)."""
+        return self._json("GET", f"/jobs/{job_id}/deliverables", Deliverables)
+
+    def download_deliverable(self, job_id: str, file: Deliverable, target: Path) -> Path:
+        """Download one deliverable to `target`, its hash checked (nothing written else)."""
+        return self._download(
+            f"/jobs/{job_id}/deliverables/{file.sha256}", target, expected_sha256=file.sha256
         )
 
     def download_task_preview(self, task_id: str, target: Path) -> Path:

@@ -15,10 +15,28 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+# The base shapes and the deliverable models live in their own modules; they are
+# re-exported here because the wire API is imported from one place.
+from protocol.base import (
+    SHA256_PATTERN,  # noqa: F401
+    Sha256,
+    Strict,
+)
+from protocol.output import (
+    FINISH_MANIFEST,  # noqa: F401
+    MAX_FINISH_FILES,  # noqa: F401
+    Deliverable,  # noqa: F401
+    DeliverableKind,  # noqa: F401
+    Deliverables,  # noqa: F401
+    FinishedEntry,  # noqa: F401
+    FinishManifest,  # noqa: F401
+    MovieOutput,
+    relative_output_path,  # noqa: F401
+)
 
 API_PREFIX = "/api/v1"
-SHA256_PATTERN = r"^[0-9a-f]{64}$"
 MAX_TILES_PER_AXIS = 64
 MAX_FRAMES_PER_JOB = 100_000
 MAX_SAMPLES = 1 << 20
@@ -38,15 +56,6 @@ DEVICE_CLASSES = ("CPU", "GPU", "CUDA", "OPTIX", "HIP", "METAL", "ONEAPI")
 #: so that the tiles of one frame never mix device classes).
 DEVICES = ("ANY", *DEVICE_CLASSES)
 JobDevice = Literal["ANY", "CPU", "GPU", "CUDA", "OPTIX", "HIP", "METAL", "ONEAPI"]
-
-Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN, description="lower-case hex SHA-256")]
-
-
-class Strict(BaseModel):
-    """Every wire model: unknown fields are errors, and no float may be NaN or infinite
-    (a non-finite number cannot be stored as JSON and read back, nor priced)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --- states (modelled on Flamenco's) ----------------------------------------------------
@@ -82,6 +91,8 @@ class TaskKind(StrEnum):
     VERIFY = "verify"
     #: A second render of a tile a slow node is holding up; the first result wins.
     BACKUP = "backup"
+    #: A merged frame made into the scene's own files (compositor, colour, format, name).
+    FINISH = "finish"
 
 
 class FrameStatus(StrEnum):
@@ -91,6 +102,8 @@ class FrameStatus(StrEnum):
     PENDING = "pending"
     #: Every tile is in; the merged frame waits for its denoise task.
     DENOISING = "denoising"
+    #: The merged (and denoised) frame waits for its finish task: the scene's own files.
+    FINISHING = "finishing"
     DONE = "done"
 
 
@@ -155,6 +168,10 @@ class SceneSummary(Strict):
     camera: str | None
     engine: str = "CYCLES"
     blender_version: str = ""
+    fps: float = Field(default=24.0, gt=0, le=1000)
+    #: The scene's movie output, when its format is a movie (FFMPEG): the farm finishes
+    #: lossless frames and encodes them into this movie when the job's last frame is done.
+    movie: MovieOutput | None = None
 
 
 # --- jobs ------------------------------------------------------------
@@ -235,6 +252,10 @@ class JobOptions(Strict):
     name: str | None = Field(default=None, min_length=1, max_length=200)
     max_price: float = Field(default=0.0, ge=0, le=MAX_PRICE)
     max_credits: float | None = Field(default=None, ge=0, le=MAX_CREDITS)
+    #: Also assemble the finished frames into an H.264 MP4 preview.
+    preview_video: bool = False
+    #: Make the scene's own files (compositor, colour management, format, names).
+    finish: bool = True
 
 
 class JobSpec(Strict):
@@ -273,6 +294,10 @@ class JobSpec(Strict):
         " at submit; work units are pixels x samples / 1e6 x scene_cost",
     )
     previews: list[FramePreview] = Field(default_factory=list, max_length=MAX_PREVIEW_FRAMES)
+    preview_video: bool = False
+    #: Make each frame into the scene's own files on a node (the finish step). Off for a
+    #: bare API spec (raw EXRs only); the CLI, the app and the add-on ask for it.
+    finish: bool = False
 
     @field_validator("scene_path")
     @classmethod
@@ -460,6 +485,11 @@ class Lease(Strict):
     denoise_input: Sha256 | None = None
     device: str
     samples: int = Field(description="effective samples (the spec's or the scene's)")
+    #: The render size the job is made at (the spec's percentage, the scene's declared
+    #: resolution): what a denoise or finish task, which has no assignment, works at.
+    percentage: int | None = Field(default=None, ge=1, le=32767)
+    resolution_x: int | None = Field(default=None, ge=1, le=65536)
+    resolution_y: int | None = Field(default=None, ge=1, le=65536)
     expires_at: datetime
     heartbeat_interval: float
 

@@ -96,6 +96,9 @@ class FinishRequest:
     #: The bundle folder the scene must stay in, as for `RenderRequest.confine_to`.
     confine_to: Path | None = None
     timeout: float | None = 600.0
+    #: The render size the frame was made at, as for `RenderRequest` (None: the file's).
+    resolution: tuple[int, int] | None = None
+    percentage: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -198,16 +198,6 @@ def _with_warnings(info: SceneInfo) -> SceneInfo:
         if info.output.refusal:
             warnings.append(info.output.refusal)
     warnings.extend(f"Missing file: {path}" for path in info.missing_files)
-    if info.use_compositing:
-        warnings.append(
-            "The scene uses the compositor; the farm delivers the raw render "
-            "passes (compositing is not applied to farm output)."
-        )
-    if info.output_format in {"FFMPEG", "AVI_JPEG", "AVI_RAW"}:
-        warnings.append(
-            f"The scene's output is a video ({info.output_format}); the farm "
-            "renders multilayer EXR frames instead."
-        )
     return replace(info, warnings=tuple(warnings))
 
 

@@ -408,6 +408,8 @@ class RenderWorker:
         self._check_disk(request.output_dir)
         header = read_exr_header(request.merged_exr).parts[0]  # ExrError if not an EXR
         message: dict[str, Any] = {"op": "finish", "frame": request.frame, "confine_to": None}
+        message["resolution"] = list(request.resolution) if request.resolution else None
+        message["percentage"] = request.percentage
         message["merged_size"] = [header.width, header.height]
         view = self._confine(request.scene, request.confine_to, message)
         key = f"{os.getpid()}-{threading.get_ident()}"

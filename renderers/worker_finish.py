@@ -277,6 +277,10 @@ def finish_frame(scene: Any, request: dict[str, Any], fail: Fail) -> dict[str, A
             f"The scene's output format {settings.file_format!r} is not one this node can "
             f"write (known: {', '.join(sorted(KNOWN_FORMATS))}).",
         )
+    if request.get("resolution"):  # the size the farm rendered (what was paid for)
+        render.resolution_x, render.resolution_y = map(int, request["resolution"])
+    if request.get("percentage"):
+        render.resolution_percentage = int(request["percentage"])
     _check_size(render, request["merged_size"], fail)
     warnings = finish_warnings(scene, request.get("confine_to"))
     blend_dir = Path(bpy.data.filepath).parent

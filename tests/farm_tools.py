@@ -24,6 +24,7 @@ from protocol.models import (
     LeaseRequest,
     NodeCapabilities,
     SceneSummary,
+    TaskKind,
     TileGrid,
 )
 from renderers.regions import PixelRect, border_fractions
@@ -154,10 +155,27 @@ def serve_leases(
 def do_lease(
     client: TesseraClient, worker: RenderWorker, scene: Path, lease: Lease, output: Path
 ) -> None:
-    """Render a lease's assignment, or denoise its merged frame, into `output`."""
+    """Render a lease's assignment, denoise its merged frame, or finish its final frame
+    (a zip of the scene's files, as the real node packs it) into `output`."""
+    from farm_node.runner import lease_resolution, pack_finished
     from renderers.denoise import denoise_frame
     from renderers.exr import read_exr, write_exr
+    from renderers.finish import FinishRequest
 
+    if lease.task.kind is TaskKind.FINISH:
+        frame = client.download_denoise_input(lease.lease_id, output.with_suffix(".in.exr"))
+        staged = output.with_suffix(".files")
+        request = FinishRequest(
+            scene,
+            frame,
+            lease.task.frame,
+            staged,
+            resolution=lease_resolution(lease),
+            percentage=lease.percentage,
+        )
+        result = worker.finish(request)
+        pack_finished(result, output)
+        return
     if lease.assignment is None:
         merged = client.download_denoise_input(lease.lease_id, output.with_suffix(".in.exr"))
         write_exr(output, denoise_frame(worker, read_exr(merged), samples=lease.samples))

@@ -134,11 +134,13 @@ def test_submit_wait_renders_and_downloads_frames(
     assert process.returncode == 0, log
     assert rest == ""
     assert tasks_done >= 8
+    # The scene's own files, as Blender names them (//render/demo_ -> render/demo_0001.png),
+    # beside the raw EXR of every pass.
     for frame in (1, 2):
         assert (out / "demo" / f"frame_{frame:04d}.exr").read_bytes()[:4] == EXR_MAGIC
-        assert (out / "demo" / f"frame_{frame:04d}.png").read_bytes()[:4] == PNG_MAGIC
-    assert sorted(p.name for p in (out / "demo").iterdir()) == [
-        "frame_0001.exr", "frame_0001.png", "frame_0002.exr", "frame_0002.png",
+        assert (out / "demo" / "render" / f"demo_{frame:04d}.png").read_bytes()[:4] == PNG_MAGIC
+    assert sorted(str(p.relative_to(out / "demo")) for p in (out / "demo").rglob("*.*")) == [
+        "frame_0001.exr", "frame_0002.exr", "render/demo_0001.png", "render/demo_0002.png",
     ]  # fmt: skip
     assert "Packed 1 file(s)" in log and f"Submitted job {job_id}" in log
     assert "frame 1: " in log and "frame 2: " in log

@@ -282,6 +282,17 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
         help="skip denoising even if the scene asks for it",
     )
     parser.add_argument("--name", default=None, help="job name (default: the file name)")
+    parser.add_argument(
+        "--preview-video",
+        action="store_true",
+        help="also assemble the finished frames into an H.264 MP4 preview",
+    )
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="deliver only the raw multilayer EXR of every pass (skip the scene's "
+        "compositor, colour management and output format)",
+    )
 
 
 def job_options_of(args: argparse.Namespace) -> JobOptions:
@@ -298,6 +309,8 @@ def job_options_of(args: argparse.Namespace) -> JobOptions:
         name=args.name,
         max_price=getattr(args, "max_price", 0.0),
         max_credits=getattr(args, "max_credits", None),
+        preview_video=args.preview_video,
+        finish=not args.raw,
     )
 
 

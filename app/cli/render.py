@@ -153,7 +153,7 @@ def format_scene(info: SceneInfo) -> str:
             + (f" ({info.denoiser})" if info.denoising else ""),
         ),
         ("Camera", info.camera or "none"),
-        ("Output", f"{info.output_format} in the scene; the farm writes multilayer EXR"),
+        ("Output", describe_deliverable(info)),
         ("View layers", layers),
         ("Libraries", ", ".join(info.libraries) or "none"),
     ]
@@ -163,6 +163,26 @@ def format_scene(info: SceneInfo) -> str:
     else:
         text += "\nWarnings:    none"
     return text
+
+
+def describe_deliverable(info: SceneInfo) -> str:
+    """What the farm hands back for this scene, in one line."""
+    output = info.output
+    if output is None:
+        return f"{info.output_format}, plus the raw multilayer EXR of every pass"
+    if output.is_movie and output.movie is not None:
+        movie = f"{output.movie.get('container')}/{output.movie.get('codec')}"
+        what = f"a {movie} movie {output.frame_path or ''} (from lossless PNG frames)"
+    else:
+        depth = f" {output.color_depth}-bit" if output.color_depth else ""
+        what = f"{output.file_format}{depth} {output.color_mode} as {output.frame_path or '?'}"
+    look = f"{output.view_transform}" + (
+        f" + {output.look}" if output.look and output.look != "None" else ""
+    )
+    extra = ", compositor applied" if output.compositor else ""
+    if output.file_outputs:
+        extra += f", {len(output.file_outputs)} File Output node(s)"
+    return f"{what} ({look}{extra}), plus the raw multilayer EXR of every pass"
 
 
 # --- render-local ---------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from pathlib import Path
 from PySide6.QtCore import QTimer, Signal
 from PySide6.QtGui import QColor, QDragEnterEvent, QDropEvent, QImage
 from PySide6.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
@@ -297,6 +298,11 @@ class SubmitPage(QWidget):
         self.priority = QSpinBox()
         self.priority.setRange(0, 100)
         self.priority.setValue(50)
+        self.preview_video = QCheckBox("Assemble an H.264 MP4 preview of the frames")
+        self.raw_only = QCheckBox("Raw passes only (skip the compositor and output format)")
+        self.raw_only.setToolTip(
+            "Deliver only the multilayer EXR of every pass instead of the scene's own files"
+        )
         options = QFormLayout()
         options.addRow("Frames:", self.frames)
         options.addRow("Split:", grid)
@@ -308,6 +314,8 @@ class SubmitPage(QWidget):
         options.addRow("Max credits:", self.max_credits)
         options.addRow("Estimate:", self.estimate)
         options.addRow("Priority:", self.priority)
+        options.addRow("Preview video:", self.preview_video)
+        options.addRow("Output:", self.raw_only)
         options_box = QGroupBox("How to render")
         options_box.setLayout(options)
 
@@ -596,6 +604,8 @@ class SubmitPage(QWidget):
             max_price=self.max_price.value(),
             priority=self.priority.value(),
             max_credits=self.max_credits.value() or None,
+            preview_video=self.preview_video.isChecked(),
+            finish=not self.raw_only.isChecked(),
         )
 
     def start_submit(self) -> None:

@@ -30,6 +30,7 @@ from protocol.models import (
     AccountCreate,
     AccountInfo,
     AccountToken,
+    Deliverables,
     FrameState,
     Grant,
     Health,
@@ -190,6 +191,15 @@ def router(services: Services) -> APIRouter:
     def frame_file(job_id: str, frame: int, kind: str, who: Who) -> FileResponse:
         path = farm.frame_file(who, job_id, frame, kind)
         return FileResponse(path, media_type="image/x-exr" if kind == "exr" else "image/png")
+
+    @api.get("/jobs/{job_id}/deliverables", response_model=Deliverables)
+    def deliverables(job_id: str, who: Who) -> Deliverables:
+        return farm.deliverables(who, job_id)
+
+    @api.get("/jobs/{job_id}/deliverables/{sha256}")
+    def deliverable_file(job_id: str, sha256: str, who: Who) -> FileResponse:
+        path = farm.deliverable_file(who, job_id, sha256)
+        return FileResponse(path, media_type="application/octet-stream")
 
     @api.get("/tasks/{task_id}/preview.png")
     def task_preview(task_id: str, who: Who) -> FileResponse:
