@@ -33,7 +33,16 @@ import urllib3
 
 from common.errors import CoordinatorUnreachableError, TesseraError, UsageError
 from protocol.client import TesseraClient, sha256_file
-from protocol.models import FINISHED_JOB_STATES, Deliverable, Event, FrameStatus, Job, JobStatus
+from protocol.models import (
+    FINISHED_JOB_STATES,
+    Event,
+    FrameStatus,
+    Job,
+    JobStatus,
+)
+from protocol.output import (
+    Deliverable,
+)
 
 log = logging.getLogger(__name__)
 

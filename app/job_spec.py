@@ -24,8 +24,10 @@ from protocol.models import (
     FrameRange,
     JobOptions,
     JobSpec,
-    MovieOutput,
     SceneSummary,
+)
+from protocol.output import (
+    MovieOutput,
 )
 from renderers.finish import check_finishable
 from renderers.scene_info import SceneInfo, inspect_scene

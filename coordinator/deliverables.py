@@ -30,11 +30,13 @@ from common.errors import ExrError
 from coordinator.core import Core
 from coordinator.store import ContentStore
 from protocol.models import (
+    JobSpec,
+)
+from protocol.output import (
     FINISH_MANIFEST,
     Deliverable,
     DeliverableKind,
     FinishManifest,
-    JobSpec,
 )
 from renderers.exr_header import read_exr_header
 

@@ -38,7 +38,6 @@ from coordinator.verify.samples import Samples
 from protocol.models import (
     AccountInfo,
     AccountToken,
-    Deliverables,
     FrameState,
     Heartbeat,
     HeartbeatReply,
@@ -56,6 +55,9 @@ from protocol.models import (
     TaskFailure,
     UploadReceipt,
     Wallet,
+)
+from protocol.output import (
+    Deliverables,
 )
 
 __all__ = ["SWEEP_SECONDS", "Farm", "Principal"]

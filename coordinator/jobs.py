@@ -27,7 +27,6 @@ from protocol.models import (
     FINISHED_JOB_STATES,
     MAX_FRAME,
     MIN_FRAME,
-    Deliverables,
     FrameState,
     FrameStatus,
     Job,
@@ -39,6 +38,9 @@ from protocol.models import (
     Task,
     TaskKind,
     TaskStatus,
+)
+from protocol.output import (
+    Deliverables,
 )
 
 __all__ = ["Jobs"]

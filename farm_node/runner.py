@@ -34,7 +34,14 @@ from common.errors import (
     WorkerError,
 )
 from farm_node.errors import LeaseError
-from protocol.models import FINISH_MANIFEST, FinishedEntry, FinishManifest, Lease
+from protocol.models import (
+    Lease,
+)
+from protocol.output import (
+    FINISH_MANIFEST,
+    FinishedEntry,
+    FinishManifest,
+)
 from renderers.builds import BlenderBuild
 from renderers.denoise import denoise_frame
 from renderers.devices import ComputeDevice, parse_cycles_devices, resolve_device

@@ -31,8 +31,6 @@ from protocol.models import (
     AccountCreate,
     AccountInfo,
     AccountToken,
-    Deliverable,
-    Deliverables,
     Event,
     FrameState,
     Grant,
@@ -57,6 +55,10 @@ from protocol.models import (
     TaskFailure,
     UploadReceipt,
     Wallet,
+)
+from protocol.output import (
+    Deliverable,
+    Deliverables,
 )
 
 log = logging.getLogger(__name__)

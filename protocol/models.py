@@ -17,24 +17,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-# The base shapes and the deliverable models live in their own modules; they are
-# re-exported here because the wire API is imported from one place.
-from protocol.base import (
-    SHA256_PATTERN,  # noqa: F401
-    Sha256,
-    Strict,
-)
-from protocol.output import (
-    FINISH_MANIFEST,  # noqa: F401
-    MAX_FINISH_FILES,  # noqa: F401
-    Deliverable,  # noqa: F401
-    DeliverableKind,  # noqa: F401
-    Deliverables,  # noqa: F401
-    FinishedEntry,  # noqa: F401
-    FinishManifest,  # noqa: F401
-    MovieOutput,
-    relative_output_path,  # noqa: F401
-)
+from protocol.base import Sha256, Strict
+from protocol.output import MovieOutput
 
 API_PREFIX = "/api/v1"
 MAX_TILES_PER_AXIS = 64

@@ -30,7 +30,6 @@ from protocol.models import (
     AccountCreate,
     AccountInfo,
     AccountToken,
-    Deliverables,
     FrameState,
     Grant,
     Health,
@@ -53,6 +52,9 @@ from protocol.models import (
     TaskFailure,
     UploadReceipt,
     Wallet,
+)
+from protocol.output import (
+    Deliverables,
 )
 
 if TYPE_CHECKING:

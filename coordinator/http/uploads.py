@@ -10,7 +10,9 @@ from starlette.requests import ClientDisconnect, Request
 
 from coordinator.errors import BadUploadError, UploadTooLargeError
 from coordinator.store import ContentStore, SpooledUpload, TooLargeError
-from protocol.models import SHA256_PATTERN
+from protocol.base import (
+    SHA256_PATTERN,
+)
 
 __all__ = ["check_room", "check_sha", "spool"]
 
