@@ -22,7 +22,8 @@ import bpy
 from bpy.app.handlers import persistent
 
 from .client import FarmClient, FarmError
-from .packing import PackError, missing_dependencies, pack_scene
+from .packing import missing_dependencies, pack_scene
+from .session import fail, farm_client
 from .spec import (
     FINISHED,
     SpecError,
@@ -36,76 +37,6 @@ from .spec import (
 from .ui import preferences
 
 POLL_SECONDS = 2.0
-#: Errors that are the artist's to read, not a programmer's.
-EXPECTED = (FarmError, PackError, SpecError)
-
-
-def _check_online() -> None:
-    if not bpy.app.online_access:
-        raise FarmError(
-            "Online access is off: allow it in Preferences > System > Network > Allow Online"
-            " Access (the Tessera extension talks to your farm's coordinator)."
-        )
-
-
-def _client() -> FarmClient:
-    _check_online()
-    prefs = preferences()
-    client = FarmClient(prefs.coordinator_url, prefs.token)
-    client.require_token()
-    return client
-
-
-def _fail(op: bpy.types.Operator, error: BaseException) -> set[str]:
-    message = str(error) if isinstance(error, EXPECTED) else f"Tessera: {error!r}"
-    op.report({"ERROR"}, message)
-    return {"CANCELLED"}
-
-
-# --- preferences ---------------------------------------------------------------------
-
-
-class TESSERA_OT_test_connection(bpy.types.Operator):  # noqa: N801 (Blender naming)
-    """Ask the coordinator who you are and what your balance is"""
-
-    bl_idname = "tessera.test_connection"
-    bl_label = "Test Connection"
-
-    def execute(self, context: bpy.types.Context) -> set[str]:
-        prefs = preferences()
-        try:
-            with _client() as client:
-                me = client.me()
-                wallet = client.wallet()
-        except Exception as exc:
-            prefs.connection_status = str(exc) if isinstance(exc, EXPECTED) else repr(exc)
-            return _fail(self, exc)
-        prefs.connection_status = (
-            f"Connected as {me['account']} ({me['role']}); balance"
-            f" {float(wallet['balance']):.2f} credits"
-        )
-        self.report({"INFO"}, prefs.connection_status)
-        return {"FINISHED"}
-
-
-class TESSERA_OT_join_farm(bpy.types.Operator):  # noqa: N801 (Blender naming)
-    """Join the LAN farm at the coordinator URL with its secret; the token is saved"""
-
-    bl_idname = "tessera.join_farm"
-    bl_label = "Join Farm"
-
-    def execute(self, context: bpy.types.Context) -> set[str]:
-        prefs = preferences()
-        try:
-            _check_online()
-            with FarmClient(prefs.coordinator_url) as client:
-                prefs.token = client.join(prefs.join_name.strip() or "blender", prefs.farm_secret)
-        except Exception as exc:
-            return _fail(self, exc)
-        prefs.farm_secret = ""
-        prefs.connection_status = f"Joined as lan-user-{prefs.join_name}"
-        self.report({"INFO"}, f"Joined the farm at {prefs.coordinator_url}; token saved.")
-        return {"FINISHED"}
 
 
 # --- the job spec from the panel -----------------------------------------------------
@@ -176,11 +107,11 @@ class TESSERA_OT_estimate(bpy.types.Operator):  # noqa: N801 (Blender naming)
         settings = context.scene.tessera
         try:
             spec = _job_spec(context.scene)
-            with _client() as client:
+            with farm_client() as client:
                 estimate = client.estimate(spec)
         except Exception as exc:
             settings.estimate = ""
-            return _fail(self, exc)
+            return fail(self, exc)
         text = (
             f"at most {float(estimate['credits']):.2f} credits; balance"
             f" {float(estimate['balance']):.2f}"
@@ -282,9 +213,9 @@ class TESSERA_OT_submit_job(bpy.types.Operator):  # noqa: N801 (Blender naming)
         scene = context.scene
         settings = scene.tessera
         try:
-            client = _client()
+            client = farm_client()
         except Exception as exc:
-            return _fail(self, exc)
+            return fail(self, exc)
         try:
             if not bpy.data.filepath:
                 raise SpecError(
@@ -299,7 +230,7 @@ class TESSERA_OT_submit_job(bpy.types.Operator):  # noqa: N801 (Blender naming)
                 bpy.ops.wm.save_mainfile()
         except Exception as exc:
             client.close()
-            return _fail(self, exc)
+            return fail(self, exc)
         work = SubmitWork(client, Path(bpy.data.filepath), spec, settings.allow_missing)
         if bpy.app.background:
             work.run()
@@ -335,7 +266,7 @@ class TESSERA_OT_submit_job(bpy.types.Operator):  # noqa: N801 (Blender naming)
         if work.missing:
             settings.missing_files = "\n".join(work.missing)
         if work.error is not None or work.job is None:
-            return _fail(self, work.error or FarmError("The coordinator returned no job."))
+            return fail(self, work.error or FarmError("The coordinator returned no job."))
         job = work.job
         settings.last_job_id = str(job["id"])
         settings.last_frame_path = ""
@@ -497,9 +428,9 @@ class TESSERA_OT_refresh_job(bpy.types.Operator):  # noqa: N801 (Blender naming)
             self.report({"ERROR"}, "No Tessera job was submitted from this scene yet.")
             return {"CANCELLED"}
         try:
-            _client().close()  # online access and a token
+            farm_client().close()  # online access and a token
         except Exception as exc:
-            return _fail(self, exc)
+            return fail(self, exc)
         result = poll_job(*_poll_args(scene))
         _apply(scene, result)
         if result["error"]:
@@ -519,10 +450,10 @@ class _JobAction(bpy.types.Operator):
             self.report({"ERROR"}, "No Tessera job was submitted from this scene yet.")
             return {"CANCELLED"}
         try:
-            with _client() as client:
+            with farm_client() as client:
                 job = client.control(job_id, self.action)
         except Exception as exc:
-            return _fail(self, exc)
+            return fail(self, exc)
         _apply(scene, {"job": job, "frames": []})
         self.report({"INFO"}, f"Job {job_id}: {job.get('status')}")
         start_following()
@@ -578,8 +509,6 @@ class TESSERA_OT_open_last_frame(bpy.types.Operator):  # noqa: N801 (Blender nam
 
 
 CLASSES = (
-    TESSERA_OT_test_connection,
-    TESSERA_OT_join_farm,
     TESSERA_OT_estimate,
     TESSERA_OT_submit_job,
     TESSERA_OT_refresh_job,

@@ -45,6 +45,16 @@ class TesseraPreferences(bpy.types.AddonPreferences):
         default="".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())
         or "blender",
     )
+    farm_name: StringProperty(
+        name="Farm name",
+        description="The LAN farm's name (its coordinator's --farm), found on the LAN with"
+        " zeroconf; leave empty to join at the coordinator URL above",
+    )
+    lan_interface: StringProperty(
+        name="LAN interface",
+        description="Listen for LAN farms on this address only (e.g. 192.168.1.20);"
+        " empty: every interface",
+    )
     farm_secret: StringProperty(
         name="Farm secret",
         description="The secret the LAN farm's coordinator was started with (--secret)",
@@ -61,9 +71,11 @@ class TesseraPreferences(bpy.types.AddonPreferences):
         if self.connection_status:
             layout.label(text=self.connection_status)
         box = layout.box()
-        box.label(text="Or join a LAN farm with its secret (by the coordinator URL above):")
-        box.prop(self, "join_name")
+        box.label(text="Or join a LAN farm by its name and secret (no name: at the URL above):")
+        box.prop(self, "farm_name")
         box.prop(self, "farm_secret")
+        box.prop(self, "join_name")
+        box.prop(self, "lan_interface")
         box.operator("tessera.join_farm", icon="LINKED")
 
 
