@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -376,3 +377,63 @@ def test_the_extension_imports_nothing_of_tessera() -> None:
                 continue
             assert top not in {"app", "protocol", "common", "renderers", "PySide6"}, path
     assert (REPO / "blender_addon" / "blender_manifest.toml").is_file()
+
+
+def test_the_extension_ships_in_tesseras_wheel_and_builds_from_an_install(
+    tmp_path: Path,
+) -> None:
+    """`tessera addon build` from an installed wheel (no source checkout): the wheel
+    carries blender_addon/ with its manifest, and the installed copy builds the zip.
+    Built from a clean copy of the source (an in-tree build/ would hide a missing entry)."""
+    source = tmp_path / "src"
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "tests"
+        ),
+    )
+    completed = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(source), "-w", "wheels"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheels").glob("tessera_farm-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        archive.extractall(site)
+    shipped = {
+        f"blender_addon/{path.relative_to(SOURCE).as_posix()}"
+        for path in SOURCE.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+    assert "blender_addon/blender_manifest.toml" in shipped
+    assert shipped <= names, sorted(shipped - names)
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from app.addon_build import SOURCE, build_extension\n"
+        "print('SOURCE', SOURCE)\n"
+        "print('BUILT', build_extension(Path(sys.argv[1])))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(site)
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "out")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in run.stdout.splitlines() if " " in line)
+    assert Path(lines["SOURCE"]) == site / "blender_addon", lines
+    with zipfile.ZipFile(lines["BUILT"]) as built:
+        assert {"blender_manifest.toml", "lan.py", "operators.py"} <= set(built.namelist())
