@@ -10,16 +10,18 @@ scripts can drive it.
 
 from __future__ import annotations
 
-from . import connect, operators, ui
+from . import connect, follow, operators, ui
 
 
 def register() -> None:
     ui.register()
     connect.register()
+    follow.register()
     operators.register()
 
 
 def unregister() -> None:
     operators.unregister()
+    follow.unregister()
     connect.unregister()
     ui.unregister()

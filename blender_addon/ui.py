@@ -112,7 +112,8 @@ class TesseraSceneSettings(bpy.types.PropertyGroup):
     )
     preview_video: BoolProperty(
         name="Preview Video",
-        description="Also download each finished frame's PNG preview (for a preview video)",
+        description="Ask the farm for an MP4 preview of the finished frames (it comes home"
+        " with the job's other files)",
         default=False,
     )
     allow_missing: BoolProperty(
@@ -132,6 +133,7 @@ class TesseraSceneSettings(bpy.types.PropertyGroup):
     eta_seconds: FloatProperty(name="ETA", default=-1.0)
     last_frame_path: StringProperty(name="Last Frame", subtype="FILE_PATH")
     downloaded_frames: StringProperty(name="Downloaded Frames")
+    downloaded_files: StringProperty(name="Downloaded Files")
 
 
 class TESSERA_PT_submit(bpy.types.Panel):  # noqa: N801 (Blender naming)

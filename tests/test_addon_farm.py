@@ -72,11 +72,11 @@ for case in json.loads(sys.argv[-1]):
     if case.get("timer") and scene.tessera.last_job_id:
         # What bpy.app.timers does in the UI: the poll runs on a thread, its result is
         # applied on the next call; the timer stops itself when the job is finished.
-        operators = sys.modules["bl_ext.user_default.tessera.operators"]
+        follow = sys.modules["bl_ext.user_default.tessera.follow"]
         deadline, calls = time.monotonic() + case["timer"], 0
         while time.monotonic() < deadline:
             calls += 1
-            if operators._timer() is None:
+            if follow._timer() is None:
                 break
             time.sleep(0.2)
         done["timer_calls"] = calls
@@ -94,6 +94,12 @@ for case in json.loads(sys.argv[-1]):
             done["open"] = sorted(bpy.ops.tessera.open_last_frame())
         except RuntimeError as exc:
             done["open"] = str(exc)
+    operators = sys.modules["bl_ext.user_default.tessera.operators"]
+    for checked in case.get("preview_video", []):
+        scene.tessera.preview_video = checked
+        done.setdefault("preview_video", []).append(
+            operators._job_spec(scene).get("preview_video", "absent")
+        )
     settings = scene.tessera
     done.update(
         job_id=settings.last_job_id,
@@ -408,10 +414,12 @@ def test_pause_resume_and_cancel_from_blender(
                     "output": f"{tmp_path / 'frames'}/",
                     "settings": {"split": "TILES", "tiles_x": 2, "tiles_y": 2, "priority": 80},
                     "after": ["pause_job", "resume_job", "cancel_job", "open_last_frame"],
+                    "preview_video": [False, True],
                 }
             ],
         )
         assert case["result"] == ["FINISHED"], case
+        assert case["preview_video"] == ["absent", True], "sent only when checked"
         after = {op: (result, status) for op, result, status in case["after"]}
         assert after["pause_job"] == (["FINISHED"], "paused"), case
         assert after["resume_job"][0] == ["FINISHED"], case
