@@ -204,7 +204,7 @@ def test_a_path_outside_the_output_root_is_refused(
     result = poll(farm, blend, "//render/shot_")
     assert result["error"] is None, result
     (refused,) = result["refused"]
-    assert path[:20].split("\n")[0] in refused and "not written" in refused, refused
+    assert path[:20].split("\n", maxsplit=1)[0] in refused and "not written" in refused, refused
     assert (blend.parent / "render" / "shot_0001.png").read_bytes() == b"good"
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["shot_0001.png"]
     assert len(downloads(farm)) == 1, "the refused file is never even downloaded"
