@@ -191,13 +191,16 @@ class TESSERA_OT_submit_job(bpy.types.Operator):  # noqa: N801 (Blender naming)
             self.report({"ERROR"}, "Save the .blend file first (File > Save As), then submit.")
             return {"CANCELLED"}
         if bpy.data.is_dirty:
-            return context.window_manager.invoke_confirm(
-                self,
-                event,
-                title="Submit to Tessera",
-                message="The file has unsaved changes: save it and submit?",
-                confirm_text="Save and Submit",
-            )
+            try:
+                return context.window_manager.invoke_confirm(
+                    self,
+                    event,
+                    title="Submit to Tessera",
+                    message="The file has unsaved changes: save it and submit?",
+                    confirm_text="Save and Submit",
+                )
+            except TypeError:  # Blender before 4.1: no words of our own on the button
+                return context.window_manager.invoke_confirm(self, event)
         return self.execute(context)
 
     def execute(self, context: bpy.types.Context) -> set[str]:

@@ -18,7 +18,7 @@ EXPECTED = (FarmError, PackError, SpecError)
 
 
 def check_online() -> None:
-    if not bpy.app.online_access:
+    if not getattr(bpy.app, "online_access", True):  # Blender before 4.2 has no such switch
         raise FarmError(
             "Online access is off: allow it in Preferences > System > Network > Allow Online"
             " Access (the Tessera extension talks to your farm's coordinator)."
