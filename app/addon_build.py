@@ -1,9 +1,13 @@
 """Build the Tessera Blender extension (`blender_addon/`) into a zip that Blender's
 *Install from Disk* takes, and install it into a Blender.
 
-The extension vendors blender-asset-tracer as a wheel: `build_wheel` rebuilds one from the
-installed distribution's files (its dist-info RECORD lists them), so nothing is
-downloaded. The zip is reproducible: sorted entries and fixed timestamps.
+The extension vendors blender-asset-tracer (packing) and zeroconf with ifaddr (finding a
+LAN farm by name) as wheels: `build_wheel` rebuilds one from the installed distribution's
+files (its dist-info RECORD lists them), so nothing is downloaded. zeroconf is installed
+with optional Cython-compiled twins of its modules; the wheel leaves them out and keeps
+the Python sources they were compiled from (zeroconf runs on those alone, as when built
+with SKIP_CYTHON=1), so it is a py3-none-any wheel Blender can take on any platform. The
+zip is reproducible: sorted entries and fixed timestamps.
 
 `tessera addon build` / `tessera addon install` are thin wrappers around
 `build_extension` and `install_extension`. No Qt, no bpy in this process: installing runs
@@ -34,7 +38,14 @@ from common.errors import TesseraError
 SOURCE = Path(__file__).resolve().parent.parent / "blender_addon"
 MANIFEST = "blender_manifest.toml"
 #: Distributions vendored as wheels (pure Python; Blender ships requests and zstandard).
-VENDORED = ("blender_asset_tracer",)
+VENDORED = ("blender_asset_tracer", "zeroconf", "ifaddr")
+#: Compiled files a wheel leaves out when each compiled module has its Python source.
+COMPILED_SUFFIXES = (".so", ".pyd")
+#: Build inputs of compiled modules that a pure-Python wheel has no use for.
+CYTHON_SUFFIXES = (".pxd", ".pyx", ".c")
+PURE_WHEEL = (
+    "Wheel-Version: 1.0\nGenerator: tessera-addon-build\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+)
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 #: Files of the source folder that go into the extension.
 SOURCE_SUFFIXES = (".py", ".toml", ".md", ".txt")
@@ -58,10 +69,35 @@ def _record_hash(data: bytes) -> str:
     return f"sha256={digest.decode()}"
 
 
+def _compiled_source(posix: str) -> str:
+    """`pkg/_mod.py` for `pkg/_mod.cpython-311-x86_64-linux-gnu.so` (or `.pyd`)."""
+    folder, _, name = posix.rpartition("/")
+    stem = name.split(".", 1)[0]
+    return f"{folder}/{stem}.py" if folder else f"{stem}.py"
+
+
+def _pure_entries(distribution: str, entries: dict[str, bytes]) -> dict[str, bytes]:
+    """`entries` without compiled modules and their Cython inputs; raises when a compiled
+    module has no Python source to fall back on (the distribution needs its binaries)."""
+    compiled = [key for key in entries if key.endswith(COMPILED_SUFFIXES)]
+    lacking = [key for key in compiled if _compiled_source(key) not in entries]
+    if lacking:
+        raise AddonBuildError(
+            f"{distribution} is not pure Python ({lacking[0]} has no Python source); it cannot"
+            " be vendored."
+        )
+    return {
+        key: data
+        for key, data in entries.items()
+        if not key.endswith(COMPILED_SUFFIXES + CYTHON_SUFFIXES)
+    }
+
+
 def build_wheel(distribution: str, out_dir: Path) -> Path:
-    """A wheel of the installed, pure-Python `distribution`, rebuilt from the files its
+    """A py3-none-any wheel of the installed `distribution`, rebuilt from the files its
     RECORD lists (compiled caches, scripts outside site-packages and the installer's
-    own files left out). Returns the wheel's path in `out_dir`."""
+    own files left out; compiled twins of Python modules left out too). Returns the
+    wheel's path in `out_dir`."""
     try:
         dist = importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError as exc:
@@ -70,8 +106,6 @@ def build_wheel(distribution: str, out_dir: Path) -> Path:
             hint="Install Tessera's dependencies (pip install -e .).",
         ) from exc
     wheel_meta = dist.read_text("WHEEL") or ""
-    if "Root-Is-Purelib: true" not in wheel_meta:
-        raise AddonBuildError(f"{distribution} is not pure Python; it cannot be vendored.")
     name = re.sub(r"[-_.]+", "_", dist.metadata["Name"])
     version = dist.version
     dist_info = f"{name}-{version}.dist-info"
@@ -89,6 +123,9 @@ def build_wheel(distribution: str, out_dir: Path) -> Path:
         entries[posix] = Path(str(dist.locate_file(file))).read_bytes()
     if not any(not key.startswith(dist_info) for key in entries):
         raise AddonBuildError(f"The installed {distribution} has no files listed in its RECORD.")
+    if "Root-Is-Purelib: true" not in wheel_meta:
+        entries = _pure_entries(distribution, entries)
+        entries[f"{dist_info}/WHEEL"] = PURE_WHEEL.encode()
     record = io.StringIO()
     writer = csv.writer(record, lineterminator="\n")
     for key in sorted(entries):

@@ -202,18 +202,35 @@ class FarmClient:
     def download_frame(self, job_id: str, frame: int, target: Path, kind: str = "exr") -> Path:
         """Download atomically (`<name>.part`, then renamed)."""
         self.require_token()
+        return self._download(
+            f"/jobs/{job_id}/frames/{frame}.{kind}", target, None, f"frame {frame}"
+        )
+
+    def download_checked(self, path: str, target: Path, sha256: str) -> Path:
+        """Download `path` to `target` atomically; bytes that do not hash to `sha256` are
+        thrown away (FarmError) and `target` is left as it was."""
+        self.require_token()
+        return self._download(path, target, sha256, target.name)
+
+    def _download(self, path: str, target: Path, sha256: str | None, what: str) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".part")
-        response = self.request(
-            "GET", f"/jobs/{job_id}/frames/{frame}.{kind}", stream=True, timeout=300.0
-        )
+        response = self.request("GET", path, stream=True, timeout=300.0)
+        digest = hashlib.sha256()
         try:
             with response, partial.open("wb") as handle:
                 for block in response.iter_content(CHUNK):
+                    digest.update(block)
                     handle.write(block)
         except requests.RequestException as exc:
             partial.unlink(missing_ok=True)
-            raise FarmError(f"The download of frame {frame} broke off ({exc}).") from exc
+            raise FarmError(f"The download of {what} broke off ({exc}).") from exc
+        if sha256 is not None and digest.hexdigest() != sha256:
+            partial.unlink(missing_ok=True)
+            raise FarmError(
+                f"The coordinator sent {what} with the wrong content (its SHA-256 differs"
+                " from the listed one); it was not written and is fetched again next time."
+            )
         partial.replace(target)
         return target
 

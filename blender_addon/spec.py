@@ -79,6 +79,7 @@ def build_spec(
     max_credits: float | None = None,
     bundle: str = NO_BUNDLE,
     scene_path: str = "scene.blend",
+    preview_video: bool = False,
 ) -> dict[str, Any]:
     """A `JobSpec` as JSON, checked against the scene. Raises `SpecError`."""
     check_scene(summary)
@@ -114,6 +115,8 @@ def build_spec(
         "max_price": max(0.0, float(max_price)),
         "max_credits": None if max_credits is None else max(0.0, float(max_credits)),
     }
+    if preview_video:  # sent only when asked: a coordinator without the field accepts the rest
+        spec["preview_video"] = True
     return spec
 
 

@@ -45,6 +45,16 @@ class TesseraPreferences(bpy.types.AddonPreferences):
         default="".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())
         or "blender",
     )
+    farm_name: StringProperty(
+        name="Farm name",
+        description="The LAN farm's name (its coordinator's --farm), found on the LAN with"
+        " zeroconf; leave empty to join at the coordinator URL above",
+    )
+    lan_interface: StringProperty(
+        name="LAN interface",
+        description="Listen for LAN farms on this address only (e.g. 192.168.1.20);"
+        " empty: every interface",
+    )
     farm_secret: StringProperty(
         name="Farm secret",
         description="The secret the LAN farm's coordinator was started with (--secret)",
@@ -61,9 +71,11 @@ class TesseraPreferences(bpy.types.AddonPreferences):
         if self.connection_status:
             layout.label(text=self.connection_status)
         box = layout.box()
-        box.label(text="Or join a LAN farm with its secret (by the coordinator URL above):")
-        box.prop(self, "join_name")
+        box.label(text="Or join a LAN farm by its name and secret (no name: at the URL above):")
+        box.prop(self, "farm_name")
         box.prop(self, "farm_secret")
+        box.prop(self, "join_name")
+        box.prop(self, "lan_interface")
         box.operator("tessera.join_farm", icon="LINKED")
 
 
@@ -100,7 +112,8 @@ class TesseraSceneSettings(bpy.types.PropertyGroup):
     )
     preview_video: BoolProperty(
         name="Preview Video",
-        description="Also download each finished frame's PNG preview (for a preview video)",
+        description="Ask the farm for an MP4 preview of the finished frames (it comes home"
+        " with the job's other files)",
         default=False,
     )
     allow_missing: BoolProperty(
@@ -120,6 +133,7 @@ class TesseraSceneSettings(bpy.types.PropertyGroup):
     eta_seconds: FloatProperty(name="ETA", default=-1.0)
     last_frame_path: StringProperty(name="Last Frame", subtype="FILE_PATH")
     downloaded_frames: StringProperty(name="Downloaded Frames")
+    downloaded_files: StringProperty(name="Downloaded Files")
 
 
 class TESSERA_PT_submit(bpy.types.Panel):  # noqa: N801 (Blender naming)

@@ -16,6 +16,8 @@ import importlib.util
 import io
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -37,14 +39,14 @@ from tests.farm_tools import REPO
 
 
 def addon_module(name: str) -> ModuleType:
-    """One of the extension's bpy-free modules, loaded on its own (the package's
-    __init__ imports bpy, which only the worker process may import here)."""
-    spec = importlib.util.spec_from_file_location(f"tessera_addon_{name}", SOURCE / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """One of the extension's bpy-free modules, imported from a stand-in package whose
+    __init__ is not run (the real one imports bpy, which only the worker process may
+    import here); relative imports between those modules work."""
+    if "tessera_addon" not in sys.modules:
+        package = ModuleType("tessera_addon")
+        package.__path__ = [str(SOURCE)]
+        sys.modules["tessera_addon"] = package
+    return importlib.import_module(f"tessera_addon.{name}")
 
 
 def blender_env(home: Path) -> dict[str, str]:
@@ -76,6 +78,10 @@ def test_the_zip_is_a_valid_extension_with_its_wheels(tmp_path: Path) -> None:
         assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
         wheel_name = manifest["wheels"][0].removeprefix("./")
         wheel_bytes = archive.read(wheel_name)
+        vendored = {w.removeprefix("./wheels/").split("-")[0]: w for w in manifest["wheels"]}
+        assert set(vendored) == {"blender_asset_tracer", "zeroconf", "ifaddr"}, vendored
+        assert all(w.endswith("-py3-none-any.whl") for w in manifest["wheels"]), vendored
+        zeroconf_bytes = archive.read(vendored["zeroconf"].removeprefix("./"))
     # The Tessera extension never ships Tessera's own packages.
     assert not [n for n in names if n.split("/")[0] in {"app", "protocol", "coordinator"}]
     with zipfile.ZipFile(io.BytesIO(wheel_bytes)) as wheel:
@@ -92,6 +98,17 @@ def test_the_zip_is_a_valid_extension_with_its_wheels(tmp_path: Path) -> None:
             data = wheel.read(path)
             expected = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
             assert digest == f"sha256={expected.decode()}" and int(size) == len(data), path
+    # zeroconf's compiled twins are left out; the Python sources they come from stay.
+    with zipfile.ZipFile(io.BytesIO(zeroconf_bytes)) as wheel:
+        files = wheel.namelist()
+        assert "zeroconf/_services/browser.py" in files and "zeroconf/_dns.py" in files
+        assert not [n for n in files if n.endswith((".so", ".pyd", ".pxd", ".c"))], files
+        meta = wheel.read("zeroconf-0.154.0.dist-info/WHEEL").decode()
+        assert "Root-Is-Purelib: true" in meta and "Tag: py3-none-any" in meta
+        rows = list(
+            csv.reader(io.StringIO(wheel.read("zeroconf-0.154.0.dist-info/RECORD").decode()))
+        )
+        assert {row[0] for row in rows} == set(files)
     # Reproducible: the same source gives the same bytes.
     again = build_extension(tmp_path / "again.zip")
     assert again.read_bytes() == built.read_bytes()
@@ -100,6 +117,13 @@ def test_the_zip_is_a_valid_extension_with_its_wheels(tmp_path: Path) -> None:
 def test_a_missing_distribution_cannot_be_vendored(tmp_path: Path) -> None:
     with pytest.raises(AddonBuildError, match="not installed"):
         build_wheel("no_such_distribution_here", tmp_path)
+
+
+def test_a_distribution_that_needs_its_binaries_cannot_be_vendored(tmp_path: Path) -> None:
+    """zstandard's compiled backends have no Python source to fall back on."""
+    with pytest.raises(AddonBuildError, match=r"zstandard is not pure Python \(zstandard/"):
+        build_wheel("zstandard", tmp_path)
+    assert not list(tmp_path.iterdir()), "no half-built wheel is left"
 
 
 def test_the_extension_installs_and_enables_in_the_bpy_module(tmp_path: Path) -> None:
@@ -260,6 +284,32 @@ def test_the_join_proof_is_the_coordinators() -> None:
     )
 
 
+def test_the_lan_fingerprint_is_the_coordinators() -> None:
+    from protocol.discovery import secret_fingerprint
+
+    lan = addon_module("lan")
+    assert lan.secret_fingerprint("studio", "s3cret") == secret_fingerprint("studio", "s3cret")
+    assert lan.secret_fingerprint("studio", "other") != secret_fingerprint("studio", "s3cret")
+
+
+@pytest.mark.parametrize(
+    ("farm", "secret", "interface", "words"),
+    [
+        ("", "s", "127.0.0.1", "No farm name"),
+        ("studio", "", "127.0.0.1", "No farm secret"),
+        ("studio", "s", "not-an-address", "Cannot listen for LAN farms on not-an-address"),
+        ("nobody-runs-this", "s", "127.0.0.1", "No coordinator of farm 'nobody-runs-this'"),
+    ],
+)
+def test_finding_a_lan_farm_by_name_fails_with_what_to_check(
+    farm: str, secret: str, interface: str, words: str
+) -> None:
+    lan = addon_module("lan")
+    client = addon_module("client")
+    with pytest.raises(client.FarmError, match=re.escape(words)):
+        lan.find_farm(farm, secret, interface=interface, timeout=1.0)
+
+
 def test_an_unreachable_coordinator_is_one_sentence() -> None:
     client = addon_module("client")
     with (
@@ -327,3 +377,63 @@ def test_the_extension_imports_nothing_of_tessera() -> None:
                 continue
             assert top not in {"app", "protocol", "common", "renderers", "PySide6"}, path
     assert (REPO / "blender_addon" / "blender_manifest.toml").is_file()
+
+
+def test_the_extension_ships_in_tesseras_wheel_and_builds_from_an_install(
+    tmp_path: Path,
+) -> None:
+    """`tessera addon build` from an installed wheel (no source checkout): the wheel
+    carries blender_addon/ with its manifest, and the installed copy builds the zip.
+    Built from a clean copy of the source (an in-tree build/ would hide a missing entry)."""
+    source = tmp_path / "src"
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "tests"
+        ),
+    )
+    completed = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(source), "-w", "wheels"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheels").glob("tessera_farm-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        archive.extractall(site)
+    shipped = {
+        f"blender_addon/{path.relative_to(SOURCE).as_posix()}"
+        for path in SOURCE.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+    assert "blender_addon/blender_manifest.toml" in shipped
+    assert shipped <= names, sorted(shipped - names)
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from app.addon_build import SOURCE, build_extension\n"
+        "print('SOURCE', SOURCE)\n"
+        "print('BUILT', build_extension(Path(sys.argv[1])))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(site)
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "out")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in run.stdout.splitlines() if " " in line)
+    assert Path(lines["SOURCE"]) == site / "blender_addon", lines
+    with zipfile.ZipFile(lines["BUILT"]) as built:
+        assert {"blender_manifest.toml", "lan.py", "operators.py"} <= set(built.namelist())

@@ -72,11 +72,11 @@ for case in json.loads(sys.argv[-1]):
     if case.get("timer") and scene.tessera.last_job_id:
         # What bpy.app.timers does in the UI: the poll runs on a thread, its result is
         # applied on the next call; the timer stops itself when the job is finished.
-        operators = sys.modules["bl_ext.user_default.tessera.operators"]
+        follow = sys.modules["bl_ext.user_default.tessera.follow"]
         deadline, calls = time.monotonic() + case["timer"], 0
         while time.monotonic() < deadline:
             calls += 1
-            if operators._timer() is None:
+            if follow._timer() is None:
                 break
             time.sleep(0.2)
         done["timer_calls"] = calls
@@ -94,6 +94,12 @@ for case in json.loads(sys.argv[-1]):
             done["open"] = sorted(bpy.ops.tessera.open_last_frame())
         except RuntimeError as exc:
             done["open"] = str(exc)
+    operators = sys.modules["bl_ext.user_default.tessera.operators"]
+    for checked in case.get("preview_video", []):
+        scene.tessera.preview_video = checked
+        done.setdefault("preview_video", []).append(
+            operators._job_spec(scene).get("preview_video", "absent")
+        )
     settings = scene.tessera
     done.update(
         job_id=settings.last_job_id,
@@ -283,9 +289,63 @@ def test_bad_input_is_one_clear_message_and_nothing_is_uploaded(
         coordinator.stop()
 
 
-def test_joining_a_lan_farm_by_url_and_secret_saves_a_token(
-    addon_home: Path, scenes: dict[str, Path], tmp_path: Path
+JOIN_SCRIPT = r"""
+import importlib.machinery, json, sys
+import bpy
+
+
+class OnlyTheWheels:
+    # The test's venv has a compiled zeroconf too: hide it, as a bare Blender has none.
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name.split(".")[0] not in ("zeroconf", "ifaddr") or path is not None:
+            return None
+        wheels = [p for p in sys.path if "/extensions/.local/" in p]
+        spec = importlib.machinery.PathFinder.find_spec(name, wheels)
+        if spec is None:
+            raise ModuleNotFoundError(name)
+        return spec
+
+
+sys.meta_path.insert(0, OnlyTheWheels)
+assert not [m for m in sys.modules if m.split(".")[0] in ("zeroconf", "ifaddr")]
+bpy.ops.wm.read_userpref()
+bpy.context.preferences.system.use_online_access = True
+prefs = bpy.context.preferences.addons["bl_ext.user_default.tessera"].preferences
+prefs.join_name = "artist"
+prefs.lan_interface = "127.0.0.1"
+out = {}
+for case in json.loads(sys.argv[-1]):
+    prefs.coordinator_url = case["url"]
+    prefs.farm_name = case["farm"]
+    prefs.farm_secret = case["secret"]
+    prefs.token = ""
+    try:
+        result = sorted(bpy.ops.tessera.join_farm())
+    except RuntimeError as exc:
+        result = str(exc)
+    test = sorted(bpy.ops.tessera.test_connection()) if prefs.token else None
+    out[case["name"]] = {
+        "result": result,
+        "test": test,
+        "status": prefs.connection_status,
+        "url": prefs.coordinator_url,
+        "token": bool(prefs.token),
+    }
+import zeroconf
+out["zeroconf"] = zeroconf.__file__
+out["compiled"] = [m for m in sys.modules if m.startswith("zeroconf") and
+                   str(getattr(sys.modules[m], "__file__", "")).endswith(".so")]
+print("JOIN " + json.dumps(out), flush=True)
+"""
+
+
+def test_joining_a_lan_farm_by_name_or_by_url_with_its_secret_saves_a_token(
+    addon_home: Path, tmp_path: Path
 ) -> None:
+    """By name: the vendored pure-Python zeroconf (bound to 127.0.0.1) finds the farm's
+    advert and the coordinator URL is saved with the token; by URL as before; a wrong
+    secret is refused either way with one message."""
     coordinator = start_coordinator(
         tmp_path / "coordinator",
         "--lan",
@@ -297,42 +357,40 @@ def test_joining_a_lan_farm_by_url_and_secret_saves_a_token(
         "127.0.0.1",
     )
     try:
-        script = (
-            "import bpy, json\n"
-            "bpy.ops.wm.read_userpref()\n"
-            "bpy.context.preferences.system.use_online_access = True\n"
-            "prefs = bpy.context.preferences.addons['bl_ext.user_default.tessera'].preferences\n"
-            f"prefs.coordinator_url = {coordinator.url!r}\n"
-            "prefs.join_name = 'artist'\n"
-            "out = {}\n"
-            "prefs.farm_secret = 'wrong'\n"
-            "try:\n"
-            "    bpy.ops.tessera.join_farm()\n"
-            "except RuntimeError as exc:\n"
-            "    out['wrong'] = str(exc)\n"
-            "prefs.farm_secret = 'open-sesame'\n"
-            "out['join'] = sorted(bpy.ops.tessera.join_farm())\n"
-            "out['test'] = sorted(bpy.ops.tessera.test_connection())\n"
-            "out['status'] = prefs.connection_status\n"
-            "out['token'] = bool(prefs.token)\n"
-            "print('JOIN ' + json.dumps(out), flush=True)\n"
-        )
+        elsewhere = "http://127.0.0.1:9"
+        cases = [
+            {"name": "url, wrong secret", "url": coordinator.url, "farm": "", "secret": "bad"},
+            {"name": "url", "url": coordinator.url, "farm": "", "secret": "open-sesame"},
+            {"name": "lan, wrong secret", "url": elsewhere, "farm": "studio", "secret": "bad"},
+            {"name": "lan", "url": elsewhere, "farm": "studio", "secret": "open-sesame"},
+        ]
+        script = tmp_path / "join.py"
+        script.write_text(JOIN_SCRIPT)
         completed = subprocess.run(
-            [sys.executable, "-c", script],
+            [sys.executable, str(script), json.dumps(cases)],
             env=blender_env(addon_home),
             cwd=tmp_path,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=180,
             check=False,
         )
         lines = [x for x in completed.stdout.splitlines() if x.startswith("JOIN ")]
         assert lines, (completed.stdout + completed.stderr)[-3000:]
+        assert "Traceback" not in completed.stderr, completed.stderr[-3000:]
         out = json.loads(lines[-1][len("JOIN ") :])
-        assert "Wrong farm secret" in out["wrong"], out
-        assert out["join"] == ["FINISHED"] and out["token"], out
-        assert out["test"] == ["FINISHED"], out
-        assert out["status"].startswith("Connected as lan-user-artist (requester)"), out
+        assert "Wrong farm secret" in out["url, wrong secret"]["result"], out
+        wrong = out["lan, wrong secret"]
+        assert "No coordinator of farm 'studio' with that secret" in wrong["result"], out
+        assert "farms seen: studio" in wrong["result"] and not wrong["token"], out
+        for name in ("url", "lan"):
+            case = out[name]
+            assert case["result"] == ["FINISHED"] and case["token"], (name, case)
+            assert case["test"] == ["FINISHED"], (name, case)
+            assert case["url"] == coordinator.url, (name, case)
+            assert case["status"].startswith("Connected as lan-user-artist (requester)"), case
+        assert "/extensions/.local/" in out["zeroconf"], out["zeroconf"]
+        assert out["compiled"] == [], "the vendored zeroconf is the pure-Python one"
     finally:
         coordinator.stop()
 
@@ -356,10 +414,12 @@ def test_pause_resume_and_cancel_from_blender(
                     "output": f"{tmp_path / 'frames'}/",
                     "settings": {"split": "TILES", "tiles_x": 2, "tiles_y": 2, "priority": 80},
                     "after": ["pause_job", "resume_job", "cancel_job", "open_last_frame"],
+                    "preview_video": [False, True],
                 }
             ],
         )
         assert case["result"] == ["FINISHED"], case
+        assert case["preview_video"] == ["absent", True], "sent only when checked"
         after = {op: (result, status) for op, result, status in case["after"]}
         assert after["pause_job"] == (["FINISHED"], "paused"), case
         assert after["resume_job"][0] == ["FINISHED"], case

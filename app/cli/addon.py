@@ -1,8 +1,8 @@
 """`tessera addon build` and `tessera addon install`: the Blender extension.
 
 The extension's source is `blender_addon/`; `app.addon_build` makes the installable zip
-(with blender-asset-tracer vendored as a wheel) and installs it into a Blender found on
-this machine. No Qt here.
+(with blender-asset-tracer, zeroconf and ifaddr vendored as wheels) and installs it into
+a Blender found on this machine. No Qt here.
 """
 
 from __future__ import annotations
