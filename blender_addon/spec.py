@@ -114,6 +114,8 @@ def build_spec(
         "device": device,
         "max_price": max(0.0, float(max_price)),
         "max_credits": None if max_credits is None else max(0.0, float(max_credits)),
+        # The scene's own files (compositor, colour management, format, names).
+        "finish": True,
     }
     if preview_video:  # sent only when asked: a coordinator without the field accepts the rest
         spec["preview_video"] = True

@@ -227,9 +227,12 @@ def test_a_linked_scene_submitted_from_blender_comes_back_as_the_one_piece_rende
     assert case["timer_calls"] > 1, "the timer polled on a thread until the job finished"
     assert "refresh_errors" not in case, case
     assert case["status"] == "completed" and case["frames_done"] == case["frames_total"] == 1
-    frame_path = output / "frame_0001.exr"
-    assert case["last_frame"] == str(frame_path) and frame_path.is_file()
-    assert case["open"] == ["FINISHED"] and str(frame_path) in case["images"]
+    # The scene's own file where Blender writes it (output path "frames/" -> 0001.png),
+    # the raw EXR of every pass beside it.
+    delivered, frame_path = output / "0001.png", output / "frame_0001.exr"
+    assert case["last_frame"] == str(delivered) and delivered.is_file(), case
+    assert frame_path.is_file()
+    assert case["open"] == ["FINISHED"] and str(delivered) in case["images"]
 
     # The frame equals a one-piece render of the same (saved) scene with the same settings.
     reference_path = tmp_path / "reference.exr"
