@@ -4,6 +4,8 @@ Rooms:
 
 - `protocol.models`: the pydantic models of every request and response of API v1, and
   the wire enums (job, task and frame states, failure kinds, devices).
+- `protocol.output`: what a job delivers (movie settings, a finish's manifest, the
+  deliverables a client downloads); `protocol.base`: the strict base model, SHA-256.
 - `protocol.client`: `TesseraClient`, the typed HTTP client every side uses.
 - `protocol.discovery`: zeroconf advertising and browsing of farms and nodes on a LAN.
 
