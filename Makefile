@@ -13,9 +13,11 @@ PYTHON ?= $(shell for p in python3.11 python3; do \
 
 .PHONY: demo test bench load soak screenshots app lint venv clean system-deps
 
-# System packages the tests use for real (bubblewrap for the render sandbox), installed
-# with apt where this runs as root and they are missing; elsewhere it says what to install.
-SYSTEM_PACKAGES := bwrap:bubblewrap
+# System packages the tests use for real (bubblewrap for the render sandbox; a UI Blender,
+# Xvfb and xdotool for the add-on's UI tests and files saved by an older Blender),
+# installed with apt where this runs as root and they are missing; elsewhere it says what
+# to install.
+SYSTEM_PACKAGES := bwrap:bubblewrap blender:blender Xvfb:xvfb xdotool:xdotool
 system-deps:
 	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
