@@ -39,7 +39,66 @@ def scene_summary(scene: Any, blender_version: str) -> dict[str, Any]:
         "camera": scene.camera.name if scene.camera is not None else None,
         "engine": str(render.engine),
         "blender_version": blender_version,
+        "fps": _fps(render),
+        "movie": movie_summary(scene),
     }
+
+
+#: Blender's movie file extension per container (`render.ffmpeg.format`).
+MOVIE_EXTENSIONS = {
+    "MPEG4": ".mp4",
+    "MKV": ".mkv",
+    "WEBM": ".webm",
+    "AVI": ".avi",
+    "QUICKTIME": ".mov",
+    "OGG": ".ogv",
+    "FLASH": ".flv",
+    "MPEG1": ".mpg",
+    "MPEG2": ".dvd",
+    "DV": ".dv",
+}
+
+
+def _fps(render: Any) -> float:
+    fps = float(render.fps) / float(render.fps_base or 1.0)
+    return fps if 0 < fps <= 1000 else 24.0
+
+
+def movie_summary(scene: Any) -> dict[str, Any] | None:
+    """The scene's movie settings (`MovieOutput`) when it writes a movie, so the farm
+    encodes it from the finished frames; None for image output."""
+    render = scene.render
+    settings = render.image_settings
+    if getattr(settings, "media_type", "") != "VIDEO" and settings.file_format != "FFMPEG":
+        return None
+    ffmpeg = render.ffmpeg
+    path = render.filepath.replace("\\", "/")
+    name = path[2:] if path.startswith("//") else Path(path.rstrip("/")).name or "movie"
+    if not name or ".." in name.split("/") or name.startswith("/"):
+        return None  # the finish refuses such a path with its reason; no movie to name
+    return {
+        "name": movie_name(name, int(scene.frame_start), int(scene.frame_end), ffmpeg.format),
+        "container": str(ffmpeg.format),
+        "codec": str(ffmpeg.codec),
+        "fps": _fps(render),
+        "crf": str(ffmpeg.constant_rate_factor),
+        "preset": str(ffmpeg.ffmpeg_preset),
+        "gop": max(0, min(1000, int(ffmpeg.gopsize))),
+        "bitrate_kbps": max(1, int(ffmpeg.video_bitrate)),
+        "color_mode": str(settings.color_mode),
+    }
+
+
+def movie_name(path: str, start: int, end: int, container: str) -> str:
+    """A movie's name as Blender gives it: the run of '#' becomes the frame range (none:
+    the range is appended), then the container's extension."""
+    hashes = re.search(r"#+", path)
+    if hashes is None:
+        name = f"{path}{start:04d}-{end:04d}"
+    else:
+        width = len(hashes.group())
+        name = path[: hashes.start()] + f"{start:0{width}d}-{end:0{width}d}" + path[hashes.end() :]
+    return name + MOVIE_EXTENSIONS.get(container, "")
 
 
 def check_scene(summary: dict[str, Any]) -> None:

@@ -235,6 +235,28 @@ def test_the_job_spec_is_one_the_coordinator_accepts() -> None:
     assert parsed.max_credits == 12.0 and parsed.device == "CPU"
 
 
+def test_a_movie_scene_tells_the_farm_its_movie_as_the_app_does() -> None:
+    """The add-on names the movie as `tessera submit` does (Blender's rule), and the spec
+    it sends asks for the finish and carries the movie the coordinator encodes."""
+    from app.job_spec import movie_name as app_movie_name
+    from protocol.models import JobSpec
+
+    spec_module = addon_module("spec")
+    for path, container in (("render/shot_####", "MPEG4"), ("clip_", "MKV"), ("a/b_##", "OGG")):
+        assert spec_module.movie_name(path, 1, 24, container) == app_movie_name(
+            path, 1, 24, {"container": container}
+        )
+    movie = {"name": "render/shot_0001-0010.mp4", "container": "MPEG4", "codec": "H264",
+             "fps": 24.0, "crf": "MEDIUM", "preset": "GOOD", "gop": 18,
+             "bitrate_kbps": 6000, "color_mode": "RGB"}  # fmt: skip
+    spec = spec_module.build_spec(
+        {**SUMMARY, "fps": 24.0, "movie": movie}, name="x", frames=spec_module.parse_frames("1")
+    )
+    parsed = JobSpec.model_validate(spec)
+    assert parsed.finish and parsed.scene.movie is not None
+    assert parsed.scene.movie.name == "render/shot_0001-0010.mp4"
+
+
 @pytest.mark.parametrize(
     ("change", "frames", "tiles", "message"),
     [
