@@ -213,6 +213,22 @@ MIGRATIONS: tuple[str, ...] = (
             json_extract(j.spec, '$.scene.resolution_y') FROM jobs j WHERE j.id = tasks.job_id))
     ) WHERE assignment IS NOT NULL AND json_valid(assignment)
     """,
+    # 10: pools (issue 14). A pool is owned by the account that created it; its owner
+    # adds the accounts whose nodes may serve it and who may submit to it.
+    """
+    CREATE TABLE pools (
+        name TEXT PRIMARY KEY,
+        owner TEXT NOT NULL REFERENCES accounts(name),
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE pool_members (
+        pool TEXT NOT NULL REFERENCES pools(name),
+        account TEXT NOT NULL REFERENCES accounts(name),
+        added_at TEXT NOT NULL,
+        PRIMARY KEY (pool, account)
+    );
+    CREATE INDEX pool_members_by_account ON pool_members(account);
+    """,
 )
 
 

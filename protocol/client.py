@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import quote
 
 import requests
 from pydantic import BaseModel
@@ -50,6 +51,9 @@ from protocol.models import (
     NodeCapabilities,
     NodeInfo,
     NodeRegistration,
+    PoolCreate,
+    PoolInfo,
+    PoolMember,
     Role,
     Task,
     TaskFailure,
@@ -387,6 +391,32 @@ class TesseraClient:
             )
         partial.replace(target)
         return target
+
+    # --- pools ---------------------------------------------------------------------------------
+
+    def create_pool(self, name: str) -> PoolInfo:
+        """A new pool owned by the caller's account."""
+        body = PoolCreate(name=name)
+        return self._json("POST", "/pools", PoolInfo, idempotent=False, **self._body(body))
+
+    def pools(self) -> list[PoolInfo]:
+        """The pools the caller owns or was added to (every pool for an admin)."""
+        return self._list("/pools", PoolInfo)
+
+    def add_to_pool(self, name: str, account: str) -> PoolInfo:
+        """Add an account to a pool the caller owns (adding twice changes nothing)."""
+        body = PoolMember(account=account)
+        return self._json(
+            "POST", f"/pools/{quote(name, safe='')}/members", PoolInfo, **self._body(body)
+        )
+
+    def remove_from_pool(self, name: str, account: str) -> PoolInfo:
+        return self._json(
+            "DELETE",
+            f"/pools/{quote(name, safe='')}/members/{quote(account, safe='')}",
+            PoolInfo,
+            idempotent=False,
+        )
 
     # --- accounts (admin) ----------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ This module holds data shapes and their validation only: no I/O, no Blender, no 
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime
 from enum import StrEnum
@@ -38,6 +39,17 @@ DEVICE_CLASSES = ("CPU", "GPU", "CUDA", "OPTIX", "HIP", "METAL", "ONEAPI")
 #: so that the tiles of one frame never mix device classes).
 DEVICES = ("ANY", *DEVICE_CLASSES)
 JobDevice = Literal["ANY", "CPU", "GPU", "CUDA", "OPTIX", "HIP", "METAL", "ONEAPI"]
+#: The most memory (MiB) a job may require or a node declare: 1 PiB.
+MAX_MEMORY_MIB = 1 << 30
+#: The most memory a job may ask for in decimal GB (1 PB, under MAX_MEMORY_MIB).
+MAX_MEMORY_GB = 1_000_000.0
+#: A pool's name: letters, digits, '_', '.', '-'.
+POOL_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+#: How many pools a node may claim and a GPU list may hold, at most.
+MAX_NODE_POOLS = 32
+MAX_NODE_GPUS = 64
+#: A GPU name or the substring a job asks for: printable text, no control characters.
+_PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
 
 Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN, description="lower-case hex SHA-256")]
 
@@ -235,6 +247,41 @@ class JobOptions(Strict):
     name: str | None = Field(default=None, min_length=1, max_length=200)
     max_price: float = Field(default=0.0, ge=0, le=MAX_PRICE)
     max_credits: float | None = Field(default=None, ge=0, le=MAX_CREDITS)
+    #: GPU memory (decimal GB) a node's GPU must have; None: from the probe (with a
+    #: margin, see `app.job_spec`), 0: no requirement.
+    min_vram_gb: float | None = Field(default=None, ge=0, le=MAX_MEMORY_GB)
+    #: Memory (decimal GB) the node must have; None: from the probe, 0: none.
+    min_ram_gb: float | None = Field(default=None, ge=0, le=MAX_MEMORY_GB)
+    #: Part of the GPU's name the node must have (case-insensitive), e.g. "RTX 4090".
+    gpu: str | None = Field(default=None, min_length=1, max_length=100, pattern=_PRINTABLE)
+    #: The pool whose nodes alone may render the job (None: any node).
+    pool: str | None = Field(default=None, pattern=POOL_NAME_PATTERN)
+
+
+def gb_to_mib(gb: float) -> int:
+    """Decimal gigabytes (what cards and machines are sold by) as MiB, rounded up: a
+    node's 8 GB card reports about 8192 MiB and meets `--min-vram 8` (7630 MiB)."""
+    return math.ceil(gb * 1e9 / (1 << 20))
+
+
+class JobRequirements(Strict):
+    """What a node must have to be leased a job's tasks (the coordinator checks it on
+    every lease, against what nodes declare: a claim it bounds, never trusts further).
+
+    VRAM applies to GPU devices only (a CPU job needs none); RAM to the node as a whole.
+    """
+
+    #: MiB of memory one GPU of the node must have (0: none asked).
+    min_vram_mib: int = Field(default=0, ge=0, le=MAX_MEMORY_MIB)
+    #: MiB of memory the node must have (0: none asked).
+    min_ram_mib: int = Field(default=0, ge=0, le=MAX_MEMORY_MIB)
+    #: A case-insensitive part of the GPU's name ("" : any GPU).
+    gpu: str = Field(default="", max_length=100, pattern=_PRINTABLE)
+    #: The pool whose nodes alone may render the job ("" : any node).
+    pool: str = Field(default="", pattern=r"^([A-Za-z0-9_.-]{1,64})?$")
+    #: The scene's peak render memory the submit-time probe measured, in MiB (0: not
+    #: measured). Informative: the requirements above are what the coordinator enforces.
+    measured_peak_mib: int = Field(default=0, ge=0, le=MAX_MEMORY_MIB)
 
 
 class JobSpec(Strict):
@@ -273,6 +320,7 @@ class JobSpec(Strict):
         " at submit; work units are pixels x samples / 1e6 x scene_cost",
     )
     previews: list[FramePreview] = Field(default_factory=list, max_length=MAX_PREVIEW_FRAMES)
+    requirements: JobRequirements = JobRequirements()
 
     @field_validator("scene_path")
     @classmethod
@@ -307,6 +355,11 @@ class JobSpec(Strict):
         if self.tiles.columns > width or self.tiles.rows > height:
             raise ValueError(
                 f"{self.tiles.columns}x{self.tiles.rows} tiles do not fit a {width}x{height} frame"
+            )
+        if self.requirements.gpu and self.device in ("ANY", "CPU"):
+            raise ValueError(
+                f"gpu '{self.requirements.gpu}' asks for a GPU but the job renders on"
+                f" {self.device}: choose a GPU device (--device GPU, CUDA, OPTIX...)"
             )
         return self
 
@@ -368,6 +421,9 @@ class Job(Strict):
         default=0.0, description="credits held for the job when it was submitted"
     )
     credits_spent: float = Field(default=0.0, description="credits paid for its accepted tasks")
+    #: Set on the reply to a submit only: why no registered node meets the job's
+    #: requirements now ("" when one does). The job is queued all the same.
+    warning: str = ""
 
 
 class JobEstimate(Strict):
@@ -491,9 +547,9 @@ class UploadReceipt(Strict):
 
 
 class GpuInfo(Strict):
-    type: str
-    name: str
-    vram_mib: int | None = Field(default=None, ge=0, le=1 << 40)
+    type: str = Field(max_length=20)
+    name: str = Field(max_length=200, pattern=_PRINTABLE)
+    vram_mib: int | None = Field(default=None, ge=0, le=MAX_MEMORY_MIB)
 
 
 class NodeCapabilities(Strict):
@@ -501,22 +557,35 @@ class NodeCapabilities(Strict):
     hostname: str = Field(default="", max_length=255)
     cpu: str = ""
     cpu_threads: int = Field(default=1, ge=1, le=1 << 20)
-    ram_mib: int = Field(default=0, ge=0, le=1 << 40)
-    devices: list[str] = Field(
-        default_factory=lambda: ["CPU"], description="Cycles device types this node can render with"
+    ram_mib: int = Field(default=0, ge=0, le=MAX_MEMORY_MIB)
+    devices: list[Annotated[str, Field(max_length=20)]] = Field(
+        default_factory=lambda: ["CPU"],
+        max_length=16,
+        description="Cycles device types this node can render with",
     )
-    gpus: list[GpuInfo] = Field(default_factory=list)
-    blender_versions: list[str] = Field(default_factory=list)
-    engines: list[str] = Field(default_factory=lambda: ["CYCLES"])
+    gpus: list[GpuInfo] = Field(default_factory=list, max_length=MAX_NODE_GPUS)
+    blender_versions: list[Annotated[str, Field(max_length=40)]] = Field(
+        default_factory=list, max_length=32
+    )
+    engines: list[Annotated[str, Field(max_length=20)]] = Field(
+        default_factory=lambda: ["CYCLES"], max_length=8
+    )
     benchmark_score: float | None = Field(default=None, ge=0, le=1e12)
     cpu_kernel: str = ""
     price: float = Field(default=0, ge=0, le=MAX_PRICE, description="credits per work unit")
+    #: Pools the node asks to serve; the coordinator keeps those its owner was added to.
+    pools: list[Annotated[str, Field(pattern=POOL_NAME_PATTERN)]] = Field(
+        default_factory=list, max_length=MAX_NODE_POOLS
+    )
 
 
 class NodeRegistration(Strict):
     node_id: str
     heartbeat_interval: float
     poll_timeout: float
+    #: What the coordinator refused of the node's claims, in words (a pool its owner
+    #: was not added to); the node registers all the same, without them.
+    notices: list[str] = Field(default_factory=list)
 
 
 class NodeInfo(Strict):
@@ -607,6 +676,24 @@ class LedgerCheck(Strict):
 class Me(Strict):
     account: str
     role: Role
+
+
+class PoolInfo(Strict):
+    """A pool: the accounts its owner added (their nodes may serve the pool's jobs, and
+    they may submit jobs to it)."""
+
+    name: str
+    owner: str
+    members: list[str] = Field(default_factory=list)
+    created_at: datetime
+
+
+class PoolCreate(Strict):
+    name: str = Field(pattern=POOL_NAME_PATTERN)
+
+
+class PoolMember(Strict):
+    account: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.@-]+$")
 
 
 # --- events ------------------------------------------------------------
