@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from protocol.models import GpuInfo, JobSpec, NodeCapabilities
+from protocol.models import GpuInfo, JobSpec, NodeCapabilities, format_mib
 
-__all__ = ["Candidate", "format_mib", "job_gpus", "node_meets", "unmet", "why_none"]
+__all__ = ["Candidate", "job_gpus", "node_meets", "unmet", "why_none"]
 
 #: The requirements in the order they are checked (and named when no node meets one).
 CHECKS = ("device", "pool", "gpu", "vram", "ram", "blender")
@@ -30,11 +30,6 @@ class Candidate:
 
     caps: NodeCapabilities
     pools: frozenset[str] = frozenset()
-
-
-def format_mib(mib: int) -> str:
-    """MiB as decimal GB, the unit of `--min-vram` / `--min-ram` ('7.5 GB')."""
-    return f"{mib * (1 << 20) / 1e9:.1f} GB"
 
 
 def _device_ok(caps: NodeCapabilities, spec: JobSpec) -> bool:

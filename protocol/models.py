@@ -264,6 +264,11 @@ def gb_to_mib(gb: float) -> int:
     return math.ceil(gb * 1e9 / (1 << 20))
 
 
+def format_mib(mib: int) -> str:
+    """MiB in decimal GB, the unit of `--min-vram` / `--min-ram` ('7.5 GB')."""
+    return f"{mib * (1 << 20) / 1e9:.1f} GB"
+
+
 class JobRequirements(Strict):
     """What a node must have to be leased a job's tasks (the coordinator checks it on
     every lease, against what nodes declare: a claim it bounds, never trusts further).
