@@ -25,15 +25,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from common.errors import UsageError
-from protocol.models import (
-    FramePreview,
-    FrameRange,
-    JobOptions,
-    JobRequirements,
-    JobSpec,
-    SceneSummary,
-    gb_to_mib,
-)
+from protocol.models import FramePreview, FrameRange, JobOptions, JobSpec, SceneSummary
+from protocol.requirements import JobRequirements, gb_to_mib
 from renderers.regions import effective_resolution
 from renderers.scene_info import SceneInfo, inspect_scene
 from renderers.scene_probe import PreviewImage, SceneProbe, preview_frames, probe_scene

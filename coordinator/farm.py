@@ -51,13 +51,13 @@ from protocol.models import (
     NodeCapabilities,
     NodeInfo,
     NodeRegistration,
-    PoolInfo,
     Role,
     Task,
     TaskFailure,
     UploadReceipt,
     Wallet,
 )
+from protocol.requirements import PoolInfo
 
 __all__ = ["SWEEP_SECONDS", "Farm", "Principal"]
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from protocol.models import GpuInfo, JobSpec, NodeCapabilities, format_mib
+from protocol.models import GpuInfo, JobSpec, NodeCapabilities
+from protocol.requirements import format_mib
 
 __all__ = ["Candidate", "job_gpus", "node_meets", "unmet", "why_none"]
 

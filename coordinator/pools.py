@@ -20,7 +20,8 @@ from coordinator.accounts import Principal
 from coordinator.core import Core
 from coordinator.db import now_iso
 from coordinator.errors import ConflictError, NotAllowedError, NotFoundError
-from protocol.models import PoolInfo, Role
+from protocol.models import Role
+from protocol.requirements import PoolInfo
 
 __all__ = ["Pools", "granted"]
 

@@ -51,15 +51,13 @@ from protocol.models import (
     NodeCapabilities,
     NodeInfo,
     NodeRegistration,
-    PoolCreate,
-    PoolInfo,
-    PoolMember,
     Role,
     Task,
     TaskFailure,
     UploadReceipt,
     Wallet,
 )
+from protocol.requirements import PoolCreate, PoolInfo, PoolMember
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)

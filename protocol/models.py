@@ -10,13 +10,23 @@ This module holds data shapes and their validation only: no I/O, no Blender, no 
 
 from __future__ import annotations
 
-import math
 import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from protocol.requirements import (
+    MAX_MEMORY_GB,
+    MAX_MEMORY_MIB,
+    MAX_NODE_GPUS,
+    MAX_NODE_POOLS,
+    POOL_NAME_PATTERN,
+    PRINTABLE_PATTERN,
+    JobRequirements,
+    Strict,
+)
 
 API_PREFIX = "/api/v1"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
@@ -39,26 +49,8 @@ DEVICE_CLASSES = ("CPU", "GPU", "CUDA", "OPTIX", "HIP", "METAL", "ONEAPI")
 #: so that the tiles of one frame never mix device classes).
 DEVICES = ("ANY", *DEVICE_CLASSES)
 JobDevice = Literal["ANY", "CPU", "GPU", "CUDA", "OPTIX", "HIP", "METAL", "ONEAPI"]
-#: The most memory (MiB) a job may require or a node declare: 1 PiB.
-MAX_MEMORY_MIB = 1 << 30
-#: The most memory a job may ask for in decimal GB (1 PB, under MAX_MEMORY_MIB).
-MAX_MEMORY_GB = 1_000_000.0
-#: A pool's name: letters, digits, '_', '.', '-'.
-POOL_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
-#: How many pools a node may claim and a GPU list may hold, at most.
-MAX_NODE_POOLS = 32
-MAX_NODE_GPUS = 64
-#: A GPU name or the substring a job asks for: printable text, no control characters.
-_PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
 
 Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN, description="lower-case hex SHA-256")]
-
-
-class Strict(BaseModel):
-    """Every wire model: unknown fields are errors, and no float may be NaN or infinite
-    (a non-finite number cannot be stored as JSON and read back, nor priced)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --- states (modelled on Flamenco's) ----------------------------------------------------
@@ -253,40 +245,9 @@ class JobOptions(Strict):
     #: Memory (decimal GB) the node must have; None: from the probe, 0: none.
     min_ram_gb: float | None = Field(default=None, ge=0, le=MAX_MEMORY_GB)
     #: Part of the GPU's name the node must have (case-insensitive), e.g. "RTX 4090".
-    gpu: str | None = Field(default=None, min_length=1, max_length=100, pattern=_PRINTABLE)
+    gpu: str | None = Field(default=None, min_length=1, max_length=100, pattern=PRINTABLE_PATTERN)
     #: The pool whose nodes alone may render the job (None: any node).
     pool: str | None = Field(default=None, pattern=POOL_NAME_PATTERN)
-
-
-def gb_to_mib(gb: float) -> int:
-    """Decimal gigabytes (what cards and machines are sold by) as MiB, rounded up: a
-    node's 8 GB card reports about 8192 MiB and meets `--min-vram 8` (7630 MiB)."""
-    return math.ceil(gb * 1e9 / (1 << 20))
-
-
-def format_mib(mib: int) -> str:
-    """MiB in decimal GB, the unit of `--min-vram` / `--min-ram` ('7.5 GB')."""
-    return f"{mib * (1 << 20) / 1e9:.1f} GB"
-
-
-class JobRequirements(Strict):
-    """What a node must have to be leased a job's tasks (the coordinator checks it on
-    every lease, against what nodes declare: a claim it bounds, never trusts further).
-
-    VRAM applies to GPU devices only (a CPU job needs none); RAM to the node as a whole.
-    """
-
-    #: MiB of memory one GPU of the node must have (0: none asked).
-    min_vram_mib: int = Field(default=0, ge=0, le=MAX_MEMORY_MIB)
-    #: MiB of memory the node must have (0: none asked).
-    min_ram_mib: int = Field(default=0, ge=0, le=MAX_MEMORY_MIB)
-    #: A case-insensitive part of the GPU's name ("" : any GPU).
-    gpu: str = Field(default="", max_length=100, pattern=_PRINTABLE)
-    #: The pool whose nodes alone may render the job ("" : any node).
-    pool: str = Field(default="", pattern=r"^([A-Za-z0-9_.-]{1,64})?$")
-    #: The scene's peak render memory the submit-time probe measured, in MiB (0: not
-    #: measured). Informative: the requirements above are what the coordinator enforces.
-    measured_peak_mib: int = Field(default=0, ge=0, le=MAX_MEMORY_MIB)
 
 
 class JobSpec(Strict):
@@ -553,7 +514,7 @@ class UploadReceipt(Strict):
 
 class GpuInfo(Strict):
     type: str = Field(max_length=20)
-    name: str = Field(max_length=200, pattern=_PRINTABLE)
+    name: str = Field(max_length=200, pattern=PRINTABLE_PATTERN)
     vram_mib: int | None = Field(default=None, ge=0, le=MAX_MEMORY_MIB)
 
 
@@ -681,24 +642,6 @@ class LedgerCheck(Strict):
 class Me(Strict):
     account: str
     role: Role
-
-
-class PoolInfo(Strict):
-    """A pool: the accounts its owner added (their nodes may serve the pool's jobs, and
-    they may submit jobs to it)."""
-
-    name: str
-    owner: str
-    members: list[str] = Field(default_factory=list)
-    created_at: datetime
-
-
-class PoolCreate(Strict):
-    name: str = Field(pattern=POOL_NAME_PATTERN)
-
-
-class PoolMember(Strict):
-    account: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.@-]+$")
 
 
 # --- events ------------------------------------------------------------

@@ -19,14 +19,8 @@ import requests
 from app.cli.main import main
 from app.job_spec import MEMORY_MARGIN, job_options, job_spec_for
 from common.errors import ApiError, UsageError
-from protocol.models import (
-    GpuInfo,
-    JobRequirements,
-    LeaseRequest,
-    NodeCapabilities,
-    Role,
-    gb_to_mib,
-)
+from protocol.models import GpuInfo, LeaseRequest, NodeCapabilities, Role
+from protocol.requirements import JobRequirements, gb_to_mib
 from renderers.scene_info import SceneInfo, inspect_scene
 from renderers.scene_memory import MemoryModel
 from renderers.scene_probe import SceneProbe

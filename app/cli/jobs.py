@@ -43,8 +43,8 @@ from protocol.models import (
     Task,
     TaskKind,
     TaskStatus,
-    format_mib,
 )
+from protocol.requirements import format_mib
 
 if TYPE_CHECKING:
     from app.follow import FollowResult

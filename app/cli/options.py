@@ -22,7 +22,8 @@ from app.job_spec import describe_validation_error, job_options
 from common.errors import TesseraError
 from common.settings import DEFAULT_COORDINATOR, Settings
 from protocol.client import TesseraClient
-from protocol.models import DEVICES, MAX_MEMORY_GB, POOL_NAME_PATTERN, FrameRange, JobOptions
+from protocol.models import DEVICES, FrameRange, JobOptions
+from protocol.requirements import MAX_MEMORY_GB, POOL_NAME_PATTERN
 from renderers.regions import parse_grid
 
 #: A command's handler: (parsed arguments, settings) -> exit status.

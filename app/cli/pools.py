@@ -20,7 +20,7 @@ from app.cli.options import (
 )
 from app.cli.output import table
 from common.settings import Settings
-from protocol.models import PoolInfo
+from protocol.requirements import PoolInfo
 
 
 def add_commands(sub: Subparsers) -> None:

@@ -48,14 +48,12 @@ from protocol.models import (
     NodeCapabilities,
     NodeInfo,
     NodeRegistration,
-    PoolCreate,
-    PoolInfo,
-    PoolMember,
     Task,
     TaskFailure,
     UploadReceipt,
     Wallet,
 )
+from protocol.requirements import PoolCreate, PoolInfo, PoolMember
 
 if TYPE_CHECKING:
     from coordinator.http.app import Services
