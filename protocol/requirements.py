@@ -1,8 +1,9 @@
 """Wire models of job requirements and pools, and the base of every wire model.
 
-Split from `protocol.models` (which re-exports every name here) to keep both small:
-what a job may ask of a node (memory, a GPU's name, a pool), the units they are given
-in, and the pool bodies of the API. Data shapes and their validation only: no I/O.
+Split from `protocol.models` (which imports `Strict`, `JobRequirements` and the bounds
+from here) to keep both small: what a job may ask of a node (memory, a GPU's name, a
+pool), the units they are given in, and the pool bodies of the API. Data shapes and
+their validation only: no I/O.
 """
 
 from __future__ import annotations
