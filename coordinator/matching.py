@@ -5,6 +5,9 @@ GPU memory and node memory (`protocol.models.JobRequirements`). `unmet` names th
 requirement a node fails; `why_none` turns a farm's nodes into the sentence a waiting
 job shows its owner, naming the requirement that no node meets. What nodes declare is
 a bounded claim (the models bound every number); it is checked here on every lease.
+A node that reports no figure (RAM 0, a GPU's VRAM None: a machine whose memory could
+not be read) is not held to that requirement: locking it out of every probed job would
+be worse than a render that runs out of memory there and goes to another node.
 
 Pure: no database, no clock. Pool membership is looked up by `coordinator.pools` and
 passed in as the pools a node may serve.
@@ -60,8 +63,9 @@ def _gpu_named(gpu: GpuInfo, spec: JobSpec) -> bool:
 
 
 def _vram_ok(gpu: GpuInfo, spec: JobSpec) -> bool:
+    # A GPU that reports no memory figure is not held to one (see the module docstring).
     need = spec.requirements.min_vram_mib
-    return need == 0 or (gpu.vram_mib is not None and gpu.vram_mib >= need)
+    return need == 0 or gpu.vram_mib is None or gpu.vram_mib >= need
 
 
 def _passes(check: str, node: Candidate, spec: JobSpec) -> bool:
@@ -78,7 +82,7 @@ def _passes(check: str, node: Candidate, spec: JobSpec) -> bool:
             return True
         return any(_gpu_named(g, spec) and _vram_ok(g, spec) for g in job_gpus(caps, spec))
     if check == "ram":
-        return need.min_ram_mib == 0 or caps.ram_mib >= need.min_ram_mib
+        return need.min_ram_mib == 0 or caps.ram_mib == 0 or caps.ram_mib >= need.min_ram_mib
     return not spec.blender_version or spec.blender_version in caps.blender_versions
 
 

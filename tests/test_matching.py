@@ -221,6 +221,37 @@ def test_gpu_name_and_ram_requirements_are_enforced_and_named(
         assert lease is not None and lease.task.job_id == fitting.id
 
 
+def test_a_node_that_reports_no_memory_figure_is_not_held_to_one(
+    coordinator: RunningCoordinator,
+    tokens: dict[str, str],
+    demo_info: SceneInfo,
+    bundle: tuple[Path, str],
+) -> None:
+    """RAM 0 and VRAM None mean 'could not be read' (a machine without /proc/meminfo or
+    NVML): such a node is leased the job, rather than locked out of every probed job."""
+    path, sha = bundle
+    needs = JobRequirements(min_vram_mib=gb_to_mib(24), min_ram_mib=gb_to_mib(128))
+    with (
+        coordinator.client(tokens["studio"]) as studio,
+        coordinator.client(tokens["bob"]) as bob,
+    ):
+        studio.upload_bundle(path)
+        node = bob.register_node(
+            NodeCapabilities(
+                name="unread",
+                devices=["CPU", "OPTIX"],
+                gpus=[GpuInfo(type="OPTIX", name="NVIDIA RTX A4000", vram_mib=None)],
+                blender_versions=["5.0.1"],
+            )
+        )
+        job = studio.submit_job(
+            job_spec(demo_info, sha, frames="1", device="OPTIX", requirements=needs)
+        )
+        assert job.warning == ""
+        lease = bob.lease(node.node_id, NO_WAIT)
+        assert lease is not None and lease.task.job_id == job.id
+
+
 def test_pools_are_managed_by_their_owner_only(
     coordinator: RunningCoordinator, tokens: dict[str, str]
 ) -> None:
