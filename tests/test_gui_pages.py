@@ -99,6 +99,18 @@ def test_jobs_table_shows_eta_and_credits(qtbot: QtBot) -> None:
     assert row["ETA"] not in ("", "-")
 
 
+def test_jobs_table_shows_why_a_job_waits(qtbot: QtBot) -> None:
+    reason = (
+        "No connected node can run this job: it needs 24.0 GB of VRAM on one GPU"
+        " (--min-vram); the most a connected node's GPU has is 16.0 GB."
+    )
+    table = JobsTable()
+    qtbot.addWidget(table)
+    table.set_jobs([_job(JobStatus.QUEUED, 0, message=reason)])
+    row = dict(zip(JOB_COLUMNS, cell_texts(table, 0), strict=True))
+    assert "24.0 GB of VRAM" in row["Message"]
+
+
 def test_task_log_from_plain_tasks(qtbot: QtBot) -> None:
     log = TaskLog()
     qtbot.addWidget(log)
