@@ -159,6 +159,7 @@ class Jobs:
             max_credits=spec.max_credits,
             refusal=refusal.message if refusal is not None else "",
             refusal_hint=refusal.hint if refusal is not None else "",
+            warning=public_message(self.scheduler.unmatched_warning(spec)),
         )
 
     def jobs(self, who: Principal) -> list[Job]:

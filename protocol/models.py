@@ -401,6 +401,9 @@ class JobEstimate(Strict):
     #: Why the coordinator would refuse the job now, in words ("" when it would accept).
     refusal: str = ""
     refusal_hint: str = ""
+    #: Why no registered node meets the job's requirements ("" when one does): the job
+    #: would be accepted, and wait.
+    warning: str = ""
 
     @property
     def accepted(self) -> bool:

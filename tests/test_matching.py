@@ -154,6 +154,10 @@ def test_a_job_needing_more_vram_than_any_node_has_waits_naming_vram(
         job = studio.submit_job(
             job_spec(demo_info, sha, frames="1", tiles=(1, 1), device="OPTIX", requirements=needs)
         )
+        spec = job_spec(
+            demo_info, sha, frames="1", tiles=(1, 1), device="OPTIX", requirements=needs
+        )
+        assert "24.0 GB of VRAM" in studio.estimate_job(spec).warning
         # Submit warns: no registered node meets it; the job waits with the reason.
         assert "24.0 GB of VRAM" in job.warning and "16.0 GB" in job.warning
         assert job.status.value == "queued"

@@ -249,6 +249,8 @@ def _print_estimate(
         )
     else:
         print(format_estimate(estimate.credits, estimate.balance, estimate.max_credits))
+    if estimate.warning:
+        print(f"warning: {estimate.warning}", file=sys.stderr)
     if estimate.accepted:
         return 0
     print(f"error: the farm would refuse this job: {estimate.refusal}", file=sys.stderr)
