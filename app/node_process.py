@@ -21,8 +21,14 @@ from pathlib import Path
 from app.connection import FarmConnection
 from common.errors import TesseraError, UsageError
 from farm_node.hardware import CPUINFO, MEMINFO, parse_cpuinfo, parse_meminfo, read_proc_file
+from protocol.accounts import (
+    Wallet,
+)
 from protocol.client import TesseraClient
-from protocol.models import NodeInfo, Role, Wallet
+from protocol.models import (
+    NodeInfo,
+    Role,
+)
 from renderers.devices import NvidiaGpu, probe_nvidia
 
 #: Where nodes keep their cache when the Settings page names no folder, and its limit.

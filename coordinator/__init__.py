@@ -13,9 +13,10 @@ Rooms:
 - `jobs`, `planning` (every task kind is planned there), `pricing` (pure), `accounts`,
   `bundles`, `credits` with `ledger` (the double-entry book).
 - `assembly`: merges a frame's tiles, hands it to its finish, encodes the job's movie
-  and preview video; `deliverables`: a finish upload checked, unpacked and listed; `store`: content-addressed files (uploads are
-  spooled once and adopted by rename); `db`: the one SQLite connection; `events`:
-  the live event bus; `errors`: the domain errors.
+  and preview video; `deliverables`: a finish upload checked, unpacked and listed;
+  `store`: content-addressed files (uploads are spooled once and adopted by rename);
+  `db`: the one SQLite connection; `events`: the live event bus; `errors`: the domain
+  errors.
 - `http/`: the FastAPI skin (no SQL, no rules); `server`: runs it with uvicorn.
 """
 

@@ -27,7 +27,13 @@ from coordinator import ledger
 from coordinator.core import Core
 from coordinator.db import now_iso
 from coordinator.errors import ConflictError, NotAllowedError, NotFoundError
-from protocol.models import AccountInfo, AccountToken, Role
+from protocol.accounts import (
+    AccountInfo,
+    AccountToken,
+)
+from protocol.models import (
+    Role,
+)
 
 __all__ = ["Accounts", "Principal", "hash_token", "require"]
 

@@ -12,14 +12,16 @@ from coordinator.accounts import Accounts, Principal
 from coordinator.core import Core
 from coordinator.errors import InvalidRequestError, NotAllowedError, NotFoundError
 from coordinator.pricing import denoise_units, render_units
-from protocol.models import (
+from protocol.accounts import (
     LedgerCheck,
     LedgerEntry,
+    Wallet,
+)
+from protocol.models import (
     NodeCapabilities,
     RenderAssignment,
     Role,
     TaskKind,
-    Wallet,
 )
 
 __all__ = ["MAX_GRANT_CREDITS", "Credits"]

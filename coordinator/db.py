@@ -227,6 +227,22 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (job_id, path)
     );
     """,
+    # 11: pools (issue 14). A pool is owned by the account that created it; its owner
+    # adds the accounts whose nodes may serve it and who may submit to it.
+    """
+    CREATE TABLE pools (
+        name TEXT PRIMARY KEY,
+        owner TEXT NOT NULL REFERENCES accounts(name),
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE pool_members (
+        pool TEXT NOT NULL REFERENCES pools(name),
+        account TEXT NOT NULL REFERENCES accounts(name),
+        added_at TEXT NOT NULL,
+        PRIMARY KEY (pool, account)
+    );
+    CREATE INDEX pool_members_by_account ON pool_members(account);
+    """,
 )
 
 

@@ -29,15 +29,20 @@ from coordinator.credits import Credits
 from coordinator.db import Database
 from coordinator.events import EventBus
 from coordinator.jobs import Jobs
+from coordinator.pools import Pools
 from coordinator.results import Results
 from coordinator.scheduler import Scheduler
 from coordinator.store import ContentStore, SpooledUpload
 from coordinator.task_states import FrameReady, TaskStates
 from coordinator.verify.reputation import Reputation
 from coordinator.verify.samples import Samples
-from protocol.models import (
+from protocol.accounts import (
     AccountInfo,
     AccountToken,
+    LedgerCheck,
+    Wallet,
+)
+from protocol.models import (
     FrameState,
     Heartbeat,
     HeartbeatReply,
@@ -46,7 +51,6 @@ from protocol.models import (
     JobSpec,
     Lease,
     LeaseRequest,
-    LedgerCheck,
     NodeCapabilities,
     NodeInfo,
     NodeRegistration,
@@ -54,11 +58,11 @@ from protocol.models import (
     Task,
     TaskFailure,
     UploadReceipt,
-    Wallet,
 )
 from protocol.output import (
     Deliverables,
 )
+from protocol.requirements import PoolInfo
 
 __all__ = ["SWEEP_SECONDS", "Farm", "Principal"]
 
@@ -80,7 +84,10 @@ class Farm:
         self.scheduler = Scheduler(core, self.states, self.reputation)
         self.samples = Samples(core, self.states, self.reputation)
         self.results = Results(core, self.states, self.scheduler, self.samples)
-        self.jobs_room = Jobs(core, self.states, self.bundles, self.scheduler, self.results)
+        self.pools = Pools(core)
+        self.jobs_room = Jobs(
+            core, self.states, self.bundles, self.scheduler, self.results, self.pools
+        )
         self.assembler: Assembler | None = None
         self.stopping = threading.Event()
         self._sweeper: threading.Thread | None = None
@@ -155,6 +162,20 @@ class Farm:
 
     def reinstate(self, who: Principal, account: str) -> None:
         self.reputation.reinstate(who, account)
+
+    # --- pools -----------------------------------------------------------------------------
+
+    def create_pool(self, who: Principal, name: str) -> PoolInfo:
+        return self.pools.create(who, name)
+
+    def add_to_pool(self, who: Principal, name: str, account: str) -> PoolInfo:
+        return self.pools.add(who, name, account)
+
+    def remove_from_pool(self, who: Principal, name: str, account: str) -> PoolInfo:
+        return self.pools.remove(who, name, account)
+
+    def list_pools(self, who: Principal) -> list[PoolInfo]:
+        return self.pools.listing(who)
 
     # --- bundles ---------------------------------------------------------------------------
 

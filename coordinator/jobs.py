@@ -19,6 +19,7 @@ from coordinator.db import now_iso
 from coordinator.deliverables import Deliverables as DeliverableFiles
 from coordinator.errors import ConflictError, InvalidRequestError, JobNotFoundError, NotFoundError
 from coordinator.planning import plan_assignments, render_tasks, task_count
+from coordinator.pools import Pools
 from coordinator.pricing import estimate_milli, over_max_credits
 from coordinator.results import Results
 from coordinator.scheduler import Scheduler, task_model
@@ -94,12 +95,14 @@ class Jobs:
         bundles: Bundles,
         scheduler: Scheduler,
         results: Results,
+        pools: Pools,
     ) -> None:
         self.core = core
         self.states = states
         self.bundles = bundles
         self.scheduler = scheduler
         self.results = results
+        self.pools = pools
 
     def submit(self, who: Principal, spec: JobSpec) -> Job:
         """Queue the job and escrow its estimate. Every check, the stored spec's and the
@@ -107,6 +110,8 @@ class Jobs:
         queued with a reply."""
         require(who, Role.REQUESTER)
         stored = _storable(spec)
+        if spec.requirements.pool:
+            self.pools.check_submit(who, spec.requirements.pool)
         self.bundles.check(spec)
         have = ledger.balance(self.core.db, ledger.user(who.account))
         too_many = self._too_many_tasks(who, spec, have)
@@ -133,7 +138,8 @@ class Jobs:
             # The reply is built before the commit: if it cannot be, nothing was queued.
             reply = self.job(who, job_id)
         self.states.announce(changes)
-        return reply
+        warning = self.scheduler.unmatched_warning(spec)
+        return reply.model_copy(update={"warning": public_message(warning)}) if warning else reply
 
     def estimate(self, who: Principal, spec: JobSpec) -> JobEstimate:
         """What `submit(who, spec)` would escrow, and why it would refuse the job (a dry
@@ -141,6 +147,8 @@ class Jobs:
         per-job task limit is refused outright (its work is bounded by arithmetic)."""
         require(who, Role.REQUESTER)
         _storable(spec)
+        if spec.requirements.pool:
+            self.pools.check_submit(who, spec.requirements.pool)
         have = ledger.balance(self.core.db, ledger.user(who.account))
         too_many = self._too_many_tasks(who, spec, have)
         if too_many is not None and task_count(spec) > self.core.config.max_tasks_per_job:
@@ -155,6 +163,7 @@ class Jobs:
             max_credits=spec.max_credits,
             refusal=refusal.message if refusal is not None else "",
             refusal_hint=refusal.hint if refusal is not None else "",
+            warning=public_message(self.scheduler.unmatched_warning(spec)),
         )
 
     def jobs(self, who: Principal) -> list[Job]:

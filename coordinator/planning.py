@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from coordinator.matching import Candidate, node_meets
 from protocol.models import (
     JobSpec,
     NodeCapabilities,
@@ -178,16 +179,12 @@ def finish_task(job_id: str, frame: int, frame_sha: str) -> NewTask:
     )
 
 
-def node_can_run(caps: NodeCapabilities, spec: JobSpec) -> bool:
-    if spec.blender_version and spec.blender_version not in caps.blender_versions:
-        return False
-    if "CYCLES" not in caps.engines:
-        return False
-    if spec.device in ("ANY", "CPU"):
-        return "CPU" in caps.devices
-    if spec.device == "GPU":
-        return any(d != "CPU" for d in caps.devices)
-    return spec.device in caps.devices
+def node_can_run(
+    caps: NodeCapabilities, spec: JobSpec, pools: frozenset[str] = frozenset()
+) -> bool:
+    """Whether a node declaring `caps`, serving `pools`, meets the job's requirements
+    (its price aside); see `coordinator.matching`."""
+    return node_meets(Candidate(caps, pools), spec)
 
 
 def lease_device(spec: JobSpec) -> str:

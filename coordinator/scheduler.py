@@ -27,7 +27,9 @@ from coordinator.errors import (
     NotAllowedError,
     NotFoundError,
 )
+from coordinator.matching import Candidate, why_none
 from coordinator.planning import backup_task, lease_device, node_can_run
+from coordinator.pools import granted
 from coordinator.task_states import LEASABLE, RUNNABLE_JOBS, Changes, TaskStates
 from coordinator.verify.policy import ProviderRecord, reputation
 from coordinator.verify.reputation import Reputation
@@ -80,6 +82,15 @@ class Scheduler:
             "SELECT id FROM nodes WHERE owner = ? AND name = ?", (who.account, caps.name)
         )
         node_id = existing["id"] if existing else uuid.uuid4().hex[:12]
+        with db.lock:
+            allowed = granted(db.conn, who.account)
+        notices = [
+            f"Pool '{pool}' refused: account '{who.account}' was not added to it, so this"
+            f" node serves no job of that pool (the pool's owner runs `tessera pool add"
+            f" {pool} {who.account}`)."
+            for pool in dict.fromkeys(caps.pools)
+            if pool not in allowed
+        ]
         with db.transaction() as conn:
             if existing:
                 conn.execute(
@@ -105,6 +116,7 @@ class Scheduler:
             node_id=node_id,
             heartbeat_interval=self.heartbeat_interval(),
             poll_timeout=self.core.config.poll_timeout,
+            notices=notices,
         )
 
     def nodes(self, who: Principal) -> list[NodeInfo]:
@@ -143,27 +155,43 @@ class Scheduler:
         return row
 
     def no_node_message(self, spec: JobSpec) -> str:
-        """Why no connected node takes a runnable job's tasks ('' when one can)."""
+        """Why no connected node takes a runnable job's tasks ('' when one can): the
+        requirement no node meets (coordinator.matching), else the price."""
         cutoff = time.time() - self.core.config.node_offline_after
-        rows = self.core.db.query("SELECT capabilities FROM nodes WHERE last_seen >= ?", (cutoff,))
-        if not rows:
+        nodes = self._candidates("WHERE last_seen >= ?", (cutoff,))
+        if not nodes:
             return "Waiting for a node: none is connected."
-        caps = [NodeCapabilities.model_validate_json(r["capabilities"]) for r in rows]
-        able = [c for c in caps if node_can_run(c, spec)]
+        unmet = why_none(nodes, spec)
+        if unmet:
+            return unmet
+        able = [n.caps for n in nodes if node_can_run(n.caps, spec, n.pools)]
         if any(c.price <= spec.max_price for c in able):
             return ""
-        if able:
-            cheapest = min(c.price for c in able)
-            return (
-                f"Waiting for a node at {spec.max_price:g} credits per work unit or less: the"
-                f" cheapest connected node that can run this job asks {cheapest:g}."
-            )
-        offered = sorted({d for c in caps for d in c.devices})
+        cheapest = min(c.price for c in able)
         return (
-            f"No connected node can run this job: it needs {spec.device}"
-            + (f" and Blender {spec.blender_version}" if spec.blender_version else "")
-            + f"; nodes offer {', '.join(offered) or 'nothing'}."
+            f"Waiting for a node at {spec.max_price:g} credits per work unit or less: the"
+            f" cheapest connected node that can run this job asks {cheapest:g}."
         )
+
+    def unmatched_warning(self, spec: JobSpec) -> str:
+        """Why no registered node, connected or not, meets the job's requirements ('' when
+        one does, or when no node registered yet): what submit warns of."""
+        nodes = self._candidates()
+        return why_none(nodes, spec, "registered") if nodes else ""
+
+    def _candidates(self, where: str = "", params: tuple[Any, ...] = ()) -> list[Candidate]:
+        """The nodes (of `where`) as matching sees them, with the pools each may serve."""
+        db = self.core.db
+        with db.lock:
+            rows = db.conn.execute(f"SELECT owner, capabilities FROM nodes {where}", params)
+            owners: dict[str, frozenset[str]] = {}
+            nodes = []
+            for row in rows.fetchall():
+                caps = NodeCapabilities.model_validate_json(row["capabilities"])
+                if row["owner"] not in owners:
+                    owners[row["owner"]] = granted(db.conn, row["owner"])
+                nodes.append(Candidate(caps, owners[row["owner"]] & frozenset(caps.pools)))
+        return nodes
 
     def _node_model(self, row: sqlite3.Row) -> NodeInfo:
         record = ProviderRecord(row["verified"] or 0, row["rejected"] or 0)
@@ -247,11 +275,13 @@ class Scheduler:
         caps = NodeCapabilities.model_validate_json(node["capabilities"])
         db = self.core.db
         with db.lock:
-            found = self._best_task(node, caps, request)
+            # The pools it claims that its owner is in, now (a removal counts at once).
+            pools = granted(db.conn, node["owner"]) & frozenset(caps.pools)
+            found = self._best_task(node, caps, pools, request)
             backup: dict[str, Any] | None = None
             chosen: TaskRow
             if found is None:
-                candidate = self._backup_candidate(node_id, node["owner"], caps)
+                candidate = self._backup_candidate(node_id, node["owner"], caps, pools)
                 if candidate is None:
                     return None
                 backup, spec = candidate
@@ -277,7 +307,11 @@ class Scheduler:
         return self._lease_model(task_row, spec, lease_id, expires)
 
     def _best_task(
-        self, node: sqlite3.Row, caps: NodeCapabilities, request: LeaseRequest
+        self,
+        node: sqlite3.Row,
+        caps: NodeCapabilities,
+        pools: frozenset[str],
+        request: LeaseRequest,
     ) -> tuple[sqlite3.Row, JobSpec] | None:
         """The jobs this node may work on, then each one's best task (samples first, then
         frame and tile order; never a sample of the node's own account's tile). One small
@@ -306,7 +340,7 @@ class Scheduler:
         ).isoformat()
         for job in jobs:
             spec = self.core.readable_spec(job["job_id"], job["spec"])
-            if spec is None or not node_can_run(caps, spec) or caps.price > spec.max_price:
+            if spec is None or not node_can_run(caps, spec, pools) or caps.price > spec.max_price:
                 continue
             # A duplicate sample goes to another account, and so does a task whose
             # provider called it impossible (excluded_owners). A task whose last attempt
@@ -349,7 +383,7 @@ class Scheduler:
         return None if best is None else (best[1], best[2])
 
     def _backup_candidate(
-        self, node_id: str, owner: str, caps: NodeCapabilities
+        self, node_id: str, owner: str, caps: NodeCapabilities, pools: frozenset[str]
     ) -> tuple[dict[str, Any], JobSpec] | None:
         """A backup copy of a tile that holds up its frame on a slow node, for this idle node.
 
@@ -386,7 +420,7 @@ class Scheduler:
             if row["unfinished"] != 1 or owner in row["excluded_owners"].split(","):
                 continue  # (an account that called the tile impossible backs it up never)
             spec = self.core.readable_spec(row["job_id"], row["spec"])
-            if spec is None or not node_can_run(caps, spec) or caps.price > spec.max_price:
+            if spec is None or not node_can_run(caps, spec, pools) or caps.price > spec.max_price:
                 continue
             times = [
                 r[0]

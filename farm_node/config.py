@@ -58,6 +58,9 @@ class NodeConfig:
     extra_env: dict[str, str] = field(default_factory=dict)
     #: Credits asked per work unit (pixels x samples / 1e6); jobs offering less skip us.
     price: float = 0.0
+    #: Pools this node asks to serve (`--pool`); the coordinator keeps those its
+    #: account was added to and says which it refused.
+    pools: list[str] = field(default_factory=list)
     benchmark: bool = True
     max_warm_workers: int = DEFAULT_MAX_WARM
     retry_initial: float = 1.0

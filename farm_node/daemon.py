@@ -183,7 +183,9 @@ class NodeDaemon:
             threads=self.config.threads,
             benchmark_score=score,
         )
-        return capabilities.model_copy(update={"price": self.config.price})
+        return capabilities.model_copy(
+            update={"price": self.config.price, "pools": list(self.config.pools)}
+        )
 
     def pending(self) -> list[PendingResult]:
         """Finished results not delivered yet, oldest first."""
@@ -234,6 +236,8 @@ class NodeDaemon:
         self._coordinator.recovered()
         self.node_id, self.registration = registration.node_id, registration
         log.info("Registered with %s as node %s", self.config.coordinator_url, self.node_id)
+        for notice in registration.notices:  # a pool the coordinator refused
+            log.warning("%s", notice)
         return True
 
     def _lease(self) -> Lease | _Poll:

@@ -21,19 +21,27 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import quote
 
 import requests
 from pydantic import BaseModel
 
 from common.errors import ApiError, BundleError, CoordinatorUnreachableError, UsageError
-from protocol.models import (
-    API_PREFIX,
+from protocol.accounts import (
     AccountCreate,
     AccountInfo,
     AccountToken,
+    Grant,
+    JoinChallenge,
+    JoinRequest,
+    LedgerCheck,
+    Me,
+    Wallet,
+)
+from protocol.models import (
+    API_PREFIX,
     Event,
     FrameState,
-    Grant,
     Health,
     Heartbeat,
     HeartbeatReply,
@@ -41,12 +49,8 @@ from protocol.models import (
     JobEstimate,
     JobPatch,
     JobSpec,
-    JoinChallenge,
-    JoinRequest,
     Lease,
     LeaseRequest,
-    LedgerCheck,
-    Me,
     NodeCapabilities,
     NodeInfo,
     NodeRegistration,
@@ -54,12 +58,12 @@ from protocol.models import (
     Task,
     TaskFailure,
     UploadReceipt,
-    Wallet,
 )
 from protocol.output import (
     Deliverable,
     Deliverables,
 )
+from protocol.requirements import PoolCreate, PoolInfo, PoolMember
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -401,6 +405,32 @@ class TesseraClient:
             )
         partial.replace(target)
         return target
+
+    # --- pools ---------------------------------------------------------------------------------
+
+    def create_pool(self, name: str) -> PoolInfo:
+        """A new pool owned by the caller's account."""
+        body = PoolCreate(name=name)
+        return self._json("POST", "/pools", PoolInfo, idempotent=False, **self._body(body))
+
+    def pools(self) -> list[PoolInfo]:
+        """The pools the caller owns or was added to (every pool for an admin)."""
+        return self._list("/pools", PoolInfo)
+
+    def add_to_pool(self, name: str, account: str) -> PoolInfo:
+        """Add an account to a pool the caller owns (adding twice changes nothing)."""
+        body = PoolMember(account=account)
+        return self._json(
+            "POST", f"/pools/{quote(name, safe='')}/members", PoolInfo, **self._body(body)
+        )
+
+    def remove_from_pool(self, name: str, account: str) -> PoolInfo:
+        return self._json(
+            "DELETE",
+            f"/pools/{quote(name, safe='')}/members/{quote(account, safe='')}",
+            PoolInfo,
+            idempotent=False,
+        )
 
     # --- accounts (admin) ----------------------------------------------------------------------
 

@@ -19,6 +19,15 @@ from pydantic import Field, field_validator, model_validator
 
 from protocol.base import Sha256, Strict
 from protocol.output import MovieOutput
+from protocol.requirements import (
+    MAX_MEMORY_GB,
+    MAX_MEMORY_MIB,
+    MAX_NODE_GPUS,
+    MAX_NODE_POOLS,
+    POOL_NAME_PATTERN,
+    PRINTABLE_PATTERN,
+    JobRequirements,
+)
 
 API_PREFIX = "/api/v1"
 MAX_TILES_PER_AXIS = 64
@@ -240,6 +249,15 @@ class JobOptions(Strict):
     preview_video: bool = False
     #: Make the scene's own files (compositor, colour management, format, names).
     finish: bool = True
+    #: GPU memory (decimal GB) a node's GPU must have; None: from the probe (with a
+    #: margin, see `app.job_spec`), 0: no requirement.
+    min_vram_gb: float | None = Field(default=None, ge=0, le=MAX_MEMORY_GB)
+    #: Memory (decimal GB) the node must have; None: from the probe, 0: none.
+    min_ram_gb: float | None = Field(default=None, ge=0, le=MAX_MEMORY_GB)
+    #: Part of the GPU's name the node must have (case-insensitive), e.g. "RTX 4090".
+    gpu: str | None = Field(default=None, min_length=1, max_length=100, pattern=PRINTABLE_PATTERN)
+    #: The pool whose nodes alone may render the job (None: any node).
+    pool: str | None = Field(default=None, pattern=POOL_NAME_PATTERN)
 
 
 class JobSpec(Strict):
@@ -282,6 +300,7 @@ class JobSpec(Strict):
     #: Make each frame into the scene's own files on a node (the finish step). Off for a
     #: bare API spec (raw EXRs only); the CLI, the app and the add-on ask for it.
     finish: bool = False
+    requirements: JobRequirements = JobRequirements()
 
     @field_validator("scene_path")
     @classmethod
@@ -316,6 +335,11 @@ class JobSpec(Strict):
         if self.tiles.columns > width or self.tiles.rows > height:
             raise ValueError(
                 f"{self.tiles.columns}x{self.tiles.rows} tiles do not fit a {width}x{height} frame"
+            )
+        if self.requirements.gpu and self.device in ("ANY", "CPU"):
+            raise ValueError(
+                f"gpu '{self.requirements.gpu}' asks for a GPU but the job renders on"
+                f" {self.device}: choose a GPU device (--device GPU, CUDA, OPTIX...)"
             )
         return self
 
@@ -377,6 +401,9 @@ class Job(Strict):
         default=0.0, description="credits held for the job when it was submitted"
     )
     credits_spent: float = Field(default=0.0, description="credits paid for its accepted tasks")
+    #: Set on the reply to a submit only: why no registered node meets the job's
+    #: requirements now ("" when one does). The job is queued all the same.
+    warning: str = ""
 
 
 class JobEstimate(Strict):
@@ -388,6 +415,9 @@ class JobEstimate(Strict):
     #: Why the coordinator would refuse the job now, in words ("" when it would accept).
     refusal: str = ""
     refusal_hint: str = ""
+    #: Why no registered node meets the job's requirements ("" when one does): the job
+    #: would be accepted, and wait.
+    warning: str = ""
 
     @property
     def accepted(self) -> bool:
@@ -505,9 +535,9 @@ class UploadReceipt(Strict):
 
 
 class GpuInfo(Strict):
-    type: str
-    name: str
-    vram_mib: int | None = Field(default=None, ge=0, le=1 << 40)
+    type: str = Field(max_length=20)
+    name: str = Field(max_length=200, pattern=PRINTABLE_PATTERN)
+    vram_mib: int | None = Field(default=None, ge=0, le=MAX_MEMORY_MIB)
 
 
 class NodeCapabilities(Strict):
@@ -515,22 +545,35 @@ class NodeCapabilities(Strict):
     hostname: str = Field(default="", max_length=255)
     cpu: str = ""
     cpu_threads: int = Field(default=1, ge=1, le=1 << 20)
-    ram_mib: int = Field(default=0, ge=0, le=1 << 40)
-    devices: list[str] = Field(
-        default_factory=lambda: ["CPU"], description="Cycles device types this node can render with"
+    ram_mib: int = Field(default=0, ge=0, le=MAX_MEMORY_MIB)
+    devices: list[Annotated[str, Field(max_length=20)]] = Field(
+        default_factory=lambda: ["CPU"],
+        max_length=16,
+        description="Cycles device types this node can render with",
     )
-    gpus: list[GpuInfo] = Field(default_factory=list)
-    blender_versions: list[str] = Field(default_factory=list)
-    engines: list[str] = Field(default_factory=lambda: ["CYCLES"])
+    gpus: list[GpuInfo] = Field(default_factory=list, max_length=MAX_NODE_GPUS)
+    blender_versions: list[Annotated[str, Field(max_length=40)]] = Field(
+        default_factory=list, max_length=32
+    )
+    engines: list[Annotated[str, Field(max_length=20)]] = Field(
+        default_factory=lambda: ["CYCLES"], max_length=8
+    )
     benchmark_score: float | None = Field(default=None, ge=0, le=1e12)
     cpu_kernel: str = ""
     price: float = Field(default=0, ge=0, le=MAX_PRICE, description="credits per work unit")
+    #: Pools the node asks to serve; the coordinator keeps those its owner was added to.
+    pools: list[Annotated[str, Field(pattern=POOL_NAME_PATTERN)]] = Field(
+        default_factory=list, max_length=MAX_NODE_POOLS
+    )
 
 
 class NodeRegistration(Strict):
     node_id: str
     heartbeat_interval: float
     poll_timeout: float
+    #: What the coordinator refused of the node's claims, in words (a pool its owner
+    #: was not added to); the node registers all the same, without them.
+    notices: list[str] = Field(default_factory=list)
 
 
 class NodeInfo(Strict):
@@ -563,66 +606,6 @@ class LeaseRequest(Strict):
     paused: str | None = Field(default=None, min_length=1, max_length=300)
 
 
-# --- accounts ------------------------------------------------------------
-
-
-class AccountCreate(Strict):
-    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.@-]+$")
-    role: Role
-
-
-class AccountToken(Strict):
-    account: str
-    role: Role
-    token: str
-
-
-class JoinChallenge(Strict):
-    nonce: str
-
-
-class JoinRequest(Strict):
-    """A LAN machine proving it knows the farm's secret (HMAC of the nonce, not the
-    secret). `role`: a node joins as a provider (account ``lan-NAME``), an artist's app or
-    CLI as a requester (account ``lan-user-NAME``); never as an admin."""
-
-    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")
-    nonce: str = Field(min_length=16, max_length=100)
-    proof: str = Field(pattern=r"^[0-9a-f]{64}$")
-    role: Literal["provider", "requester"] = "provider"
-
-
-class Grant(Strict):
-    amount: float = Field(gt=0, le=MAX_CREDITS, description="credits")
-
-
-class LedgerEntry(Strict):
-    txn: str
-    kind: str
-    amount: float = Field(description="credits; negative when they left the account")
-    job_id: str | None = None
-    task_id: str | None = None
-    memo: str = ""
-    at: datetime
-
-
-class Wallet(Strict):
-    account: str
-    balance: float
-    escrow: float = Field(description="credits held for the account's unfinished jobs")
-    history: list[LedgerEntry] = Field(default_factory=list)
-
-
-class LedgerCheck(Strict):
-    ok: bool
-    problems: list[str] = Field(default_factory=list)
-
-
-class Me(Strict):
-    account: str
-    role: Role
-
-
 # --- events ------------------------------------------------------------
 
 
@@ -653,18 +636,3 @@ class Health(Strict):
     version: str
     api: str = "v1"
     farm: str | None = None
-
-
-# --- accounts (admin) ---------------------------------------------------------------------
-
-
-class AccountInfo(Strict):
-    """An account as the admin's `GET /api/v1/accounts` lists it (never its token)."""
-
-    name: str
-    role: Role
-    created_at: datetime
-    revoked_at: datetime | None = Field(
-        default=None, description="when its token was revoked; None while it works"
-    )
-    balance: float = Field(default=0.0, description="the account's credits")

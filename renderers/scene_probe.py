@@ -11,6 +11,9 @@ inspected the scene, and measures two things the farm cannot learn any other way
   render (scene sync, writing the file). Each pair is timed `COST_REPEATS` times and the
   fastest kept (other load only ever slows a render). The first render of each scene
   (loading it, building its BVH) is never timed.
+- **memory**: the scene's peak render memory as a function of the pixels rendered,
+  from two one-sample renders with the job's denoising (`renderers.scene_memory`); the
+  app turns it into the job's default VRAM and RAM requirements.
 - **previews**: the job's first, middle and last frame rendered at a size that fits
   `PREVIEW_MAX_SIDE` x `PREVIEW_MAX_SIDE` with the frame's aspect, at most
   `PREVIEW_MAX_SAMPLES` samples, seed 0, no denoising, as Rec.709 linear luminance
@@ -36,7 +39,7 @@ import math
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +50,7 @@ from renderers.demo_scene import DEMO_SCENE, ensure_demo_scene, generate_demo_sc
 from renderers.exr import read_exr
 from renderers.regions import effective_resolution
 from renderers.scene_info import SceneInfo, inspect_scene
+from renderers.scene_memory import MemoryModel, measure_memory
 from renderers.worker import RenderRequest, RenderResult, RenderWorker
 
 __all__ = [
@@ -119,6 +123,8 @@ class SceneProbe:
     benchmark_seconds: float = 0.0
     #: Wall-clock seconds the whole probe took.
     seconds: float = 0.0
+    #: The scene's peak render memory by pixels rendered (`MemoryModel.peak`).
+    memory: MemoryModel = field(default_factory=MemoryModel)
 
 
 def preview_frames(frames: Sequence[int]) -> list[int]:
@@ -146,12 +152,14 @@ def probe_scene(
     benchmark_scene: Path | None = None,
     device: str = "CPU",
     timeout: float | None = 300.0,
+    denoise: bool | None = None,
 ) -> SceneProbe:
     """Measure `scene`'s cost against the benchmark scene and render its previews.
 
     `frames` are the job's frames (previews of the first, middle and last); `samples` the
     job's samples (None: the scene's), which caps the preview samples; `info` the scene's
-    inspection (done here when None; given, its `path` is what renders).
+    inspection (done here when None; given, its `path` is what renders); `denoise` the
+    job's denoising (None: the scene's), which the memory renders use.
     `benchmark_scene` defaults to the demo scene (generated when missing). The worker is
     left with the benchmark scene open. Raises the worker's errors when a render fails,
     and UsageError for no frames or fewer than 1 sample.
@@ -171,6 +179,13 @@ def probe_scene(
         )
         # Keep a heavy scene's cost renders under COST_MAX_SECONDS, judging by the last
         # preview (an over-estimate: it includes the render's fixed costs).
+        memory = measure_memory(
+            lambda percentage: run.memory_render(
+                scene, wanted[0], percentage, info.denoising if denoise is None else denoise
+            ),
+            info.resolution_x,
+            info.resolution_y,
+        )
         pixels, preview_samples, seconds = last_preview
         per_sample = seconds / max(1, pixels * preview_samples)
         target = round(COST_MAX_SECONDS / max(per_sample * COST_SAMPLES, 1e-12))
@@ -190,6 +205,7 @@ def probe_scene(
         scene_seconds=scene_seconds,
         benchmark_seconds=benchmark_seconds,
         seconds=time.monotonic() - started,
+        memory=memory,
     )
 
 
@@ -206,7 +222,9 @@ class _ProbeRun:
         self.timeout = timeout
         self.count = 0
 
-    def render(self, scene: Path, frame: int, percentage: int, samples: int) -> RenderResult:
+    def render(
+        self, scene: Path, frame: int, percentage: int, samples: int, denoise: bool = False
+    ) -> RenderResult:
         self.count += 1
         request = RenderRequest(
             scene=scene,
@@ -216,11 +234,18 @@ class _ProbeRun:
             percentage=percentage,
             seed=0,
             adaptive_sampling=False,
-            denoise_data=False,
-            denoise=False,
+            denoise_data=denoise,
+            denoise=denoise,
             device=self.device,
         )
         return self.worker.render(request, timeout=self.timeout)
+
+    def memory_render(
+        self, scene: Path, frame: int, percentage: int, denoise: bool
+    ) -> tuple[int, int]:
+        """(pixels, peak memory in bytes) of a one-sample render at `percentage`."""
+        result = self.render(scene, frame, percentage, 1, denoise)
+        return result.frame_width * result.frame_height, result.peak_memory
 
     def seconds_per_pixel_sample(
         self,

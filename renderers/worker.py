@@ -192,6 +192,9 @@ class RenderResult:
     frame_width: int
     frame_height: int
     device: str
+    #: The most memory Cycles reported during the render ("Mem:" in its render stats),
+    #: in bytes; 0 when it reported none.
+    peak_memory: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,6 +381,7 @@ class RenderWorker:
             frame_width=int(reply["frame_width"]),
             frame_height=int(reply["frame_height"]),
             device=str(reply["device"]),
+            peak_memory=int(reply.get("peak_memory", 0)),
         )
 
     def denoise(self, source: Path, output: Path, timeout: float | None = None) -> Path:

@@ -64,6 +64,9 @@ _FINISH = _load("worker_finish")
 _CONFINE = _load("worker_confine")
 GPU_TYPES = ("CUDA", "OPTIX", "HIP", "METAL", "ONEAPI")
 SAMPLE_RE = re.compile(r"Sample (\d+)/(\d+)")
+#: Cycles' memory in its render stats ("Mem: 20M"); the render's peak is the largest.
+MEM_RE = re.compile(r"Mem:\s*(\d+(?:\.\d+)?)\s*([KMGT]?)")
+MEM_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 _STATS_LISTENERS: list[Any] = []
@@ -103,6 +106,8 @@ class Worker:
         self.active_device: str | None = None
         self.current_id: str | None = None
         self.last_progress = 0.0
+        #: The largest memory Cycles reported during the current render, in bytes.
+        self.peak_memory = 0
         # Factory settings already say so; set it anyway, it is what keeps scene Python
         # (registered texts, Python drivers) off. See docs/provider-safety.md.
         bpy.context.preferences.filepaths.use_scripts_auto_execute = False
@@ -159,6 +164,10 @@ class Worker:
     def _on_render_stats(self, stats: Any) -> None:
         if self.current_id is None:
             return
+        memory = MEM_RE.search(str(stats))
+        if memory is not None:
+            used = int(float(memory.group(1)) * MEM_UNITS[memory.group(2)])
+            self.peak_memory = max(self.peak_memory, used)
         match = SAMPLE_RE.search(str(stats))
         now = time.monotonic()
         if match is None or now - self.last_progress < 0.2:
@@ -221,6 +230,7 @@ class Worker:
         _apply_render_settings(scene, request, self.originals)
         output = request["output"]
         self.last_progress = 0.0
+        self.peak_memory = 0
         bpy.ops.render.render(write_still=True, scene=scene.name)
         if not Path(output).exists():
             raise WorkerFailureError(
@@ -233,6 +243,7 @@ class Worker:
             "frame_width": width,
             "frame_height": height,
             "device": self.active_device or "CPU",
+            "peak_memory": self.peak_memory,
         }
 
     def op_finish(self, request: dict[str, Any]) -> dict[str, Any]:

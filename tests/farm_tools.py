@@ -132,11 +132,12 @@ def serve_leases(
     until_idle: float = 3.0,
     name: str = "test-node",
     price: float = 0.0,
+    pools: tuple[str, ...] = (),
 ) -> int:
     """A minimal node: lease, render with `worker`, upload; stop after `until_idle` seconds
     without work. Returns the number of tasks done. (The real node is farm_node.)"""
     node = client.register_node(
-        NodeCapabilities(name=name, blender_versions=["5.0.1"], price=price)
+        NodeCapabilities(name=name, blender_versions=["5.0.1"], price=price, pools=list(pools))
     )
     done, idle_since = 0, time.monotonic()
     while time.monotonic() - idle_since < until_idle:

@@ -30,16 +30,18 @@ from app.gui.nodes_page import NodesTable
 from app.gui.tables import cell_texts
 from app.gui.wallet_page import WalletView
 from common.errors import NoCameraError
+from protocol.accounts import (
+    LedgerEntry,
+    Wallet,
+)
 from protocol.models import (
     Job,
     JobProgress,
     JobSpec,
     JobStatus,
-    LedgerEntry,
     NodeCapabilities,
     NodeInfo,
     Role,
-    Wallet,
 )
 from tests.farm_tools import RunningCoordinator, plain_spec, start_coordinator
 

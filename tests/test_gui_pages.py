@@ -38,6 +38,10 @@ from app.gui.task_log import TASK_COLUMNS, TaskLog
 from app.gui.tile_grid import TileGrid, TileState
 from app.gui.wallet_page import WalletPage
 from app.packing import Dependency
+from protocol.accounts import (
+    LedgerEntry,
+    Wallet,
+)
 from protocol.discovery import Advertised, Advertisement, node_info
 from protocol.models import (
     GpuInfo,
@@ -45,14 +49,12 @@ from protocol.models import (
     JobProgress,
     JobSpec,
     JobStatus,
-    LedgerEntry,
     NodeCapabilities,
     NodeInfo,
     Role,
     Task,
     TaskKind,
     TaskStatus,
-    Wallet,
 )
 from renderers.worker import RenderWorker
 from tests.farm_tools import REPO, NodeThread, RunningCoordinator, plain_spec, start_coordinator
@@ -97,6 +99,18 @@ def test_jobs_table_shows_eta_and_credits(qtbot: QtBot) -> None:
     assert row["Credits"] == "1.25 of 4.00"
     assert row["Priority"] == "50"
     assert row["ETA"] not in ("", "-")
+
+
+def test_jobs_table_shows_why_a_job_waits(qtbot: QtBot) -> None:
+    reason = (
+        "No connected node can run this job: it needs 24.0 GB of VRAM on one GPU"
+        " (--min-vram); the most a connected node's GPU has is 16.0 GB."
+    )
+    table = JobsTable()
+    qtbot.addWidget(table)
+    table.set_jobs([_job(JobStatus.QUEUED, 0, message=reason)])
+    row = dict(zip(JOB_COLUMNS, cell_texts(table, 0), strict=True))
+    assert "24.0 GB of VRAM" in row["Message"]
 
 
 def test_task_log_from_plain_tasks(qtbot: QtBot) -> None:

@@ -19,7 +19,14 @@ from app.gui.launch import take_screenshot
 from app.gui.provide_page import NO_GPU_TEXT, EarningsView, MachineView, ProvidePage
 from app.gui.tables import cell_texts
 from app.node_process import MachineReport, NodeLaunch, ProviderStats
-from protocol.models import NodeCapabilities, NodeInfo, Role, Wallet
+from protocol.accounts import (
+    Wallet,
+)
+from protocol.models import (
+    NodeCapabilities,
+    NodeInfo,
+    Role,
+)
 from renderers.devices import NvidiaGpu
 from tests.farm_tools import RunningCoordinator, start_coordinator
 

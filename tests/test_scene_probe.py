@@ -234,3 +234,31 @@ def test_probe_of_an_inspected_scene_reuses_the_inspection(
     assert [p.frame for p in probe.previews] == [5]
     with pytest.raises(UsageError):
         probe_scene(worker, demo_scene, [1], samples=0, info=info)
+
+
+def test_the_probe_memory_estimate_is_within_2x_of_blenders_reported_peak(
+    worker: RenderWorker, demo_scene: Path, demo_probe: SceneProbe, tmp_path: Path
+) -> None:
+    """The probe renders small; its estimate for the whole frame is compared with the
+    peak Cycles reports while rendering the whole demo frame as a job would (its own
+    samples, its denoising)."""
+    info = inspect_scene(worker, demo_scene)
+    whole = worker.render(
+        RenderRequest(
+            scene=demo_scene,
+            frame=1,
+            output=tmp_path / "whole.exr",
+            samples=4,
+            denoise_data=info.denoising,
+            denoise=info.denoising,
+        )
+    )
+    reported = whole.peak_memory
+    assert reported > 1 << 20, f"Blender reported no render memory ({reported} bytes)"
+    assert demo_probe.memory.measured
+    estimate = demo_probe.memory.peak(whole.frame_width * whole.frame_height)
+    assert reported / 2 <= estimate <= reported * 2, (
+        f"estimate {estimate / 2**20:.1f} MiB vs Blender's peak {reported / 2**20:.1f} MiB"
+    )
+    # The estimate grows with the frame: a 4x larger frame needs more.
+    assert demo_probe.memory.peak(4 * whole.frame_width * whole.frame_height) > estimate

@@ -17,7 +17,13 @@ from app.cli.options import (
 )
 from app.cli.output import MESSAGE_WIDTH, clip, table
 from common.settings import Settings
-from protocol.models import AccountInfo, NodeInfo, Role
+from protocol.accounts import (
+    AccountInfo,
+)
+from protocol.models import (
+    NodeInfo,
+    Role,
+)
 
 
 def add_commands(sub: Subparsers) -> None:

@@ -27,6 +27,7 @@ from app.cli.options import (
     optional_byte_size,
     optional_seconds,
     percent,
+    pool_name,
     positive,
     positive_int,
 )
@@ -168,6 +169,16 @@ def add_commands(sub: Subparsers) -> None:
         default=0.0,
         metavar="CREDITS",
         help="credits asked per work unit (pixels x samples / 1e6; default 0)",
+    )
+    node.add_argument(
+        "--pool",
+        dest="pools",
+        action="append",
+        type=pool_name,
+        default=[],
+        metavar="NAME",
+        help="also serve this pool's jobs (repeatable); the pool's owner must have added "
+        "your account (`tessera pool add NAME ACCOUNT`), else the coordinator refuses it",
     )
     node.add_argument(
         "--cpus",
@@ -569,6 +580,7 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
         threads=threads,
         extra_env=cpu_pinning_env(cpus) if cpus else {},
         price=args.price,
+        pools=list(dict.fromkeys(args.pools)),
         data_dir=args.data or settings.home / "node",
         cache_max_bytes=int(args.cache_gb * 2**30),
         blender_executables=[args.blender] if args.blender else list(settings.blender),

@@ -37,12 +37,14 @@ from protocol.models import (
     FINISHED_JOB_STATES,
     Job,
     JobOptions,
+    JobSpec,
     JobStatus,
     Role,
     Task,
     TaskKind,
     TaskStatus,
 )
+from protocol.requirements import format_mib
 
 if TYPE_CHECKING:
     from app.follow import FollowResult
@@ -247,6 +249,8 @@ def _print_estimate(
         )
     else:
         print(format_estimate(estimate.credits, estimate.balance, estimate.max_credits))
+    if estimate.warning:
+        print(f"warning: {estimate.warning}", file=sys.stderr)
     if estimate.accepted:
         return 0
     print(f"error: the farm would refuse this job: {estimate.refusal}", file=sys.stderr)
@@ -293,6 +297,8 @@ def prepare_and_submit(
         f"Submitted job {job.id} ({job.name}): {job.progress.frames_total} frame(s), "
         f"{job.progress.tasks_total} task(s)"
     )
+    if job.warning:
+        status.warn(f"{job.warning} The job waits in the queue until such a node connects.")
     return prepared, job
 
 
@@ -445,6 +451,7 @@ def format_job(
         f"denoise {'on' if spec.wants_denoise else 'off'}",
         f"device {spec.device}",
     ]
+    needs = requirement_words(spec)
     progress = job.progress
     lines = [
         ("Job", f"{job.id} '{job.name}' (owner {job.owner})"),
@@ -452,6 +459,7 @@ def format_job(
         ("Scene", f"{spec.scene_path} (scene '{spec.scene.name}', camera {spec.scene.camera})"),
         ("Settings", ", ".join(settings)),
         ("Priority", str(job.priority)),
+        ("Needs", ", ".join(needs) or "any node"),
         (
             "Progress",
             f"tiles {progress.tasks_done}/{progress.tasks_total} "
@@ -471,6 +479,21 @@ def format_job(
             for f in failures
         )
     return text
+
+
+def requirement_words(spec: JobSpec) -> list[str]:
+    """A job's requirements in words: 'pool studio', 'VRAM 3.1 GB', ..."""
+    need = spec.requirements
+    words = [f"pool {need.pool}"] if need.pool else []
+    if need.gpu:
+        words.append(f"GPU named like '{need.gpu}'")
+    if need.min_vram_mib and spec.device not in ("ANY", "CPU"):
+        words.append(f"VRAM {format_mib(need.min_vram_mib)}")
+    if need.min_ram_mib:
+        words.append(f"RAM {format_mib(need.min_ram_mib)}")
+    if need.measured_peak_mib:
+        words.append(f"(probe measured a peak of {format_mib(need.measured_peak_mib)})")
+    return words
 
 
 def _frame_lines(frames: list[dict[str, Any]]) -> list[str]:

@@ -3,7 +3,8 @@
 Each command family adds its subcommands (`render`: inspect, render-local, devices;
 `farm`: coordinator, node, join, app; `jobs`: submit, jobs, job, pause, resume, cancel,
 priority, download; `local`: render, demo; `accounts`: nodes, wallet, grant, ledger,
-provider, account create/list/revoke; `addon`: addon build, addon install).
+provider, account create/list/revoke; `pools`: pool create/add/remove/list; `addon`:
+addon build, addon install).
 `main` parses, loads the settings once and runs the handler: every `TesseraError`
 becomes a message and a hint on stderr with exit status 2; no traceback reaches the user.
 No Qt is imported here.
@@ -16,7 +17,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from app.cli import accounts, addon, farm, jobs, local, render
+from app.cli import accounts, addon, farm, jobs, local, pools, render
 from app.cli.options import Handler
 from common.errors import TesseraError
 from common.settings import load_settings
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_commands(sub)
     accounts.add_commands(sub)
     accounts.add_account_commands(sub)
+    pools.add_commands(sub)
     addon.add_commands(sub)
     farm.add_app(sub)
     return parser

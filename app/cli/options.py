@@ -23,6 +23,7 @@ from common.errors import TesseraError
 from common.settings import DEFAULT_COORDINATOR, Settings
 from protocol.client import TesseraClient
 from protocol.models import DEVICES, FrameRange, JobOptions
+from protocol.requirements import MAX_MEMORY_GB, POOL_NAME_PATTERN
 from renderers.regions import parse_grid
 
 #: A command's handler: (parsed arguments, settings) -> exit status.
@@ -184,6 +185,35 @@ def _number(text: str) -> float:
     return value
 
 
+def gigabytes(text: str) -> float:
+    """An amount of memory in decimal GB (0 or more, finite, at most MAX_MEMORY_GB)."""
+    value = _number(text.strip().removesuffix("GB").removesuffix("gb"))
+    if not 0 <= value <= MAX_MEMORY_GB:
+        raise argparse.ArgumentTypeError(
+            f"{text} is not an amount of memory in GB from 0 to {MAX_MEMORY_GB:g} (e.g. 8, 0.5)"
+        )
+    return value
+
+
+def pool_name(text: str) -> str:
+    """A pool's name: 1 to 64 letters, digits, '_', '.' or '-'."""
+    if re.fullmatch(POOL_NAME_PATTERN, text) is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a pool name: use 1 to 64 letters, digits, '_', '.' or '-'"
+        )
+    return text
+
+
+def gpu_name(text: str) -> str:
+    """Part of a GPU's name: 1 to 100 printable characters."""
+    if not 1 <= len(text.strip()) <= 100 or any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not part of a GPU name: use 1 to 100 printable characters,"
+            " e.g. 'RTX 4090'"
+        )
+    return text.strip()
+
+
 def priority(text: str) -> int:
     """A job priority: a whole number from 0 to 100."""
     value = _whole(text)
@@ -293,6 +323,36 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
         help="deliver only the raw multilayer EXR of every pass (skip the scene's "
         "compositor, colour management and output format)",
     )
+    group = parser.add_argument_group("requirements (the farm leases only to nodes that meet them)")
+    group.add_argument(
+        "--min-vram",
+        type=gigabytes,
+        default=None,
+        metavar="GB",
+        help="GPU memory one GPU of the node must have, in GB, on GPU devices (default: 1.5x"
+        " the peak memory the scene probe measures; 0: none)",
+    )
+    group.add_argument(
+        "--min-ram",
+        type=gigabytes,
+        default=None,
+        metavar="GB",
+        help="memory the node must have, in GB (default: 1.5x the probe's peak; 0: none)",
+    )
+    group.add_argument(
+        "--gpu",
+        type=gpu_name,
+        default=None,
+        metavar="NAME",
+        help="part of the GPU's name the node must have, e.g. 'RTX 4090' (needs a GPU --device)",
+    )
+    group.add_argument(
+        "--pool",
+        type=pool_name,
+        default=None,
+        metavar="NAME",
+        help="render only on the nodes of this pool (you must own it or be in it)",
+    )
 
 
 def job_options_of(args: argparse.Namespace) -> JobOptions:
@@ -311,6 +371,10 @@ def job_options_of(args: argparse.Namespace) -> JobOptions:
         max_credits=getattr(args, "max_credits", None),
         preview_video=args.preview_video,
         finish=not args.raw,
+        min_vram_gb=getattr(args, "min_vram", None),
+        min_ram_gb=getattr(args, "min_ram", None),
+        gpu=getattr(args, "gpu", None),
+        pool=getattr(args, "pool", None),
     )
 
 

@@ -16,7 +16,9 @@ from PySide6.QtGui import QColor, QPainter, QPainterPath, QPaintEvent, QPen
 from PySide6.QtWidgets import QWidget
 
 from app.gui.tables import credits
-from protocol.models import Wallet
+from protocol.accounts import (
+    Wallet,
+)
 
 LINE_COLOUR = QColor("#3d7bd9")
 #: Pixels kept free around the plot for the axis labels (the left one grows to fit them).

@@ -648,7 +648,10 @@ class SubmitPage(QWidget):
 
     def _on_submitted(self, job: Job) -> None:
         self._set_busy("")
-        self.status.setText(f"Submitted {job.name}: {job.progress.tasks_total} task(s).")
+        text = f"Submitted {job.name}: {job.progress.tasks_total} task(s)."
+        if job.warning:  # no registered node meets the job's requirements
+            text += f" It waits: {job.warning}"
+        self.status.setText(text)
         self.submitted.emit(job)
 
 

@@ -15,8 +15,10 @@ from app.gui.background import BackgroundWork
 from app.gui.credit_chart import CreditChart, balance_points
 from app.gui.farm_page import FarmPage
 from app.gui.tables import cell, configure_table, credits
+from protocol.accounts import (
+    Wallet,
+)
 from protocol.client import TesseraClient
-from protocol.models import Wallet
 
 HISTORY_COLUMNS = ("When", "Kind", "Credits", "Job", "Memo")
 

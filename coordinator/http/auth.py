@@ -15,8 +15,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from coordinator.errors import NotAllowedError, NotAuthenticatedError, NotFoundError
 from coordinator.farm import Farm, Principal
+from protocol.accounts import (
+    AccountToken,
+    JoinRequest,
+)
 from protocol.discovery import join_proof
-from protocol.models import AccountToken, JoinRequest, Role
+from protocol.models import (
+    Role,
+)
 
 __all__ = ["Admin", "LanJoin", "Provider", "Requester", "Who", "principal"]
 

@@ -25,13 +25,20 @@ from coordinator.errors import NotAuthenticatedError
 from coordinator.http.auth import Admin, Provider, Requester, Who
 from coordinator.http.events import event_stream
 from coordinator.http.uploads import check_room, check_sha, spool
-from protocol.models import (
-    API_PREFIX,
+from protocol.accounts import (
     AccountCreate,
     AccountInfo,
     AccountToken,
-    FrameState,
     Grant,
+    JoinChallenge,
+    JoinRequest,
+    LedgerCheck,
+    Me,
+    Wallet,
+)
+from protocol.models import (
+    API_PREFIX,
+    FrameState,
     Health,
     Heartbeat,
     HeartbeatReply,
@@ -39,23 +46,19 @@ from protocol.models import (
     JobEstimate,
     JobPatch,
     JobSpec,
-    JoinChallenge,
-    JoinRequest,
     Lease,
     LeaseRequest,
-    LedgerCheck,
-    Me,
     NodeCapabilities,
     NodeInfo,
     NodeRegistration,
     Task,
     TaskFailure,
     UploadReceipt,
-    Wallet,
 )
 from protocol.output import (
     Deliverables,
 )
+from protocol.requirements import PoolCreate, PoolInfo, PoolMember
 
 if TYPE_CHECKING:
     from coordinator.http.app import Services
@@ -105,6 +108,24 @@ def router(services: Services) -> APIRouter:
     def reinstate(account: str, who: Admin) -> Response:
         farm.reinstate(who, account)
         return Response(status_code=204)
+
+    # pools: any account creates one; its owner (or an admin) adds accounts to it
+
+    @api.post("/pools", response_model=PoolInfo, status_code=201)
+    def create_pool(body: PoolCreate, who: Who) -> PoolInfo:
+        return farm.create_pool(who, body.name)
+
+    @api.get("/pools", response_model=list[PoolInfo])
+    def pools(who: Who) -> list[PoolInfo]:
+        return farm.list_pools(who)
+
+    @api.post("/pools/{name}/members", response_model=PoolInfo)
+    def add_to_pool(name: str, body: PoolMember, who: Who) -> PoolInfo:
+        return farm.add_to_pool(who, name, body.account)
+
+    @api.delete("/pools/{name}/members/{account}", response_model=PoolInfo)
+    def remove_from_pool(name: str, account: str, who: Who) -> PoolInfo:
+        return farm.remove_from_pool(who, name, account)
 
     @api.get("/ledger/check", response_model=LedgerCheck)
     def ledger_check(who: Admin) -> LedgerCheck:

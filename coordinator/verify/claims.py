@@ -14,6 +14,7 @@ import time
 
 from coordinator.core import Core
 from coordinator.planning import node_can_run
+from coordinator.pools import granted
 from coordinator.verify.reputation import Reputation
 from protocol.models import JobSpec, NodeCapabilities
 
@@ -109,7 +110,8 @@ def provider_online(
         if node["owner"] in excluded:
             continue
         caps = NodeCapabilities.model_validate_json(node["capabilities"])
-        if node_can_run(caps, spec) and caps.price <= spec.max_price:
+        pools = granted(conn, node["owner"]) & frozenset(caps.pools)
+        if node_can_run(caps, spec, pools) and caps.price <= spec.max_price:
             return True
     return False
 
