@@ -2,7 +2,7 @@
 
 QtCharts is not part of PySide6-Essentials, and a balance over time needs one line, two
 axes and a few labels. `CreditChart.set_points` takes a plain list of `(time, balance)`;
-`balance_points(wallet)` makes that list from a `protocol.models.Wallet` (the balance
+`balance_points(wallet)` makes that list from a `protocol.accounts.Wallet` (the balance
 after each of its ledger entries). No data fetching here.
 """
 

@@ -1,7 +1,7 @@
 """The Wallet page: the account's balance, the credits held in escrow, a chart of the
 balance over time, and its latest ledger entries.
 
-`WalletView` is built from a plain `protocol.models.Wallet` (`set_wallet`); the chart
+`WalletView` is built from a plain `protocol.accounts.Wallet` (`set_wallet`); the chart
 (`credit_chart.CreditChart`) shows the balance after each of those entries. `WalletPage`
 fetches the wallet through `TesseraClient.wallet()` in the background.
 """
