@@ -62,9 +62,15 @@ if "adaptive_threshold" in opts:
     scene.cycles.adaptive_min_samples = opts.get("adaptive_min_samples", 0)
 if "denoise" in opts:
     scene.cycles.use_denoising = opts["denoise"]
+if "filepath" in opts:
+    scene.render.filepath = opts["filepath"]
+if "view_transform" in opts:
+    scene.view_settings.view_transform = opts["view_transform"]
 if "output_format" in opts:
     if opts["output_format"] == "FFMPEG":
         scene.render.image_settings.media_type = "VIDEO"  # Blender 5: media type first
+    else:
+        scene.render.image_settings.media_type = "IMAGE"
     scene.render.image_settings.file_format = opts["output_format"]
 if opts.get("python_driver"):
     obj = next(o for o in scene.objects if o.type == "MESH")

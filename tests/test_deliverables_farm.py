@@ -35,6 +35,7 @@ from tests.farm_tools import (
     start_coordinator,
 )
 from tests.finish_tools import compare_images, make_finish_scenes, render_reference
+from tests.scene_tools import prepare_scene
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = "from app.cli import main; raise SystemExit(main())"
@@ -177,6 +178,35 @@ def test_file_output_nodes_and_depth_normal_passes_in_tiles(
         assert got == expected, case
         assert (delivered / "frame_0001.exr").is_file()
         _assert_equal_to_blender(scene, delivered, expected, tmp_path / case)
+
+
+def test_a_scene_from_blender_asset_tracers_suite_through_the_farm(
+    farm: RunningCoordinator, worker: RenderWorker, bat_scenes: Path, tmp_path: Path
+) -> None:
+    """A real-world file (multiple materials, saved by another Blender) as 8-bit JPEG
+    with the Standard view, in 3x3 tiles: Blender's file, to the 8-bit step."""
+    (tmp_path / "bat").mkdir()
+    scene = prepare_scene(
+        bat_scenes / "multiple_materials.blend",
+        tmp_path / "bat" / "scene.blend",
+        add_camera=True,
+        resolution_x=64,
+        resolution_y=48,
+        resolution_percentage=100,
+        samples=8,
+        adaptive=False,
+        denoise=False,
+        output_format="JPEG",
+        filepath="//render/bat_####",
+        view_transform="Standard",
+    )
+    render_reference([(scene, 1)], tmp_path / "bat")
+    delivered = _render_on_farm(farm, worker, scene, tmp_path / "job", frames="1-1", tiles=(3, 3))
+    assert (delivered / "render" / "bat_0001.jpg").is_file()
+    pairs = [(scene.parent / "render" / "bat_0001.jpg", delivered / "render" / "bat_0001.jpg")]
+    (report,) = compare_images(pairs, tmp_path)
+    assert report["shape_a"] == report["shape_b"] and report["format_a"] == report["format_b"]
+    assert report["max_diff"] <= 1 / 255, report
 
 
 def test_a_movie_scene_delivers_its_movie(
