@@ -2,8 +2,9 @@
 
 `run_node` validates the configuration, forwards the node's own CPU-kernel variables to
 Blender (`worker_environment`), chooses the Blender to render with (`select_build`),
-builds the coordinator client, the task runner and the bundle cache, hands them to a
-`NodeDaemon`, and installs the SIGINT/SIGTERM handlers: the first signal stops after the
+plans the workers (one per GPU, `plan_node_workers`), builds the bundle cache and, per
+worker, a coordinator client and a task runner, hands them to a `Fleet` of
+`NodeDaemon`s, and installs the SIGINT/SIGTERM handlers: the first signal stops after the
 current task (within `NodeConfig.stop_grace`), a second one cancels it at once.
 """
 
@@ -20,13 +21,15 @@ from types import FrameType
 from common.errors import BlenderNotFoundError, TesseraError, UsageError
 from farm_node.bundle_cache import BundleCache
 from farm_node.config import FORWARDED_ENV, NodeConfig, sandbox_refusal
-from farm_node.daemon import NodeDaemon
+from farm_node.fleet import Fleet
 from farm_node.runner import TaskRunner
+from farm_node.workers import WorkerPlan, plan_workers
 from protocol.client import TesseraClient
 from renderers.builds import BlenderBuild, find_builds, probe_bpy
+from renderers.devices import normalise_device_name
 from renderers.sandbox import find_bwrap
 
-__all__ = ["run_node", "select_build", "worker_environment"]
+__all__ = ["plan_node_workers", "run_node", "select_build", "worker_environment"]
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +62,10 @@ def select_build(config: NodeConfig) -> BlenderBuild:
 def run_node(config: NodeConfig) -> int:
     """Build a node from `config` and run it until SIGINT/SIGTERM; the exit status.
 
-    The first signal stops after the current task (within `stop_grace`); a second one
-    cancels it at once. Returns 0 after a clean stop, 1 when the node could not go on.
+    The node runs one worker per GPU it may use (and a CPU worker when asked, see
+    `farm_node.workers.plan_workers`), each leasing on its own (`farm_node.fleet`).
+    The first signal stops after the current tasks (within `stop_grace`); a second one
+    cancels them at once. Returns 0 after a clean stop, 1 when the node could not go on.
     """
     try:
         config.validate()
@@ -69,12 +74,47 @@ def run_node(config: NodeConfig) -> int:
         )
         _check_sandbox(config)
         build = select_build(config)
+        log.info("Rendering with %s", build.label)
+        plans = plan_node_workers(config, build)
     except TesseraError as exc:
         log.error("The node cannot start: %s", exc)
         return 1
-    log.info("Rendering with %s", build.label)
-    client = TesseraClient(config.coordinator_url, config.token)
-    runner = TaskRunner(
+
+    def parts(worker: NodeConfig) -> tuple[TesseraClient, TaskRunner]:
+        return TesseraClient(worker.coordinator_url, worker.token), _runner(worker, build)
+
+    stop = threading.Event()
+    fleet = Fleet(config, plans, parts, _cache(config))
+    previous = _install_signal_handlers(stop, fleet)
+    try:
+        return fleet.run(stop)
+    finally:
+        _restore_signal_handlers(previous)
+
+
+def plan_node_workers(config: NodeConfig, build: BlenderBuild) -> list[WorkerPlan]:
+    """The node's workers; Cycles' device list is asked (in a Blender) only when a GPU is."""
+    if normalise_device_name(config.device) == "CPU" and config.gpus in (None, "none"):
+        return [WorkerPlan(label="cpu", device="CPU")]
+    probe = _runner(config, build)
+    try:
+        devices = probe.devices()
+    finally:
+        probe.close()
+    plans = plan_workers(
+        devices, device=config.device, gpus=config.gpus, cpu_worker=config.cpu_worker
+    )
+    log.info(
+        "%d worker%s: %s",
+        len(plans),
+        "s" * (len(plans) > 1),
+        "; ".join(p.describe() for p in plans),
+    )
+    return plans
+
+
+def _runner(config: NodeConfig, build: BlenderBuild) -> TaskRunner:
+    return TaskRunner(
         build,
         config.scratch_dir,
         config.device,
@@ -83,20 +123,8 @@ def run_node(config: NodeConfig) -> int:
         extra_env=config.extra_env,
         max_warm=config.max_warm_workers,
         limits=config.limits,
+        device_ids=config.device_ids,
     )
-    stop = threading.Event()
-    daemon = NodeDaemon(config, client, runner, _cache(config))
-    previous = _install_signal_handlers(stop, daemon)
-    try:
-        daemon.run(stop)
-    except TesseraError as exc:
-        log.error("The node stopped: %s", exc)
-        return 1
-    finally:
-        _restore_signal_handlers(previous)
-        runner.close()
-        client.close()
-    return 0
 
 
 def _check_sandbox(config: NodeConfig) -> None:
@@ -124,7 +152,7 @@ _Handler = Callable[[int, FrameType | None], object] | int | None
 
 
 def _install_signal_handlers(
-    stop: threading.Event, daemon: NodeDaemon
+    stop: threading.Event, daemon: Fleet
 ) -> dict[signal.Signals, _Handler]:
     if threading.current_thread() is not threading.main_thread():
         log.debug("Not in the main thread: no signal handlers (the caller sets the stop event)")

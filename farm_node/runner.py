@@ -18,6 +18,7 @@ files out.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import threading
@@ -83,12 +84,16 @@ class TaskRunner:
         max_warm: int = DEFAULT_MAX_WARM,
         limits: RenderLimits | None = None,
         worker_factory: WorkerFactory | None = None,
+        device_ids: tuple[str, ...] = (),
     ) -> None:
         if max_warm < 1:
             raise ValueError("max_warm must be at least 1")
         self.build = build
         self.scratch = scratch
         self.device = device
+        #: The Cycles ids of this runner's GPU (one worker per GPU); empty: every device
+        #: of the type. Every GPU render it sends turns on these devices only.
+        self.device_ids = tuple(device_ids)
         self.threads = threads
         self.task_timeout = task_timeout
         self.extra_env = dict(extra_env or {})
@@ -208,6 +213,7 @@ class TaskRunner:
                 denoise_data=assignment.denoise_data,
                 denoise=assignment.denoise_in_render,
                 device=device,
+                device_ids=self._ids_for(device),
                 threads=self.threads,
                 # A stranger's scene sees its own bundle and nothing else of this machine.
                 confine_to=bundle_root(scene, lease.scene_path),
@@ -243,7 +249,10 @@ class TaskRunner:
         return output
 
     def render_request(self, request: RenderRequest, timeout: float | None = None) -> RenderResult:
-        """Render a raw request (the benchmark's) on the spare worker, keeping it warm."""
+        """Render a raw request (the benchmark's, the warm-up's) on the spare worker, keeping
+        it warm; a GPU request without device ids gets this runner's."""
+        if not request.device_ids and self._ids_for(request.device):
+            request = dataclasses.replace(request, device_ids=self._ids_for(request.device))
         with self._task():
             worker = self._any_worker()
             return self._run(worker, lambda: worker.render(request, timeout=timeout))
@@ -259,6 +268,9 @@ class TaskRunner:
             worker.cancel()
 
     # --- internals ------------------------------------------------------------------------------
+
+    def _ids_for(self, device: str) -> tuple[str, ...]:
+        return () if device.upper() == "CPU" else self.device_ids
 
     def _task(self) -> _TaskScope:
         return _TaskScope(self)

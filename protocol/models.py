@@ -523,8 +523,9 @@ class NodeInfo(Strict):
     id: str
     owner: str
     capabilities: NodeCapabilities
-    status: Literal["idle", "busy", "paused", "offline"]
-    #: Why a paused node takes no work (its provider's schedule, an active user...).
+    status: Literal["idle", "busy", "paused", "warming", "failed", "offline"]
+    #: Why a paused node takes no work (its provider's schedule, an active user...); for
+    #: a "warming" or "failed" (warm-up failed) GPU worker, its progress or the reason.
     paused: str | None = None
     current_task: str | None = None
     last_seen: datetime
@@ -539,6 +540,9 @@ class NodeInfo(Strict):
     suspended: str | None = Field(default=None, description="why the provider is suspended")
 
 
+Readiness = Literal["ready", "warming", "failed"]
+
+
 class LeaseRequest(Strict):
     cached_bundles: list[Sha256] = Field(default_factory=list, max_length=1000)
     warm_bundles: list[Sha256] = Field(default_factory=list, max_length=100)
@@ -547,6 +551,10 @@ class LeaseRequest(Strict):
     #: GPU, a full disk): why, in plain words. Such a request leases nothing; it keeps the
     #: node listed as paused, with the reason, instead of going offline.
     paused: str | None = Field(default=None, min_length=1, max_length=300)
+    #: A GPU worker compiles its kernels with a warm-up render before it takes work:
+    #: "warming" while it runs, "failed" when it failed (`paused` then says why). Such a
+    #: request leases nothing either.
+    readiness: Readiness = "ready"
 
 
 # --- accounts ------------------------------------------------------------
