@@ -148,6 +148,12 @@ class TaskRunner:
             workers = [*self._workers.values(), *([self._spare] if self._spare else [])]
         return sum(worker.starts for worker in workers)
 
+    def worker_pids(self) -> list[int]:
+        """Process ids of this runner's running Blenders (for tests and stats)."""
+        with self._state_lock:
+            workers = [*self._workers.values(), *([self._spare] if self._spare else [])]
+        return [pid for worker in workers if worker.is_alive() and (pid := worker.pid) is not None]
+
     # --- devices ------------------------------------------------------------------------------
 
     def devices(self) -> list[ComputeDevice]:

@@ -115,7 +115,8 @@ log = logging.getLogger(__name__)
 WORKER_SCRIPT = Path(__file__).with_name("worker_main.py")
 #: Loaded by worker_main from beside it; a confined sandbox must show them too.
 HELPER_SCRIPTS = tuple(
-    Path(__file__).with_name(f"{name}.py") for name in ("worker_finish", "worker_confine")
+    Path(__file__).with_name(f"{name}.py")
+    for name in ("worker_finish", "worker_confine", "worker_devices")
 )
 #: `_call`'s default: the request runs in whatever sandbox view the process has.
 _ANY_VIEW = object()
