@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from renderers.devices import parse_cycles_devices
 from renderers.sandbox import sandbox_command
 from renderers.worker import RenderRequest
 from renderers.worker_devices import use_flags
+from tests.test_cli import tessera
 
 FIXTURES = Path(__file__).parent / "fixtures" / "devices"
 H100_CUDA = "CUDA_NVIDIA H100 80GB HBM3_0000:00:06"
@@ -182,3 +184,34 @@ def test_the_warm_up_timeout_must_be_positive(tmp_path: Path) -> None:
     config = NodeConfig(coordinator_url="http://127.0.0.1:1", data_dir=tmp_path, warmup_timeout=0)
     with pytest.raises(UsageError, match="--warmup-timeout must be positive"):
         config.validate()
+
+
+def _node(tmp_path: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    return tessera(
+        "node",
+        "--coordinator",
+        "http://127.0.0.1:9",
+        "--token",
+        "t",
+        "--no-benchmark",
+        "--data",
+        tmp_path / "node",
+        *options,
+        timeout=120,
+    )
+
+
+def test_tessera_node_refuses_a_bad_gpu_list(tmp_path: Path) -> None:
+    done = _node(tmp_path, "--gpus", "first")
+    assert done.returncode == 2
+    assert "--gpus 'first': 'first' is not a GPU index" in done.stderr
+    done = _node(tmp_path, "--warmup-timeout", "0")
+    assert done.returncode == 2
+    assert "--warmup-timeout" in done.stderr
+
+
+def test_tessera_node_asked_for_gpus_on_a_cpu_machine_refuses_to_start(tmp_path: Path) -> None:
+    """No quiet CPU render: a node told to use GPUs where Cycles lists none stops."""
+    done = _node(tmp_path, "--gpus", "all", "--sandbox", "off")
+    assert done.returncode == 1
+    assert "No GPU device on this machine (Cycles sees: CPU)" in done.stderr
