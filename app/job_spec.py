@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from common.blender_versions import blender_series
 from common.errors import UsageError
 from protocol.models import FramePreview, FrameRange, JobOptions, JobSpec, SceneSummary
 from renderers.scene_info import SceneInfo, inspect_scene
@@ -95,9 +96,11 @@ def job_spec_for(
     and a placeholder bundle unless one is named. Raises `UsageError` for options that
     do not fit the scene."""
     fields: dict[str, object] = {
-        **options.model_dump(exclude={"frames"}),
+        **options.model_dump(exclude={"frames", "any_blender"}),
         "name": options.name or info.path.stem,
         "frames": _frame_range(options.frames, info),
+        # Nodes of the series that saved the scene only, unless the artist allows any.
+        "blender_version": None if options.any_blender else blender_series(info.file_version),
     }
     if measured is not None:
         fields["scene_cost"] = round(measured.cost, 4)

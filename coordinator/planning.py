@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from common.blender_versions import offers_series
 from protocol.models import (
     JobSpec,
     NodeCapabilities,
@@ -166,8 +167,8 @@ def denoise_task(job_id: str, frame: int, merged_sha: str) -> NewTask:
 
 
 def node_can_run(caps: NodeCapabilities, spec: JobSpec) -> bool:
-    if spec.blender_version and spec.blender_version not in caps.blender_versions:
-        return False
+    if spec.blender_version and not offers_series(spec.blender_version, caps.blender_versions):
+        return False  # a scene saved by 5.0 renders on 5.0.x builds only
     if "CYCLES" not in caps.engines:
         return False
     if spec.device in ("ANY", "CPU"):

@@ -235,6 +235,9 @@ class JobOptions(Strict):
     name: str | None = Field(default=None, min_length=1, max_length=200)
     max_price: float = Field(default=0.0, ge=0, le=MAX_PRICE)
     max_credits: float | None = Field(default=None, ge=0, le=MAX_CREDITS)
+    #: Let nodes of any Blender series render it (default: only the series, major.minor,
+    #: that saved the scene; `JobSpec.blender_version`).
+    any_blender: bool = False
 
 
 class JobSpec(Strict):
@@ -255,6 +258,7 @@ class JobSpec(Strict):
     denoise: bool | None = None
     priority: int = Field(default=50, ge=0, le=100)
     device: JobDevice = "ANY"
+    #: The Blender series ("5.0") whose builds may render it; None: any build.
     blender_version: str | None = Field(default=None, max_length=40)
     max_price: float = Field(
         default=0, ge=0, le=MAX_PRICE, description="credits per work unit, at most"

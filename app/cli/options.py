@@ -298,6 +298,7 @@ def job_options_of(args: argparse.Namespace) -> JobOptions:
         name=args.name,
         max_price=getattr(args, "max_price", 0.0),
         max_credits=getattr(args, "max_credits", None),
+        any_blender=getattr(args, "any_blender", False),
     )
 
 
