@@ -76,6 +76,12 @@ def run_node(config: NodeConfig) -> int:
         build = select_build(config)
         log.info("Rendering with %s", build.label)
         plans = plan_node_workers(config, build)
+        log.info(
+            "%d worker%s: %s",
+            len(plans),
+            "s" * (len(plans) > 1),
+            "; ".join(plan.describe() for plan in plans),
+        )
     except TesseraError as exc:
         log.error("The node cannot start: %s", exc)
         return 1
@@ -103,12 +109,6 @@ def plan_node_workers(config: NodeConfig, build: BlenderBuild) -> list[WorkerPla
         probe.close()
     plans = plan_workers(
         devices, device=config.device, gpus=config.gpus, cpu_worker=config.cpu_worker
-    )
-    log.info(
-        "%d worker%s: %s",
-        len(plans),
-        "s" * (len(plans) > 1),
-        "; ".join(p.describe() for p in plans),
     )
     return plans
 
