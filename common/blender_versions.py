@@ -18,7 +18,7 @@ _SERIES = re.compile(r"^\s*(\d+)\.(\d+)(?:[.\s-].*)?$")
 
 
 def blender_series(version: str) -> str | None:
-    """"5.0.1" and "5.0" -> "5.0"; None for text that names no version."""
+    """ "5.0.1" and "5.0" -> "5.0"; None for text that names no version."""
     match = _SERIES.match(version)
     return None if match is None else f"{int(match.group(1))}.{int(match.group(2))}"
 

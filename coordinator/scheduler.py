@@ -442,6 +442,7 @@ class Scheduler:
             samples=spec.effective_samples,
             expires_at=datetime.fromtimestamp(expires, UTC),
             heartbeat_interval=self.heartbeat_interval(),
+            blender_version=spec.blender_version,
         )
 
     def requeue_expired(self) -> int:

@@ -56,6 +56,9 @@ class NodeConfig:
     poll_wait: float = 5.0  # also bounds how long Ctrl-C waits for an idle poll to end
     task_timeout: float | None = 3600.0
     blender_executables: list[Path] = field(default_factory=list)
+    #: Other Blender builds to offer (``tessera blender add``): executables or Pythons
+    #: with bpy; a job renders on the build of the series that saved its scene.
+    more_builds: list[Path] = field(default_factory=list)
     use_bpy: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
     #: Credits asked per work unit (pixels x samples / 1e6); jobs offering less skip us.

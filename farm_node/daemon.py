@@ -198,6 +198,7 @@ class NodeDaemon:
             env=self.config.extra_env,
             threads=self.config.threads,
             benchmark_score=score,
+            more_builds=self.runner.more_builds,
         )
         return capabilities.model_copy(update={"price": self.config.price})
 

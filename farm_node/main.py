@@ -15,9 +15,10 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 
+from common.blender_versions import blender_series
 from common.errors import BlenderNotFoundError, TesseraError, UsageError
 from farm_node.bundle_cache import BundleCache
 from farm_node.config import FORWARDED_ENV, NodeConfig, sandbox_refusal
@@ -25,11 +26,12 @@ from farm_node.fleet import Fleet
 from farm_node.runner import TaskRunner
 from farm_node.workers import WorkerPlan, plan_workers
 from protocol.client import TesseraClient
+from renderers.build_registry import identify_build
 from renderers.builds import BlenderBuild, find_builds, probe_bpy
 from renderers.devices import normalise_device_name
 from renderers.sandbox import find_bwrap
 
-__all__ = ["plan_node_workers", "run_node", "select_build", "worker_environment"]
+__all__ = ["more_builds", "plan_node_workers", "run_node", "select_build", "worker_environment"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ def run_node(config: NodeConfig) -> int:
         _check_sandbox(config)
         build = select_build(config)
         log.info("Rendering with %s", build.label)
+        more = more_builds(config, build)
         plans = plan_node_workers(config, build)
         log.info(
             "%d worker%s: %s",
@@ -87,7 +90,7 @@ def run_node(config: NodeConfig) -> int:
         return 1
 
     def parts(worker: NodeConfig) -> tuple[TesseraClient, TaskRunner]:
-        return TesseraClient(worker.coordinator_url, worker.token), _runner(worker, build)
+        return TesseraClient(worker.coordinator_url, worker.token), _runner(worker, build, more)
 
     stop = threading.Event()
     fleet = Fleet(config, plans, parts, _cache(config))
@@ -113,7 +116,29 @@ def plan_node_workers(config: NodeConfig, build: BlenderBuild) -> list[WorkerPla
     return plans
 
 
-def _runner(config: NodeConfig, build: BlenderBuild) -> TaskRunner:
+def more_builds(config: NodeConfig, main: BlenderBuild) -> list[BlenderBuild]:
+    """The registered builds of other Blender series than `main`'s, one per series (a
+    broken one is skipped with a warning: the node starts with what works)."""
+    series = {blender_series(main.version)}
+    builds: list[BlenderBuild] = []
+    for path in config.more_builds:
+        try:
+            build = identify_build(path)
+        except BlenderNotFoundError as exc:
+            log.warning("Not offering the Blender at %s: %s", path, exc.message)
+            continue
+        if blender_series(build.version) in series:
+            log.info("Not offering %s: a %s build is offered already", build.label, build.version)
+            continue
+        series.add(blender_series(build.version))
+        builds.append(build)
+        log.info("Also offering %s", build.label)
+    return builds
+
+
+def _runner(
+    config: NodeConfig, build: BlenderBuild, more: Sequence[BlenderBuild] = ()
+) -> TaskRunner:
     return TaskRunner(
         build,
         config.scratch_dir,
@@ -124,6 +149,7 @@ def _runner(config: NodeConfig, build: BlenderBuild) -> TaskRunner:
         max_warm=config.max_warm_workers,
         limits=config.limits,
         device_ids=config.device_ids,
+        more_builds=more,
     )
 
 

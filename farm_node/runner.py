@@ -23,10 +23,11 @@ import logging
 import shutil
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from common.blender_versions import blender_series
 from common.errors import (
     RenderCancelledError,
     RenderFailedError,
@@ -85,10 +86,14 @@ class TaskRunner:
         limits: RenderLimits | None = None,
         worker_factory: WorkerFactory | None = None,
         device_ids: tuple[str, ...] = (),
+        more_builds: Sequence[BlenderBuild] = (),
     ) -> None:
         if max_warm < 1:
             raise ValueError("max_warm must be at least 1")
         self.build = build
+        #: Builds of other Blender series this node offers (``tessera blender add``): a
+        #: lease naming a series renders on a build of it (`build_for`).
+        self.more_builds = list(more_builds)
         self.scratch = scratch
         self.device = device
         #: The Cycles ids of this runner's GPU (one worker per GPU); empty: every device
@@ -100,7 +105,7 @@ class TaskRunner:
         self.max_warm = max_warm
         self.limits = limits if limits is not None else RenderLimits()
         self._factory = worker_factory or self._limited_worker
-        self._workers: OrderedDict[tuple[str, str], RenderWorker] = OrderedDict()
+        self._workers: OrderedDict[tuple[str, str, Path], RenderWorker] = OrderedDict()
         # A started worker not yet tied to a bundle (the device probe's or the
         # benchmark's): the next new bundle takes it instead of starting Blender again.
         self._spare: RenderWorker | None = None
@@ -137,7 +142,9 @@ class TaskRunner:
         with self._state_lock:
             return list(
                 dict.fromkeys(
-                    sha for (sha, _), worker in reversed(self._workers.items()) if worker.is_alive()
+                    sha
+                    for (sha, *_), worker in reversed(self._workers.items())
+                    if worker.is_alive()
                 )
             )
 
@@ -224,7 +231,7 @@ class TaskRunner:
                 # A stranger's scene sees its own bundle and nothing else of this machine.
                 confine_to=bundle_root(scene, lease.scene_path),
             )
-            worker = self._worker_for(lease.bundle, device)
+            worker = self._worker_for(lease.bundle, device, self.build_for(lease.blender_version))
             result = self._run(worker, lambda: self._render_on(worker, request, on_progress))
         if (result.frame_width, result.frame_height) != (assignment.width, assignment.height):
             raise RenderFailedError(
@@ -273,6 +280,19 @@ class TaskRunner:
         if worker is not None:
             worker.cancel()
 
+    def build_for(self, series: str | None) -> BlenderBuild:
+        """The build for a lease naming a Blender series ("5.0"; None: the main build).
+
+        Raises `LeaseError` when this node has no build of it (the coordinator matches
+        jobs to the versions a node offers, so this means a mismatch)."""
+        if series is None or blender_series(self.build.version) == blender_series(series):
+            return self.build
+        for build in self.more_builds:
+            if blender_series(build.version) == blender_series(series):
+                return build
+        offered = ", ".join(b.version for b in (self.build, *self.more_builds))
+        raise LeaseError(f"This node has no Blender {series} build (it offers {offered}).")
+
     # --- internals ------------------------------------------------------------------------------
 
     def _ids_for(self, device: str) -> tuple[str, ...]:
@@ -309,8 +329,8 @@ class TaskRunner:
             with self._state_lock:
                 self._current = None
 
-    def _worker_for(self, bundle: str, device: str) -> RenderWorker:
-        key = (bundle, device)
+    def _worker_for(self, bundle: str, device: str, build: BlenderBuild) -> RenderWorker:
+        key = (bundle, device, build.path)
         retired: list[RenderWorker] = []
         with self._state_lock:
             if self._closed:
@@ -319,10 +339,10 @@ class TaskRunner:
             if worker is not None:
                 self._workers.move_to_end(key)
                 return worker
-            if self._spare is not None:
+            if self._spare is not None and build == self.build:
                 worker, self._spare = self._spare, None
             else:
-                worker = self._new_worker()
+                worker = self._new_worker(build)
             self._workers[key] = worker
             while len(self._workers) > self.max_warm:
                 _, old = self._workers.popitem(last=False)
@@ -341,12 +361,12 @@ class TaskRunner:
                 self._spare = self._new_worker()
             return self._spare
 
-    def _new_worker(self) -> RenderWorker:
+    def _new_worker(self, build: BlenderBuild | None = None) -> RenderWorker:
         self._serial += 1
         folder = self.scratch / f"worker-{self._serial}"
         if folder.exists():
             shutil.rmtree(folder, ignore_errors=True)
-        return self._factory(self.build, folder, self.extra_env)
+        return self._factory(build or self.build, folder, self.extra_env)
 
     def _limited_worker(
         self, build: BlenderBuild, scratch: Path, env: Mapping[str, str]

@@ -466,6 +466,8 @@ class Lease(Strict):
     samples: int = Field(description="effective samples (the spec's or the scene's)")
     expires_at: datetime
     heartbeat_interval: float
+    #: The Blender series ("5.0") the job must render with; None: any build.
+    blender_version: str | None = None
 
 
 class Heartbeat(Strict):

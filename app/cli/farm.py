@@ -581,7 +581,7 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
         policy=policy,
         limits=limits,
         machine_state_file=args.machine_state,
-        **worker_options(args),
+        **worker_options(args, settings),
     )
     if args.lan:
         gpus = probe_nvidia()

@@ -3,7 +3,8 @@
 Each command family adds its subcommands (`render`: inspect, render-local, devices;
 `farm`: coordinator, node, join, app; `jobs`: submit, jobs, job, pause, resume, cancel,
 priority, download; `local`: render, demo; `accounts`: nodes, wallet, grant, ledger,
-provider, account create/list/revoke; `addon`: addon build, addon install).
+provider, account create/list/revoke; `addon`: addon build, addon install; `blender`:
+blender add/list/remove).
 `main` parses, loads the settings once and runs the handler: every `TesseraError`
 becomes a message and a hint on stderr with exit status 2; no traceback reaches the user.
 No Qt is imported here.
@@ -16,7 +17,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from app.cli import accounts, addon, farm, jobs, local, render
+from app.cli import accounts, addon, blender, farm, jobs, local, render
 from app.cli.options import Handler
 from common.errors import TesseraError
 from common.settings import load_settings
@@ -57,5 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     accounts.add_commands(sub)
     accounts.add_account_commands(sub)
     addon.add_commands(sub)
+    blender.add_commands(sub)
     farm.add_app(sub)
     return parser

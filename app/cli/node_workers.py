@@ -1,5 +1,6 @@
 """`tessera node`'s worker options: which GPUs get a worker, a CPU worker beside them, and
-the warm-up's time limit (`farm_node.workers`, `farm_node.warmup`).
+the warm-up's time limit (`farm_node.workers`, `farm_node.warmup`), and the extra Blender
+builds registered with ``tessera blender add``.
 
 Kept apart from `app.cli.farm` (one job: these options and their values). Nothing here
 starts Blender or talks to the coordinator.
@@ -8,9 +9,12 @@ starts Blender or talks to the coordinator.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
+from app.cli.blender import registry_file
 from app.cli.options import positive
+from common.settings import Settings
 
 __all__ = ["add_worker_options", "worker_options"]
 
@@ -40,11 +44,16 @@ def add_worker_options(node: argparse.ArgumentParser) -> None:
     )
 
 
-def worker_options(args: argparse.Namespace) -> dict[str, Any]:
-    """`NodeConfig` fields of these options; `UsageError` names a bad --gpus."""
+def worker_options(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """`NodeConfig` fields of these options and of the registered Blender builds
+    (``tessera blender add``); `UsageError` names a bad --gpus."""
     from farm_node.workers import parse_gpu_selection
+    from renderers.build_registry import registered
 
-    fields: dict[str, Any] = {"cpu_worker": bool(args.cpu_worker)}
+    fields: dict[str, Any] = {
+        "cpu_worker": bool(args.cpu_worker),
+        "more_builds": [Path(e["path"]) for e in registered(registry_file(settings))],
+    }
     if args.gpus is not None:
         fields["gpus"] = parse_gpu_selection(args.gpus)
     if args.warmup_timeout is not None:
