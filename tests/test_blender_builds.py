@@ -40,7 +40,7 @@ def _stand_in(folder: Path, python: Path) -> Path:
     script.write_text(
         "#!/bin/sh\n"
         f'if [ "$1" = "--version" ]; then cat "{version}"; exit 0; fi\n'
-        'for last; do :; done\n'
+        "for last; do :; done\n"
         f'exec "{python}" -I -u "$last"\n'
     )
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
@@ -52,7 +52,9 @@ def _fresh_probes() -> None:
     clear_probe_cache()
 
 
-def test_the_registry_adds_lists_and_removes_builds(bpy_build: BlenderBuild, tmp_path: Path) -> None:
+def test_the_registry_adds_lists_and_removes_builds(
+    bpy_build: BlenderBuild, tmp_path: Path
+) -> None:
     registry = tmp_path / "home" / "blender-builds.json"
     old = add_build(registry, _stand_in(tmp_path / "b42", bpy_build.path))
     assert (old.kind, old.version) == ("executable", "4.2.3")
@@ -118,7 +120,9 @@ def test_a_lease_renders_on_the_build_of_its_series(
         assert runner.build_for(None) == bpy_build
         assert runner.build_for("5.0") == bpy_build
         assert runner.build_for("4.2") == old
-        with pytest.raises(LeaseError, match=r"no Blender 4\.1 build \(it offers 5\.0\.1, 4\.2\.3\)"):
+        with pytest.raises(
+            LeaseError, match=r"no Blender 4\.1 build \(it offers 5\.0\.1, 4\.2\.3\)"
+        ):
             runner.build_for("4.1")
         lease = make_lease().model_copy(update={"blender_version": "4.2"})
         runner.render(lease, demo_scene, tmp_path / "old.exr")

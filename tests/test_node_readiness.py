@@ -171,3 +171,38 @@ def test_a_worker_warms_up_then_renders(
         assert text.index("warmed up") < text.index("Lease "), "no lease before the warm-up"
     finally:
         coordinator.stop()
+
+
+def test_the_provide_page_sees_every_worker_of_a_multi_gpu_node() -> None:
+    from datetime import UTC, datetime
+
+    from app.node_process import combine_workers
+    from protocol.models import NodeCapabilities
+
+    def info(name: str, status: str, paused: str | None, done: int, task: str | None) -> NodeInfo:
+        return NodeInfo(
+            id=name,
+            owner="p",
+            capabilities=NodeCapabilities(name=name),
+            status=status,  # type: ignore[arg-type]
+            paused=paused,
+            current_task=task,
+            last_seen=datetime.now(UTC),
+            tasks_completed=done,
+            earned=float(done),
+        )
+
+    workers = [
+        info("box/gpu0", "warming", "warming up OPTIX (compiling GPU kernels): 95 s", 0, None),
+        info("box/gpu1", "busy", None, 3, "t-7"),
+        info("box/cpu", "idle", None, 2, None),
+    ]
+    node = combine_workers("box", workers)
+    assert node is not None
+    assert node.capabilities.name == "box"
+    assert node.paused == (
+        "gpu0: warming up OPTIX (compiling GPU kernels): 95 s; gpu1: busy; cpu: idle"
+    )
+    assert (node.status, node.current_task) == ("busy", "t-7")
+    assert (node.tasks_completed, node.earned) == (5, 5.0)
+    assert combine_workers("box", []) is None
