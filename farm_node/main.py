@@ -90,7 +90,7 @@ def run_node(config: NodeConfig) -> int:
         return 1
 
     def parts(worker: NodeConfig) -> tuple[TesseraClient, TaskRunner]:
-        return TesseraClient(worker.coordinator_url, worker.token), _runner(worker, build, more)
+        return TesseraClient(worker.coordinator_url, worker.token), make_runner(worker, build, more)
 
     stop = threading.Event()
     fleet = Fleet(config, plans, parts, _cache(config))
@@ -105,7 +105,7 @@ def plan_node_workers(config: NodeConfig, build: BlenderBuild) -> list[WorkerPla
     """The node's workers; Cycles' device list is asked (in a Blender) only when a GPU is."""
     if normalise_device_name(config.device) == "CPU" and config.gpus in (None, "none"):
         return [WorkerPlan(label="cpu", device="CPU")]
-    probe = _runner(config, build)
+    probe = make_runner(config, build)
     try:
         devices = probe.devices()
     finally:
@@ -136,9 +136,10 @@ def more_builds(config: NodeConfig, main: BlenderBuild) -> list[BlenderBuild]:
     return builds
 
 
-def _runner(
+def make_runner(
     config: NodeConfig, build: BlenderBuild, more: Sequence[BlenderBuild] = ()
 ) -> TaskRunner:
+    """A worker's task runner, bound to its card (`NodeConfig.device_ids`)."""
     return TaskRunner(
         build,
         config.scratch_dir,

@@ -16,6 +16,7 @@ import pytest
 from common.errors import DeviceUnavailableError, UsageError
 from farm_node.config import NodeConfig
 from farm_node.fleet import worker_config
+from farm_node.main import make_runner
 from farm_node.workers import (
     CUDA_CACHE_MAXSIZE,
     WorkerPlan,
@@ -24,6 +25,7 @@ from farm_node.workers import (
     plan_workers,
     worker_name,
 )
+from renderers.builds import BlenderBuild
 from renderers.devices import parse_cycles_devices
 from renderers.sandbox import sandbox_command
 from renderers.worker import RenderRequest
@@ -215,3 +217,25 @@ def test_tessera_node_asked_for_gpus_on_a_cpu_machine_refuses_to_start(tmp_path:
     done = _node(tmp_path, "--gpus", "all", "--sandbox", "off")
     assert done.returncode == 1
     assert "No GPU device on this machine (Cycles sees: CPU)" in done.stderr
+
+
+def test_each_worker_runner_is_bound_to_its_card(bpy_build: BlenderBuild, tmp_path: Path) -> None:
+    config = NodeConfig(coordinator_url="http://127.0.0.1:1", data_dir=tmp_path, name="box")
+    plans = plan_workers(parse_cycles_devices(_raw("cycles_devices_2gpu.json")), device="GPU")
+    runners = [make_runner(worker_config(config, plan, 2), bpy_build) for plan in plans]
+    try:
+        assert [r.device for r in runners] == ["OPTIX", "OPTIX"]
+        assert [r.device_ids for r in runners] == [
+            (RTX0, f"{RTX0}_OptiX"),
+            (RTX1, f"{RTX1}_OptiX"),
+        ]
+        assert runners[1]._ids_for("CUDA") == (RTX1, f"{RTX1}_OptiX")
+        assert runners[1]._ids_for("CPU") == (), "a CPU render names no card"
+        assert runners[0].limits.shared_dirs == (
+            tmp_path / "gpu-cache" / "cuda",
+            tmp_path / "gpu-cache" / "optix",
+        )
+        assert runners[0].extra_env["CUDA_CACHE_PATH"] == str(tmp_path / "gpu-cache" / "cuda")
+    finally:
+        for runner in runners:
+            runner.close()
