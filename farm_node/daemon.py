@@ -4,7 +4,8 @@
 
 1. deliver results still pending from an earlier attempt or run (`outbox`);
 2. register with the coordinator, retrying with backoff while it is unreachable
-   (`retry`);
+   (`retry`); a GPU worker then renders its warm-up frame (`warmup`) and, until it
+   succeeded, reports "warming" (or "failed", with the reason) and leases nothing;
 3. ask the `gate` whether to take work (availability, free disk); when it says no, do not
    poll, and tell the coordinator why now and then;
 4. long-poll for a lease and run its task with a `heartbeat` thread beside it;
@@ -273,9 +274,10 @@ class NodeDaemon:
             if lease is not None:  # a coordinator that ignores readiness: hand it back
                 self._release(lease)
         deadline = time.monotonic() + _READINESS_REPORT_SECONDS
-        while not stop.is_set() and time.monotonic() < deadline:
-            if warmup.done.wait(0.1) and warmup.state == "ready":
-                return
+        while not warmup.done.is_set() and not stop.is_set() and time.monotonic() < deadline:
+            warmup.done.wait(0.1)  # a warm-up that ends is reported at once
+        if warmup.state == "failed":
+            stop.wait(max(0.0, deadline - time.monotonic()))
 
     def _register(self, capabilities: NodeCapabilities) -> bool:
         try:
