@@ -25,6 +25,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from common.blender_versions import blender_series
 from common.errors import UsageError
 from protocol.models import FramePreview, FrameRange, JobOptions, JobSpec, SceneSummary
 from protocol.output import MovieOutput
@@ -115,10 +116,12 @@ def job_spec_for(
     if options.finish and info.output is not None:
         check_finishable(info.output)  # refused before any render: the finish would fail
     fields: dict[str, object] = {
-        **options.model_dump(exclude={"frames", *_REQUIREMENT_OPTIONS}),
+        **options.model_dump(exclude={"frames", "any_blender", *_REQUIREMENT_OPTIONS}),
         "name": options.name or info.path.stem,
         "frames": _frame_range(options.frames, info),
         "requirements": requirements_for(info, options, measured),
+        # Nodes of the series that saved the scene only, unless the artist allows any.
+        "blender_version": None if options.any_blender else blender_series(info.file_version),
     }
     if measured is not None:
         fields["scene_cost"] = round(measured.cost, 4)

@@ -183,8 +183,36 @@ def join_as_provider(url: str, secret: str, name: str) -> FarmConnection:
 def fetch_provider_stats(connection: FarmConnection, name: str) -> ProviderStats:
     """The node called `name` and the provider's wallet (background only)."""
     with connection.client() as client:
-        node = next((n for n in client.nodes() if n.capabilities.name == name), None)
+        nodes = client.nodes()
+        node = next((n for n in nodes if n.capabilities.name == name), None)
+        if node is None:  # a node of several workers (one per GPU): name/gpu0, name/cpu...
+            node = combine_workers(
+                name, [n for n in nodes if n.capabilities.name.startswith(f"{name}/")]
+            )
         return ProviderStats(node, client.wallet())
+
+
+def combine_workers(name: str, workers: list[NodeInfo]) -> NodeInfo | None:
+    """One entry for a node of several workers: each worker's state in `paused` ("gpu0:
+    warming up OPTIX ...; gpu1: idle"), tasks and credits added up; None without any."""
+    if not workers:
+        return None
+    states = "; ".join(
+        f"{w.capabilities.name.removeprefix(name + '/')}: {w.paused or w.status}" for w in workers
+    )
+    busy = next((w for w in workers if w.current_task), None)
+    first = workers[0]
+    return first.model_copy(
+        update={
+            "capabilities": first.capabilities.model_copy(update={"name": name}),
+            "status": "busy" if busy else first.status,
+            "paused": states,
+            "current_task": None if busy is None else busy.current_task,
+            "tasks_completed": sum(w.tasks_completed for w in workers),
+            "tasks_failed": sum(w.tasks_failed for w in workers),
+            "earned": sum(w.earned for w in workers),
+        }
+    )
 
 
 def last_lines(path: Path, count: int = LOG_LINES) -> str:

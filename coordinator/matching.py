@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from common.blender_versions import offers_series
 from protocol.models import GpuInfo, JobSpec, NodeCapabilities
 from protocol.requirements import format_mib
 
@@ -83,7 +84,8 @@ def _passes(check: str, node: Candidate, spec: JobSpec) -> bool:
         return any(_gpu_named(g, spec) and _vram_ok(g, spec) for g in job_gpus(caps, spec))
     if check == "ram":
         return need.min_ram_mib == 0 or caps.ram_mib == 0 or caps.ram_mib >= need.min_ram_mib
-    return not spec.blender_version or spec.blender_version in caps.blender_versions
+    # A scene saved by 5.0 renders on 5.0.x builds only (unless the job allows any).
+    return not spec.blender_version or offers_series(spec.blender_version, caps.blender_versions)
 
 
 def unmet(node: Candidate, spec: JobSpec) -> str | None:

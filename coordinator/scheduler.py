@@ -72,6 +72,9 @@ class Scheduler:
         #: node -> why it takes no work now (reported with its polls; memory only: a
         #: paused node reports again within seconds of a restart).
         self._paused: dict[str, str] = {}
+        #: node -> "warming"/"failed": a GPU worker whose warm-up render has not
+        #: succeeded (memory only, like `_paused`; its reason is in `_paused`).
+        self._unready: dict[str, str] = {}
 
     # --- nodes -----------------------------------------------------------------------------
 
@@ -198,11 +201,16 @@ class Scheduler:
         offline = time.time() - row["last_seen"] > self.core.config.node_offline_after
         with self._touch_lock:
             paused = None if offline or row["current_task"] else self._paused.get(row["id"])
-        status: Literal["idle", "busy", "paused", "offline"] = (
+            unready = self._unready.get(row["id"]) if paused else None
+        status: Literal["idle", "busy", "paused", "warming", "failed", "offline"] = (
             "offline"
             if offline
             else "busy"
             if row["current_task"]
+            else "warming"
+            if unready == "warming"
+            else "failed"
+            if unready == "failed"
             else "paused"
             if paused
             else "idle"
@@ -268,10 +276,13 @@ class Scheduler:
             )
         self._touch_node(node_id)
         with self._touch_lock:
-            if request.paused is not None:
-                self._paused[node_id] = request.paused
+            if request.paused is not None or request.readiness != "ready":
+                # Paused, or a GPU worker still warming up (or whose warm-up failed).
+                self._paused[node_id] = request.paused or f"warm-up {request.readiness}"
+                self._unready[node_id] = request.readiness
                 return None
             self._paused.pop(node_id, None)
+            self._unready.pop(node_id, None)
         caps = NodeCapabilities.model_validate_json(node["capabilities"])
         db = self.core.db
         with db.lock:
@@ -468,6 +479,7 @@ class Scheduler:
             resolution_y=spec.scene.resolution_y,
             expires_at=datetime.fromtimestamp(expires, UTC),
             heartbeat_interval=self.heartbeat_interval(),
+            blender_version=spec.blender_version,
         )
 
     def requeue_expired(self) -> int:

@@ -16,6 +16,9 @@ One job per module (the rqd shape), each testable alone:
 - `failures`: an exception turned into a `TaskFailure` (wire kind, bounded, no paths);
 - `cheats`: deliberately dishonest renders (a wrapper runner), only to demo verification;
 - `daemon`: the loop: register, lease, run the task, deliver, report failures;
+- `workers`: which workers a node runs (one per GPU, a CPU worker), from Cycles' list;
+- `warmup`: a GPU worker's warm-up render (kernels compiled before it takes work);
+- `fleet`: the workers side by side, each its own daemon, a crashed one restarted;
 - `main`: the composition root and signal handling; `run_node` is ``tessera node``.
 
 Importing this package imports none of them: the names below load on first use, so the

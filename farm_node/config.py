@@ -17,6 +17,8 @@ from farm_node.availability import ProvidePolicy
 from farm_node.bundle_cache import DEFAULT_MAX_FILES, DEFAULT_MAX_UNCOMPRESSED_BYTES
 from farm_node.hardware import NO_AVX2_ENV
 from farm_node.runner import DEFAULT_MAX_WARM
+from farm_node.warmup import DEFAULT_WARMUP_TIMEOUT
+from farm_node.workers import GpuSelection
 from renderers.devices import normalise_device_name
 from renderers.worker import RenderLimits
 
@@ -54,6 +56,9 @@ class NodeConfig:
     poll_wait: float = 5.0  # also bounds how long Ctrl-C waits for an idle poll to end
     task_timeout: float | None = 3600.0
     blender_executables: list[Path] = field(default_factory=list)
+    #: Other Blender builds to offer (``tessera blender add``): executables or Pythons
+    #: with bpy; a job renders on the build of the series that saved its scene.
+    more_builds: list[Path] = field(default_factory=list)
     use_bpy: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
     #: Credits asked per work unit (pixels x samples / 1e6); jobs offering less skip us.
@@ -81,6 +86,18 @@ class NodeConfig:
     availability_interval: float = 1.0
     #: Seconds without leasing after a task was refused for lack of disk space.
     disk_full_pause: float = 60.0
+    #: ``--gpus``: "all", "none" or card indexes; None: "all" when `device` is a GPU
+    #: type, else "none". One worker per card (`farm_node.workers.plan_workers`).
+    gpus: GpuSelection | None = None
+    #: ``--cpu-worker``: a CPU worker beside the GPU workers.
+    cpu_worker: bool = False
+    #: Set per worker by `farm_node.fleet`: its card's Cycles ids ("" = every device).
+    device_ids: tuple[str, ...] = ()
+    #: Whether a worker renders a warm-up frame before taking work: None = GPU workers
+    #: only; True = every worker (a CPU stand-in in tests); False = none.
+    warmup: bool | None = None
+    #: The warm-up render's own time limit (seconds): kernel compilation can be long.
+    warmup_timeout: float = DEFAULT_WARMUP_TIMEOUT
 
     @property
     def cache_dir(self) -> Path:
@@ -97,6 +114,13 @@ class NodeConfig:
     @property
     def benchmark_file(self) -> Path:
         return self.data_dir / "benchmark.json"
+
+    @property
+    def warms_up(self) -> bool:
+        """Whether this worker renders a warm-up frame before it takes work."""
+        if self.warmup is None:
+            return self.device.strip().upper() != "CPU"
+        return self.warmup
 
     def validate(self) -> None:
         """Fail fast, with the option's name, on values that cannot work."""
@@ -129,6 +153,8 @@ class NodeConfig:
             problems.append(
                 f"the availability interval must be 0.05 to 60 s, not {self.availability_interval}"
             )
+        if self.warmup_timeout <= 0:
+            problems.append(f"--warmup-timeout must be positive, not {self.warmup_timeout}")
         if self.disk_full_pause < 0:
             problems.append("the pause after a full disk must not be negative")
         if problems:

@@ -4,7 +4,8 @@
 
 1. deliver results still pending from an earlier attempt or run (`outbox`);
 2. register with the coordinator, retrying with backoff while it is unreachable
-   (`retry`);
+   (`retry`); a GPU worker then renders its warm-up frame (`warmup`) and, until it
+   succeeded, reports "warming" (or "failed", with the reason) and leases nothing;
 3. ask the `gate` whether to take work (availability, free disk); when it says no, do not
    poll, and tell the coordinator why now and then;
 4. long-poll for a lease and run its task with a `heartbeat` thread beside it;
@@ -32,6 +33,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from enum import Enum
 from pathlib import Path
 
@@ -56,6 +58,7 @@ from farm_node.heartbeat import (
 from farm_node.outbox import SAFE_ID, Outbox, PendingResult
 from farm_node.retry import Backoff, ProblemLog
 from farm_node.runner import TaskRunner
+from farm_node.warmup import WarmUp
 from protocol.client import TesseraClient
 from protocol.models import Lease, LeaseRequest, NodeCapabilities, NodeRegistration, TaskKind
 from renderers.demo_scene import generate_demo_scene
@@ -69,6 +72,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: How often a warming (or failed) worker tells the coordinator so; it stays listed.
+_READINESS_REPORT_SECONDS = 5.0
 
 
 class _Poll(Enum):
@@ -121,6 +127,8 @@ class NodeDaemon:
             )
         self.availability = availability
         self.gate = Gate(config, availability, (config.results_dir, self._tasks_dir))
+        #: The warm-up render of a GPU worker (None: this worker takes work at once).
+        self.warmup: WarmUp | None = None
 
     # --- public ---------------------------------------------------------------------------
 
@@ -138,6 +146,8 @@ class NodeDaemon:
                     "demonstrate the farm's verification. Never use it for real work.",
                     self.cheat.mode.value,
                 )
+            if self.config.warms_up:
+                self.warmup = self._start_warmup()
             capabilities = self.capabilities()
             log.info(
                 "Node %r: %s, %d threads, %s, devices %s, Blender %s",
@@ -152,6 +162,8 @@ class NodeDaemon:
                 log.info("Providing %s", self.config.policy.describe())
             self._serve(stop, capabilities)
         finally:
+            if self.warmup is not None:
+                self.warmup.stop()
             self.runner.close()
             log.info("Node stopped")
 
@@ -173,7 +185,12 @@ class NodeDaemon:
             chosen = resolve_device(wanted, available)  # a GPU asked for must exist
             allowed = set(GPU_PREFERENCE) if wanted == "GPU" else {chosen}
             devices = [device for device in available if device.type in allowed]
-        score = self._benchmark(resolve_device(wanted, devices) if devices else "CPU")
+            if self.config.device_ids:  # one worker per GPU: this worker's card only
+                devices = [d for d in devices if d.id in self.config.device_ids]
+        score = None
+        if self.warmup is None or self.warmup.state == "ready":
+            # A GPU worker measures itself once warm (else the kernel compilation counts).
+            score = self._benchmark(resolve_device(wanted, devices) if devices else "CPU")
         capabilities = probe_capabilities(
             self.config.name,
             self.runner.build,
@@ -182,6 +199,7 @@ class NodeDaemon:
             env=self.config.extra_env,
             threads=self.config.threads,
             benchmark_score=score,
+            more_builds=self.runner.more_builds,
         )
         return capabilities.model_copy(
             update={"price": self.config.price, "pools": list(self.config.pools)}
@@ -206,6 +224,15 @@ class NodeDaemon:
             if self.node_id is None and not self._register(capabilities):
                 stop.wait(backoff.next_delay())
                 continue
+            if self.warmup is not None:
+                if self.warmup.state != "ready":
+                    self._report_readiness(self.warmup, stop)
+                    continue
+                # Warm now: measure the benchmark on the warm device and register again.
+                self.warmup = None
+                capabilities = self.capabilities()
+                self.node_id = None
+                continue
             if not self.gate.may_lease():
                 self.gate.report_pause(self.client, self.node_id, self._release)
                 stop.wait(self.config.availability_interval)
@@ -221,6 +248,38 @@ class NodeDaemon:
                 self._release(lease)
                 break
             self._run_task(lease, stop)
+
+    def _start_warmup(self) -> WarmUp:
+        device = self.runner.resolve(self.config.device)  # a GPU asked for must exist
+        warmup = WarmUp(
+            self.runner,
+            self._demo_scene,
+            self._tasks_dir / "warm-up.exr",
+            device=device,
+            label=self.config.name,
+            timeout=self.config.warmup_timeout,
+        )
+        warmup.start()
+        return warmup
+
+    def _report_readiness(self, warmup: WarmUp, stop: threading.Event) -> None:
+        """Tell the coordinator this worker is warming up (or failed to): it leases
+        nothing, and lists the worker with the progress or the reason."""
+        warmup.log_progress()
+        assert self.node_id is not None
+        request = LeaseRequest(wait=0, paused=warmup.message(), readiness=warmup.state)
+        try:
+            lease = self.client.lease(self.node_id, request)
+        except (ApiError, CoordinatorUnreachableError) as exc:
+            log.debug("Could not report the warm-up to the coordinator: %s", exc)
+        else:
+            if lease is not None:  # a coordinator that ignores readiness: hand it back
+                self._release(lease)
+        deadline = time.monotonic() + _READINESS_REPORT_SECONDS
+        while not warmup.done.is_set() and not stop.is_set() and time.monotonic() < deadline:
+            warmup.done.wait(0.1)  # a warm-up that ends is reported at once
+        if warmup.state == "failed":
+            stop.wait(max(0.0, deadline - time.monotonic()))
 
     def _register(self, capabilities: NodeCapabilities) -> bool:
         try:
@@ -473,19 +532,18 @@ class NodeDaemon:
             if leftover.is_file():
                 leftover.unlink(missing_ok=True)
 
+    def _demo_scene(self) -> Path:
+        scene = self.config.data_dir / "benchmark" / "demo.blend"
+        if not scene.exists():
+            generate_demo_scene(self.runner.build, scene)
+        return scene
+
     def _benchmark(self, device: str) -> float | None:
         if not self.config.benchmark:
             return None
-        scene = self.config.data_dir / "benchmark" / "demo.blend"
-
-        def make_scene() -> Path:
-            if not scene.exists():
-                generate_demo_scene(self.runner.build, scene)
-            return scene
-
         try:
             return benchmark_score(
-                self.runner, make_scene, self.config.benchmark_file, device=device
+                self.runner, self._demo_scene, self.config.benchmark_file, device=device
             )
         except (TesseraError, OSError) as exc:
             log.warning("The benchmark failed (%s); registering without a score", exc)

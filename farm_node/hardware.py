@@ -145,6 +145,7 @@ def probe_capabilities(
     threads: int = 0,
     benchmark_score: float | None = None,
     hostname: str | None = None,
+    more_builds: Sequence[BlenderBuild] = (),
 ) -> NodeCapabilities:
     """What this node can render with, as it registers with the coordinator.
 
@@ -153,7 +154,8 @@ def probe_capabilities(
     `gpus` comes from `renderers.devices.probe_nvidia`; the VRAM of CUDA/OptiX devices is
     taken from the matching NVML card. `cpuinfo`/`meminfo` default to /proc; `env` is the
     render process's environment (see `cpu_kernel`); `threads` > 0 caps the threads
-    reported to what the node is configured to use.
+    reported to what the node is configured to use. `more_builds` are the other Blender
+    builds the node offers (``tessera blender add``), listed after `build`'s version.
     """
     cpu_text = read_proc_file(CPUINFO) if cpuinfo is None else cpuinfo
     mem_text = read_proc_file(MEMINFO) if meminfo is None else meminfo
@@ -181,7 +183,7 @@ def probe_capabilities(
             )
             for row in gpu_rows
         ],
-        blender_versions=[build.version],
+        blender_versions=list(dict.fromkeys([build.version, *(b.version for b in more_builds)])),
         benchmark_score=benchmark_score,
         cpu_kernel=cpu_kernel(cpu_text, env),
     )

@@ -2,8 +2,9 @@
 
 `run_node` validates the configuration, forwards the node's own CPU-kernel variables to
 Blender (`worker_environment`), chooses the Blender to render with (`select_build`),
-builds the coordinator client, the task runner and the bundle cache, hands them to a
-`NodeDaemon`, and installs the SIGINT/SIGTERM handlers: the first signal stops after the
+plans the workers (one per GPU, `plan_node_workers`), builds the bundle cache and, per
+worker, a coordinator client and a task runner, hands them to a `Fleet` of
+`NodeDaemon`s, and installs the SIGINT/SIGTERM handlers: the first signal stops after the
 current task (within `NodeConfig.stop_grace`), a second one cancels it at once.
 """
 
@@ -14,19 +15,23 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 
+from common.blender_versions import blender_series
 from common.errors import BlenderNotFoundError, TesseraError, UsageError
 from farm_node.bundle_cache import BundleCache
 from farm_node.config import FORWARDED_ENV, NodeConfig, sandbox_refusal
-from farm_node.daemon import NodeDaemon
+from farm_node.fleet import Fleet
 from farm_node.runner import TaskRunner
+from farm_node.workers import WorkerPlan, plan_workers
 from protocol.client import TesseraClient
+from renderers.build_registry import identify_build
 from renderers.builds import BlenderBuild, find_builds, probe_bpy
+from renderers.devices import normalise_device_name
 from renderers.sandbox import find_bwrap
 
-__all__ = ["run_node", "select_build", "worker_environment"]
+__all__ = ["more_builds", "plan_node_workers", "run_node", "select_build", "worker_environment"]
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +64,10 @@ def select_build(config: NodeConfig) -> BlenderBuild:
 def run_node(config: NodeConfig) -> int:
     """Build a node from `config` and run it until SIGINT/SIGTERM; the exit status.
 
-    The first signal stops after the current task (within `stop_grace`); a second one
-    cancels it at once. Returns 0 after a clean stop, 1 when the node could not go on.
+    The node runs one worker per GPU it may use (and a CPU worker when asked, see
+    `farm_node.workers.plan_workers`), each leasing on its own (`farm_node.fleet`).
+    The first signal stops after the current tasks (within `stop_grace`); a second one
+    cancels them at once. Returns 0 after a clean stop, 1 when the node could not go on.
     """
     try:
         config.validate()
@@ -69,12 +76,71 @@ def run_node(config: NodeConfig) -> int:
         )
         _check_sandbox(config)
         build = select_build(config)
+        log.info("Rendering with %s", build.label)
+        more = more_builds(config, build)
+        plans = plan_node_workers(config, build)
+        log.info(
+            "%d worker%s: %s",
+            len(plans),
+            "s" * (len(plans) > 1),
+            "; ".join(plan.describe() for plan in plans),
+        )
     except TesseraError as exc:
         log.error("The node cannot start: %s", exc)
         return 1
-    log.info("Rendering with %s", build.label)
-    client = TesseraClient(config.coordinator_url, config.token)
-    runner = TaskRunner(
+
+    def parts(worker: NodeConfig) -> tuple[TesseraClient, TaskRunner]:
+        return TesseraClient(worker.coordinator_url, worker.token), make_runner(worker, build, more)
+
+    stop = threading.Event()
+    fleet = Fleet(config, plans, parts, _cache(config))
+    previous = _install_signal_handlers(stop, fleet)
+    try:
+        return fleet.run(stop)
+    finally:
+        _restore_signal_handlers(previous)
+
+
+def plan_node_workers(config: NodeConfig, build: BlenderBuild) -> list[WorkerPlan]:
+    """The node's workers; Cycles' device list is asked (in a Blender) only when a GPU is."""
+    if normalise_device_name(config.device) == "CPU" and config.gpus in (None, "none"):
+        return [WorkerPlan(label="cpu", device="CPU")]
+    probe = make_runner(config, build)
+    try:
+        devices = probe.devices()
+    finally:
+        probe.close()
+    plans = plan_workers(
+        devices, device=config.device, gpus=config.gpus, cpu_worker=config.cpu_worker
+    )
+    return plans
+
+
+def more_builds(config: NodeConfig, main: BlenderBuild) -> list[BlenderBuild]:
+    """The registered builds of other Blender series than `main`'s, one per series (a
+    broken one is skipped with a warning: the node starts with what works)."""
+    series = {blender_series(main.version)}
+    builds: list[BlenderBuild] = []
+    for path in config.more_builds:
+        try:
+            build = identify_build(path)
+        except BlenderNotFoundError as exc:
+            log.warning("Not offering the Blender at %s: %s", path, exc.message)
+            continue
+        if blender_series(build.version) in series:
+            log.info("Not offering %s: a %s build is offered already", build.label, build.version)
+            continue
+        series.add(blender_series(build.version))
+        builds.append(build)
+        log.info("Also offering %s", build.label)
+    return builds
+
+
+def make_runner(
+    config: NodeConfig, build: BlenderBuild, more: Sequence[BlenderBuild] = ()
+) -> TaskRunner:
+    """A worker's task runner, bound to its card (`NodeConfig.device_ids`)."""
+    return TaskRunner(
         build,
         config.scratch_dir,
         config.device,
@@ -83,20 +149,9 @@ def run_node(config: NodeConfig) -> int:
         extra_env=config.extra_env,
         max_warm=config.max_warm_workers,
         limits=config.limits,
+        device_ids=config.device_ids,
+        more_builds=more,
     )
-    stop = threading.Event()
-    daemon = NodeDaemon(config, client, runner, _cache(config))
-    previous = _install_signal_handlers(stop, daemon)
-    try:
-        daemon.run(stop)
-    except TesseraError as exc:
-        log.error("The node stopped: %s", exc)
-        return 1
-    finally:
-        _restore_signal_handlers(previous)
-        runner.close()
-        client.close()
-    return 0
 
 
 def _check_sandbox(config: NodeConfig) -> None:
@@ -124,7 +179,7 @@ _Handler = Callable[[int, FrameType | None], object] | int | None
 
 
 def _install_signal_handlers(
-    stop: threading.Event, daemon: NodeDaemon
+    stop: threading.Event, daemon: Fleet
 ) -> dict[signal.Signals, _Handler]:
     if threading.current_thread() is not threading.main_thread():
         log.debug("Not in the main thread: no signal handlers (the caller sets the stop event)")

@@ -19,15 +19,17 @@ files out.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import threading
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from common.blender_versions import blender_series
 from common.errors import (
     RenderCancelledError,
     RenderFailedError,
@@ -99,19 +101,27 @@ class TaskRunner:
         max_warm: int = DEFAULT_MAX_WARM,
         limits: RenderLimits | None = None,
         worker_factory: WorkerFactory | None = None,
+        device_ids: tuple[str, ...] = (),
+        more_builds: Sequence[BlenderBuild] = (),
     ) -> None:
         if max_warm < 1:
             raise ValueError("max_warm must be at least 1")
         self.build = build
+        #: Builds of other Blender series this node offers (``tessera blender add``): a
+        #: lease naming a series renders on a build of it (`build_for`).
+        self.more_builds = list(more_builds)
         self.scratch = scratch
         self.device = device
+        #: The Cycles ids of this runner's GPU (one worker per GPU); empty: every device
+        #: of the type. Every GPU render it sends turns on these devices only.
+        self.device_ids = tuple(device_ids)
         self.threads = threads
         self.task_timeout = task_timeout
         self.extra_env = dict(extra_env or {})
         self.max_warm = max_warm
         self.limits = limits if limits is not None else RenderLimits()
         self._factory = worker_factory or self._limited_worker
-        self._workers: OrderedDict[tuple[str, str], RenderWorker] = OrderedDict()
+        self._workers: OrderedDict[tuple[str, str, Path], RenderWorker] = OrderedDict()
         # A started worker not yet tied to a bundle (the device probe's or the
         # benchmark's): the next new bundle takes it instead of starting Blender again.
         self._spare: RenderWorker | None = None
@@ -148,7 +158,9 @@ class TaskRunner:
         with self._state_lock:
             return list(
                 dict.fromkeys(
-                    sha for (sha, _), worker in reversed(self._workers.items()) if worker.is_alive()
+                    sha
+                    for (sha, *_), worker in reversed(self._workers.items())
+                    if worker.is_alive()
                 )
             )
 
@@ -158,6 +170,12 @@ class TaskRunner:
         with self._state_lock:
             workers = [*self._workers.values(), *([self._spare] if self._spare else [])]
         return sum(worker.starts for worker in workers)
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of this runner's running Blenders (for tests and stats)."""
+        with self._state_lock:
+            workers = [*self._workers.values(), *([self._spare] if self._spare else [])]
+        return [pid for worker in workers if worker.is_alive() and (pid := worker.pid) is not None]
 
     # --- devices ------------------------------------------------------------------------------
 
@@ -224,11 +242,12 @@ class TaskRunner:
                 denoise_data=assignment.denoise_data,
                 denoise=assignment.denoise_in_render,
                 device=device,
+                device_ids=self._ids_for(device),
                 threads=self.threads,
                 # A stranger's scene sees its own bundle and nothing else of this machine.
                 confine_to=bundle_root(scene, lease.scene_path),
             )
-            worker = self._worker_for(lease.bundle, device)
+            worker = self._worker_for(lease.bundle, device, self.build_for(lease.blender_version))
             result = self._run(worker, lambda: self._render_on(worker, request, on_progress))
         if (result.frame_width, result.frame_height) != (assignment.width, assignment.height):
             raise RenderFailedError(
@@ -277,7 +296,9 @@ class TaskRunner:
                     resolution=lease_resolution(lease),
                     percentage=lease.percentage,
                 )
-                worker = self._worker_for(lease.bundle, device)
+                worker = self._worker_for(
+                    lease.bundle, device, self.build_for(lease.blender_version)
+                )
                 result = self._run(worker, lambda: worker.finish(request))
             pack_finished(result, output)
         finally:
@@ -285,7 +306,10 @@ class TaskRunner:
         return output
 
     def render_request(self, request: RenderRequest, timeout: float | None = None) -> RenderResult:
-        """Render a raw request (the benchmark's) on the spare worker, keeping it warm."""
+        """Render a raw request (the benchmark's, the warm-up's) on the spare worker, keeping
+        it warm; a GPU request without device ids gets this runner's."""
+        if not request.device_ids and self._ids_for(request.device):
+            request = dataclasses.replace(request, device_ids=self._ids_for(request.device))
         with self._task():
             worker = self._any_worker()
             return self._run(worker, lambda: worker.render(request, timeout=timeout))
@@ -300,7 +324,23 @@ class TaskRunner:
         if worker is not None:
             worker.cancel()
 
+    def build_for(self, series: str | None) -> BlenderBuild:
+        """The build for a lease naming a Blender series ("5.0"; None: the main build).
+
+        Raises `LeaseError` when this node has no build of it (the coordinator matches
+        jobs to the versions a node offers, so this means a mismatch)."""
+        if series is None or blender_series(self.build.version) == blender_series(series):
+            return self.build
+        for build in self.more_builds:
+            if blender_series(build.version) == blender_series(series):
+                return build
+        offered = ", ".join(b.version for b in (self.build, *self.more_builds))
+        raise LeaseError(f"This node has no Blender {series} build (it offers {offered}).")
+
     # --- internals ------------------------------------------------------------------------------
+
+    def _ids_for(self, device: str) -> tuple[str, ...]:
+        return () if device.upper() == "CPU" else self.device_ids
 
     def _task(self) -> _TaskScope:
         return _TaskScope(self)
@@ -333,8 +373,8 @@ class TaskRunner:
             with self._state_lock:
                 self._current = None
 
-    def _worker_for(self, bundle: str, device: str) -> RenderWorker:
-        key = (bundle, device)
+    def _worker_for(self, bundle: str, device: str, build: BlenderBuild) -> RenderWorker:
+        key = (bundle, device, build.path)
         retired: list[RenderWorker] = []
         with self._state_lock:
             if self._closed:
@@ -343,10 +383,10 @@ class TaskRunner:
             if worker is not None:
                 self._workers.move_to_end(key)
                 return worker
-            if self._spare is not None:
+            if self._spare is not None and build == self.build:
                 worker, self._spare = self._spare, None
             else:
-                worker = self._new_worker()
+                worker = self._new_worker(build)
             self._workers[key] = worker
             while len(self._workers) > self.max_warm:
                 _, old = self._workers.popitem(last=False)
@@ -365,12 +405,12 @@ class TaskRunner:
                 self._spare = self._new_worker()
             return self._spare
 
-    def _new_worker(self) -> RenderWorker:
+    def _new_worker(self, build: BlenderBuild | None = None) -> RenderWorker:
         self._serial += 1
         folder = self.scratch / f"worker-{self._serial}"
         if folder.exists():
             shutil.rmtree(folder, ignore_errors=True)
-        return self._factory(self.build, folder, self.extra_env)
+        return self._factory(build or self.build, folder, self.extra_env)
 
     def _limited_worker(
         self, build: BlenderBuild, scratch: Path, env: Mapping[str, str]

@@ -258,6 +258,9 @@ class JobOptions(Strict):
     gpu: str | None = Field(default=None, min_length=1, max_length=100, pattern=PRINTABLE_PATTERN)
     #: The pool whose nodes alone may render the job (None: any node).
     pool: str | None = Field(default=None, pattern=POOL_NAME_PATTERN)
+    #: Let nodes of any Blender series render it (default: only the series, major.minor,
+    #: that saved the scene; `JobSpec.blender_version`).
+    any_blender: bool = False
 
 
 class JobSpec(Strict):
@@ -278,6 +281,7 @@ class JobSpec(Strict):
     denoise: bool | None = None
     priority: int = Field(default=50, ge=0, le=100)
     device: JobDevice = "ANY"
+    #: The Blender series ("5.0") whose builds may render it; None: any build.
     blender_version: str | None = Field(default=None, max_length=40)
     max_price: float = Field(
         default=0, ge=0, le=MAX_PRICE, description="credits per work unit, at most"
@@ -506,6 +510,8 @@ class Lease(Strict):
     resolution_y: int | None = Field(default=None, ge=1, le=65536)
     expires_at: datetime
     heartbeat_interval: float
+    #: The Blender series ("5.0") the job must render with; None: any build.
+    blender_version: str | None = None
 
 
 class Heartbeat(Strict):
@@ -580,8 +586,9 @@ class NodeInfo(Strict):
     id: str
     owner: str
     capabilities: NodeCapabilities
-    status: Literal["idle", "busy", "paused", "offline"]
-    #: Why a paused node takes no work (its provider's schedule, an active user...).
+    status: Literal["idle", "busy", "paused", "warming", "failed", "offline"]
+    #: Why a paused node takes no work (its provider's schedule, an active user...); for
+    #: a "warming" or "failed" (warm-up failed) GPU worker, its progress or the reason.
     paused: str | None = None
     current_task: str | None = None
     last_seen: datetime
@@ -596,6 +603,9 @@ class NodeInfo(Strict):
     suspended: str | None = Field(default=None, description="why the provider is suspended")
 
 
+Readiness = Literal["ready", "warming", "failed"]
+
+
 class LeaseRequest(Strict):
     cached_bundles: list[Sha256] = Field(default_factory=list, max_length=1000)
     warm_bundles: list[Sha256] = Field(default_factory=list, max_length=100)
@@ -604,6 +614,10 @@ class LeaseRequest(Strict):
     #: GPU, a full disk): why, in plain words. Such a request leases nothing; it keeps the
     #: node listed as paused, with the reason, instead of going offline.
     paused: str | None = Field(default=None, min_length=1, max_length=300)
+    #: A GPU worker compiles its kernels with a warm-up render before it takes work:
+    #: "warming" while it runs, "failed" when it failed (`paused` then says why). Such a
+    #: request leases nothing either.
+    readiness: Readiness = "ready"
 
 
 # --- events ------------------------------------------------------------

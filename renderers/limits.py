@@ -100,12 +100,15 @@ class RenderLimits:
     `min_free_disk`: bytes that must be free in the scratch and output folders before a
     render starts (default 1 GiB). `sandbox`: "auto" runs Blender inside bubblewrap when
     it is installed and works (else process isolation only, logged once), "bwrap"
-    requires it, "off" never uses it.
+    requires it, "off" never uses it. `shared_dirs`: folders every render may write and
+    that outlive it (the GPU kernel caches of `farm_node.workers.gpu_cache_env`), made
+    writable inside the sandbox too.
     """
 
     memory: int | None = field(default_factory=default_memory_limit)
     min_free_disk: int = 1 << 30
     sandbox: str = "auto"
+    shared_dirs: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         if self.sandbox not in SANDBOX_MODES:

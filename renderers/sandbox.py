@@ -138,6 +138,7 @@ def sandbox_command(
     *,
     readable: Sequence[Path] | None = None,
     install: Sequence[Path] = (),
+    shared: Sequence[Path] = (),
 ) -> list[str]:
     """`command` wrapped in bubblewrap, with only `writable` writable.
 
@@ -146,6 +147,7 @@ def sandbox_command(
     libraries (`_SYSTEM_PATHS`), its own `install` folders, the files of `command`
     (the worker script), the `readable` folders (the bundle) and `writable`, all at the
     paths the worker names them by; nothing else of the machine exists in there.
+    `shared` folders (kernel caches kept across renders) are writable too.
     """
     argv = [bwrap, *_BWRAP_NAMESPACES]
     if readable is None:
@@ -166,6 +168,8 @@ def sandbox_command(
     for pattern in _GPU_DEVICE_GLOBS:
         for device in sorted(Path("/").glob(pattern.lstrip("/"))):
             argv += ["--dev-bind-try", str(device), str(device)]
+    for cache in shared:
+        argv += ["--bind", str(cache.resolve()), str(cache.absolute())]
     folder = str(writable.resolve())
     argv += ["--bind", folder, folder]
     named = str(writable.absolute())

@@ -115,7 +115,8 @@ log = logging.getLogger(__name__)
 WORKER_SCRIPT = Path(__file__).with_name("worker_main.py")
 #: Loaded by worker_main from beside it; a confined sandbox must show them too.
 HELPER_SCRIPTS = tuple(
-    Path(__file__).with_name(f"{name}.py") for name in ("worker_finish", "worker_confine")
+    Path(__file__).with_name(f"{name}.py")
+    for name in ("worker_finish", "worker_confine", "worker_devices")
 )
 #: `_call`'s default: the request runs in whatever sandbox view the process has.
 _ANY_VIEW = object()
@@ -152,6 +153,9 @@ class RenderRequest:
     denoise_data: bool = False
     denoise: bool = False
     device: str = "CPU"
+    #: The Cycles ids of the devices to turn on (one card of a multi-GPU node); empty:
+    #: every device of `device`'s type. See `renderers.worker_devices`.
+    device_ids: tuple[str, ...] = ()
     threads: int = 0
     #: The folder the scene must stay in (its bundle), or None for a person's own scene
     #: that may read their files anywhere. See `RenderWorker.render`.
@@ -180,6 +184,7 @@ class RenderRequest:
             "denoise_data": self.denoise_data,
             "denoise": self.denoise,
             "device": self.device,
+            "device_ids": list(self.device_ids),
             "threads": self.threads,
             "confine_to": None if self.confine_to is None else str(self.confine_to),
         }
@@ -545,7 +550,16 @@ class RenderWorker:
             install: tuple[Path, ...] = ()
             if view is not None:
                 install = (*install_folders(self.build.kind, str(self.build.path)), *HELPER_SCRIPTS)
-            command = sandbox_command(bwrap, self._scratch, command, readable=view, install=install)
+            for shared in self.limits.shared_dirs:
+                shared.mkdir(parents=True, exist_ok=True)
+            command = sandbox_command(
+                bwrap,
+                self._scratch,
+                command,
+                readable=view,
+                install=install,
+                shared=self.limits.shared_dirs,
+            )
         self._view = view
         env = scrubbed_environment(self._scratch, self._extra_env)
         if self.limits.memory is not None:

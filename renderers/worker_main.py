@@ -62,6 +62,7 @@ def _load(name: str) -> Any:
 
 _FINISH = _load("worker_finish")
 _CONFINE = _load("worker_confine")
+_DEVICES = _load("worker_devices")
 GPU_TYPES = ("CUDA", "OPTIX", "HIP", "METAL", "ONEAPI")
 SAMPLE_RE = re.compile(r"Sample (\d+)/(\d+)")
 #: Cycles' memory in its render stats ("Mem: 20M"); the render's peak is the largest.
@@ -104,6 +105,7 @@ class Worker:
         self.scene_mtime: float | None = None
         self.originals: dict[str, Any] = {}
         self.active_device: str | None = None
+        self.active_device_key: tuple[str, tuple[str, ...]] | None = None
         self.current_id: str | None = None
         self.last_progress = 0.0
         #: The largest memory Cycles reported during the current render, in bytes.
@@ -226,7 +228,9 @@ class Worker:
                 f"Scene uses render engine {scene.render.engine}; "
                 "the farm renders with Cycles only.",
             )
-        self._select_device(scene, request.get("device", "CPU"))
+        self._select_device(
+            scene, request.get("device", "CPU"), tuple(request.get("device_ids") or ())
+        )
         _apply_render_settings(scene, request, self.originals)
         output = request["output"]
         self.last_progress = 0.0
@@ -288,6 +292,7 @@ class Worker:
         self._drop_foreign_python()
         self.scene_path, self.scene_mtime = path, mtime
         self.active_device = None
+        self.active_device_key = None
         self.originals = _snapshot_settings(bpy.context.scene)
 
     def _drop_foreign_python(self) -> None:
@@ -307,13 +312,13 @@ class Worker:
         for key in set(namespace.keys()) - self.own_driver_names:
             del namespace[key]
 
-    def _select_device(self, scene: Any, device: str) -> None:
+    def _select_device(self, scene: Any, device: str, device_ids: tuple[str, ...] = ()) -> None:
         if device == "CPU":
             if scene.cycles.device != "CPU":
                 scene.cycles.device = "CPU"
-            self.active_device = "CPU"
+            self.active_device, self.active_device_key = "CPU", None
             return
-        if device != self.active_device:
+        if (device, device_ids) != self.active_device_key:
             prefs = _cycles_prefs()
             available_types = [t[0] for t in prefs.get_device_types(bpy.context)]
             if device not in available_types:
@@ -329,14 +334,21 @@ class Worker:
                 raise WorkerFailureError(
                     "device_unavailable", f"No {device} device found on this machine."
                 )
-            for d in prefs.devices:
-                d.use = d.type == device
+            devices = list(prefs.devices)
+            try:
+                # One worker per GPU: only this worker's card is turned on.
+                flags = _DEVICES.use_flags([(d.type, d.id) for d in devices], device, device_ids)
+            except ValueError as exc:
+                raise WorkerFailureError("device_unavailable", str(exc)) from None
+            for d, use in zip(devices, flags, strict=True):
+                d.use = use
             # With no usable GPU, device='GPU' silently renders on the CPU: refuse instead.
             if not prefs.has_active_device():
                 raise WorkerFailureError(
                     "device_unavailable", f"Cycles could not activate any {device} device."
                 )
             self.active_device = device
+            self.active_device_key = (device, device_ids)
         if scene.cycles.device != "GPU":
             scene.cycles.device = "GPU"
 

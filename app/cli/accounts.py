@@ -174,6 +174,8 @@ def cmd_nodes(args: argparse.Namespace, settings: Settings) -> int:
             print(f"SUSPENDED {node.capabilities.name} ({node.owner}): {node.suspended}")
         elif node.paused and node.status == "paused":
             print(f"{node.capabilities.name} is {node.paused}")
+        elif node.paused and node.status in ("warming", "failed"):
+            print(f"{node.capabilities.name}: {node.paused}")
     return 0
 
 

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from app.cli.node_workers import add_worker_options, worker_options
 from app.cli.options import (
     UNSET,
     Subparsers,
@@ -209,6 +210,7 @@ def add_commands(sub: Subparsers) -> None:
         "work): samples (a quarter of the samples), copy (another tile's pixels), noise, "
         "black, or sometimes (honest but 10%% of tasks faked)",
     )
+    add_worker_options(node)
     _add_providing_options(node)
     _add_render_limit_options(node)
     add_blender_option(node)
@@ -591,6 +593,7 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
         policy=policy,
         limits=limits,
         machine_state_file=args.machine_state,
+        **worker_options(args, settings),
     )
     if args.lan:
         gpus = probe_nvidia()

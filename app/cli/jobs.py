@@ -63,6 +63,12 @@ def add_submit(sub: Subparsers) -> None:
     submit_parser.add_argument("scene", type=Path, help="the .blend file")
     add_job_options(submit_parser)
     submit_parser.add_argument(
+        "--any-blender",
+        action="store_true",
+        help="let nodes of any Blender version render it (default: only nodes with a build "
+        "of the major.minor version that saved the scene, e.g. 5.0.x)",
+    )
+    submit_parser.add_argument(
         "--max-price",
         type=non_negative,
         default=0.0,

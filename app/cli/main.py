@@ -4,7 +4,7 @@ Each command family adds its subcommands (`render`: inspect, render-local, devic
 `farm`: coordinator, node, join, app; `jobs`: submit, jobs, job, pause, resume, cancel,
 priority, download; `local`: render, demo; `accounts`: nodes, wallet, grant, ledger,
 provider, account create/list/revoke; `pools`: pool create/add/remove/list; `addon`:
-addon build, addon install).
+addon build, addon install; `blender`: blender add/list/remove).
 `main` parses, loads the settings once and runs the handler: every `TesseraError`
 becomes a message and a hint on stderr with exit status 2; no traceback reaches the user.
 No Qt is imported here.
@@ -17,7 +17,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from app.cli import accounts, addon, farm, jobs, local, pools, render
+from app.cli import accounts, addon, blender, farm, jobs, local, pools, render
 from app.cli.options import Handler
 from common.errors import TesseraError
 from common.settings import load_settings
@@ -59,5 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     accounts.add_account_commands(sub)
     pools.add_commands(sub)
     addon.add_commands(sub)
+    blender.add_commands(sub)
     farm.add_app(sub)
     return parser

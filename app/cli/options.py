@@ -375,6 +375,7 @@ def job_options_of(args: argparse.Namespace) -> JobOptions:
         min_ram_gb=getattr(args, "min_ram", None),
         gpu=getattr(args, "gpu", None),
         pool=getattr(args, "pool", None),
+        any_blender=getattr(args, "any_blender", False),
     )
 
 

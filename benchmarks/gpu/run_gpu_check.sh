@@ -17,6 +17,17 @@
 #       JIT-ed), then each again in a fresh process (disk caches warm) if time allows;
 #       HIP must report no device; compare images. OUT_DIR (default $OUT) receives 7
 #       files: results.json, log.txt, cycles_devices.json, nvml.json, cpu/optix/cuda EXRs.
+#   benchmarks/gpu/run_gpu_check.sh node [CARRY_DIR] [OUT_DIR]
+#       The node half (benchmarks/gpu/node_check.py, with the carried Python): a
+#       coordinator and `tessera node --device GPU --gpus all --cpu-worker` on 127.0.0.1,
+#       every GPU worker's warm-up (time or reason), a GPU and a CPU job rendered by the
+#       workers side by side, then the node restarted to time the warm-up with the kernel
+#       caches kept. OUT_DIR receives node_check.json, node.log, coordinator.log.
+#       WARMUP_TIMEOUT (default 540) and NODE_BUDGET_S (default 560) bound it.
+#   benchmarks/gpu/run_gpu_check.sh all [CARRY_DIR] [OUT_DIR]
+#       `run` with a short budget, then `node`: one visit (about 15 minutes with the
+#       kernel compilation of a card without a prebuilt kernel; split it over two calls
+#       of 10 minutes: `run` then `node`, the unpacked Python stays in between).
 set -u -o pipefail
 
 MODE=${1:-run}
@@ -39,6 +50,31 @@ if [ "$MODE" = prepare ]; then
         --exclude='libOpenImageDenoise_device_hip*' --exclude='libOpenImageDenoise_device_sycl*' \
         --exclude='bpy/5.0/python/lib/python3.11/site-packages/pxr' \
         bpy bpy-5.0.1.dist-info pynvml.py) | (cd "$STAGE/lib/python3.11/site-packages" && tar xf -)
+    # Tessera's own dependencies (pydantic, fastapi, numpy, OpenEXR...) for `node`: the
+    # top-level packages the coordinator, the node and the CLI import, and their metadata.
+    DEPS=$(cd "$REPO" && PYTHONPATH="$REPO" "$REPO/.venv/bin/python" - "$SITE" <<'PYEOF'
+import sys, pathlib
+site = pathlib.Path(sys.argv[1]).resolve()
+import app.cli.main, app.cli.farm, coordinator.server, farm_node.main, farm_node.fleet  # noqa
+names = set()
+for module in list(sys.modules.values()):
+    path = getattr(module, "__file__", None)
+    if not path:
+        continue
+    path = pathlib.Path(path).resolve()
+    if site in path.parents:
+        top = path.relative_to(site).parts[0]
+        if top not in ("bpy", "PySide6", "shiboken6") and not top.startswith("_distutils"):
+            names.add(top)
+for dist in site.glob("*.dist-info"):
+    top = dist / "top_level.txt"
+    if top.exists() and names & set(top.read_text().split()):
+        names.add(dist.name)
+print(" ".join(sorted(names)))
+PYEOF
+)
+    (cd "$SITE" && tar cf - --exclude='__pycache__' --exclude='tests' $DEPS) \
+        | (cd "$STAGE/lib/python3.11/site-packages" && tar xf -)
     for lib in libX11.so.6 libXrender.so.1 libXfixes.so.3 libXi.so.6 libxkbcommon.so.0 \
         libxcb.so.1 libXext.so.6 libSM.so.6 libICE.so.6 libGL.so.1 libGLX.so.0 \
         libGLdispatch.so.0 libXau.so.6 libXdmcp.so.6 libuuid.so.1 libbsd.so.0 libmd.so.0 \
@@ -51,6 +87,11 @@ if [ "$MODE" = prepare ]; then
         | split -b 65000000 - "$REPO/.gpucarry/py311.tar.xz.part-"
     ls -l "$REPO/.gpucarry"
     exit 0
+fi
+
+if [ "$MODE" = all ]; then
+    BUDGET_S=${BUDGET_S:-200} COLD_TIMEOUT=${COLD_TIMEOUT:-150} "$0" run "${2:-/tmp/carry}" "${3:-${OUT:-/tmp/gpu-check-out}}"
+    exec "$0" node "${2:-/tmp/carry}" "${3:-${OUT:-/tmp/gpu-check-out}}"
 fi
 
 CARRY=${2:-/tmp/carry}
@@ -80,6 +121,19 @@ py() {
     LD_LIBRARY_PATH="$PREFIX/lib/syslibs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
         PYTHONUNBUFFERED=1 "$PREFIX/bin/python3.11" -I "$@"
 }
+
+if [ "$MODE" = node ]; then
+    step "node check: one worker per GPU, warm-up, caches kept across a restart"
+    nvidia-smi -L
+    mkdir -p "$OUTDIR/node-check"
+    LD_LIBRARY_PATH="$PREFIX/lib/syslibs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+        PYTHONUNBUFFERED=1 "$PREFIX/bin/python3.11" "$REPO/benchmarks/gpu/node_check.py" \
+        "$OUTDIR/node-check"
+    echo "node check exit $?"
+    rm -rf "$OUTDIR/node-check/work"  # scenes, EXRs, caches: too big to bring back
+    step "done"
+    exit 0
+fi
 
 step "machine"
 date -u; uname -r; nproc
