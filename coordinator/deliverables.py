@@ -135,8 +135,10 @@ class Deliverables:
     @staticmethod
     def record(conn: sqlite3.Connection, job_id: str, files: list[StoredFile]) -> None:
         conn.executemany(
-            "INSERT OR REPLACE INTO deliverables (job_id, path, frame, kind, sha, size)"
-            " VALUES (?,?,?,?,?,?)",
+            "INSERT INTO deliverables (job_id, path, frame, kind, sha, size)"
+            " VALUES (?,?,?,?,?,?) ON CONFLICT (job_id, path) DO UPDATE SET"
+            " frame = excluded.frame, kind = excluded.kind, sha = excluded.sha,"
+            " size = excluded.size",
             [(job_id, f.path, f.frame, f.kind, f.sha256, f.size) for f in files],
         )
 
