@@ -32,7 +32,7 @@ from protocol.output import MovieOutput
 from protocol.requirements import JobRequirements, gb_to_mib
 from renderers.finish import check_finishable
 from renderers.regions import effective_resolution
-from renderers.scene_info import SceneInfo, inspect_scene
+from renderers.scene_info import SceneInfo, inspect_scene, movie_problem
 from renderers.scene_probe import PreviewImage, SceneProbe, preview_frames, probe_scene
 from renderers.worker import RenderWorker
 
@@ -258,6 +258,8 @@ def movie_output(info: SceneInfo) -> MovieOutput | None:
     output = info.output
     if output is None or output.movie is None or not output.frame_path:
         return None
+    if movie_problem(output) is not None:
+        return None  # frames only, as `inspect` warns
     movie = output.movie
     return MovieOutput(
         name=movie_name(output.frame_path, info.frame_start, info.frame_end, movie),

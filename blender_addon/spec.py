@@ -76,6 +76,8 @@ def movie_summary(scene: Any) -> dict[str, Any] | None:
     name = path[2:] if path.startswith("//") else Path(path.rstrip("/")).name or "movie"
     if not name or ".." in name.split("/") or name.startswith("/"):
         return None  # the finish refuses such a path with its reason; no movie to name
+    if not ffmpeg.codec or ffmpeg.format not in MOVIE_EXTENSIONS:
+        return None  # an old file's codec Blender 5 no longer knows: frames only
     return {
         "name": movie_name(name, int(scene.frame_start), int(scene.frame_end), ffmpeg.format),
         "container": str(ffmpeg.format),

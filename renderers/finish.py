@@ -33,7 +33,7 @@ import OpenEXR
 
 from common.errors import ExrError, SceneError
 from renderers.scene_info import OutputInfo
-from renderers.video import CODECS, CONTAINERS, MovieSpec
+from renderers.video import MovieSpec
 
 __all__ = [
     "FINISH_ERROR_KINDS",
@@ -135,7 +135,8 @@ class FinishResult:
 def check_finishable(output: OutputInfo) -> None:
     """Refuse, from the inspection alone (before any render), a scene whose output the
     finish cannot produce: unknown format, an output path Blender cannot expand or
-    that leaves the output folder, a sequencer edit, a movie ffmpeg cannot encode."""
+    that leaves the output folder, a sequencer edit. (A movie ffmpeg cannot encode is
+    no refusal: its frames are still delivered; see `scene_info.movie_problem`.)"""
     if output.refusal:
         raise FinishRefusedError(output.refusal)
     if output.file_format not in KNOWN_FORMATS:
@@ -150,12 +151,6 @@ def check_finishable(output: OutputInfo) -> None:
     ]:
         if ".." in path.replace("\\", "/").split("/"):
             raise OutputPathError(f"{what} '{path}' climbs out of its folder with '..'.")
-    if output.movie is not None:
-        container, codec = output.movie.get("container"), output.movie.get("codec")
-        if container not in CONTAINERS or codec not in CODECS:
-            raise UnsupportedOutputFormatError(
-                f"The scene's movie ({container}, {codec}) cannot be encoded by this farm."
-            )
 
 
 def deliver_finished(

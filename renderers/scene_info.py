@@ -22,6 +22,7 @@ from common.errors import (
     SceneUnreadableError,
     UnsupportedEngineError,
 )
+from renderers.video import CODECS, CONTAINERS
 
 if TYPE_CHECKING:
     from renderers.worker import RenderWorker
@@ -191,12 +192,29 @@ class SceneInfo:
         return data
 
 
+def movie_problem(output: OutputInfo) -> str | None:
+    """Why the farm cannot encode the scene's movie (its frames still come back), or None.
+    Old files often name a codec Blender 5 no longer knows."""
+    if output.movie is None:
+        return None
+    container, codec = output.movie.get("container"), output.movie.get("codec")
+    if container in CONTAINERS and codec in CODECS:
+        return None
+    return (
+        f"The scene's movie ({container or 'no container'}, {codec or 'no codec'}) cannot be "
+        "encoded by the farm; its frames are delivered as 16-bit PNG instead. Choose a "
+        "codec in Output Properties > Encoding to get the movie."
+    )
+
+
 def _with_warnings(info: SceneInfo) -> SceneInfo:
     warnings = list(info.python_warnings)
     if info.output is not None:
         warnings.extend(info.output.warnings)
         if info.output.refusal:
             warnings.append(info.output.refusal)
+        if (problem := movie_problem(info.output)) is not None:
+            warnings.append(problem)
     warnings.extend(f"Missing file: {path}" for path in info.missing_files)
     return replace(info, warnings=tuple(warnings))
 

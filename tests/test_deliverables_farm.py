@@ -18,13 +18,14 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from app.follow import follow_job, frame_folder
 from coordinator.deliverables import check_finish_upload
 from protocol.models import JobStatus
-from renderers.scene_info import inspect_scene
+from renderers.scene_info import OutputInfo, inspect_scene
 from renderers.video import probe_video
 from renderers.worker import RenderWorker
 from tests.farm_tools import (
@@ -300,3 +301,43 @@ def test_a_sound_finish_upload_passes(tmp_path: Path) -> None:
         )
     )
     assert check_finish_upload(upload, small_spec(), max_bytes=1 << 20) is None
+
+
+def _movie_output(container: str, codec: str) -> OutputInfo:
+    return OutputInfo(
+        media_type="VIDEO",
+        file_format="FFMPEG",
+        color_depth="8",
+        color_mode="RGB",
+        exr_codec="",
+        filepath="//render/shot_####",
+        frame_path="render/shot_####",
+        path_error=None,
+        view_transform="AgX",
+        look="None",
+        compositor=False,
+        compositor_passes=(),
+        file_outputs=(),
+        movie={"container": container, "codec": codec, "fps": 24, "fps_base": 1.0},
+        warnings=(),
+        refusal=None,
+    )
+
+
+def test_an_old_files_unknown_movie_codec_still_delivers_its_frames() -> None:
+    """blender-asset-tracer's files (and many old ones) name a codec Blender 5 does not
+    know: no refusal, a warning, and no movie asked of the coordinator."""
+    from app.job_spec import movie_name, movie_output
+    from renderers.finish import check_finishable
+    from renderers.scene_info import movie_problem
+
+    unknown = _movie_output("MKV", "")
+    check_finishable(unknown)  # no refusal
+    problem = movie_problem(unknown)
+    assert problem is not None and "frames are delivered as 16-bit PNG" in problem
+    info = SimpleNamespace(output=unknown, frame_start=1, frame_end=4)
+    assert movie_output(info) is None  # type: ignore[arg-type]
+    known = SimpleNamespace(output=_movie_output("MPEG4", "H264"), frame_start=1, frame_end=4)
+    movie = movie_output(known)  # type: ignore[arg-type]
+    assert movie is not None and movie.name == "render/shot_0001-0004.mp4"
+    assert movie_name("render/x", 7, 9, {"container": "MKV"}) == "render/x0007-0009.mkv"
