@@ -26,7 +26,7 @@ from coordinator.bundles import Bundles
 from coordinator.config import CoordinatorConfig
 from coordinator.core import Core
 from coordinator.credits import Credits
-from coordinator.db import Database
+from coordinator.db import Database, open_database
 from coordinator.events import EventBus
 from coordinator.jobs import Jobs
 from coordinator.results import Results
@@ -88,7 +88,7 @@ class Farm:
         store = ContentStore(config.store_dir)
         if cleared := store.clear_leftovers():
             log.info("removed %d partial files left by an earlier run", cleared)
-        farm = cls(config, Database(config.db_path), store, EventBus())
+        farm = cls(config, open_database(config.db_url, config.db_path), store, EventBus())
         farm.assembler = Assembler(farm.states)
         farm.on_frame_ready.append(farm.assembler.submit)
         return farm
