@@ -63,11 +63,15 @@ class Accounts:
         self._lock = threading.Lock()
 
     def ensure_admin(self) -> str | None:
-        """Create the admin account on first start; returns its new token (else None)."""
+        """Create the admin account on first start of the farm's database; returns its new
+        token (else None: it exists, perhaps made by another replica of this database)."""
         db = self.core.db
         if db.query_one("SELECT 1 FROM accounts WHERE role = ?", (Role.ADMIN.value,)):
             return None
-        token = self.create("admin", Role.ADMIN).token
+        try:
+            token = self.create("admin", Role.ADMIN).token
+        except ConflictError:
+            return None  # another replica on the same database created it just now
         path = self.core.config.admin_token_path
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(token + "\n")
