@@ -173,7 +173,7 @@ class Assembler:
             self._finish(job_id, frame, merged)
 
     def _store_exr(self, image: ExrImage) -> str:
-        with tempfile.TemporaryDirectory(dir=self.store.root / "tmp") as scratch:
+        with tempfile.TemporaryDirectory(dir=self.store.tmp) as scratch:
             path = Path(scratch) / "frame.exr"
             write_exr(path, image)
             return self.store.put_file(path)
@@ -183,7 +183,7 @@ class Assembler:
 
     def _finish(self, job_id: str, frame: int, image: ExrImage, exr_sha: str | None = None) -> None:
         exr_sha = exr_sha or self._store_exr(image)
-        with tempfile.TemporaryDirectory(dir=self.store.root / "tmp") as scratch:
+        with tempfile.TemporaryDirectory(dir=self.store.tmp) as scratch:
             png = write_preview_png(image, Path(scratch) / "frame.png")
             png_sha = self.store.put_file(png)
         self.states.frame_done(job_id, frame, exr_sha, png_sha)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +98,15 @@ class CoordinatorConfig:
     @property
     def store_dir(self) -> Path:
         return self.shared_store if self.shared_store is not None else self.data_dir / "store"
+
+    @property
+    def spool_name(self) -> str | None:
+        """This replica's spool folder in a shared store (None when the store is its own):
+        stable across restarts, so a restarted replica clears its own leftovers only."""
+        if self.shared_store is None:
+            return None
+        digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:10]
+        return f"{socket.gethostname()}-{digest}"
 
     @property
     def admin_token_path(self) -> Path:

@@ -31,7 +31,7 @@ from coordinator.events import EventBus
 from coordinator.jobs import Jobs
 from coordinator.results import Results
 from coordinator.scheduler import Scheduler
-from coordinator.store import ContentStore, SpooledUpload
+from coordinator.store import ContentStore, SpooledUpload, Store
 from coordinator.task_states import FrameReady, TaskStates
 from coordinator.verify.reputation import Reputation
 from coordinator.verify.samples import Samples
@@ -65,7 +65,7 @@ SWEEP_SECONDS = 1.0
 
 class Farm:
     def __init__(
-        self, config: CoordinatorConfig, db: Database, store: ContentStore, bus: EventBus
+        self, config: CoordinatorConfig, db: Database, store: Store, bus: EventBus
     ) -> None:
         self.config, self.db, self.store, self.bus = config, db, store, bus
         self.core = core = Core(config, db, store, bus)
@@ -85,7 +85,7 @@ class Farm:
     @classmethod
     def open(cls, config: CoordinatorConfig) -> Farm:
         """The farm of a data folder, with its assembler (started by `start`)."""
-        store = ContentStore(config.store_dir)
+        store = ContentStore(config.store_dir, config.spool_name)
         if cleared := store.clear_leftovers():
             log.info("removed %d partial files left by an earlier run", cleared)
         farm = cls(config, open_database(config.db_url, config.db_path), store, EventBus())
