@@ -22,6 +22,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from coordinator import ledger
 from coordinator.core import Core
@@ -61,6 +62,7 @@ class Accounts:
         #: accounts revoked since start (earlier ones never authenticated in this run)
         self._revoked: set[str] = set()
         self._lock = threading.Lock()
+        core.bus.handlers["account"] = self._on_peer
 
     def ensure_admin(self) -> str | None:
         """Create the admin account on first start of the farm's database; returns its new
@@ -119,6 +121,7 @@ class Accounts:
                     (name, role.value, hash_token(token), now_iso()),
                 )
         self._forget(name)  # the token it replaced
+        self.core.bus.tell_peers("account", name=name, revoked=False)
         return AccountToken(account=name, role=role, token=token)
 
     def authenticate(self, token: str) -> Principal | None:
@@ -168,9 +171,8 @@ class Accounts:
                 "UPDATE accounts SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
                 (now_iso(), name),
             )
-        with self._lock:
-            self._revoked.add(name)
-        self._forget(name)
+        self._on_peer({"name": name, "revoked": True})
+        self.core.bus.tell_peers("account", name=name, revoked=True)
         return self._info(name)
 
     def listing(self, who: Principal) -> list[AccountInfo]:
@@ -192,6 +194,15 @@ class Accounts:
             revoked_at=datetime.fromisoformat(revoked) if revoked else None,
             balance=ledger.credits(ledger.balance(db, ledger.user(name))),
         )
+
+    def _on_peer(self, note: dict[str, Any]) -> None:
+        """An account changed (here or on another replica of the database): forget its
+        tokens, and remember a revocation for the open long polls and streams."""
+        name = str(note["name"])
+        if note.get("revoked"):
+            with self._lock:
+                self._revoked.add(name)
+        self._forget(name)
 
     def _forget(self, name: str) -> None:
         with self._lock:

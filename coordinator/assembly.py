@@ -95,7 +95,7 @@ class Assembler:
                 continue
             job_id, frame = item
             try:
-                self.assemble(job_id, frame)
+                self._assemble_claimed(job_id, frame)
             except Exception as exc:
                 reason = _storage_full(exc)
                 if reason is not None:
@@ -132,6 +132,13 @@ class Assembler:
             self.states.job_message(job_id, message)
         except Exception:
             log.warning("could not record the wait in job %s's message", job_id)
+
+    def _assemble_claimed(self, job_id: str, frame: int) -> None:
+        """Assemble, unless another replica on the database is assembling this frame now
+        (it finishes it; if it dies, a sweep's `recover` queues the frame again)."""
+        with self.db.claim(f"frame:{job_id}:{frame}") as mine:
+            if mine:
+                self.assemble(job_id, frame)
 
     def assemble(self, job_id: str, frame: int) -> None:
         job = self.db.query_one("SELECT spec, status FROM jobs WHERE id = ?", (job_id,))

@@ -293,6 +293,12 @@ class Database:
                     ) from exc
                 raise
 
+    @contextmanager
+    def claim(self, name: str) -> Iterator[bool]:
+        """Work only one coordinator may do at a time (a sweep, a frame's assembly):
+        yields whether this one has it. On SQLite the one process always has it."""
+        yield True
+
     def query(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[sqlite3.Row]:
         with self.lock:
             return list(self.conn.execute(sql, params))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 from coordinator import ledger
 from coordinator.db import DatabaseURLError, open_database
 from coordinator.engines.dialect import DialectError, to_postgres
+from coordinator.engines.notify import PeerRelay
 from coordinator.farm import Farm, Principal
 from coordinator.migrate import MigrationError, migrate
 from coordinator.verify.policy import VerificationPolicy
@@ -258,3 +260,58 @@ def test_sqlite_statements_are_rewritten_for_postgresql() -> None:
     )
     with pytest.raises(DialectError, match="PRIMARY_KEYS"):
         to_postgres("INSERT OR REPLACE INTO mystery (a) VALUES (?)")
+
+
+def _eventually(check: Callable[[], bool], what: str, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.02)
+
+
+def test_replicas_hear_each_others_events_work_and_revocations(
+    replicas: Callable[[int], list[Farm]], demo_scene: Path, tmp_path: Path
+) -> None:
+    a, b = replicas(2)
+    relays = [PeerRelay(str(getattr(f.db, "url")), f.bus) for f in (a, b)]  # noqa: B009
+    for relay in relays:
+        relay.start()
+    try:
+        a.ensure_admin()
+        provider = a.create_account("prov", Role.PROVIDER)
+        assert b.authenticate(provider.token) is not None  # now known to b's memory
+        work_before = b.bus.work_version
+        job_id = _job(a, demo_scene, tmp_path / "bundle", 1, TileGrid(columns=2, rows=1))
+        _eventually(
+            lambda: any(e.job_id == job_id for e in b.bus.since(0)), "b streams a's job event"
+        )
+        _eventually(lambda: b.bus.work_version > work_before, "a's new work wakes b's polls")
+        a.revoke_account(ADMIN, "prov")
+        _eventually(lambda: b.accounts.is_revoked("prov"), "b hears of the revocation")
+        assert b.authenticate(provider.token) is None
+    finally:
+        for relay in relays:
+            relay.stop()
+
+
+def test_background_work_is_claimed_by_one_replica_and_taken_over_when_it_dies(
+    replicas: Callable[[int], list[Farm]],
+) -> None:
+    a, b = replicas(2)
+    with a.db.claim("sweep") as mine:
+        assert mine
+        with b.db.claim("sweep") as theirs:
+            assert not theirs
+        with b.db.claim("frame:j:1") as other:
+            assert other  # another name is another claim
+    with b.db.claim("sweep") as theirs:
+        assert theirs  # released
+    hold = a.db.claim("sweep")
+    assert hold.__enter__()
+    a.db.close()  # the replica dies: its session, and its claim, end
+    _eventually(lambda: _claims(b, "sweep"), "b takes the claim over")
+
+
+def _claims(farm: Farm, name: str) -> bool:
+    with farm.db.claim(name) as mine:
+        return mine

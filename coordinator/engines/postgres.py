@@ -10,6 +10,8 @@ fetch_one, transaction, conn, lock), so the rooms run unchanged:
   writer lock: write transactions of all replicas run one at a time, as SQLite's do in
   one process, so a rule that reads then writes inside a transaction (a lease, a
   payment, a receipt) holds across replicas. Reads need no lock;
+- `claim(name)` is an advisory lock only one replica holds: background work (sweeps,
+  frame assembly) runs on one replica at a time, and moves on when it dies;
 - a unique violation is raised as `sqlite3.IntegrityError` and a full disk as
   `StorageFullError`, the errors the rooms already handle.
 
@@ -18,6 +20,7 @@ It must not hold rules of the farm, nor SQL of the rooms.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -229,6 +232,20 @@ class PostgresDatabase(Database):
             raise StorageFullError(
                 "The farm's database server is out of disk: its database cannot grow."
             ) from exc
+
+    @contextmanager
+    def claim(self, name: str) -> Iterator[bool]:
+        """A session advisory lock named `name`, tried without waiting: True while this
+        replica holds it, False when another does. A replica that dies loses its
+        session, and with it the claim: another takes the work over."""
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        raw = self._connection().raw
+        mine = bool(self.fetch_one("SELECT pg_try_advisory_lock(?)", (key,))[0])
+        try:
+            yield mine
+        finally:
+            if mine and not raw.closed:
+                raw.execute("SELECT pg_advisory_unlock(%s)", (key,))
 
     def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
         return self._connection().execute(sql, params).fetchall()
