@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
@@ -43,6 +44,7 @@ import threading
 import time
 import zipfile
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,12 +85,13 @@ class ServerOptions:
     max_concurrent: int | None = None  # None: the default config's
     max_waiting: int | None = None
     profile: str | None = None  # write a cProfile of the server here
+    db_url: str | None = None  # None: SQLite in data_dir; else e.g. postgresql://...
 
 
 def serve_main(options: ServerOptions) -> None:
     """The coordinator process: create the provider accounts, then serve until SIGINT."""
     from coordinator.config import CoordinatorConfig
-    from coordinator.db import Database
+    from coordinator.db import open_database
     from coordinator.events import EventBus
     from coordinator.farm import Farm
     from coordinator.server import serve
@@ -105,6 +108,7 @@ def serve_main(options: ServerOptions) -> None:
     data = Path(options.data_dir)
     config = CoordinatorConfig(
         data_dir=data,
+        db_url=options.db_url,
         lease_seconds=options.lease_seconds,
         heartbeat_interval=options.heartbeat_interval,
         backup_after_seconds=0,
@@ -113,7 +117,7 @@ def serve_main(options: ServerOptions) -> None:
     )
     # 1,000 accounts through the admin API would take 20 s of the admin token's rate
     # limit; they are set-up, not what is measured, so they are made here directly.
-    db = Database(config.db_path)
+    db = open_database(config.db_url, config.db_path)
     farm = Farm(config, db, ContentStore(config.store_dir), EventBus())
     farm.ensure_admin()
     tokens = [
@@ -589,6 +593,7 @@ def run_phase(
     max_concurrent: int | None = None,
     max_waiting: int | None = None,
     profile: str | None = None,
+    db_url: str | None = None,
 ) -> dict[str, Any]:
     """One coordinator, `nodes` simulated nodes, measured over `window` seconds once all
     have registered and settled."""
@@ -599,6 +604,7 @@ def run_phase(
         max_concurrent=max_concurrent,
         max_waiting=max_waiting,
         profile=profile,
+        db_url=db_url,
     )
     started = time.monotonic()
     coordinator = start_coordinator(options)
@@ -705,6 +711,22 @@ def summarise(result: dict[str, Any]) -> dict[str, object]:
     return row
 
 
+@contextlib.contextmanager
+def _databases(engines: list[str]) -> Iterator[Callable[[str], str | None]]:
+    """`new_db(engine)`: None for SQLite (the phase's own file), else a new database on a
+    throwaway PostgreSQL server started here (stopped on the way out)."""
+    if "postgresql" not in engines:
+        yield lambda engine: None
+        return
+    from tests.postgres_tools import start_postgres, stop_postgres
+
+    server = start_postgres()
+    try:
+        yield lambda engine: None if engine == "sqlite" else server.new_database()
+    finally:
+        stop_postgres(server)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--serve", help=argparse.SUPPRESS)
@@ -725,6 +747,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="100 nodes, 8 s windows")
     parser.add_argument("--only", choices=("baseline", "load", "overload"), action="append")
     parser.add_argument("--profile", help="cProfile the load phase's coordinator to this file")
+    parser.add_argument(
+        "--db",
+        choices=("sqlite", "postgresql", "both"),
+        default="sqlite",
+        help="the coordinator's database engine; postgresql starts a throwaway PostgreSQL"
+        " server (initdb/pg_ctl) with a fresh database per phase",
+    )
     args = parser.parse_args()
     if args.serve:
         serve_main(ServerOptions(**json.loads(args.serve)))
@@ -734,44 +763,62 @@ def main() -> int:
     if args.quick:
         render = (2.0, 4.0)
     phases = args.only or ["baseline", "load", "overload"]
+    engines = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
     results: dict[str, dict[str, Any]] = {}
     started = time.monotonic()
-    with tempfile.TemporaryDirectory() as scratch_dir:
+    with tempfile.TemporaryDirectory() as scratch_dir, _databases(engines) as new_db:
         scratch = Path(scratch_dir)
-        if "baseline" in phases:
-            results["baseline"] = run_phase(
-                "baseline", scratch, nodes=10, window=min(window, 15.0), render=BASELINE_RENDER
-            )
-        if "load" in phases:
-            results["load"] = run_phase(
-                "load",
-                scratch,
-                nodes=nodes,
-                window=window,
-                render=render,
-                heartbeat=args.heartbeat,
-                clients=args.clients,
-                profile=args.profile,
-            )
-        if "overload" in phases:
-            results["overload"] = run_phase(
-                "overload",
-                scratch,
-                nodes=nodes,
-                window=min(window, 20.0),
-                render=(0.5, 1.5),
-                clients=args.clients,
-                max_concurrent=OVERLOAD_CONCURRENT,
-                max_waiting=max(10, nodes // 10),
-            )
+        for engine in engines:
+            suffix = "" if engine == "sqlite" else "-pg"
+            common: dict[str, Any] = {"db_url": new_db(engine)}
+            if "baseline" in phases:
+                results["baseline" + suffix] = run_phase(
+                    "baseline" + suffix,
+                    scratch,
+                    nodes=10,
+                    window=min(window, 15.0),
+                    render=BASELINE_RENDER,
+                    **common,
+                )
+            if "load" in phases:
+                common["db_url"] = new_db(engine)
+                results["load" + suffix] = run_phase(
+                    "load" + suffix,
+                    scratch,
+                    nodes=nodes,
+                    window=window,
+                    render=render,
+                    heartbeat=args.heartbeat,
+                    clients=args.clients,
+                    profile=args.profile,
+                    **common,
+                )
+            if "overload" in phases:
+                common["db_url"] = new_db(engine)
+                results["overload" + suffix] = run_phase(
+                    "overload" + suffix,
+                    scratch,
+                    nodes=nodes,
+                    window=min(window, 20.0),
+                    render=(0.5, 1.5),
+                    clients=args.clients,
+                    max_concurrent=OVERLOAD_CONCURRENT,
+                    max_waiting=max(10, nodes // 10),
+                    **common,
+                )
     rows = [summarise(result) for result in results.values()]
-    base, load = results.get("baseline"), results.get("load")
-    if base and load:
-        ratios: dict[str, object] = {"phase": "load/baseline", "nodes": "100x"}
-        for column in ("lease p99 ms", "upload p99 ms", "cpu ms/task"):
-            ratio = float(rows[1][column]) / float(rows[0][column])  # type: ignore[arg-type]
-            ratios[column] = f"{ratio:.1f}x"
-        rows.append(ratios)
+    by_phase = {str(row["phase"]): row for row in rows}
+    for first, second, label in (
+        ("baseline", "load", "load/baseline"),
+        ("baseline-pg", "load-pg", "load-pg/baseline-pg"),
+        ("load", "load-pg", "load-pg/load"),
+    ):
+        if first in by_phase and second in by_phase:
+            ratios: dict[str, object] = {"phase": label}
+            for column in ("lease p99 ms", "upload p99 ms", "cpu ms/task"):
+                a, b = by_phase[first][column], by_phase[second][column]
+                ratios[column] = f"{float(b) / float(a):.1f}x"  # type: ignore[arg-type]
+            rows.append(ratios)
     columns = list(summarise(next(iter(results.values()))).keys()) if results else []
     report("load", rows, columns)
     failed = False

@@ -58,6 +58,10 @@ class PostgresServer:
         return self.url(name)
 
 
+class MissingPostgresError(Exception):
+    """PostgreSQL's server programs are not installed."""
+
+
 def _as_postgres(argv: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
 
@@ -72,12 +76,12 @@ def _missing(what: str) -> None:
     pytest.skip(message)
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
+def start_postgres() -> PostgresServer:
+    """A new PostgreSQL server in a temporary folder (`stop_postgres` ends it);
+    `MissingPostgresError` without the binaries. Also used by `benchmarks.bench_load`."""
     initdb, pg_ctl = pg_binary("initdb"), pg_binary("pg_ctl")
     if initdb is None or pg_ctl is None:
-        _missing("initdb/pg_ctl were not found")
-        raise AssertionError  # (unreachable: _missing raised)
+        raise MissingPostgresError("initdb/pg_ctl were not found")
     folder = Path(tempfile.mkdtemp(prefix="tessera-pg-"))
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
@@ -93,15 +97,30 @@ def postgres() -> Iterator[PostgresServer]:
                       "-w", "start"]),
         check=True, capture_output=True,
     )  # fmt: skip
+    return PostgresServer(folder)
+
+
+def stop_postgres(server: PostgresServer) -> None:
+    pg_ctl = pg_binary("pg_ctl")
+    subprocess.run(
+        _as_postgres([str(pg_ctl), "-D", str(server.folder / "data"), "-m", "immediate", "-w",
+                      "stop"]),
+        check=False, capture_output=True,
+    )  # fmt: skip
+    shutil.rmtree(server.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
     try:
-        yield PostgresServer(folder)
+        server = start_postgres()
+    except MissingPostgresError as exc:
+        _missing(str(exc))
+        raise
+    try:
+        yield server
     finally:
-        subprocess.run(
-            _as_postgres([str(pg_ctl), "-D", str(data), "-m", "immediate", "-w", "stop"]),
-            check=False,
-            capture_output=True,
-        )
-        shutil.rmtree(folder, ignore_errors=True)
+        stop_postgres(server)
 
 
 @pytest.fixture()
