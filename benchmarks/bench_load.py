@@ -20,7 +20,12 @@ Phases, each against a fresh coordinator:
    other than 503), nodes that wait as told must recover, and afterwards the process is
    alive, answers /health and its ledger check passes.
 
-Run: `python -m benchmarks.bench_load [--nodes 1000] [--window 40] [--quick]`.
+On PostgreSQL (`--db postgresql` or `both`, which `make load` uses) a throwaway server
+is started, and the load phase also runs with `--replicas` coordinators (default 2)
+sharing its database and one store, the nodes split across them: the completed tasks a
+second of 1 vs 2 replicas, and the CPU per task summed over the replicas.
+
+Run: `python -m benchmarks.bench_load [--nodes 1000] [--window 40] [--quick] [--db both]`.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import time
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -86,6 +91,7 @@ class ServerOptions:
     max_waiting: int | None = None
     profile: str | None = None  # write a cProfile of the server here
     db_url: str | None = None  # None: SQLite in data_dir; else e.g. postgresql://...
+    shared_store: str | None = None  # replicas of one database share this store folder
 
 
 def serve_main(options: ServerOptions) -> None:
@@ -109,6 +115,7 @@ def serve_main(options: ServerOptions) -> None:
     config = CoordinatorConfig(
         data_dir=data,
         db_url=options.db_url,
+        shared_store=Path(options.shared_store) if options.shared_store else None,
         lease_seconds=options.lease_seconds,
         heartbeat_interval=options.heartbeat_interval,
         backup_after_seconds=0,
@@ -118,7 +125,7 @@ def serve_main(options: ServerOptions) -> None:
     # 1,000 accounts through the admin API would take 20 s of the admin token's rate
     # limit; they are set-up, not what is measured, so they are made here directly.
     db = open_database(config.db_url, config.db_path)
-    farm = Farm(config, db, ContentStore(config.store_dir), EventBus())
+    farm = Farm(config, db, ContentStore(config.store_dir, config.spool_name), EventBus())
     farm.ensure_admin()
     tokens = [
         farm.create_account(f"node-{i}", Role.PROVIDER).token for i in range(options.accounts)
@@ -338,7 +345,8 @@ class Tally:
 
 class Node:
     def __init__(self, plan: Plan, index: int, tally: Tally, exrs: dict[tuple[int, int], Any]):
-        split = urlsplit(plan.url)
+        urls = plan.url.split(",")
+        split = urlsplit(urls[index % len(urls)])  # nodes split evenly across replicas
         self.http = Http(split.hostname or "127.0.0.1", split.port or 80)
         self.plan, self.index, self.tally, self.exrs = plan, index, tally, exrs
         self.token = plan.tokens[index]
@@ -594,9 +602,10 @@ def run_phase(
     max_waiting: int | None = None,
     profile: str | None = None,
     db_url: str | None = None,
+    replicas: int = 1,
 ) -> dict[str, Any]:
-    """One coordinator, `nodes` simulated nodes, measured over `window` seconds once all
-    have registered and settled."""
+    """One coordinator (or `replicas` sharing `db_url` and a store), `nodes` simulated
+    nodes, measured over `window` seconds once all have registered and settled."""
     options = ServerOptions(
         str(scratch / name),
         nodes,
@@ -605,9 +614,15 @@ def run_phase(
         max_waiting=max_waiting,
         profile=profile,
         db_url=db_url,
+        shared_store=str(scratch / f"{name}-store") if replicas > 1 else None,
     )
     started = time.monotonic()
     coordinator = start_coordinator(options)
+    others = [
+        start_coordinator(replace(options, data_dir=f"{options.data_dir}-r{i}", accounts=0))
+        for i in range(1, replicas)
+    ]
+    everyone = [coordinator, *others]
     samples: dict[str, dict[str, int]] = {}
     try:
         requester = Requester(coordinator, scratch)
@@ -615,7 +630,7 @@ def run_phase(
         begin = time.time() + 0.5
         window_start = begin + ramp + max(3.0, render[0])  # renders spread out by then
         plan = Plan(
-            url=coordinator.url,
+            url=",".join(c.url for c in everyone),
             tokens=coordinator.tokens,
             first_index=0,
             start_at=begin,
@@ -629,9 +644,9 @@ def run_phase(
 
         def watch() -> None:  # the coordinator's CPU time over the window
             time.sleep(max(0.0, plan.window[0] - time.time()))
-            samples["start"] = coordinator.status()
+            samples["start"] = _total_status(everyone)
             time.sleep(max(0.0, plan.window[1] - time.time()))
-            samples["end"] = coordinator.status()
+            samples["end"] = _total_status(everyone)
 
         # Work for every node, and for what one node does in the longest render's time.
         keep = nodes + int(nodes * 2 / max(0.1, render[0])) + 100
@@ -643,14 +658,16 @@ def run_phase(
         tally = drive_all(plan, nodes, clients)
         watcher.join(timeout=30)
         feeder.join(timeout=30)
-        alive = coordinator.process.poll() is None
+        alive = all(c.process.poll() is None for c in everyone)
         with TesseraClient(coordinator.url, coordinator.admin_token) as admin:
             health = admin.health().status
             check = admin.ledger_check()
         done = requester.tasks_done()
         requester.client.close()
-        final = coordinator.status()
+        final = _total_status(everyone)
     finally:
+        for other in others:
+            other.stop()
         exit_status = coordinator.stop()
     ticks = os.sysconf("SC_CLK_TCK")
     cpu = (samples["end"]["ticks"] - samples["start"]["ticks"]) / ticks if len(samples) == 2 else 0
@@ -672,6 +689,16 @@ def run_phase(
         "tasks_done": done,
         "jobs": len(requester.jobs),
         "phase_seconds": time.monotonic() - started,
+    }
+
+
+def _total_status(coordinators: list[Coordinator]) -> dict[str, int]:
+    """CPU ticks summed over the replicas; the largest peak RSS of one."""
+    each = [c.status() for c in coordinators]
+    return {
+        "ticks": sum(s["ticks"] for s in each),
+        "VmHWM": max(s["VmHWM"] for s in each),
+        "VmRSS": max(s["VmRSS"] for s in each),
     }
 
 
@@ -754,6 +781,13 @@ def main() -> int:
         help="the coordinator's database engine; postgresql starts a throwaway PostgreSQL"
         " server (initdb/pg_ctl) with a fresh database per phase",
     )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=2,
+        help="on PostgreSQL, also run the load phase with this many coordinator replicas"
+        " sharing the database and a store, the nodes split across them (1: not)",
+    )
     args = parser.parse_args()
     if args.serve:
         serve_main(ServerOptions(**json.loads(args.serve)))
@@ -793,6 +827,18 @@ def main() -> int:
                     profile=args.profile,
                     **common,
                 )
+            if "load" in phases and engine == "postgresql" and args.replicas > 1:
+                results[f"load-pg-x{args.replicas}"] = run_phase(
+                    f"load-pg-x{args.replicas}",
+                    scratch,
+                    nodes=nodes,
+                    window=window,
+                    render=render,
+                    heartbeat=args.heartbeat,
+                    clients=args.clients,
+                    db_url=new_db(engine),
+                    replicas=args.replicas,
+                )
             if "overload" in phases:
                 common["db_url"] = new_db(engine)
                 results["overload" + suffix] = run_phase(
@@ -812,10 +858,11 @@ def main() -> int:
         ("baseline", "load", "load/baseline"),
         ("baseline-pg", "load-pg", "load-pg/baseline-pg"),
         ("load", "load-pg", "load-pg/load"),
+        ("load-pg", f"load-pg-x{args.replicas}", f"load-pg-x{args.replicas}/load-pg"),
     ):
         if first in by_phase and second in by_phase:
             ratios: dict[str, object] = {"phase": label}
-            for column in ("lease p99 ms", "upload p99 ms", "cpu ms/task"):
+            for column in ("tasks/s", "lease p99 ms", "upload p99 ms", "cpu ms/task"):
                 a, b = by_phase[first][column], by_phase[second][column]
                 ratios[column] = f"{float(b) / float(a):.1f}x"  # type: ignore[arg-type]
             rows.append(ratios)

@@ -167,7 +167,7 @@ class PostgresDatabase(Database):
 
     def _connection(self) -> PgConnection:
         current: PgConnection | None = getattr(self._local, "conn", None)
-        if current is None or current.raw.closed:
+        if current is None or current.raw.closed or current.raw.broken:
             raw = connect(self.url)
             with self._all_lock:
                 self._all.append(raw)
