@@ -39,6 +39,7 @@ from coordinator.errors import StorageFullError
 #: Advisory lock keys (any 64-bit numbers no other program on the database uses).
 WRITER_LOCK = 0x7E55E4A0001
 MIGRATION_LOCK = 0x7E55E4A0002
+BEGIN_LOCKED = f"BEGIN; SELECT pg_advisory_xact_lock({WRITER_LOCK})".encode()
 #: Migrations that only fix rows written before PostgreSQL was supported (SQLite only):
 #: a PostgreSQL database starts at the newest schema, and `coordinator migrate` copies
 #: rows from an SQLite database that has run them.
@@ -217,9 +218,9 @@ class PostgresDatabase(Database):
             raise RuntimeError("transaction() inside a transaction: nest the work instead")
         raw = conn.raw
         try:
-            raw.execute("BEGIN")
+            # One round trip: every one inside the lock also waits for the GIL.
+            raw.execute(BEGIN_LOCKED)
             try:
-                raw.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK,))
                 yield cast(sqlite3.Connection, conn)
                 raw.execute("COMMIT")
             except BaseException:
