@@ -13,12 +13,12 @@ default; postgresql runs every farm test on PostgreSQL), and both for the module
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,17 +110,39 @@ def stop_postgres(server: PostgresServer) -> None:
     shutil.rmtree(server.folder, ignore_errors=True)
 
 
+_shared: list[PostgresServer] = []
+
+
+def shared_postgres() -> PostgresServer:
+    """The test session's one server, started on first use and stopped at exit."""
+    if not _shared:
+        _shared.append(start_postgres())
+        atexit.register(stop_postgres, _shared[0])
+    return _shared[0]
+
+
 @pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
+def postgres() -> PostgresServer:
     try:
-        server = start_postgres()
+        return shared_postgres()
     except MissingPostgresError as exc:
         _missing(str(exc))
         raise
-    try:
-        yield server
-    finally:
-        stop_postgres(server)
+
+
+_databases: dict[Path, str] = {}
+
+
+def coordinator_db_options(data_dir: Path) -> list[str]:
+    """`--db URL` for a `tessera coordinator` a test starts on `data_dir`: its own
+    PostgreSQL database (the same one when restarted on that folder) when
+    TESSERA_TEST_DB=postgresql, else nothing (its SQLite file in the folder)."""
+    if DEFAULT_ENGINE != "postgresql":
+        return []
+    key = data_dir.resolve()
+    if key not in _databases:
+        _databases[key] = shared_postgres().new_database()
+    return ["--db", _databases[key]]
 
 
 @pytest.fixture()
