@@ -83,10 +83,21 @@ class Row:
         return f"Row({dict(zip(self._names, self._values, strict=True))!r})"
 
 
+#: Column names -> (names, index by lower-cased name): one per distinct result shape.
+_SHAPES: dict[tuple[bytes, ...], tuple[list[str], dict[str, int]]] = {}
+
+
 def _row_factory(cursor: psycopg.Cursor[Any]) -> Any:
-    description = cursor.description or []
-    names = [column.name for column in description]
-    index = {name.lower(): i for i, name in enumerate(names)}
+    # From the raw result, not `cursor.description`, which builds a Column per field on
+    # every statement (0.75 ms of CPU per task in the load test).
+    result = cursor.pgresult
+    count = result.nfields if result is not None else 0
+    key = tuple(result.fname(i) or b"" for i in range(count)) if result is not None else ()
+    shape = _SHAPES.get(key)
+    if shape is None:
+        names = [name.decode() for name in key]
+        shape = _SHAPES.setdefault(key, (names, {n.lower(): i for i, n in enumerate(names)}))
+    names, index = shape
 
     def make(values: Sequence[Any]) -> Row:
         return Row(names, index, values)
