@@ -671,6 +671,7 @@ def run_phase(
         exit_status = coordinator.stop()
     ticks = os.sysconf("SC_CLK_TCK")
     cpu = (samples["end"]["ticks"] - samples["start"]["ticks"]) / ticks if len(samples) == 2 else 0
+    db_cpu = (samples["end"]["db"] - samples["start"]["db"]) / ticks if len(samples) == 2 else 0
     return {
         "phase": name,
         "nodes": nodes,
@@ -680,6 +681,7 @@ def run_phase(
         "leases_per_s": tally.leases / window,
         "tasks_per_s": tally.uploads / window,
         "coordinator_cpu": cpu / window,
+        "db_cpu": db_cpu / window,
         "client_cpu": tally.client_cpu / (plan.stop_at - begin),
         "peak_rss_mib": final["VmHWM"] / 1024,
         "alive": alive,
@@ -696,16 +698,45 @@ def _total_status(coordinators: list[Coordinator]) -> dict[str, int]:
     """CPU ticks summed over the replicas; the largest peak RSS of one."""
     each = [c.status() for c in coordinators]
     return {
+        "db": _postgres_ticks(),
         "ticks": sum(s["ticks"] for s in each),
         "VmHWM": max(s["VmHWM"] for s in each),
         "VmRSS": max(s["VmRSS"] for s in each),
     }
 
 
-def cpu_per_task(result: dict[str, Any]) -> float:
-    """Coordinator CPU milliseconds per completed task over the window."""
+#: The data folder of the PostgreSQL server `_databases` started (None: none).
+_PG_DATA: list[Path] = []
+
+
+def _postgres_ticks() -> int:
+    """CPU ticks of the PostgreSQL server so far: the postmaster (with the backends it
+    reaped) and its live backends; 0 without a server."""
+    if not _PG_DATA:
+        return 0
+    try:
+        postmaster = int((_PG_DATA[0] / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry.name) == postmaster:
+            total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+        elif int(fields[1]) == postmaster:
+            total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def cpu_per_task(result: dict[str, Any], key: str = "coordinator_cpu") -> float:
+    """Coordinator (or `db_cpu`: database server) CPU milliseconds per completed task."""
     uploads = result["tally"].uploads
-    return 1000 * result["coordinator_cpu"] * result["window_s"] / uploads if uploads else math.nan
+    return 1000 * result[key] * result["window_s"] / uploads if uploads else math.nan
 
 
 def summarise(result: dict[str, Any]) -> dict[str, object]:
@@ -727,6 +758,7 @@ def summarise(result: dict[str, Any]) -> dict[str, object]:
         by_status[key.rsplit(" ", 1)[1]] += count
     row["coord cpu"] = f"{100 * result['coordinator_cpu']:.0f}%"
     row["cpu ms/task"] = cpu_per_task(result)
+    row["db cpu ms/task"] = cpu_per_task(result, "db_cpu") if result["db_cpu"] else "-"
     row["client cpu"] = f"{100 * result['client_cpu']:.0f}%"
     row["peak rss MiB"] = result["peak_rss_mib"]
     row["503"] = by_status.get("503", 0)
@@ -748,9 +780,11 @@ def _databases(engines: list[str]) -> Iterator[Callable[[str], str | None]]:
     from tests.postgres_tools import start_postgres, stop_postgres
 
     server = start_postgres()
+    _PG_DATA.append(server.folder / "data")
     try:
         yield lambda engine: None if engine == "sqlite" else server.new_database()
     finally:
+        _PG_DATA.clear()
         stop_postgres(server)
 
 
