@@ -315,3 +315,20 @@ def test_background_work_is_claimed_by_one_replica_and_taken_over_when_it_dies(
 def _claims(farm: Farm, name: str) -> bool:
     with farm.db.claim(name) as mine:
         return mine
+
+
+def test_missing_postgresql_fails_under_ci_and_skips_elsewhere_naming_the_package(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests import postgres_tools
+
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="apt-get install postgresql"):
+        postgres_tools._missing("initdb/pg_ctl were not found")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="initdb and pg_ctl"):
+        postgres_tools._missing("initdb/pg_ctl were not found")
+    monkeypatch.setattr(postgres_tools, "PG_BIN_DIRS", ())
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(postgres_tools.MissingPostgresError, match="not found"):
+        postgres_tools.start_postgres()
