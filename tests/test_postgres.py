@@ -242,6 +242,21 @@ def test_a_database_url_of_no_known_engine_is_refused_with_the_forms_that_work(
         open_database("mysql://farm", tmp_path / "x.sqlite")
 
 
+def test_a_coordinator_given_an_unreachable_database_says_so_without_the_password(
+    tmp_path: Path,
+) -> None:
+    url = f"postgresql://farm:hunter2@/farm?host={tmp_path}"  # no server listens there
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", "coordinator", "--port", "0",
+         "--data", str(tmp_path / "data"), "--db", url],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "Cannot connect to the PostgreSQL database postgresql://farm:***@" in done.stderr
+    assert "hunter2" not in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr
+
+
 def test_sqlite_statements_are_rewritten_for_postgresql() -> None:
     assert to_postgres("UPDATE nodes SET last_seen = MAX(last_seen, ?) WHERE id = ?") == (
         "UPDATE nodes SET last_seen = GREATEST(last_seen, %s) WHERE id = %s"

@@ -21,6 +21,7 @@ It must not hold rules of the farm, nor SQL of the rooms.
 from __future__ import annotations
 
 import hashlib
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -32,6 +33,7 @@ from psycopg import errors as pg_errors
 from psycopg.adapt import Dumper, Loader
 from psycopg.pq import TransactionStatus
 
+from common.errors import TesseraError
 from coordinator.db import Database
 from coordinator.engines.dialect import schema_to_postgres, to_postgres
 from coordinator.errors import StorageFullError
@@ -52,6 +54,14 @@ COMPAT_FUNCTIONS = (
     'SELECT CASE WHEN value IS NULL THEN state ELSE COALESCE(state, 0) + value::int END'""",
     "CREATE OR REPLACE AGGREGATE sum(BOOLEAN) (SFUNC = tessera_sum_bool, STYPE = BIGINT)",
 )
+
+
+class DatabaseConnectError(TesseraError):
+    """The --db URL names a PostgreSQL database this process cannot connect to."""
+
+
+def _without_password(url: str) -> str:
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
 
 
 class Row:
@@ -164,6 +174,15 @@ class PostgresDatabase(Database):
         self._local = threading.local()
         self._all: list[psycopg.Connection[Any]] = []
         self._all_lock = threading.Lock()
+        try:
+            self._connection()
+        except psycopg.OperationalError as exc:
+            raise DatabaseConnectError(
+                f"Cannot connect to the PostgreSQL database {_without_password(url)}: "
+                f"{str(exc).strip().splitlines()[0]}",
+                hint="Check the --db URL (user, host, database name, password in ~/.pgpass)"
+                " and that the server accepts this machine (pg_hba.conf).",
+            ) from None
         self._migrate_to(migrations)
 
     # --- connections -----------------------------------------------------------------------
