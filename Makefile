@@ -54,7 +54,7 @@ bench: $(STAMP) $(DEMO_SCENE)
 	$(PY) -m benchmarks.run_all
 
 load: $(STAMP)
-	$(PY) -m benchmarks.bench_load
+	$(PY) -m benchmarks.bench_load --db both
 
 soak: $(STAMP) $(DEMO_SCENE)
 	$(PY) -m benchmarks.soak

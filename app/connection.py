@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from common.errors import TesseraError, UsageError
 from common.settings import DEFAULT_COORDINATOR, Settings
-from protocol.client import TesseraClient
+from protocol.client import TesseraClient, split_urls
 
 #: A CLI or a page refresh answers fast: three tries over 1.5 s, not the client's
 #: default five over 7.5 s.
@@ -53,14 +53,18 @@ class FarmConnection:
 
 def coordinator_url(url: str | None, settings: Settings) -> str:
     """`url`, else the settings' coordinator (TESSERA_COORDINATOR), else the local
-    default; `UsageError` for one without an http(s) scheme."""
+    default; `UsageError` for one without an http(s) scheme. Several replicas of one
+    farm are given as "URL1,URL2" (the client fails over between them)."""
     chosen = str(url or settings.coordinator or DEFAULT_COORDINATOR)
-    if not chosen.startswith(("http://", "https://")):
-        raise UsageError(
-            f"{chosen!r} is not a coordinator URL.",
-            hint=f"Write it with its scheme, e.g. {DEFAULT_COORDINATOR}.",
-        )
-    return chosen.rstrip("/")
+    urls = split_urls(chosen)
+    for part in urls or [chosen]:
+        if not part.startswith(("http://", "https://")):
+            raise UsageError(
+                f"{part!r} is not a coordinator URL.",
+                hint=f"Write it with its scheme, e.g. {DEFAULT_COORDINATOR} (several"
+                " replicas of one farm: URL1,URL2).",
+            )
+    return ",".join(urls)
 
 
 def resolve_connection(

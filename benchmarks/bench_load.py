@@ -20,13 +20,19 @@ Phases, each against a fresh coordinator:
    other than 503), nodes that wait as told must recover, and afterwards the process is
    alive, answers /health and its ledger check passes.
 
-Run: `python -m benchmarks.bench_load [--nodes 1000] [--window 40] [--quick]`.
+On PostgreSQL (`--db postgresql` or `both`, which `make load` uses) a throwaway server
+is started, and the load phase also runs with `--replicas` coordinators (default 2)
+sharing its database and one store, the nodes split across them: the completed tasks a
+second of 1 vs 2 replicas, and the CPU per task summed over the replicas.
+
+Run: `python -m benchmarks.bench_load [--nodes 1000] [--window 40] [--quick] [--db both]`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
@@ -43,7 +49,8 @@ import threading
 import time
 import zipfile
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -83,12 +90,14 @@ class ServerOptions:
     max_concurrent: int | None = None  # None: the default config's
     max_waiting: int | None = None
     profile: str | None = None  # write a cProfile of the server here
+    db_url: str | None = None  # None: SQLite in data_dir; else e.g. postgresql://...
+    shared_store: str | None = None  # replicas of one database share this store folder
 
 
 def serve_main(options: ServerOptions) -> None:
     """The coordinator process: create the provider accounts, then serve until SIGINT."""
     from coordinator.config import CoordinatorConfig
-    from coordinator.db import Database
+    from coordinator.db import open_database
     from coordinator.events import EventBus
     from coordinator.farm import Farm
     from coordinator.server import serve
@@ -105,6 +114,8 @@ def serve_main(options: ServerOptions) -> None:
     data = Path(options.data_dir)
     config = CoordinatorConfig(
         data_dir=data,
+        db_url=options.db_url,
+        shared_store=Path(options.shared_store) if options.shared_store else None,
         lease_seconds=options.lease_seconds,
         heartbeat_interval=options.heartbeat_interval,
         backup_after_seconds=0,
@@ -113,8 +124,8 @@ def serve_main(options: ServerOptions) -> None:
     )
     # 1,000 accounts through the admin API would take 20 s of the admin token's rate
     # limit; they are set-up, not what is measured, so they are made here directly.
-    db = Database(config.db_path)
-    farm = Farm(config, db, ContentStore(config.store_dir), EventBus())
+    db = open_database(config.db_url, config.db_path)
+    farm = Farm(config, db, ContentStore(config.store_dir, config.spool_name), EventBus())
     farm.ensure_admin()
     tokens = [
         farm.create_account(f"node-{i}", Role.PROVIDER).token for i in range(options.accounts)
@@ -334,7 +345,8 @@ class Tally:
 
 class Node:
     def __init__(self, plan: Plan, index: int, tally: Tally, exrs: dict[tuple[int, int], Any]):
-        split = urlsplit(plan.url)
+        urls = plan.url.split(",")
+        split = urlsplit(urls[index % len(urls)])  # nodes split evenly across replicas
         self.http = Http(split.hostname or "127.0.0.1", split.port or 80)
         self.plan, self.index, self.tally, self.exrs = plan, index, tally, exrs
         self.token = plan.tokens[index]
@@ -589,9 +601,11 @@ def run_phase(
     max_concurrent: int | None = None,
     max_waiting: int | None = None,
     profile: str | None = None,
+    db_url: str | None = None,
+    replicas: int = 1,
 ) -> dict[str, Any]:
-    """One coordinator, `nodes` simulated nodes, measured over `window` seconds once all
-    have registered and settled."""
+    """One coordinator (or `replicas` sharing `db_url` and a store), `nodes` simulated
+    nodes, measured over `window` seconds once all have registered and settled."""
     options = ServerOptions(
         str(scratch / name),
         nodes,
@@ -599,9 +613,16 @@ def run_phase(
         max_concurrent=max_concurrent,
         max_waiting=max_waiting,
         profile=profile,
+        db_url=db_url,
+        shared_store=str(scratch / f"{name}-store") if replicas > 1 else None,
     )
     started = time.monotonic()
     coordinator = start_coordinator(options)
+    others = [
+        start_coordinator(replace(options, data_dir=f"{options.data_dir}-r{i}", accounts=0))
+        for i in range(1, replicas)
+    ]
+    everyone = [coordinator, *others]
     samples: dict[str, dict[str, int]] = {}
     try:
         requester = Requester(coordinator, scratch)
@@ -609,7 +630,7 @@ def run_phase(
         begin = time.time() + 0.5
         window_start = begin + ramp + max(3.0, render[0])  # renders spread out by then
         plan = Plan(
-            url=coordinator.url,
+            url=",".join(c.url for c in everyone),
             tokens=coordinator.tokens,
             first_index=0,
             start_at=begin,
@@ -623,9 +644,9 @@ def run_phase(
 
         def watch() -> None:  # the coordinator's CPU time over the window
             time.sleep(max(0.0, plan.window[0] - time.time()))
-            samples["start"] = coordinator.status()
+            samples["start"] = _total_status(everyone)
             time.sleep(max(0.0, plan.window[1] - time.time()))
-            samples["end"] = coordinator.status()
+            samples["end"] = _total_status(everyone)
 
         # Work for every node, and for what one node does in the longest render's time.
         keep = nodes + int(nodes * 2 / max(0.1, render[0])) + 100
@@ -637,17 +658,20 @@ def run_phase(
         tally = drive_all(plan, nodes, clients)
         watcher.join(timeout=30)
         feeder.join(timeout=30)
-        alive = coordinator.process.poll() is None
+        alive = all(c.process.poll() is None for c in everyone)
         with TesseraClient(coordinator.url, coordinator.admin_token) as admin:
             health = admin.health().status
             check = admin.ledger_check()
         done = requester.tasks_done()
         requester.client.close()
-        final = coordinator.status()
+        final = _total_status(everyone)
     finally:
+        for other in others:
+            other.stop()
         exit_status = coordinator.stop()
     ticks = os.sysconf("SC_CLK_TCK")
     cpu = (samples["end"]["ticks"] - samples["start"]["ticks"]) / ticks if len(samples) == 2 else 0
+    db_cpu = (samples["end"]["db"] - samples["start"]["db"]) / ticks if len(samples) == 2 else 0
     return {
         "phase": name,
         "nodes": nodes,
@@ -657,6 +681,7 @@ def run_phase(
         "leases_per_s": tally.leases / window,
         "tasks_per_s": tally.uploads / window,
         "coordinator_cpu": cpu / window,
+        "db_cpu": db_cpu / window,
         "client_cpu": tally.client_cpu / (plan.stop_at - begin),
         "peak_rss_mib": final["VmHWM"] / 1024,
         "alive": alive,
@@ -669,10 +694,49 @@ def run_phase(
     }
 
 
-def cpu_per_task(result: dict[str, Any]) -> float:
-    """Coordinator CPU milliseconds per completed task over the window."""
+def _total_status(coordinators: list[Coordinator]) -> dict[str, int]:
+    """CPU ticks summed over the replicas; the largest peak RSS of one."""
+    each = [c.status() for c in coordinators]
+    return {
+        "db": _postgres_ticks(),
+        "ticks": sum(s["ticks"] for s in each),
+        "VmHWM": max(s["VmHWM"] for s in each),
+        "VmRSS": max(s["VmRSS"] for s in each),
+    }
+
+
+#: The data folder of the PostgreSQL server `_databases` started (None: none).
+_PG_DATA: list[Path] = []
+
+
+def _postgres_ticks() -> int:
+    """CPU ticks of the PostgreSQL server so far: the postmaster (with the backends it
+    reaped) and its live backends; 0 without a server."""
+    if not _PG_DATA:
+        return 0
+    try:
+        postmaster = int((_PG_DATA[0] / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry.name) == postmaster:
+            total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+        elif int(fields[1]) == postmaster:
+            total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def cpu_per_task(result: dict[str, Any], key: str = "coordinator_cpu") -> float:
+    """Coordinator (or `db_cpu`: database server) CPU milliseconds per completed task."""
     uploads = result["tally"].uploads
-    return 1000 * result["coordinator_cpu"] * result["window_s"] / uploads if uploads else math.nan
+    return 1000 * result[key] * result["window_s"] / uploads if uploads else math.nan
 
 
 def summarise(result: dict[str, Any]) -> dict[str, object]:
@@ -694,6 +758,7 @@ def summarise(result: dict[str, Any]) -> dict[str, object]:
         by_status[key.rsplit(" ", 1)[1]] += count
     row["coord cpu"] = f"{100 * result['coordinator_cpu']:.0f}%"
     row["cpu ms/task"] = cpu_per_task(result)
+    row["db cpu ms/task"] = cpu_per_task(result, "db_cpu") if result["db_cpu"] else "-"
     row["client cpu"] = f"{100 * result['client_cpu']:.0f}%"
     row["peak rss MiB"] = result["peak_rss_mib"]
     row["503"] = by_status.get("503", 0)
@@ -703,6 +768,24 @@ def summarise(result: dict[str, Any]) -> dict[str, object]:
     )
     row["alive+ledger"] = "ok" if result["alive"] and result["ledger_ok"] else "FAILED"
     return row
+
+
+@contextlib.contextmanager
+def _databases(engines: list[str]) -> Iterator[Callable[[str], str | None]]:
+    """`new_db(engine)`: None for SQLite (the phase's own file), else a new database on a
+    throwaway PostgreSQL server started here (stopped on the way out)."""
+    if "postgresql" not in engines:
+        yield lambda engine: None
+        return
+    from tests.postgres_tools import start_postgres, stop_postgres
+
+    server = start_postgres()
+    _PG_DATA.append(server.folder / "data")
+    try:
+        yield lambda engine: None if engine == "sqlite" else server.new_database()
+    finally:
+        _PG_DATA.clear()
+        stop_postgres(server)
 
 
 def main() -> int:
@@ -725,6 +808,20 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="100 nodes, 8 s windows")
     parser.add_argument("--only", choices=("baseline", "load", "overload"), action="append")
     parser.add_argument("--profile", help="cProfile the load phase's coordinator to this file")
+    parser.add_argument(
+        "--db",
+        choices=("sqlite", "postgresql", "both"),
+        default="sqlite",
+        help="the coordinator's database engine; postgresql starts a throwaway PostgreSQL"
+        " server (initdb/pg_ctl) with a fresh database per phase",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=2,
+        help="on PostgreSQL, also run the load phase with this many coordinator replicas"
+        " sharing the database and a store, the nodes split across them (1: not)",
+    )
     args = parser.parse_args()
     if args.serve:
         serve_main(ServerOptions(**json.loads(args.serve)))
@@ -734,44 +831,75 @@ def main() -> int:
     if args.quick:
         render = (2.0, 4.0)
     phases = args.only or ["baseline", "load", "overload"]
+    engines = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
     results: dict[str, dict[str, Any]] = {}
     started = time.monotonic()
-    with tempfile.TemporaryDirectory() as scratch_dir:
+    with tempfile.TemporaryDirectory() as scratch_dir, _databases(engines) as new_db:
         scratch = Path(scratch_dir)
-        if "baseline" in phases:
-            results["baseline"] = run_phase(
-                "baseline", scratch, nodes=10, window=min(window, 15.0), render=BASELINE_RENDER
-            )
-        if "load" in phases:
-            results["load"] = run_phase(
-                "load",
-                scratch,
-                nodes=nodes,
-                window=window,
-                render=render,
-                heartbeat=args.heartbeat,
-                clients=args.clients,
-                profile=args.profile,
-            )
-        if "overload" in phases:
-            results["overload"] = run_phase(
-                "overload",
-                scratch,
-                nodes=nodes,
-                window=min(window, 20.0),
-                render=(0.5, 1.5),
-                clients=args.clients,
-                max_concurrent=OVERLOAD_CONCURRENT,
-                max_waiting=max(10, nodes // 10),
-            )
+        for engine in engines:
+            suffix = "" if engine == "sqlite" else "-pg"
+            common: dict[str, Any] = {"db_url": new_db(engine)}
+            if "baseline" in phases:
+                results["baseline" + suffix] = run_phase(
+                    "baseline" + suffix,
+                    scratch,
+                    nodes=10,
+                    window=min(window, 15.0),
+                    render=BASELINE_RENDER,
+                    **common,
+                )
+            if "load" in phases:
+                common["db_url"] = new_db(engine)
+                results["load" + suffix] = run_phase(
+                    "load" + suffix,
+                    scratch,
+                    nodes=nodes,
+                    window=window,
+                    render=render,
+                    heartbeat=args.heartbeat,
+                    clients=args.clients,
+                    profile=args.profile,
+                    **common,
+                )
+            if "load" in phases and engine == "postgresql" and args.replicas > 1:
+                results[f"load-pg-x{args.replicas}"] = run_phase(
+                    f"load-pg-x{args.replicas}",
+                    scratch,
+                    nodes=nodes,
+                    window=window,
+                    render=render,
+                    heartbeat=args.heartbeat,
+                    clients=args.clients,
+                    db_url=new_db(engine),
+                    replicas=args.replicas,
+                )
+            if "overload" in phases:
+                common["db_url"] = new_db(engine)
+                results["overload" + suffix] = run_phase(
+                    "overload" + suffix,
+                    scratch,
+                    nodes=nodes,
+                    window=min(window, 20.0),
+                    render=(0.5, 1.5),
+                    clients=args.clients,
+                    max_concurrent=OVERLOAD_CONCURRENT,
+                    max_waiting=max(10, nodes // 10),
+                    **common,
+                )
     rows = [summarise(result) for result in results.values()]
-    base, load = results.get("baseline"), results.get("load")
-    if base and load:
-        ratios: dict[str, object] = {"phase": "load/baseline", "nodes": "100x"}
-        for column in ("lease p99 ms", "upload p99 ms", "cpu ms/task"):
-            ratio = float(rows[1][column]) / float(rows[0][column])  # type: ignore[arg-type]
-            ratios[column] = f"{ratio:.1f}x"
-        rows.append(ratios)
+    by_phase = {str(row["phase"]): row for row in rows}
+    for first, second, label in (
+        ("baseline", "load", "load/baseline"),
+        ("baseline-pg", "load-pg", "load-pg/baseline-pg"),
+        ("load", "load-pg", "load-pg/load"),
+        ("load-pg", f"load-pg-x{args.replicas}", f"load-pg-x{args.replicas}/load-pg"),
+    ):
+        if first in by_phase and second in by_phase:
+            ratios: dict[str, object] = {"phase": label}
+            for column in ("tasks/s", "lease p99 ms", "upload p99 ms", "cpu ms/task"):
+                a, b = by_phase[first][column], by_phase[second][column]
+                ratios[column] = f"{float(b) / float(a):.1f}x"  # type: ignore[arg-type]
+            rows.append(ratios)
     columns = list(summarise(next(iter(results.values()))).keys()) if results else []
     report("load", rows, columns)
     failed = False

@@ -22,6 +22,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from coordinator import ledger
 from coordinator.core import Core
@@ -67,13 +68,18 @@ class Accounts:
         #: accounts revoked since start (earlier ones never authenticated in this run)
         self._revoked: set[str] = set()
         self._lock = threading.Lock()
+        core.bus.handlers["account"] = self._on_peer
 
     def ensure_admin(self) -> str | None:
-        """Create the admin account on first start; returns its new token (else None)."""
+        """Create the admin account on first start of the farm's database; returns its new
+        token (else None: it exists, perhaps made by another replica of this database)."""
         db = self.core.db
         if db.query_one("SELECT 1 FROM accounts WHERE role = ?", (Role.ADMIN.value,)):
             return None
-        token = self.create("admin", Role.ADMIN).token
+        try:
+            token = self.create("admin", Role.ADMIN).token
+        except ConflictError:
+            return None  # another replica on the same database created it just now
         path = self.core.config.admin_token_path
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(token + "\n")
@@ -121,6 +127,7 @@ class Accounts:
                     (name, role.value, hash_token(token), now_iso()),
                 )
         self._forget(name)  # the token it replaced
+        self.core.bus.tell_peers("account", name=name, revoked=False)
         return AccountToken(account=name, role=role, token=token)
 
     def authenticate(self, token: str) -> Principal | None:
@@ -170,9 +177,8 @@ class Accounts:
                 "UPDATE accounts SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
                 (now_iso(), name),
             )
-        with self._lock:
-            self._revoked.add(name)
-        self._forget(name)
+        self._on_peer({"name": name, "revoked": True})
+        self.core.bus.tell_peers("account", name=name, revoked=True)
         return self._info(name)
 
     def listing(self, who: Principal) -> list[AccountInfo]:
@@ -194,6 +200,15 @@ class Accounts:
             revoked_at=datetime.fromisoformat(revoked) if revoked else None,
             balance=ledger.credits(ledger.balance(db, ledger.user(name))),
         )
+
+    def _on_peer(self, note: dict[str, Any]) -> None:
+        """An account changed (here or on another replica of the database): forget its
+        tokens, and remember a revocation for the open long polls and streams."""
+        name = str(note["name"])
+        if note.get("revoked"):
+            with self._lock:
+                self._revoked.add(name)
+        self._forget(name)
 
     def _forget(self, name: str) -> None:
         with self._lock:

@@ -117,11 +117,11 @@ class Assembler:
                 item.set()
                 continue
             if isinstance(item, _Encode):
-                self._encode_videos(item.job_id)
+                self._encode_claimed(item.job_id)
                 continue
             job_id, frame = item
             try:
-                self.assemble(job_id, frame)
+                self._assemble_claimed(job_id, frame)
             except Exception as exc:
                 reason = _storage_full(exc)
                 if reason is not None:
@@ -158,6 +158,13 @@ class Assembler:
             self.states.job_message(job_id, message)
         except Exception:
             log.warning("could not record the wait in job %s's message", job_id)
+
+    def _assemble_claimed(self, job_id: str, frame: int) -> None:
+        """Assemble, unless another replica on the database is assembling this frame now
+        (it finishes it; if it dies, a sweep's `recover` queues the frame again)."""
+        with self.db.claim(f"frame:{job_id}:{frame}") as mine:
+            if mine:
+                self.assemble(job_id, frame)
 
     def assemble(self, job_id: str, frame: int) -> None:
         job = self.db.query_one("SELECT spec, status FROM jobs WHERE id = ?", (job_id,))
@@ -208,7 +215,7 @@ class Assembler:
             self._final(job_id, frame, spec, merged)
 
     def _store_exr(self, image: ExrImage) -> str:
-        with tempfile.TemporaryDirectory(dir=self.store.root / "tmp") as scratch:
+        with tempfile.TemporaryDirectory(dir=self.store.tmp) as scratch:
             path = Path(scratch) / "frame.exr"
             write_exr(path, image)
             return self.store.put_file(path)
@@ -226,7 +233,7 @@ class Assembler:
     ) -> None:
         """The frame's final passes: to its finish task, or done as they are."""
         exr_sha = exr_sha or self._store_exr(image)
-        with tempfile.TemporaryDirectory(dir=self.store.root / "tmp") as scratch:
+        with tempfile.TemporaryDirectory(dir=self.store.tmp) as scratch:
             png = write_preview_png(image, Path(scratch) / "frame.png")
             png_sha = self.store.put_file(png)
         if spec.finish:
@@ -242,7 +249,7 @@ class Assembler:
         files = unpack_finish(self.store, self.store.path(upload), frame)
         png_sha = str(state["png_sha"])
         main = next(f for f in files if f.kind == "frame")
-        with tempfile.TemporaryDirectory(dir=self.store.root / "tmp") as scratch:
+        with tempfile.TemporaryDirectory(dir=self.store.tmp) as scratch:
             try:
                 thumbnail = write_thumbnail(
                     self.store.path(main.sha256),
@@ -265,6 +272,21 @@ class Assembler:
         if self.frames.done(job_id, frame, exr_sha, png_sha, [*files, raw]):
             self._queue.put(_Encode(job_id))
 
+    def _encode_claimed(self, job_id: str) -> None:
+        """Encode a job's videos once: on one replica, and only while the job waits for
+        them (a repeated request after its completion does nothing). An unexpected error
+        completes the job without them, saying so: the frames stand."""
+        with self.db.claim(f"videos:{job_id}") as mine:
+            if not mine or job_id not in self.frames.jobs_awaiting_videos():
+                return
+            try:
+                self._encode_videos(job_id)
+            except Exception:
+                log.exception("encoding the videos of job %s failed", job_id)
+                self.frames.videos_done(
+                    job_id, [], "The movie and preview video could not be made; see the log."
+                )
+
     def _encode_videos(self, job_id: str) -> None:
         """The job's movie (a movie scene's) and preview video, then its completion. A
         video that cannot be made is said in the job's message; the frames stand."""
@@ -273,7 +295,7 @@ class Assembler:
         problems: list[str] = []
         frames = self.deliverables.frames_of_kind(job_id, "frame")
         movie = spec.scene.movie if spec.finish else None
-        with tempfile.TemporaryDirectory(dir=self.store.root / "tmp") as scratch:
+        with tempfile.TemporaryDirectory(dir=self.store.tmp) as scratch:
             folder = Path(scratch)
             if movie is not None:
                 try:

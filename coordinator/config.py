@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +13,11 @@ from coordinator.verify.policy import VerificationPolicy
 @dataclass(frozen=True, slots=True)
 class CoordinatorConfig:
     data_dir: Path
+    #: The database: None for `coordinator.sqlite` in `data_dir`, else a URL
+    #: (`sqlite:///path`, or `postgresql://...` shared by several replicas).
+    db_url: str | None = None
+    #: The content store's folder: None for `store` in `data_dir`; replicas share one.
+    shared_store: Path | None = None
     lease_seconds: float = 60.0
     heartbeat_interval: float = 5.0
     poll_timeout: float = 20.0
@@ -90,7 +97,16 @@ class CoordinatorConfig:
 
     @property
     def store_dir(self) -> Path:
-        return self.data_dir / "store"
+        return self.shared_store if self.shared_store is not None else self.data_dir / "store"
+
+    @property
+    def spool_name(self) -> str | None:
+        """This replica's spool folder in a shared store (None when the store is its own):
+        stable across restarts, so a restarted replica clears its own leftovers only."""
+        if self.shared_store is None:
+            return None
+        digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:10]
+        return f"{socket.gethostname()}-{digest}"
 
     @property
     def admin_token_path(self) -> Path:

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from coordinator.config import CoordinatorConfig
 from coordinator.db import Database
 from coordinator.events import EventBus
-from coordinator.store import ContentStore
+from coordinator.store import Store
 from protocol.models import JobSpec
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ TaskRow = sqlite3.Row | dict[str, Any]
 class Core:
     config: CoordinatorConfig
     db: Database
-    store: ContentStore
+    store: Store
     bus: EventBus
     _specs: dict[str, JobSpec] = field(default_factory=dict)
 

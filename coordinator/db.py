@@ -8,6 +8,12 @@ WAL mode keeps readers cheap and makes a crash mid-write leave the last committe
 This module knows tables, not jobs: the rules live in the rooms `coordinator.farm`
 composes. It is plain `sqlite3`: the one writer and its lock are the point, and
 sqlite-utils' helpers were never used.
+
+Several coordinator replicas share a PostgreSQL database instead (`open_database` with a
+`postgresql://` URL): `coordinator.engines.postgres.PostgresDatabase` answers the same
+calls, runs the same migrations (rewritten by `coordinator.engines.dialect`), and
+serialises write transactions across replicas. The rooms write SQLite's SQL for both;
+a statement that must lock the rows it reads appends `db.row_lock`.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from common.errors import TesseraError
 from coordinator.errors import StorageFullError
 
 #: sqlite3's primary result code for "database or disk is full".
@@ -254,6 +261,12 @@ def now_iso() -> str:
 class Database:
     """One SQLite connection for the whole coordinator, serialised by `lock`."""
 
+    #: Which engine this is ("sqlite" or "postgresql").
+    engine = "sqlite"
+    #: Appended to a SELECT whose rows the transaction will change: nothing on SQLite,
+    #: whose one writer already excludes every other (" FOR UPDATE" on PostgreSQL).
+    row_lock = ""
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
@@ -269,6 +282,10 @@ class Database:
     def close(self) -> None:
         with self.lock:
             self.conn.close()
+
+    def schema_version(self) -> int:
+        with self.lock:
+            return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
 
     def _migrate(self) -> None:
         with self.lock:
@@ -306,6 +323,12 @@ class Database:
                     ) from exc
                 raise
 
+    @contextmanager
+    def claim(self, name: str) -> Iterator[bool]:
+        """Work only one coordinator may do at a time (a sweep, a frame's assembly):
+        yields whether this one has it. On SQLite the one process always has it."""
+        yield True
+
     def query(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[sqlite3.Row]:
         with self.lock:
             return list(self.conn.execute(sql, params))
@@ -323,6 +346,27 @@ class Database:
         if row is None:
             raise LookupError(f"no row for {sql!r} {params!r}")
         return row
+
+
+class DatabaseURLError(TesseraError):
+    """A --db URL that names no engine the coordinator runs on."""
+
+
+def open_database(url: str | None, default_path: Path) -> Database:
+    """The database a `--db` URL names: `sqlite:///path` (None: `default_path`) or
+    `postgresql://user@host/name` (libpq's URL, `?host=/socket/dir` included)."""
+    if url is None:
+        return Database(default_path)
+    if url.startswith("sqlite:///"):
+        return Database(Path(url.removeprefix("sqlite://")))
+    if url.startswith(("postgresql://", "postgres://")):
+        from coordinator.engines.postgres import PostgresDatabase
+
+        return PostgresDatabase(url, MIGRATIONS)
+    raise DatabaseURLError(
+        f"The database URL {url!r} names no engine the coordinator runs on.",
+        hint="Use sqlite:///absolute/path.sqlite or postgresql://user@host/dbname.",
+    )
 
 
 def _is_full(exc: sqlite3.Error) -> bool:

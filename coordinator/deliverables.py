@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from common.errors import ExrError
 from coordinator.core import Core
-from coordinator.store import ContentStore
+from coordinator.store import Store
 from protocol.models import (
     JobSpec,
 )
@@ -102,14 +102,14 @@ def check_finish_upload(path: Path, spec: JobSpec, max_bytes: int) -> str | None
     return None
 
 
-def unpack_finish(store: ContentStore, upload: Path, frame: int) -> list[StoredFile]:
+def unpack_finish(store: Store, upload: Path, frame: int) -> list[StoredFile]:
     """Store every file of a checked finish upload; their deliverable rows."""
     files: list[StoredFile] = []
     with zipfile.ZipFile(upload) as archive:
         manifest = _manifest(archive)
         if isinstance(manifest, str):
             raise ValueError(manifest)  # checked at upload: a stored upload changed
-        with tempfile.TemporaryDirectory(dir=store.root / "tmp") as scratch:
+        with tempfile.TemporaryDirectory(dir=store.tmp) as scratch:
             for index, entry in enumerate(manifest.files):
                 target = Path(scratch) / str(index)
                 with archive.open(entry.path) as source, target.open("wb") as out:

@@ -1,11 +1,19 @@
 """The live event bus: task, frame, job and node updates for SSE clients and a change
 counter that wakes long-polling nodes. In memory only; after a restart clients simply
-reconnect (job state itself lives in the database). No HTTP here."""
+reconnect (job state itself lives in the database). No HTTP here.
+
+Replicas sharing a database hear each other through `peers` (set by
+`coordinator.engines.notify.PeerRelay`): each event and work change is passed on, and
+`on_peer` replays the other replicas' ones here (numbered in this replica's sequence),
+so that clients of every replica see them. Other notes (`tell_peers`) reach the
+`handlers` registered for their kind.
+"""
 
 from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,19 +29,40 @@ class EventBus:
         self._seq = 0
         #: Bumped whenever leasable work may have appeared (new job, requeue, resume).
         self.work_version = 0
+        #: Passes a note (kind, fields) to the other replicas; None with no replicas.
+        self.peers: Callable[[str, dict[str, Any]], None] | None = None
+        #: What to do with the other replicas' notes of a kind other than event/work.
+        self.handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
 
-    def publish(self, type_: str, **fields: Any) -> Event:
+    def publish(self, type_: str, *, _from_peer: bool = False, **fields: Any) -> Event:
         with self._lock:
             self._seq += 1
             event = Event.model_validate(
                 {"seq": self._seq, "type": type_, "at": datetime.now(UTC), **fields}
             )
             self._events.append(event)
-            return event
+        if not _from_peer:
+            self.tell_peers("event", type=type_, **fields)
+        return event
 
-    def work_changed(self) -> None:
+    def work_changed(self, *, _from_peer: bool = False) -> None:
         with self._lock:
             self.work_version += 1
+        if not _from_peer:
+            self.tell_peers("work")
+
+    def tell_peers(self, kind: str, **fields: Any) -> None:
+        if self.peers is not None:
+            self.peers(kind, fields)
+
+    def on_peer(self, kind: str, fields: dict[str, Any]) -> None:
+        """A note from another replica (see the module docstring)."""
+        if kind == "event":
+            self.publish(fields.pop("type"), _from_peer=True, **fields)
+        elif kind == "work":
+            self.work_changed(_from_peer=True)
+        elif (handler := self.handlers.get(kind)) is not None:
+            handler(fields)
 
     @property
     def last_seq(self) -> int:

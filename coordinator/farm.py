@@ -10,7 +10,8 @@ forwards each public operation to the room that owns it; it holds no rule of its
 
 `Farm.open` also owns the running parts: the frame assembler and the sweeper thread
 that re-queues expired leases, settles samples nobody could take and fails the tasks a
-provider called impossible that no other provider came to try.
+provider called impossible that no other provider came to try; on PostgreSQL, the relay
+that lets replicas of one database hear each other (`coordinator.engines.notify`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from coordinator.accounts import Accounts, Principal
 from coordinator.assembly import Assembler
@@ -26,13 +28,13 @@ from coordinator.bundles import Bundles
 from coordinator.config import CoordinatorConfig
 from coordinator.core import Core
 from coordinator.credits import Credits
-from coordinator.db import Database
+from coordinator.db import Database, open_database
 from coordinator.events import EventBus
 from coordinator.jobs import Jobs
 from coordinator.pools import Pools
 from coordinator.results import Results
 from coordinator.scheduler import Scheduler
-from coordinator.store import ContentStore, SpooledUpload
+from coordinator.store import ContentStore, SpooledUpload, Store
 from coordinator.task_states import FrameReady, TaskStates
 from coordinator.verify.reputation import Reputation
 from coordinator.verify.samples import Samples
@@ -66,13 +68,17 @@ from protocol.requirements import PoolInfo
 
 __all__ = ["SWEEP_SECONDS", "Farm", "Principal"]
 
+if TYPE_CHECKING:
+    from coordinator.engines.notify import PeerRelay
+
 log = logging.getLogger(__name__)
 SWEEP_SECONDS = 1.0
+RECOVER_SWEEPS = 10
 
 
 class Farm:
     def __init__(
-        self, config: CoordinatorConfig, db: Database, store: ContentStore, bus: EventBus
+        self, config: CoordinatorConfig, db: Database, store: Store, bus: EventBus
     ) -> None:
         self.config, self.db, self.store, self.bus = config, db, store, bus
         self.core = core = Core(config, db, store, bus)
@@ -89,21 +95,28 @@ class Farm:
             core, self.states, self.bundles, self.scheduler, self.results, self.pools
         )
         self.assembler: Assembler | None = None
+        self.relay: PeerRelay | None = None
         self.stopping = threading.Event()
         self._sweeper: threading.Thread | None = None
 
     @classmethod
     def open(cls, config: CoordinatorConfig) -> Farm:
         """The farm of a data folder, with its assembler (started by `start`)."""
-        store = ContentStore(config.store_dir)
+        store = ContentStore(config.store_dir, config.spool_name)
         if cleared := store.clear_leftovers():
             log.info("removed %d partial files left by an earlier run", cleared)
-        farm = cls(config, Database(config.db_path), store, EventBus())
+        farm = cls(config, open_database(config.db_url, config.db_path), store, EventBus())
+        if farm.db.engine == "postgresql":
+            from coordinator.engines.notify import PeerRelay  # (psycopg only when used)
+
+            farm.relay = PeerRelay(getattr(farm.db, "url"), farm.bus)  # noqa: B009
         farm.assembler = Assembler(farm.states)
         farm.on_frame_ready.append(farm.assembler.submit)
         return farm
 
     def start(self) -> None:
+        if self.relay is not None:
+            self.relay.start()
         if self.assembler is not None:
             self.assembler.start()
         self._sweeper = threading.Thread(target=self._sweep, name="lease-sweeper", daemon=True)
@@ -115,14 +128,27 @@ class Farm:
             self._sweeper.join(timeout=10)
         if self.assembler is not None:
             self.assembler.stop()
+        if self.relay is not None:
+            self.relay.stop()
         self.db.close()
 
     def _sweep(self) -> None:
+        """Every SWEEP_SECONDS, on one replica of the database at a time (the claim's
+        holder; another takes over when it dies). With replicas, the holder also queues
+        frames whose assembly a dead replica left undone (every RECOVER_SWEEPS)."""
+        sweeps = 0
         while not self.stopping.wait(SWEEP_SECONDS):
             try:
-                self.requeue_expired()
-                self.resolve_stale_samples()
-                self.fail_unconfirmed()
+                with self.db.claim("sweep") as mine:
+                    if not mine:
+                        continue
+                    self.requeue_expired()
+                    self.resolve_stale_samples()
+                    self.fail_unconfirmed()
+                    sweeps += 1
+                    recover = self.relay is not None and sweeps % RECOVER_SWEEPS == 0
+                    if recover and self.assembler is not None:
+                        self.assembler.recover()
             except Exception:
                 log.exception("lease sweep failed")
 

@@ -207,7 +207,7 @@ class Jobs:
             "SELECT f.frame, f.status, f.exr_sha, f.png_sha, COUNT(t.id) AS tiles,"
             " COALESCE(SUM(t.status = ?), 0)"
             " AS tiles_done FROM frames f LEFT JOIN tasks t ON t.job_id = f.job_id AND"
-            " t.frame = f.frame AND t.kind = ? WHERE f.job_id = ? GROUP BY f.frame"
+            " t.frame = f.frame AND t.kind = ? WHERE f.job_id = ? GROUP BY f.job_id, f.frame"
             " ORDER BY f.frame",
             (TaskStatus.COMPLETED.value, TaskKind.RENDER.value, job_id),
         )

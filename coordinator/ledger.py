@@ -247,7 +247,8 @@ def check(db: Database) -> list[str]:
     with db.lock:
         for row in db.query(
             "SELECT t.id, COALESCE(SUM(e.amount), 0) AS total FROM ledger_txns t"
-            " LEFT JOIN ledger_entries e ON e.txn = t.id GROUP BY t.id HAVING total != 0"
+            " LEFT JOIN ledger_entries e ON e.txn = t.id GROUP BY t.id"
+            " HAVING COALESCE(SUM(e.amount), 0) != 0"
         ):
             problems.append(f"transaction {row['id']} is unbalanced by {row['total']} milli")
         for row in db.query(
@@ -277,13 +278,13 @@ def check(db: Database) -> list[str]:
             problems.append(f"task {row['task_id']} was paid but is {row['status'] or 'missing'}")
         for row in db.query(
             "SELECT task_id, COUNT(*) AS n FROM ledger_txns WHERE kind = 'pay'"
-            " GROUP BY task_id HAVING n > 1"
+            " GROUP BY task_id HAVING COUNT(*) > 1"
         ):
             problems.append(f"task {row['task_id']} was paid {row['n']} times")
         for row in db.query(
             "SELECT j.id, j.status, SUM(e.amount) AS held FROM jobs j JOIN ledger_entries e"
             " ON e.account = 'escrow:' || j.id WHERE j.status IN (?, ?, ?) GROUP BY j.id"
-            " HAVING held != 0",
+            " HAVING SUM(e.amount) != 0",
             FINISHED_JOB_STATUSES,
         ):
             problems.append(

@@ -312,7 +312,7 @@ class Results:
         row = db.query_one("SELECT png_sha FROM previews WHERE task_id = ?", (task_id,))
         if row is not None and store.exists(row["png_sha"]):
             return store.path(row["png_sha"])
-        with tempfile.TemporaryDirectory(dir=store.root / "tmp") as scratch:
+        with tempfile.TemporaryDirectory(dir=store.tmp) as scratch:
             png = write_preview_png(read_exr(store.path(result_sha)), Path(scratch) / "tile.png")
             png_sha = store.put_file(png)
         with db.transaction() as conn:

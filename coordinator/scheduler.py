@@ -58,6 +58,8 @@ NODE_TOUCH_SECONDS = 5.0
 #: At 1,000 nodes beating every 5 s heartbeats took 40% of the coordinator's CPU
 #: (docs/load-test.md).
 HEARTBEATS_PER_SECOND = 100.0
+#: Searches for a free task per lease request when other replicas take the found ones.
+LEASE_ATTEMPTS = 3
 
 
 class Scheduler:
@@ -263,8 +265,11 @@ class Scheduler:
         """Lease the best matching task to the node, or None if nothing fits now.
 
         The search is read-only; only a grant writes. Both happen under the database
-        lock, so no other request can take the chosen task in between. (Expired leases
-        are re-queued by the sweeper thread, not here: hundreds of idle nodes poll.)
+        lock, so no other request of this process takes the chosen task in between; the
+        grant checks again, inside its transaction, that the task is still free (another
+        replica on the same database may have leased it), and searches again if not.
+        (Expired leases are re-queued by the sweeper thread, not here: hundreds of idle
+        nodes poll.)
         """
         node = self._node_row(who, node_id)
         suspended = self.reputation.suspended(node["owner"])
@@ -288,25 +293,32 @@ class Scheduler:
         with db.lock:
             # The pools it claims that its owner is in, now (a removal counts at once).
             pools = granted(db.conn, node["owner"]) & frozenset(caps.pools)
-            found = self._best_task(node, caps, pools, request)
-            backup: dict[str, Any] | None = None
-            chosen: TaskRow
-            if found is None:
-                candidate = self._backup_candidate(node_id, node["owner"], caps, pools)
-                if candidate is None:
-                    return None
-                backup, spec = candidate
-                chosen = backup
+            for _attempt in range(LEASE_ATTEMPTS):
+                found = self._best_task(node, caps, pools, request)
+                backup: dict[str, Any] | None = None
+                chosen: TaskRow
+                if found is None:
+                    candidate = self._backup_candidate(node_id, node["owner"], caps, pools)
+                    if candidate is None:
+                        return None
+                    backup, spec = candidate
+                    chosen = backup
+                else:
+                    chosen, spec = found
+                lease_id = uuid.uuid4().hex
+                expires = time.time() + self.core.config.lease_seconds
+                with db.transaction() as conn:
+                    if not still_free(conn, chosen, backup, db.row_lock):
+                        continue  # another replica leased it since the search: search again
+                    if backup is not None:
+                        self.states.insert(conn, [backup_task(backup["tile"], backup["number"])])
+                    task_row = self.states.lease(
+                        conn, chosen["id"], chosen["job_id"], node_id, lease_id, expires
+                    )
+                break
             else:
-                chosen, spec = found
-            lease_id = uuid.uuid4().hex
-            expires = time.time() + self.core.config.lease_seconds
-            with db.transaction() as conn:
-                if backup is not None:
-                    self.states.insert(conn, [backup_task(backup["tile"], backup["number"])])
-                task_row = self.states.lease(
-                    conn, chosen["id"], chosen["job_id"], node_id, lease_id, expires
-                )
+                self.core.bus.work_changed()  # work is left: the node's long poll tries again
+                return None
         self.core.bus.publish(
             "task",
             job_id=chosen["job_id"],
@@ -579,6 +591,25 @@ class Scheduler:
         if not row["denoise_input"]:
             raise NotFoundError("This lease is not a denoise or finish task.")
         return self.core.store.path(row["denoise_input"])
+
+
+def still_free(
+    conn: sqlite3.Connection, chosen: TaskRow, backup: dict[str, Any] | None, row_lock: str
+) -> bool:
+    """Inside the granting transaction: is the chosen task still leasable (locked for the
+    grant), or, for a backup copy, is its tile still running with no copy on the way?"""
+    if backup is None:
+        sql = f"SELECT 1 FROM tasks WHERE id = ? AND status IN (?, ?){row_lock}"
+        return conn.execute(sql, (chosen["id"], *LEASABLE)).fetchone() is not None
+    tile = backup["tile"]
+    return (
+        conn.execute(
+            "SELECT 1 FROM tasks t WHERE t.id = ? AND t.status = ? AND NOT EXISTS (SELECT 1"
+            " FROM tasks b WHERE b.backs_up = t.id AND b.status IN (?, ?, ?))",
+            (tile["id"], TaskStatus.ACTIVE.value, *LEASABLE, TaskStatus.ACTIVE.value),
+        ).fetchone()
+        is not None
+    )
 
 
 def task_model(row: sqlite3.Row) -> Task:

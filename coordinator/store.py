@@ -6,6 +6,12 @@ An upload is written once: a `Spool` writes the body into ``tmp/`` and hashes it
 goes; `adopt` then checks the hash and renames the file into place (`os.replace`), so
 no byte is copied a second time.
 
+Several coordinator replicas may share one store folder (`--store`, a shared mount):
+each spools into its own ``tmp/<spool_name>/`` and clears only its own leftovers at
+start-up, and two replicas adopting the same object rename identical bytes onto one
+name, which leaves it whole. `Store` is the interface the farm uses, so that another
+backend (an S3-compatible object store) can be added behind it.
+
 A write the file system refuses for want of room (ENOSPC, a quota, a file-size limit)
 raises `StorageFullError`, which the API answers with 507 and Retry-After: the sender
 keeps its data and tries again later. Nothing already stored is touched.
@@ -21,6 +27,7 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from common.disk_space import NO_ROOM_ERRNOS
 from coordinator.errors import HashMismatchError, StorageFullError, UploadTooLargeError
@@ -31,6 +38,7 @@ __all__ = [
     "Spool",
     "SpooledUpload",
     "StorageFullError",
+    "Store",
     "TooLargeError",
     "is_no_room",
     "no_room",
@@ -55,17 +63,43 @@ def no_room(what: str, exc: OSError) -> StorageFullError:
     )
 
 
+class Store(Protocol):
+    """What the farm asks of its content store (`ContentStore` is the folder one).
+    `path` is a local file to read (a remote store would cache the object there) and
+    `tmp` a local scratch folder."""
+
+    tmp: Path
+
+    def clear_leftovers(self) -> int: ...
+    def path(self, sha256: str) -> Path: ...
+    def exists(self, sha256: str) -> bool: ...
+    def size(self, sha256: str) -> int: ...
+    def free_bytes(self) -> int: ...
+    def check_room(self, incoming: int, keep_free: int) -> None: ...
+    def spool(self, max_bytes: int) -> Spool: ...
+    def spool_chunks(self, chunks: Iterable[bytes], max_bytes: int) -> SpooledUpload: ...
+    def adopt(self, upload: SpooledUpload, expected_sha256: str | None = None) -> str: ...
+    def put_stream(
+        self, chunks: Iterable[bytes], *, max_bytes: int, expected_sha256: str | None = None
+    ) -> tuple[str, int]: ...
+    def put_file(self, source: Path) -> str: ...
+    def put_bytes(self, data: bytes) -> str: ...
+
+
 class ContentStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, spool_name: str | None = None) -> None:
+        """`spool_name`: this replica's own folder under ``tmp/`` when several share
+        `root` (None: ``tmp/`` itself, the store of one coordinator)."""
         self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "tmp").mkdir(exist_ok=True)
+        self.tmp = root / "tmp" if spool_name is None else root / "tmp" / spool_name
+        self.tmp.mkdir(parents=True, exist_ok=True)
 
     def clear_leftovers(self) -> int:
-        """Delete what a process killed mid-write left in ``tmp/`` (partial uploads and
-        objects); call it at start-up only, before anything writes. Returns the count."""
+        """Delete what a process killed mid-write left in its ``tmp/`` folder (partial
+        uploads and objects); call it at start-up only, before anything writes. Returns
+        the count."""
         removed = 0
-        for leftover in (self.root / "tmp").iterdir():
+        for leftover in self.tmp.iterdir():
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
@@ -101,7 +135,7 @@ class ContentStore:
     def spool(self, max_bytes: int) -> Spool:
         """A file in ``tmp/`` that takes an upload chunk by chunk (see `Spool`)."""
         try:
-            return Spool(self.root / "tmp", max_bytes)
+            return Spool(self.tmp, max_bytes)
         except OSError as exc:
             if is_no_room(exc):
                 raise no_room("an upload", exc) from exc
@@ -118,6 +152,7 @@ class ContentStore:
             target = self.path(upload.sha256)
             target.parent.mkdir(exist_ok=True)
             upload.path.replace(target)  # os.replace: a rename, never a copy
+            _sync_folder(target.parent)  # the rename itself survives a crash
             return upload.sha256
         except OSError as exc:
             if is_no_room(exc):
@@ -149,6 +184,14 @@ class ContentStore:
     def put_bytes(self, data: bytes) -> str:
         sha256, _ = self.put_stream([data], max_bytes=1 << 62)
         return sha256
+
+
+def _sync_folder(folder: Path) -> None:
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 @dataclass(frozen=True, slots=True)

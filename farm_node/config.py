@@ -19,6 +19,7 @@ from farm_node.hardware import NO_AVX2_ENV
 from farm_node.runner import DEFAULT_MAX_WARM
 from farm_node.warmup import DEFAULT_WARMUP_TIMEOUT
 from farm_node.workers import GpuSelection
+from protocol.client import split_urls
 from renderers.devices import normalise_device_name
 from renderers.worker import RenderLimits
 
@@ -128,8 +129,10 @@ class NodeConfig:
         url: object = self.coordinator_url
         if not url:
             problems.append("no coordinator URL (pass --coordinator or set TESSERA_COORDINATOR)")
-        elif not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            problems.append(f"coordinator URL {url!r} is not http(s)://...")
+        elif not isinstance(url, str) or not all(
+            part.startswith(("http://", "https://")) for part in split_urls(url) or [url]
+        ):
+            problems.append(f"coordinator URL {url!r} is not http(s)://... (or URL1,URL2)")
         if not self.name.strip() or len(self.name) > 100:
             problems.append("the node name must be 1 to 100 characters")
         if self.price < 0:
@@ -163,7 +166,13 @@ class NodeConfig:
 
 
 def loopback_url(url: str) -> bool:
-    """Whether `url` names this machine (127.0.0.0/8, ::1 or localhost)."""
+    """Whether `url` names this machine (127.0.0.0/8, ::1 or localhost); for several
+    replicas ("URL1,URL2"), whether every one does."""
+    parts = split_urls(url)
+    return bool(parts) and all(_loopback(part) for part in parts)
+
+
+def _loopback(url: str) -> bool:
     host = (urlsplit(url).hostname or "").lower()
     if host == "localhost":
         return True

@@ -81,8 +81,23 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+#: Statuses after which another replica of the farm may do better (its load balancer or
+#: this replica is overloaded or going away).
+FAIL_OVER = frozenset({502, 503, 504})
+
+
+def split_urls(text: str) -> list[str]:
+    """The coordinator URLs in "URL1,URL2" (replicas of one farm), without trailing /."""
+    return [part.strip().rstrip("/") for part in text.split(",") if part.strip()]
+
+
 class TesseraClient:
-    """A session with one coordinator, authenticated by a bearer token."""
+    """A session with one coordinator, authenticated by a bearer token.
+
+    `base_url` may name several replicas of one farm ("URL1,URL2"): a request that cannot
+    reach one (or is answered 502/503/504) is retried, under the same retry rules, on
+    the next, which then serves the following requests.
+    """
 
     def __init__(
         self,
@@ -95,7 +110,8 @@ class TesseraClient:
         verify: bool | str = True,
         max_retry_after: float = 10.0,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.base_urls = split_urls(base_url) or [base_url.rstrip("/")]
+        self._current = 0
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
@@ -104,6 +120,14 @@ class TesseraClient:
         self._session.verify = verify
         if token:
             self._session.headers["Authorization"] = f"Bearer {token}"
+
+    @property
+    def base_url(self) -> str:
+        """The replica requests go to now."""
+        return self.base_urls[self._current]
+
+    def _fail_over(self) -> None:
+        self._current = (self._current + 1) % len(self.base_urls)
 
     def close(self) -> None:
         self._session.close()
@@ -143,10 +167,13 @@ class TesseraClient:
                 )
             except (requests.ConnectionError, requests.Timeout) as exc:
                 last_error = exc
+                self._fail_over()
                 continue
             finally:
                 if body_factory is not None:
                     kwargs["data"].close()
+            if response.status_code in FAIL_OVER and len(self.base_urls) > 1:
+                self._fail_over()
             if response.status_code in RETRY_LATER and attempt + 1 < attempts:
                 retry_after = response.headers.get("Retry-After", "")
                 if retry_after.isdigit():
@@ -157,7 +184,7 @@ class TesseraClient:
                 raise _api_error(response)
             return response
         raise CoordinatorUnreachableError(
-            f"Cannot reach the coordinator at {self.base_url} ({last_error})."
+            f"Cannot reach the coordinator at {', '.join(self.base_urls)} ({last_error})."
         )
 
     def _json(self, method: str, path: str, model: type[M], **kwargs: Any) -> M:

@@ -20,7 +20,7 @@ from renderers.builds import BlenderBuild, probe_bpy
 from renderers.demo_scene import generate_demo_scene
 from renderers.worker import RenderWorker
 
-pytest_plugins = ["tests.coordinator_tools"]
+pytest_plugins = ["tests.coordinator_tools", "tests.postgres_tools"]
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_SCENES = REPO.parent / "shared" / "scenes"

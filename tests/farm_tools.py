@@ -64,7 +64,12 @@ class RunningCoordinator:
 
 
 def start_coordinator(data_dir: Path, *extra: str, port: int = 0) -> RunningCoordinator:
-    """`tessera coordinator` on 127.0.0.1 with these extra options, started and ready."""
+    """`tessera coordinator` on 127.0.0.1 with these extra options, started and ready (on
+    a new PostgreSQL database when TESSERA_TEST_DB=postgresql)."""
+    from tests.postgres_tools import coordinator_db_options
+
+    if "--db" not in extra:
+        extra = (*extra, *coordinator_db_options(data_dir))
     argv = ["-m", "app.cli", "coordinator", "--port", str(port), "--data", str(data_dir), *extra]
     return launch_coordinator(argv, data_dir)
 

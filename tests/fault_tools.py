@@ -267,6 +267,8 @@ def _serve_from_args(argv: list[str]) -> None:
     fields = json.loads(args.config)
     if "verification" in fields:
         fields["verification"] = VerificationPolicy(**fields["verification"])
+    if "shared_store" in fields:
+        fields["shared_store"] = Path(fields["shared_store"])
     config = CoordinatorConfig(data_dir=args.data, **fields)
 
     def ready(url: str, _token: str | None) -> None:

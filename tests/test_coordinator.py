@@ -30,10 +30,11 @@ from tests.farm_tools import (
 
 
 @pytest.fixture()
-def coordinator(tmp_path: Path) -> Iterator[RunningCoordinator]:
+def coordinator(tmp_path: Path, db_url: str | None) -> Iterator[RunningCoordinator]:
     running = start_coordinator(
-        tmp_path / "coordinator", "--lease-seconds", "4", "--heartbeat-interval", "1"
-    )
+        tmp_path / "coordinator", "--lease-seconds", "4", "--heartbeat-interval", "1",
+        *(["--db", db_url] if db_url else []),
+    )  # fmt: skip
     yield running
     running.stop()
 

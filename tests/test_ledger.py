@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 import uuid
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from common.errors import ApiError
 from coordinator import ledger
 from coordinator.config import CoordinatorConfig
-from coordinator.db import Database
+from coordinator.db import Database, open_database
 from coordinator.errors import DomainError
 from coordinator.http.errors import status_of
 from coordinator.planning import frame_assignments, plan_assignments
@@ -76,8 +77,8 @@ def _accept(db: Database, job_id: str, task_id: str, provider: str, amount: int)
 
 
 @pytest.fixture()
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = Database(tmp_path / "ledger.sqlite")
+def db(tmp_path: Path, db_url: str | None) -> Iterator[Database]:
+    database = open_database(db_url, tmp_path / "ledger.sqlite")
     _account(database, "alice")
     _account(database, "bob", "provider")
     yield database
@@ -185,10 +186,11 @@ def _finish_if_done(conn: sqlite3.Connection, job_id: str) -> None:
 )
 @given(st.lists(operation, max_size=40))
 def test_random_operations_keep_the_ledger_sound(
-    tmp_path: Path, ops: list[tuple[Any, ...]]
+    tmp_path: Path, db_engine: str, request: pytest.FixtureRequest, ops: list[tuple[Any, ...]]
 ) -> None:
     path = tmp_path / f"{uuid.uuid4().hex}.sqlite"
-    db = Database(path)
+    url = None if db_engine == "sqlite" else request.getfixturevalue("postgres").new_database()
+    db = open_database(url, path)
     for name in USERS:
         _account(db, name)
     paid: set[str] = set()
@@ -247,7 +249,7 @@ def test_random_operations_keep_the_ledger_sound(
                         raise RuntimeError("crash")
             else:
                 db.close()
-                db = Database(path)
+                db = open_database(url, path)
             assert ledger.check(db) == []
         balances = db.query("SELECT account, SUM(amount) FROM ledger_entries GROUP BY account")
         assert sum(row[1] for row in balances) == 0
@@ -263,10 +265,11 @@ def test_random_operations_keep_the_ledger_sound(
 
 
 @pytest.fixture()
-def coordinator(tmp_path: Path) -> Iterator[RunningCoordinator]:
+def coordinator(tmp_path: Path, db_url: str | None) -> Iterator[RunningCoordinator]:
     running = start_coordinator(
-        tmp_path / "coordinator", "--lease-seconds", "4", "--heartbeat-interval", "1"
-    )
+        tmp_path / "coordinator", "--lease-seconds", "4", "--heartbeat-interval", "1",
+        *(["--db", db_url] if db_url else []),
+    )  # fmt: skip
     yield running
     running.stop()
 
@@ -376,12 +379,15 @@ def test_an_unaffordable_job_gets_402_with_the_numbers_and_nothing_is_created(
         assert unknown.value.status == 404
 
 
-def test_ledger_check_cli_exits_1_on_a_broken_ledger(coordinator: RunningCoordinator) -> None:
+def test_ledger_check_cli_exits_1_on_a_broken_ledger(
+    coordinator: RunningCoordinator, db_url: str | None
+) -> None:
     from tests.test_farm_cli import tessera
 
     url, admin = coordinator.url, coordinator.admin_token
     assert tessera("ledger", "check", url=url, token=admin).returncode == 0
-    with sqlite3.connect(coordinator.data_dir / "coordinator.sqlite") as conn:
+    database = open_database(db_url, coordinator.data_dir / "coordinator.sqlite")
+    with closing(database), database.transaction() as conn:
         conn.execute(
             "INSERT INTO ledger_txns (id, kind, memo, at) VALUES ('bad', 'grant', '', ?)",
             (STAMP,),

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from app.cli.coordinator_db import add_database_options, cmd_migrate
 from app.cli.node_workers import add_worker_options, worker_options
 from app.cli.options import (
     UNSET,
@@ -132,6 +133,7 @@ def add_commands(sub: Subparsers) -> None:
         f"(default {_DEFAULT_POLICY.suspend_after})",
     )
     _add_request_limit_options(coordinator)
+    add_database_options(coordinator)
     _add_lan_options(
         coordinator,
         "advertise this coordinator on the LAN (zeroconf) and let "
@@ -469,12 +471,16 @@ def cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
     from coordinator.config import CoordinatorConfig
     from coordinator.server import serve
 
+    if args.action == "migrate":
+        return cmd_migrate(args)
     if (args.tls_cert is None) != (args.tls_key is None):
         raise UsageError("--tls-cert and --tls-key go together.")
     farm, secret = _lan_farm(args) if args.lan else (args.farm, None)
     data_dir = args.data or settings.home / "coordinator"
     config = CoordinatorConfig(
         data_dir=data_dir,
+        db_url=args.db,
+        shared_store=args.store,
         lease_seconds=args.lease_seconds,
         heartbeat_interval=args.heartbeat_interval,
         farm_name=farm,

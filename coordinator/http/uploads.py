@@ -9,10 +9,8 @@ import re
 from starlette.requests import ClientDisconnect, Request
 
 from coordinator.errors import BadUploadError, UploadTooLargeError
-from coordinator.store import ContentStore, SpooledUpload, TooLargeError
-from protocol.base import (
-    SHA256_PATTERN,
-)
+from coordinator.store import SpooledUpload, Store, TooLargeError
+from protocol.base import SHA256_PATTERN
 
 __all__ = ["check_room", "check_sha", "spool"]
 
@@ -22,7 +20,7 @@ def check_sha(sha256: str) -> None:
         raise BadUploadError(f"'{sha256[:80]}' is not a SHA-256 (64 lower-case hex digits).")
 
 
-def check_room(store: ContentStore, request: Request, keep_free: int) -> None:
+def check_room(store: Store, request: Request, keep_free: int) -> None:
     """Refuse (507) before reading an upload that would leave the data folder's disk
     with less than `keep_free` free (a sender that does not say its size is checked
     for 0)."""
@@ -30,7 +28,7 @@ def check_room(store: ContentStore, request: Request, keep_free: int) -> None:
     store.check_room(int(length) if length.isdigit() else 0, keep_free)
 
 
-async def spool(store: ContentStore, request: Request, limit: int) -> SpooledUpload:
+async def spool(store: Store, request: Request, limit: int) -> SpooledUpload:
     """Stream the request body into a spool file, refusing it past `limit` bytes. A
     full disk is `StorageFullError` (507); a sender whose connection broke mid-body
     gets nothing stored (it sends the whole body again)."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from coordinator.store import ContentStore
+from coordinator.store import Store
 from coordinator.verify.policy import VerificationPolicy, choose_window
 from protocol.models import JobSpec, NodeCapabilities, Region, RenderAssignment
 from renderers.compare import WindowComparison, compare_windows
@@ -117,7 +117,7 @@ def render_class(caps: NodeCapabilities | None, device: str) -> tuple[object, ..
     return ("CPU", tuple(sorted(caps.blender_versions)), caps.cpu_kernel, caps.cpu)
 
 
-def judge(tile: Result, samples: list[Result], device: str, store: ContentStore) -> Verdict:
+def judge(tile: Result, samples: list[Result], device: str, store: Store) -> Verdict:
     """Decide after the latest of `samples` came back (one sample, or two after a dispute).
 
     `samples[0]` is the first sample; `samples[1]`, when present, the arbiter's.
@@ -185,7 +185,7 @@ def judge(tile: Result, samples: list[Result], device: str, store: ContentStore)
     )
 
 
-def window_pixels(store: ContentStore, result: Result, window: Region) -> npt.NDArray[np.float32]:
+def window_pixels(store: Store, result: Result, window: Region) -> npt.NDArray[np.float32]:
     """The Combined RGBA of `window` (frame pixels) cut from `result`'s EXR."""
     image = read_exr(store.path(result.sha256))
     rgba = image.combined_rgba()

@@ -32,8 +32,8 @@ class Reputation:
         """Count confirmed or rejected results; suspend a provider rejected too often."""
         conn.execute(
             "INSERT INTO providers (account, verified, rejected) VALUES (?,?,?) ON CONFLICT"
-            " (account) DO UPDATE SET verified = verified + excluded.verified,"
-            " rejected = rejected + excluded.rejected",
+            " (account) DO UPDATE SET verified = providers.verified + excluded.verified,"
+            " rejected = providers.rejected + excluded.rejected",
             (account, verified, rejected),
         )
         policy = self.core.config.verification
