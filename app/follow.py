@@ -23,7 +23,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import cast
@@ -423,32 +423,31 @@ def _inside(folder: Path, file: Deliverable) -> Path:
 
 
 def _fetch_deliverable(client: TesseraClient, job_id: str, file: Deliverable, target: Path) -> None:
-    try:
+    with _download(client, job_id, file.path, target):
         client.download_deliverable(job_id, file, target)
-    except requests.RequestException as exc:
-        target.with_name(target.name + ".part").unlink(missing_ok=True)
-        raise CoordinatorUnreachableError(
-            f"Lost the connection while downloading {file.path} of job {job_id} from "
-            f"{client.base_url} ({exc})."
-        ) from exc
-    except OSError as exc:
-        raise FrameDownloadError(f"Cannot write {target}: {exc.strerror or exc}.") from exc
 
 
 def _fetch_frame(
     client: TesseraClient, job_id: str, frame: int, kind: str, target: Path, sha: str | None
 ) -> None:
     """Download one file of a finished frame (checked against `sha` when given)."""
-    try:
+    with _download(client, job_id, f"frame {frame}", target):
         client.download_frame(job_id, frame, target, kind=kind, expected_sha256=sha)
+
+
+@contextlib.contextmanager
+def _download(client: TesseraClient, job_id: str, what: str, target: Path) -> Iterator[None]:
+    """A download's errors as the user's: a body that broke off mid-way (the partial file
+    dropped; a later sync or run retries) or a file that cannot be written."""
+    try:
+        yield
     except requests.RequestException as exc:
-        # The body broke off mid-way: drop the partial file; a later sync or run retries.
         target.with_name(target.name + ".part").unlink(missing_ok=True)
         raise CoordinatorUnreachableError(
-            f"Lost the connection while downloading frame {frame} of job {job_id} from "
+            f"Lost the connection while downloading {what} of job {job_id} from "
             f"{client.base_url} ({exc})."
         ) from exc
     except OSError as exc:
         raise FrameDownloadError(
-            f"Cannot write frame {frame} to {target}: {exc.strerror or exc}."
+            f"Cannot write {what} to {target}: {exc.strerror or exc}."
         ) from exc

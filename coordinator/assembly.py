@@ -175,23 +175,15 @@ class Assembler:
             return
         spec = JobSpec.model_validate_json(job["spec"])
         if state["status"] == FrameStatus.DENOISING.value:
-            denoised = self.db.query_one(
-                "SELECT result_sha FROM tasks WHERE job_id = ? AND frame = ? AND kind = ? AND"
-                " status = ?",
-                (job_id, frame, TaskKind.DENOISE.value, TaskStatus.COMPLETED.value),
-            )
+            denoised = self._completed(job_id, frame, TaskKind.DENOISE)
             if denoised is not None:
-                image = read_exr(self.store.path(denoised["result_sha"]))
-                self._final(job_id, frame, spec, image, exr_sha=denoised["result_sha"])
+                image = read_exr(self.store.path(denoised))
+                self._final(job_id, frame, spec, image, exr_sha=denoised)
             return
         if state["status"] == FrameStatus.FINISHING.value:
-            finished = self.db.query_one(
-                "SELECT result_sha FROM tasks WHERE job_id = ? AND frame = ? AND kind = ? AND"
-                " status = ?",
-                (job_id, frame, TaskKind.FINISH.value, TaskStatus.COMPLETED.value),
-            )
+            finished = self._completed(job_id, frame, TaskKind.FINISH)
             if finished is not None:
-                self._finished(job_id, frame, spec, dict(state), finished["result_sha"])
+                self._finished(job_id, frame, spec, dict(state), finished)
             return
         tiles = self.db.query(
             "SELECT tile_index, result_sha, status FROM tasks WHERE job_id = ? AND frame = ?"
@@ -213,6 +205,15 @@ class Assembler:
             self._start_denoise(job_id, frame, merged)
         else:
             self._final(job_id, frame, spec, merged)
+
+    def _completed(self, job_id: str, frame: int, kind: TaskKind) -> str | None:
+        """The result of the frame's completed denoise or finish task, if it is in."""
+        row = self.db.query_one(
+            "SELECT result_sha FROM tasks WHERE job_id = ? AND frame = ? AND kind = ? AND"
+            " status = ?",
+            (job_id, frame, kind.value, TaskStatus.COMPLETED.value),
+        )
+        return None if row is None else str(row["result_sha"])
 
     def _store_exr(self, image: ExrImage) -> str:
         with tempfile.TemporaryDirectory(dir=self.store.tmp) as scratch:

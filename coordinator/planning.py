@@ -157,25 +157,23 @@ def backup_task(tile: Any, number: int) -> NewTask:
 
 def denoise_task(job_id: str, frame: int, merged_sha: str) -> NewTask:
     """The denoise of a merged frame (its id is fixed: a frame is denoised once)."""
-    return NewTask(
-        id=f"{job_id}-f{frame}-denoise",
-        job_id=job_id,
-        kind=TaskKind.DENOISE,
-        frame=frame,
-        tile_index=0,
-        denoise_input=merged_sha,
-    )
+    return _frame_task(job_id, frame, TaskKind.DENOISE, merged_sha)
 
 
 def finish_task(job_id: str, frame: int, frame_sha: str) -> NewTask:
     """The finish of a final frame into the scene's own files (once per frame)."""
+    return _frame_task(job_id, frame, TaskKind.FINISH, frame_sha)
+
+
+def _frame_task(job_id: str, frame: int, kind: TaskKind, input_sha: str) -> NewTask:
+    """A whole frame's task on a stored input; its id is fixed (`-denoise`, `-finish`)."""
     return NewTask(
-        id=f"{job_id}-f{frame}-finish",
+        id=f"{job_id}-f{frame}-{kind.value}",
         job_id=job_id,
-        kind=TaskKind.FINISH,
+        kind=kind,
         frame=frame,
         tile_index=0,
-        denoise_input=frame_sha,
+        denoise_input=input_sha,
     )
 
 
