@@ -213,6 +213,11 @@ MIGRATIONS: tuple[str, ...] = (
             json_extract(j.spec, '$.scene.resolution_y') FROM jobs j WHERE j.id = tasks.job_id))
     ) WHERE assignment IS NOT NULL AND json_valid(assignment)
     """,
+    # 10: what a job really costs (issue 16): the render time each failed, expired or
+    # rejected attempt took, counted as wasted work in the job's cost figures.
+    """
+    ALTER TABLE failures ADD COLUMN seconds REAL;
+    """,
 )
 
 

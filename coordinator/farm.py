@@ -9,8 +9,9 @@ forwards each public operation to the room that owns it; it holds no rule of its
 - every status change (`task_states.py`), frame assembly (`assembly.py`).
 
 `Farm.open` also owns the running parts: the frame assembler and the sweeper thread
-that re-queues expired leases, settles samples nobody could take and fails the tasks a
-provider called impossible that no other provider came to try.
+that re-queues expired leases, settles samples nobody could take, fails the tasks a
+provider called impossible that no other provider came to try, and keeps running jobs
+within their budget (`steer_budgets`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from protocol.models import (
     Job,
     JobEstimate,
     JobSpec,
+    JobStatus,
     Lease,
     LeaseRequest,
     LedgerCheck,
@@ -61,6 +63,8 @@ __all__ = ["SWEEP_SECONDS", "Farm", "Principal"]
 
 log = logging.getLogger(__name__)
 SWEEP_SECONDS = 1.0
+#: Sweeps between two budget checks of the running jobs.
+BUDGET_EVERY = 3
 
 
 class Farm:
@@ -108,13 +112,26 @@ class Farm:
         self.db.close()
 
     def _sweep(self) -> None:
+        rounds = 0
         while not self.stopping.wait(SWEEP_SECONDS):
+            rounds += 1
             try:
                 self.requeue_expired()
                 self.resolve_stale_samples()
                 self.fail_unconfirmed()
+                if rounds % BUDGET_EVERY == 0:
+                    self.steer_budgets()
             except Exception:
                 log.exception("lease sweep failed")
+
+    def steer_budgets(self) -> int:
+        """Top up the escrow of running jobs whose measured work costs more than held, and
+        pause those that would pass their cap or their owner's balance (with the reason);
+        the number paused (`coordinator.billing`)."""
+        pauses = self.credits.steer_budgets()
+        for job_id, reason in pauses:
+            self.states.set_job_status(job_id, JobStatus.PAUSED, reason)
+        return len(pauses)
 
     @property
     def on_frame_ready(self) -> list[FrameReady]:

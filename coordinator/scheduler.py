@@ -19,6 +19,7 @@ from typing import Any, Literal
 from coordinator import ledger
 from coordinator.accounts import Principal, require
 from coordinator.core import Core, TaskRow
+from coordinator.costs import NodeWork, node_work
 from coordinator.db import now_iso
 from coordinator.errors import (
     LeaseNotFoundError,
@@ -117,7 +118,8 @@ class Scheduler:
         )
         if who.role is not Role.ADMIN and who.role is not Role.REQUESTER:
             rows = [row for row in rows if row["owner"] == who.account]
-        infos = [self._node_model(row) for row in rows]
+        work = node_work(db)
+        infos = [self._node_model(row, work.get(row["id"])) for row in rows]
         if who.role is not Role.REQUESTER:
             return infos
         own = {
@@ -165,7 +167,7 @@ class Scheduler:
             + f"; nodes offer {', '.join(offered) or 'nothing'}."
         )
 
-    def _node_model(self, row: sqlite3.Row) -> NodeInfo:
+    def _node_model(self, row: sqlite3.Row, work: NodeWork | None = None) -> NodeInfo:
         record = ProviderRecord(row["verified"] or 0, row["rejected"] or 0)
         offline = time.time() - row["last_seen"] > self.core.config.node_offline_after
         with self._touch_lock:
@@ -195,6 +197,8 @@ class Scheduler:
             verified=record.verified,
             rejected=record.rejected,
             suspended=row["suspended"],
+            success_rate=None if work is None else work.success_rate,
+            accepted_seconds=0.0 if work is None else round(work.accepted_seconds, 3),
         )
 
     def _touch_node(self, node_id: str) -> None:

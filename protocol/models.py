@@ -352,6 +352,24 @@ class JobProgress(Strict):
     frames_done: int
 
 
+class JobCost(Strict):
+    """What a job cost per successful frame (docs/billing.md). Exactly these keys, in
+    `tessera job`, `tessera render/submit --json` (`cost`), the app and the add-on."""
+
+    credits_per_frame: float | None = Field(
+        default=None, description="credits paid so far / frames done (None before a frame)"
+    )
+    success_rate: float | None = Field(
+        default=None, description="accepted task results / task results delivered"
+    )
+    wasted_seconds: float = Field(
+        default=0.0,
+        description="render time of rejected, failed, expired and losing backup work",
+    )
+    estimate: float = Field(default=0.0, description="credits escrowed at submit")
+    final: float = Field(default=0.0, description="credits paid (the bill, once finished)")
+
+
 class Job(Strict):
     id: str
     name: str
@@ -368,6 +386,13 @@ class Job(Strict):
         default=0.0, description="credits held for the job when it was submitted"
     )
     credits_spent: float = Field(default=0.0, description="credits paid for its accepted tasks")
+    cost: JobCost = Field(default_factory=JobCost)
+    measured_scene_cost: float | None = Field(
+        default=None, description="scene cost measured from its providers' renders"
+    )
+    verification_credits: float = Field(
+        default=0.0, description="credits paid for duplicate samples (the price of checking)"
+    )
 
 
 class JobEstimate(Strict):
@@ -537,6 +562,12 @@ class NodeInfo(Strict):
     verified: int = Field(default=0, description="duplicate samples that agreed")
     rejected: int = Field(default=0, description="results refused by checks or samples")
     suspended: str | None = Field(default=None, description="why the provider is suspended")
+    success_rate: float | None = Field(
+        default=None, description="this node's accepted results / results it delivered"
+    )
+    accepted_seconds: float = Field(
+        default=0.0, description="render time of this node's accepted results"
+    )
 
 
 class LeaseRequest(Strict):
