@@ -2,9 +2,10 @@
 scene cost when it settles, and the budget check that keeps a job within its cap.
 
 The order problem (docs/billing.md): the first tiles are accepted before a robust
-measurement exists. So a task is paid when it is accepted at a *provisional* scene cost,
-the lower of the requester's estimate and the measurement so far (it always fits the
-escrow, which was sized on the estimate); when the job settles (completed, failed or
+measurement exists. So a task is paid when it is accepted at a *provisional* scene cost:
+PROVISIONAL_SHARE of the lower of the requester's estimate and the measurement so far
+(it always fits the escrow, which was sized on the estimate, and the share leaves room
+for the measurement to fall as tiles come in); when the job settles (completed, failed or
 canceled) every accepted task is trued up, once (`adjust:<task_id>`), to the job's final
 measured scene cost. A provisional payment is never taken back: it is the task's floor.
 While the job runs, `budget` projects the bill at the measured cost: the escrow is topped
@@ -30,6 +31,7 @@ from protocol.models import JobSpec, NodeCapabilities, RenderAssignment, TaskKin
 
 __all__ = [
     "MIN_TILES_TO_STEER",
+    "PROVISIONAL_SHARE",
     "Budget",
     "budget",
     "provisional_scene_cost",
@@ -37,6 +39,8 @@ __all__ = [
     "true_up",
 ]
 
+#: The share of the provisional scene cost a task is paid when it is accepted.
+PROVISIONAL_SHARE = 0.8
 #: Tiles measured before the projection may top up the escrow or pause a job (a first
 #: tile also fetched the bundle and loaded the scene: one alone says little).
 MIN_TILES_TO_STEER = 3
@@ -58,12 +62,12 @@ def task_amount(spec: JobSpec, row: sqlite3.Row, caps: NodeCapabilities, scene_c
 def provisional_scene_cost(
     conn: sqlite3.Connection, spec: JobSpec, job_id: str, owner: str
 ) -> float:
-    """The scene cost a task is paid at when accepted: the estimate, or the measurement
-    so far when it is lower (the true-up at settle pays the rest)."""
+    """The scene cost a task is paid at when accepted: PROVISIONAL_SHARE of the estimate,
+    or of the measurement so far when it is lower (the true-up at settle pays the rest)."""
     measured = measure(conn, job_id, owner)
     if measured is None:
-        return spec.scene_cost
-    return min(spec.scene_cost, measured.scene_cost)
+        return PROVISIONAL_SHARE * spec.scene_cost
+    return PROVISIONAL_SHARE * min(spec.scene_cost, measured.scene_cost)
 
 
 def final_scene_cost(spec: JobSpec, measured: Measurement | None) -> float:

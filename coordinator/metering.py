@@ -8,8 +8,9 @@ needs for the tile's pixel-samples of the benchmark scene. That is the tile's sc
 in the pricing's units (1.0 = the benchmark scene).
 
 The job's measured cost is robust to any one party:
-- per provider account, the lower median of its tiles (a cold first tile, which also
-  fetched the bundle and loaded the scene, does not count against the rest);
+- per provider account, the lower quartile of its tiles: a tile's measured time only
+  ever grows with what is not the work (a cold first tile that also fetched the bundle
+  and loaded the scene, a busy machine, a slow upload), so the low end is the work;
 - across providers, the lower median of those: a provider that renders (or uploads)
   slowly cannot raise it, and with two providers the faster one sets it;
 - the job owner's own nodes are left out whenever another provider measured, so a
@@ -65,8 +66,8 @@ def tile_cost(seconds: float, score: float | None, pixel_samples: float) -> floa
 
 
 def robust_cost(per_provider: dict[str, list[float]]) -> float | None:
-    """Lower median across providers of each provider's lower median; None if empty."""
-    medians = [statistics.median_low(costs) for costs in per_provider.values() if costs]
+    """Lower median across providers of each provider's lower quartile; None if empty."""
+    medians = [sorted(costs)[(len(costs) - 1) // 4] for costs in per_provider.values() if costs]
     if not medians:
         return None
     return min(MAX_SCENE_COST, max(MIN_SCENE_COST, statistics.median_low(medians)))

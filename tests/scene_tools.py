@@ -62,6 +62,16 @@ if "adaptive_threshold" in opts:
     scene.cycles.adaptive_min_samples = opts.get("adaptive_min_samples", 0)
 if "denoise" in opts:
     scene.cycles.use_denoising = opts["denoise"]
+if "world_volume" in opts:  # a heavier scene: the whole world scatters light
+    if scene.world is None:
+        scene.world = bpy.data.worlds.new("World")
+    if scene.world.node_tree is None:
+        scene.world.use_nodes = True
+    tree = scene.world.node_tree
+    scatter = tree.nodes.new("ShaderNodeVolumeScatter")
+    scatter.inputs["Density"].default_value = opts["world_volume"]
+    output = next(n for n in tree.nodes if n.type == "OUTPUT_WORLD")
+    tree.links.new(scatter.outputs["Volume"], output.inputs["Volume"])
 if "output_format" in opts:
     if opts["output_format"] == "FFMPEG":
         scene.render.image_settings.media_type = "VIDEO"  # Blender 5: media type first

@@ -1,0 +1,315 @@
+"""Billing by measurement, end to end: a real coordinator, real renders, providers of
+separate accounts served in turn (tests/verify_tools.py).
+
+- A requester that declares a light scene through the API is billed by the measurement:
+  its providers are paid within 30% of what an honest job of the same scene pays.
+- A provider that stalls before uploading earns no more per unit than an honest one.
+- A job whose measured work would pass its max_credits pauses with the reason, and the
+  cap is never exceeded.
+- A cheating provider's wasted work shows in the job's cost figures; the ledger checks.
+- Two scenes of different weight cost in proportion to their render times.
+And the pure parts: the robust aggregate, and the reference shared with farm_node.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from coordinator import metering
+from farm_node import benchmark
+from protocol.client import TesseraClient
+from protocol.models import JobStatus, Role
+from renderers.scene_info import SceneInfo, inspect_scene
+from renderers.worker import RenderRequest, RenderWorker
+from tests.farm_tools import RunningCoordinator, job_spec, make_bundle, start_coordinator
+from tests.scene_tools import prepare_scene
+from tests.verify_tools import VirtualNode, make_node, serve
+
+COST_KEYS = {"credits_per_frame", "success_rate", "wasted_seconds", "estimate", "final"}
+
+
+@pytest.fixture()
+def coordinator(tmp_path: Path) -> Iterator[RunningCoordinator]:
+    running = start_coordinator(tmp_path / "coordinator")
+    yield running
+    running.stop()
+
+
+@pytest.fixture()
+def admin(coordinator: RunningCoordinator) -> Iterator[TesseraClient]:
+    with coordinator.client(coordinator.admin_token) as client:
+        yield client
+
+
+@pytest.fixture()
+def requester(coordinator: RunningCoordinator, admin: TesseraClient) -> Iterator[TesseraClient]:
+    token = admin.create_account("artist", Role.REQUESTER).token
+    admin.grant("artist", 5000)
+    with coordinator.client(token) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def demo_info(worker: RenderWorker, demo_scene: Path) -> SceneInfo:
+    return inspect_scene(worker, demo_scene)
+
+
+def _submit(
+    requester: TesseraClient, info: SceneInfo, scene: Path, folder: Path, **options: object
+) -> str:
+    path, sha = make_bundle(scene, folder)
+    requester.upload_bundle(path)
+    fields: dict[str, object] = {
+        "frames": "1-2",
+        "tiles": (2, 1),
+        "percentage": 25,
+        "samples": 16,
+        "denoise": False,
+        "max_price": 1.0,
+    }
+    fields.update(options)
+    frames, tiles = str(fields.pop("frames")), fields.pop("tiles")
+    assert isinstance(tiles, tuple)
+    return requester.submit_job(job_spec(info, sha, frames, tiles, **fields)).id
+
+
+def _finished(client: TesseraClient, *job_ids: str) -> bool:
+    finished = (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED)
+    return all(client.job(job_id).status in finished for job_id in job_ids)
+
+
+def _ledger_ok(admin: TesseraClient) -> None:
+    check = admin.ledger_check()
+    assert check.ok, check.problems
+
+
+def _db(coordinator: RunningCoordinator) -> sqlite3.Connection:
+    path = coordinator.data_dir / "coordinator.sqlite"
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def _paid_per_unit(coordinator: RunningCoordinator, job_id: str, provider: str) -> float:
+    """Credits the provider received (fee included) per pixel-sample it rendered."""
+    conn = _db(coordinator)
+    try:
+        rows = conn.execute(
+            "SELECT t.task_id, SUM(CASE WHEN e.account = 'escrow:' || t.job_id THEN -e.amount"
+            " END) AS paid FROM ledger_txns t JOIN ledger_entries e ON e.txn = t.id WHERE"
+            " t.job_id = ? AND t.kind IN ('pay', 'adjust') AND t.task_id IN (SELECT k.id FROM"
+            " tasks k JOIN nodes n ON n.id = k.node_id WHERE n.owner = ?) GROUP BY t.task_id",
+            (job_id, provider),
+        ).fetchall()
+        paid = sum(r["paid"] for r in rows)
+        samples = 0.0
+        for r in rows:
+            a = conn.execute(
+                "SELECT (json_extract(assignment, '$.render_region.x1') -"
+                " json_extract(assignment, '$.render_region.x0')) * (json_extract(assignment,"
+                " '$.render_region.y1') - json_extract(assignment, '$.render_region.y0')) *"
+                " json_extract(assignment, '$.samples') FROM tasks WHERE id = ?",
+                (r["task_id"],),
+            ).fetchone()[0]
+            samples += a
+    finally:
+        conn.close()
+    assert samples > 0, f"{provider} was paid for nothing in job {job_id}"
+    return float(paid) / samples
+
+
+# --- pure parts --------------------------------------------------------------------------
+
+
+def test_the_reference_is_the_benchmarks() -> None:
+    frame = 640 * 360 * (benchmark.BENCHMARK_PERCENTAGE / 100) ** 2
+    units = frame * benchmark.BENCHMARK_SAMPLES / 1e6
+    assert pytest.approx(benchmark.REFERENCE_SECONDS / units) == metering.REFERENCE_SECONDS_PER_UNIT
+
+
+def test_a_slow_provider_cannot_raise_the_cost_nor_a_cold_tile() -> None:
+    honest = [1.0, 1.1, 0.9]
+    assert metering.robust_cost({"a": honest, "b": [5.0, 6.0, 7.0]}) == 0.9
+    assert metering.robust_cost({"a": [9.0, 1.0, 1.2]}) == 1.0  # the cold first tile
+    assert metering.robust_cost({"a": [1.0, 1.5, 2.0, 3.0, 1.2]}) == 1.2  # lower quartile
+    assert metering.robust_cost({"a": [2.0], "b": [1.0], "c": [100.0]}) == 2.0
+    assert metering.robust_cost({}) is None
+    assert metering.robust_cost({"a": [1e-9]}) == metering.MIN_SCENE_COST
+    # A node twice as fast as the reference took half the seconds for the same work.
+    assert metering.tile_cost(1.0, 2.0, 1e6) == metering.tile_cost(2.0, 1.0, 1e6)
+    assert metering.tile_cost(2.0, None, 1e6) == metering.tile_cost(2.0, 1.0, 1e6)
+
+
+# --- end to end ----------------------------------------------------------------------------
+
+
+def test_a_false_scene_cost_is_billed_by_the_measurement_and_stalling_earns_nothing(
+    coordinator: RunningCoordinator,
+    admin: TesseraClient,
+    requester: TesseraClient,
+    demo_info: SceneInfo,
+    demo_scene: Path,
+    worker: RenderWorker,
+    tmp_path: Path,
+) -> None:
+    url = coordinator.url
+    nodes = [make_node(admin, url, "bob", worker), make_node(admin, url, "carol", worker)]
+    honest = _submit(requester, demo_info, demo_scene, tmp_path / "a", scene_cost=1.0)
+    light = _submit(requester, demo_info, demo_scene, tmp_path / "b", scene_cost=0.01)
+    serve(nodes, demo_scene, tmp_path, lambda: _finished(requester, honest, light))
+    a, b = requester.job(honest), requester.job(light)
+    assert a.status is JobStatus.COMPLETED and b.status is JobStatus.COMPLETED
+    assert a.measured_scene_cost is not None and b.measured_scene_cost is not None
+    # The light declaration sized only the escrow: the bill followed the measurement.
+    assert b.cost.final > 20 * b.cost.estimate, b.cost
+    assert b.cost.final == pytest.approx(a.cost.final, rel=0.3), (a.cost, b.cost)
+    for provider in ("bob", "carol"):
+        assert _paid_per_unit(coordinator, light, provider) == pytest.approx(
+            _paid_per_unit(coordinator, honest, provider), rel=0.3
+        )
+    _ledger_ok(admin)
+
+    # Dave stalls two seconds before every upload; his measured time is much longer.
+    dave = make_node(admin, url, "dave", worker, delay=2.0)
+    stalled = _submit(requester, demo_info, demo_scene, tmp_path / "c", scene_cost=1.0)
+    serve([nodes[0], dave], demo_scene, tmp_path, lambda: _finished(requester, stalled))
+    c = requester.job(stalled)
+    assert c.status is JobStatus.COMPLETED
+    assert c.measured_scene_cost is not None
+    honest_rate = _paid_per_unit(coordinator, honest, "bob")
+    assert _paid_per_unit(coordinator, stalled, "dave") <= 1.3 * honest_rate
+    assert _paid_per_unit(coordinator, stalled, "dave") == pytest.approx(
+        _paid_per_unit(coordinator, stalled, "bob"), rel=0.02
+    )
+    _ledger_ok(admin)
+
+
+def test_a_job_whose_measured_work_passes_its_cap_pauses_and_never_exceeds_it(
+    coordinator: RunningCoordinator,
+    admin: TesseraClient,
+    requester: TesseraClient,
+    demo_info: SceneInfo,
+    demo_scene: Path,
+    worker: RenderWorker,
+    tmp_path: Path,
+) -> None:
+    url = coordinator.url
+    nodes = [
+        make_node(admin, url, "bob", worker, delay=0.3),
+        make_node(admin, url, "carol", worker, delay=0.3),
+    ]
+    estimate = requester.estimate_job(
+        job_spec(
+            demo_info,
+            "0" * 64,
+            "1-3",
+            (2, 2),
+            percentage=25,
+            samples=16,
+            denoise=False,
+            max_price=1.0,
+            scene_cost=0.01,
+        )
+    ).credits
+    cap = round(estimate * 1.5, 3)
+    job_id = _submit(
+        requester,
+        demo_info,
+        demo_scene,
+        tmp_path / "a",
+        frames="1-3",
+        tiles=(2, 2),
+        scene_cost=0.01,
+        max_credits=cap,
+    )
+
+    def paused_or_done() -> bool:
+        return requester.job(job_id).status in (JobStatus.PAUSED, JobStatus.COMPLETED)
+
+    serve(nodes, demo_scene, tmp_path, paused_or_done)
+    job = requester.job(job_id)
+    assert job.status is JobStatus.PAUSED, job
+    assert "max_credits" in job.message and "--max-credits" in job.message
+    assert job.credits_escrowed <= cap
+    requester.cancel(job_id)
+    time.sleep(0.2)
+    job = requester.job(job_id)
+    assert job.credits_spent <= cap and job.cost.final <= cap
+    assert requester.wallet().escrow == 0
+    _ledger_ok(admin)
+
+
+def test_a_cheaters_wasted_work_shows_in_the_cost_and_the_ledger_checks_out(
+    coordinator: RunningCoordinator,
+    admin: TesseraClient,
+    requester: TesseraClient,
+    demo_info: SceneInfo,
+    demo_scene: Path,
+    worker: RenderWorker,
+    tmp_path: Path,
+) -> None:
+    url = coordinator.url
+    nodes: list[VirtualNode] = [
+        make_node(admin, url, "cheater", worker, cheat="noise"),
+        make_node(admin, url, "honest-a", worker),
+        make_node(admin, url, "honest-b", worker),
+    ]
+    job_id = _submit(requester, demo_info, demo_scene, tmp_path / "a", percentage=10, samples=4)
+    serve(nodes, demo_scene, tmp_path, lambda: _finished(requester, job_id))
+    job = requester.job(job_id)
+    assert job.status is JobStatus.COMPLETED
+    cost = job.cost
+    assert set(cost.model_dump()) == COST_KEYS
+    assert cost.wasted_seconds > 0, cost
+    assert cost.success_rate is not None and cost.success_rate < 1.0, cost
+    assert cost.estimate > 0 and cost.final > 0
+    assert cost.credits_per_frame == pytest.approx(cost.final / 2)
+    assert job.verification_credits > 0
+    by_name = {n.capabilities.name: n for n in admin.nodes()}
+    cheater = by_name["cheater"]
+    assert cheater.success_rate is not None and cheater.success_rate < 0.5
+    assert by_name["honest-a"].success_rate == 1.0 and by_name["honest-a"].accepted_seconds > 0
+    _ledger_ok(admin)
+
+
+def test_two_scenes_of_different_weight_cost_in_proportion_to_their_render_times(
+    coordinator: RunningCoordinator,
+    admin: TesseraClient,
+    requester: TesseraClient,
+    demo_info: SceneInfo,
+    demo_scene: Path,
+    worker: RenderWorker,
+    tmp_path: Path,
+) -> None:
+    heavy = prepare_scene(demo_scene, tmp_path / "heavy.blend", world_volume=0.05)
+
+    def seconds(scene: Path) -> float:
+        times = []
+        for i in range(3):
+            start = time.perf_counter()
+            worker.render(
+                RenderRequest(
+                    scene=scene, frame=1, output=tmp_path / f"t{i}.exr", samples=16, percentage=25
+                )
+            )
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    ratio_time = seconds(heavy) / seconds(demo_scene)
+    assert ratio_time > 1.5, "the heavy scene is not heavier: the test proves nothing"
+    url = coordinator.url
+    nodes = [make_node(admin, url, "bob", worker), make_node(admin, url, "carol", worker)]
+    # One job after the other: a node renders the scene of the job being served.
+    light_id = _submit(requester, demo_info, demo_scene, tmp_path / "l", frames="1")
+    serve(nodes, demo_scene, tmp_path, lambda: _finished(requester, light_id))
+    heavy_id = _submit(requester, demo_info, heavy, tmp_path / "h", frames="1")
+    serve(nodes, heavy, tmp_path, lambda: _finished(requester, heavy_id))
+    light_job, heavy_job = requester.job(light_id), requester.job(heavy_id)
+    ratio_cost = heavy_job.cost.final / light_job.cost.final
+    assert 0.6 <= ratio_cost / ratio_time <= 1.6, (ratio_cost, ratio_time)
+    _ledger_ok(admin)
