@@ -6,14 +6,19 @@ separate accounts served in turn (tests/verify_tools.py).
 - A provider that stalls before uploading earns no more per unit than an honest one.
 - A job whose measured work would pass its max_credits pauses with the reason, and the
   cap is never exceeded.
-- A cheating provider's wasted work shows in the job's cost figures; the ledger checks.
+- A cheating provider's wasted work shows in the job's cost figures (served here, and in
+  `tessera render --cheaters 1 --json`); the ledger checks.
 - Two scenes of different weight cost in proportion to their render times.
 And the pure parts: the robust aggregate, and the reference shared with farm_node.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +31,7 @@ from protocol.client import TesseraClient
 from protocol.models import JobStatus, Role
 from renderers.scene_info import SceneInfo, inspect_scene
 from renderers.worker import RenderRequest, RenderWorker
-from tests.farm_tools import RunningCoordinator, job_spec, make_bundle, start_coordinator
+from tests.farm_tools import REPO, RunningCoordinator, job_spec, make_bundle, start_coordinator
 from tests.scene_tools import prepare_scene
 from tests.verify_tools import VirtualNode, make_node, serve
 
@@ -316,3 +321,28 @@ def test_two_scenes_of_different_weight_cost_in_proportion_to_their_render_times
     ratio_cost = heavy_job.cost.final / light_job.cost.final
     assert 0.6 <= ratio_cost / ratio_time <= 1.6, (ratio_cost, ratio_time)
     _ledger_ok(admin)
+
+
+def test_tessera_render_with_a_cheater_reports_the_cost_and_the_wasted_work(
+    demo_scene: Path, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "app.cli", "render", str(demo_scene), "--nodes", "2",
+            "--cheaters", "1", "--frames", "1-2", "--tiles", "2x2", "--percentage", "10",
+            "--samples", "4", "--no-denoise", "--out", str(tmp_path), "--json",
+        ],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=400, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    cost = summary["cost"]
+    assert set(cost) == COST_KEYS
+    assert summary["status"] == "completed" and summary["ledger_ok"] is True
+    cheater = next(p for p in summary["providers"] if p["cheat"])
+    assert cheater["rejected"] >= 1 and cheater["success_rate"] < 1.0
+    # The cheater's refused results were delivered and wasted: both show in the cost.
+    assert cost["success_rate"] < 1.0 and cost["wasted_seconds"] > 0, cost
+    assert cost["estimate"] > 0 and cost["final"] > 0
+    assert cost["credits_per_frame"] == pytest.approx(cost["final"] / 2)
