@@ -239,9 +239,8 @@ def topup(conn: sqlite3.Connection, job_id: str, owner: str, amount: int, step: 
 def paid_for_task(conn: sqlite3.Connection, task_id: str) -> int:
     """Milli-credits that left escrow for the task (its payment and true-up)."""
     row = conn.execute(
-        "SELECT COALESCE(SUM(e.amount), 0) FROM ledger_entries e JOIN ledger_txns t ON"
-        " t.id = e.txn WHERE t.task_id = ? AND t.kind IN ('pay', 'adjust') AND e.amount < 0",
-        (task_id,),
+        "SELECT COALESCE(SUM(amount), 0) FROM ledger_entries WHERE txn IN (?, ?) AND amount < 0",
+        (f"pay:{task_id}", f"adjust:{task_id}"),
     ).fetchone()
     return -int(row[0])
 
