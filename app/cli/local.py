@@ -27,7 +27,7 @@ from app.cli.options import (
 )
 from app.cli.output import MESSAGE_WIDTH, JobProgress, Status, clip, table
 from app.connection import CLI_RETRIES
-from app.cost_text import cost_json, rate
+from app.cost_text import cost_json, cost_lines, rate
 from app.local_farm import LOCAL_CREDITS, LOCAL_PRICE
 from common.errors import TesseraError
 from common.settings import Settings
@@ -164,6 +164,8 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
             f"{args.nodes + len(cheats)} node(s) in {summary['wall_seconds']:.1f} s: "
             f"{result.folder}"
         )
+    for line in ["Cost:", *(f"  {line}" for line in cost_lines(final))]:
+        status.line(line)
     for line in format_providers(summary["providers"], ledger_ok, ledger_problems):
         status.line(line)
     if completed:
