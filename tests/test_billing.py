@@ -35,6 +35,8 @@ from tests.farm_tools import REPO, RunningCoordinator, job_spec, make_bundle, st
 from tests.scene_tools import prepare_scene
 from tests.verify_tools import VirtualNode, make_node, serve
 
+#: The weight test's jobs: frame 1 (the frame it times) at 50% in two tiles, 16 samples.
+HALVES: dict[str, object] = {"frames": "1", "tiles": (2, 1), "samples": 16, "percentage": 50}
 COST_KEYS = {"credits_per_frame", "success_rate", "wasted_seconds", "estimate", "final"}
 
 
@@ -188,8 +190,10 @@ def test_a_false_scene_cost_is_billed_by_the_measurement_and_stalling_earns_noth
     assert c.measured_scene_cost is not None
     honest_rate = _paid_per_unit(coordinator, honest, "bob")
     assert _paid_per_unit(coordinator, stalled, "dave") <= 1.3 * honest_rate
-    assert _paid_per_unit(coordinator, stalled, "dave") == pytest.approx(
-        _paid_per_unit(coordinator, stalled, "bob"), rel=0.02
+    # In the same job, stalling earns no more per unit than rendering honestly (bob may
+    # earn a little more: an early tile keeps its provisional payment as a floor).
+    assert _paid_per_unit(coordinator, stalled, "dave") <= 1.02 * _paid_per_unit(
+        coordinator, stalled, "bob"
     )
     _ledger_ok(admin)
 
@@ -295,26 +299,27 @@ def test_two_scenes_of_different_weight_cost_in_proportion_to_their_render_times
     light = prepare_scene(demo_scene, tmp_path / "light.blend", glass=True)
     heavy = demo_scene
 
-    def seconds(scene: Path) -> float:
-        times = []
-        for i in range(3):
+    # Plain renders of the same frame, the two scenes in turn (the best of four each: a
+    # busy machine only ever makes a render slower).
+    best = {light: float("inf"), heavy: float("inf")}
+    for _ in range(4):
+        for scene in (heavy, light):
             start = time.perf_counter()
             worker.render(
                 RenderRequest(
-                    scene=scene, frame=1, output=tmp_path / f"t{i}.exr", samples=16, percentage=25
+                    scene=scene, frame=1, output=tmp_path / "t.exr", samples=16, percentage=50
                 )
             )
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    ratio_time = seconds(heavy) / seconds(light)
-    assert ratio_time > 1.4, "the scenes weigh the same: the test proves nothing"
+            best[scene] = min(best[scene], time.perf_counter() - start)
+    ratio_time = best[heavy] / best[light]
+    assert ratio_time > 1.3, "the scenes weigh the same: the test proves nothing"
     url = coordinator.url
     nodes = [make_node(admin, url, "bob", worker), make_node(admin, url, "carol", worker)]
     # One job after the other: a node renders the scene of the job being served.
-    light_id = _submit(requester, demo_info, light, tmp_path / "l", frames="1")
+    # Frame 1, as timed above, in tiles large enough for the per-task overhead to be small.
+    light_id = _submit(requester, demo_info, light, tmp_path / "l", **HALVES)
     serve(nodes, light, tmp_path, lambda: _finished(requester, light_id), timeout=120)
-    heavy_id = _submit(requester, demo_info, heavy, tmp_path / "h", frames="1")
+    heavy_id = _submit(requester, demo_info, heavy, tmp_path / "h", **HALVES)
     serve(nodes, heavy, tmp_path, lambda: _finished(requester, heavy_id), timeout=120)
     light_job, heavy_job = requester.job(light_id), requester.job(heavy_id)
     assert light_job.status is JobStatus.COMPLETED and heavy_job.status is JobStatus.COMPLETED
