@@ -8,11 +8,15 @@ needs for the tile's pixel-samples of the benchmark scene. That is the tile's sc
 in the pricing's units (1.0 = the benchmark scene).
 
 The job's measured cost is robust to any one party:
-- per provider account, the lower quartile of its tiles: a tile's measured time only
-  ever grows with what is not the work (a cold first tile that also fetched the bundle
-  and loaded the scene, a busy machine, a slow upload), so the low end is the work;
+- each node's first tile of the job is left out when it rendered more (it also fetched
+  the bundle and loaded the scene);
+- per provider account, the ratio of sums: all its tiles' normalised seconds over all
+  their work units (tiles of a frame differ in weight, sky against a detailed object: a
+  sum weighs them as the bill does, where a median or a quantile of tiles would pick
+  the light or heavy ones);
 - across providers, the lower median of those: a provider that renders (or uploads)
-  slowly cannot raise it, and with two providers the faster one sets it;
+  slowly, or stalls on purpose, cannot raise it; with two providers the faster one sets
+  it, with three the middle one;
 - the job owner's own nodes are left out whenever another provider measured, so a
   requester cannot lower the bill with a node that claims to be slow;
 - nothing the requester declares enters it.
@@ -34,8 +38,11 @@ __all__ = [
     "MIN_SCENE_COST",
     "REFERENCE_SECONDS_PER_UNIT",
     "Measurement",
+    "Tile",
     "measure",
+    "provider_cost",
     "robust_cost",
+    "tile",
 ]
 
 #: Seconds the reference machine needs for one work unit (a million pixel-samples) of the
@@ -56,28 +63,44 @@ class Measurement:
     providers: int
 
 
-def tile_cost(seconds: float, score: float | None, pixel_samples: float) -> float:
-    """The scene cost one tile shows: its benchmark-normalised seconds per work unit,
-    relative to the reference machine's on the benchmark scene. A node without a score
-    counts as the reference machine."""
+@dataclass(frozen=True, slots=True)
+class Tile:
+    """One measured tile: seconds as the reference machine would have taken (the node's
+    seconds times its benchmark score), and its work units at scene cost 1."""
+
+    seconds: float
+    units: float
+
+    @property
+    def cost(self) -> float:
+        return self.seconds / (self.units * REFERENCE_SECONDS_PER_UNIT)
+
+
+def tile(seconds: float, score: float | None, pixel_samples: float) -> Tile:
+    """A tile measured on a node of benchmark `score` (none: the reference machine)."""
     speed = score if score and score > 0 else 1.0
-    units = max(pixel_samples, 1.0) / 1e6
-    return seconds * speed / (units * REFERENCE_SECONDS_PER_UNIT)
+    return Tile(seconds * speed, max(pixel_samples, 1.0) / 1e6)
 
 
-def robust_cost(per_provider: dict[str, list[float]]) -> float | None:
-    """Lower median across providers of each provider's lower quartile; None if empty."""
-    medians = [sorted(costs)[(len(costs) - 1) // 4] for costs in per_provider.values() if costs]
-    if not medians:
+def provider_cost(tiles: list[Tile]) -> float:
+    """A provider's scene cost: its normalised seconds over its work units."""
+    units = sum(t.units for t in tiles)
+    return sum(t.seconds for t in tiles) / (units * REFERENCE_SECONDS_PER_UNIT)
+
+
+def robust_cost(per_provider: dict[str, list[Tile]]) -> float | None:
+    """Lower median across providers of each provider's cost; None if none measured."""
+    costs = [provider_cost(tiles) for tiles in per_provider.values() if tiles]
+    if not costs:
         return None
-    return min(MAX_SCENE_COST, max(MIN_SCENE_COST, statistics.median_low(medians)))
+    return min(MAX_SCENE_COST, max(MIN_SCENE_COST, statistics.median_low(costs)))
 
 
 def measure(conn: sqlite3.Connection, job_id: str, job_owner: str) -> Measurement | None:
     """The job's measured scene cost from its accepted render tiles so far, or None when
     none was measured yet."""
     rows = conn.execute(
-        "SELECT n.owner AS owner, t.render_seconds AS seconds,"
+        "SELECT n.owner AS owner, t.node_id AS node, t.render_seconds AS seconds,"
         " json_extract(n.capabilities, '$.benchmark_score') AS score,"
         " (json_extract(t.assignment, '$.render_region.x1')"
         "  - json_extract(t.assignment, '$.render_region.x0'))"
@@ -85,14 +108,20 @@ def measure(conn: sqlite3.Connection, job_id: str, job_owner: str) -> Measuremen
         "  - json_extract(t.assignment, '$.render_region.y0'))"
         " * json_extract(t.assignment, '$.samples') AS pixel_samples"
         " FROM tasks t JOIN nodes n ON n.id = t.node_id WHERE t.job_id = ? AND t.kind = ?"
-        " AND t.status = ? AND t.render_seconds > 0 AND t.assignment IS NOT NULL",
+        " AND t.status = ? AND t.render_seconds > 0 AND t.assignment IS NOT NULL"
+        " ORDER BY t.leased_at",
         (job_id, TaskKind.RENDER.value, TaskStatus.COMPLETED.value),
     ).fetchall()
-    per_provider: dict[str, list[float]] = defaultdict(list)
+    per_node: dict[str, list[sqlite3.Row]] = defaultdict(list)
     for row in rows:
         if row["pixel_samples"]:
-            tile = tile_cost(row["seconds"], row["score"], float(row["pixel_samples"]))
-            per_provider[row["owner"]].append(tile)
+            per_node[row["node"]].append(row)
+    per_provider: dict[str, list[Tile]] = defaultdict(list)
+    for node_rows in per_node.values():
+        for row in node_rows[1:] if len(node_rows) > 1 else node_rows:
+            per_provider[row["owner"]].append(
+                tile(row["seconds"], row["score"], float(row["pixel_samples"]))
+            )
     if len(per_provider) > 1:
         per_provider.pop(job_owner, None)
     cost = robust_cost(per_provider)

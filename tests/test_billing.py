@@ -35,6 +35,8 @@ from tests.farm_tools import REPO, RunningCoordinator, job_spec, make_bundle, st
 from tests.scene_tools import prepare_scene
 from tests.verify_tools import VirtualNode, make_node, serve
 
+#: Two frames of four tiles the size of the benchmark frame (160x90), 16 samples.
+EIGHT: dict[str, object] = {"frames": "1-2", "tiles": (2, 2), "percentage": 50}
 #: The weight test's jobs: frame 1 (the frame it times) at 50% in two tiles, 16 samples.
 HALVES: dict[str, object] = {"frames": "1", "tiles": (2, 1), "samples": 16, "percentage": 50}
 COST_KEYS = {"credits_per_frame", "success_rate", "wasted_seconds", "estimate", "final"}
@@ -130,6 +132,21 @@ def _paid_per_unit(coordinator: RunningCoordinator, job_id: str, provider: str) 
     return float(paid) / samples
 
 
+def _tiles_of(coordinator: RunningCoordinator, job_id: str, provider: str) -> int:
+    """Render tiles of the job the provider's nodes rendered (accepted)."""
+    conn = _db(coordinator)
+    try:
+        return int(
+            conn.execute(
+                "SELECT COUNT(*) FROM tasks t JOIN nodes n ON n.id = t.node_id WHERE"
+                " t.job_id = ? AND t.kind = 'render' AND t.status = 'completed' AND n.owner = ?",
+                (job_id, provider),
+            ).fetchone()[0]
+        )
+    finally:
+        conn.close()
+
+
 # --- pure parts --------------------------------------------------------------------------
 
 
@@ -139,17 +156,27 @@ def test_the_reference_is_the_benchmarks() -> None:
     assert pytest.approx(benchmark.REFERENCE_SECONDS / units) == metering.REFERENCE_SECONDS_PER_UNIT
 
 
-def test_a_slow_provider_cannot_raise_the_cost_nor_a_cold_tile() -> None:
-    honest = [1.0, 1.1, 0.9]
-    assert metering.robust_cost({"a": honest, "b": [5.0, 6.0, 7.0]}) == 0.9
-    assert metering.robust_cost({"a": [9.0, 1.0, 1.2]}) == 1.0  # the cold first tile
-    assert metering.robust_cost({"a": [1.0, 1.5, 2.0, 3.0, 1.2]}) == 1.2  # lower quartile
-    assert metering.robust_cost({"a": [2.0], "b": [1.0], "c": [100.0]}) == 2.0
+def test_a_slow_provider_cannot_raise_the_cost_and_tiles_weigh_by_their_work() -> None:
+    def tiles(*costs: float, units: float = 1.0) -> list[metering.Tile]:
+        ref = metering.REFERENCE_SECONDS_PER_UNIT
+        return [metering.Tile(cost * units * ref, units) for cost in costs]
+
+    honest = tiles(1.0, 1.2, 0.8)
+    assert metering.robust_cost({"a": honest, "b": tiles(5.0, 6.0, 7.0)}) == pytest.approx(1.0)
+    assert metering.robust_cost(
+        {"a": tiles(2.0), "b": tiles(1.0), "c": tiles(100.0)}
+    ) == pytest.approx(2.0)
+    # A heavy small tile and a light large one: weighed by their work, as billed.
+    mixed = [*tiles(3.0, units=1.0), *tiles(1.0, units=3.0)]
+    assert metering.provider_cost(mixed) == pytest.approx((3.0 * 1 + 1.0 * 3) / 4)
     assert metering.robust_cost({}) is None
-    assert metering.robust_cost({"a": [1e-9]}) == metering.MIN_SCENE_COST
+    assert metering.robust_cost({"a": tiles(1e-9)}) == metering.MIN_SCENE_COST
     # A node twice as fast as the reference took half the seconds for the same work.
-    assert metering.tile_cost(1.0, 2.0, 1e6) == metering.tile_cost(2.0, 1.0, 1e6)
-    assert metering.tile_cost(2.0, None, 1e6) == metering.tile_cost(2.0, 1.0, 1e6)
+    assert metering.tile(1.0, 2.0, 1e6) == metering.tile(2.0, 1.0, 1e6)
+    assert metering.tile(2.0, None, 1e6) == metering.tile(2.0, 1.0, 1e6)
+    assert metering.tile(2.0, 1.0, 1e6).cost == pytest.approx(
+        2.0 / metering.REFERENCE_SECONDS_PER_UNIT
+    )
 
 
 # --- end to end ----------------------------------------------------------------------------
@@ -166,8 +193,9 @@ def test_a_false_scene_cost_is_billed_by_the_measurement_and_stalling_earns_noth
 ) -> None:
     url = coordinator.url
     nodes = [make_node(admin, url, "bob", worker), make_node(admin, url, "carol", worker)]
-    honest = _submit(requester, demo_info, demo_scene, tmp_path / "a", scene_cost=1.0)
-    light = _submit(requester, demo_info, demo_scene, tmp_path / "b", scene_cost=0.01)
+    # Eight tiles each, so that a busy moment on this machine does not decide a bill.
+    honest = _submit(requester, demo_info, demo_scene, tmp_path / "a", scene_cost=1.0, **EIGHT)
+    light = _submit(requester, demo_info, demo_scene, tmp_path / "b", scene_cost=0.01, **EIGHT)
     serve(nodes, demo_scene, tmp_path, lambda: _finished(requester, honest, light))
     a, b = requester.job(honest), requester.job(light)
     assert a.status is JobStatus.COMPLETED and b.status is JobStatus.COMPLETED
@@ -181,20 +209,24 @@ def test_a_false_scene_cost_is_billed_by_the_measurement_and_stalling_earns_noth
         )
     _ledger_ok(admin)
 
-    # Dave stalls two seconds before every upload; his measured time is much longer.
-    dave = make_node(admin, url, "dave", worker, delay=2.0)
-    stalled = _submit(requester, demo_info, demo_scene, tmp_path / "c", scene_cost=1.0)
-    serve([nodes[0], dave], demo_scene, tmp_path, lambda: _finished(requester, stalled))
+    # Dave stalls a second before every upload: his measured times are much longer. He
+    # renders tiles beside two honest providers (and samples of theirs).
+    dave = make_node(admin, url, "dave", worker, delay=1.0)
+    stalled = _submit(requester, demo_info, demo_scene, tmp_path / "c", scene_cost=1.0, **EIGHT)
+    serve([dave, *nodes], demo_scene, tmp_path, lambda: _finished(requester, stalled))
     c = requester.job(stalled)
     assert c.status is JobStatus.COMPLETED
     assert c.measured_scene_cost is not None
+    assert _tiles_of(coordinator, stalled, "dave") >= 2, "dave rendered no tile: nothing shown"
     honest_rate = _paid_per_unit(coordinator, honest, "bob")
     assert _paid_per_unit(coordinator, stalled, "dave") <= 1.3 * honest_rate
-    # In the same job, stalling earns no more per unit than rendering honestly (bob may
-    # earn a little more: an early tile keeps its provisional payment as a floor).
-    assert _paid_per_unit(coordinator, stalled, "dave") <= 1.02 * _paid_per_unit(
-        coordinator, stalled, "bob"
-    )
+    # In the same job, stalling earns no more per unit than rendering honestly (an honest
+    # provider may earn a little more: an early tile keeps its provisional payment).
+    for provider in ("bob", "carol"):
+        if _tiles_of(coordinator, stalled, provider):
+            assert _paid_per_unit(coordinator, stalled, "dave") <= 1.02 * _paid_per_unit(
+                coordinator, stalled, provider
+            )
     _ledger_ok(admin)
 
 
