@@ -77,6 +77,7 @@ def apply_result(scene: Any, result: dict[str, Any]) -> None:
     settings.frames_done = shown["frames_done"]
     settings.frames_total = shown["frames_total"]
     settings.credits_spent = shown["credits_spent"]
+    settings.job_cost = "\n".join(shown["cost"])
     settings.eta_seconds = -1.0 if shown["eta"] is None else shown["eta"]
     settings.job_message = shown["message"]
     if result.get("refused"):

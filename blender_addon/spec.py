@@ -216,7 +216,25 @@ def describe_job(job: dict[str, Any], now: float, created: float | None) -> dict
         "credits_escrowed": float(job.get("credits_escrowed") or 0.0),
         "eta": eta,
         "message": str(job.get("message") or ""),
+        "cost": cost_lines(job.get("cost") or {}),
     }
+
+
+def cost_lines(cost: dict[str, Any]) -> list[str]:
+    """The job's `cost` object (docs/billing.md) as two short lines for the panel:
+    credits per successful frame with the final bill against the estimate, and the
+    share of delivered results accepted with the render time wasted."""
+    if not cost:
+        return []
+    per_frame = cost.get("credits_per_frame")
+    rate = cost.get("success_rate")
+    first = "-" if per_frame is None else f"{float(per_frame):.3g}"
+    second = "-" if rate is None else f"{float(rate) * 100:.0f}%"
+    return [
+        f"{first} credits/frame; final {float(cost.get('final') or 0):.3g}"
+        f" (estimate {float(cost.get('estimate') or 0):.3g})",
+        f"{second} of results accepted; {float(cost.get('wasted_seconds') or 0):.1f} s wasted",
+    ]
 
 
 FINISHED = frozenset({"completed", "failed", "canceled"})

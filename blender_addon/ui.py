@@ -130,6 +130,8 @@ class TesseraSceneSettings(bpy.types.PropertyGroup):
     frames_done: IntProperty(name="Frames Done")
     frames_total: IntProperty(name="Frames Total")
     credits_spent: FloatProperty(name="Credits Spent")
+    #: The job's cost per successful frame, success rate, waste, final vs estimate.
+    job_cost: StringProperty(name="Cost")
     eta_seconds: FloatProperty(name="ETA", default=-1.0)
     last_frame_path: StringProperty(name="Last Frame", subtype="FILE_PATH")
     downloaded_frames: StringProperty(name="Downloaded Frames")
@@ -189,6 +191,8 @@ class TESSERA_PT_submit(bpy.types.Panel):  # noqa: N801 (Blender naming)
             minutes, seconds = divmod(int(settings.eta_seconds), 60)
             box.label(text=f"ETA {minutes}:{seconds:02d}")
         box.label(text=f"Credits spent {settings.credits_spent:.2f}")
+        for line in settings.job_cost.splitlines():
+            box.label(text=line)
         if settings.job_message:
             box.label(text=settings.job_message, icon="INFO")
         row = box.row(align=True)

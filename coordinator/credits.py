@@ -1,5 +1,6 @@
-"""Credits as the farm uses them: admin grants, wallets, the ledger check, and paying a
-node's owner for an accepted task. The bookkeeping itself is `coordinator.ledger`."""
+"""Credits as the farm uses them: admin grants, wallets, the ledger check, paying a
+node's owner for an accepted task, and settling a finished job's bill. The bookkeeping
+itself is `coordinator.ledger`; what a task is worth is `coordinator.billing`."""
 
 from __future__ import annotations
 
@@ -7,11 +8,10 @@ import math
 import sqlite3
 from datetime import datetime
 
-from coordinator import ledger
+from coordinator import billing, ledger
 from coordinator.accounts import Accounts, Principal
 from coordinator.core import Core
 from coordinator.errors import InvalidRequestError, NotAllowedError, NotFoundError
-from coordinator.pricing import denoise_units, render_units
 from protocol.accounts import (
     LedgerCheck,
     LedgerEntry,
@@ -19,9 +19,7 @@ from protocol.accounts import (
 )
 from protocol.models import (
     NodeCapabilities,
-    RenderAssignment,
     Role,
-    TaskKind,
 )
 
 __all__ = ["MAX_GRANT_CREDITS", "Credits"]
@@ -78,7 +76,8 @@ class Credits:
         return LedgerCheck(ok=not problems, problems=problems)
 
     def pay_task(self, conn: sqlite3.Connection, row: sqlite3.Row) -> None:
-        """Pay the node's owner for an accepted task, inside the accepting transaction."""
+        """Pay the node's owner for an accepted task, inside the accepting transaction, at
+        the job's provisional scene cost (`coordinator.billing`)."""
         node = conn.execute(
             "SELECT owner, capabilities FROM nodes WHERE id = ?", (row["node_id"],)
         ).fetchone()
@@ -86,17 +85,41 @@ class Credits:
             return
         spec = self.core.spec_in(conn, row["job_id"])
         caps = NodeCapabilities.model_validate_json(node["capabilities"])
-        price = min(caps.price, spec.max_price)
-        if price <= 0:
+        if min(caps.price, spec.max_price) <= 0:
             return
-        if row["kind"] in (TaskKind.DENOISE.value, TaskKind.FINISH.value):
-            units = denoise_units(spec)
-        else:
-            units = render_units(spec, RenderAssignment.model_validate_json(row["assignment"]))
-        amount = ledger.cost_milli(units, price)
+        owner = conn.execute("SELECT owner FROM jobs WHERE id = ?", (row["job_id"],)).fetchone()
+        scene_cost = billing.provisional_scene_cost(conn, spec, row["job_id"], owner["owner"])
+        amount = billing.task_amount(spec, row, caps, scene_cost)
         paid = ledger.pay(
             conn, row["id"], row["job_id"], node["owner"], amount, self.core.config.fee_rate
         )
         conn.execute(
             "UPDATE nodes SET earned_milli = earned_milli + ? WHERE id = ?", (paid, row["node_id"])
         )
+
+    def settle(self, conn: sqlite3.Connection, job_id: str) -> int:
+        """A finished job's bill: true every accepted task up to the measured scene cost,
+        then refund what is left in escrow to the owner; the amount refunded."""
+        row = conn.execute("SELECT owner FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            return 0
+        spec = self.core.spec_in(conn, job_id)
+        billing.true_up(conn, self.core.config, spec, job_id, row["owner"])
+        return ledger.settle(conn, job_id)
+
+    def steer_budgets(self) -> list[tuple[str, str]]:
+        """Top up the escrow of running priced jobs whose measured work costs more than
+        held; the (job, reason) of those that must pause instead (the sweeper pauses them)."""
+        pauses: list[tuple[str, str]] = []
+        jobs = self.core.db.query(
+            "SELECT id, owner, spec FROM jobs WHERE status IN ('queued', 'active')"
+        )
+        for job in jobs:
+            spec = self.core.readable_spec(job["id"], job["spec"])
+            if spec is None or spec.max_price <= 0:
+                continue
+            with self.core.db.transaction() as conn:
+                verdict = billing.budget(conn, self.core.config, spec, job["id"], job["owner"])
+            if verdict.pause:
+                pauses.append((job["id"], verdict.pause))
+        return pauses

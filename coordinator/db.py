@@ -250,6 +250,14 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX pool_members_by_account ON pool_members(account);
     """,
+    # 12: what a job really costs (issue 16): the render time each failed, expired or
+    # rejected attempt took, counted as wasted work in the job's cost figures.
+    # The figures are read per job, so failures and ledger transactions get a job index.
+    """
+    ALTER TABLE failures ADD COLUMN seconds REAL;
+    CREATE INDEX failures_by_job ON failures(job_id);
+    CREATE INDEX ledger_txns_by_job ON ledger_txns(job_id, kind);
+    """,
 )
 
 

@@ -9,9 +9,10 @@ forwards each public operation to the room that owns it; it holds no rule of its
 - every status change (`task_states.py`), frame assembly (`assembly.py`).
 
 `Farm.open` also owns the running parts: the frame assembler and the sweeper thread
-that re-queues expired leases, settles samples nobody could take and fails the tasks a
-provider called impossible that no other provider came to try; on PostgreSQL, the relay
-that lets replicas of one database hear each other (`coordinator.engines.notify`).
+that re-queues expired leases, settles samples nobody could take, fails the tasks a
+provider called impossible that no other provider came to try, and keeps running jobs
+within their budget (`steer_budgets`); on PostgreSQL, the relay that lets replicas of
+one database hear each other (`coordinator.engines.notify`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from protocol.models import (
     Job,
     JobEstimate,
     JobSpec,
+    JobStatus,
     Lease,
     LeaseRequest,
     NodeCapabilities,
@@ -74,6 +76,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 SWEEP_SECONDS = 1.0
 RECOVER_SWEEPS = 10
+#: Sweeps between two budget checks of the running jobs.
+BUDGET_EVERY = 3
 
 
 class Farm:
@@ -134,8 +138,9 @@ class Farm:
 
     def _sweep(self) -> None:
         """Every SWEEP_SECONDS, on one replica of the database at a time (the claim's
-        holder; another takes over when it dies). With replicas, the holder also queues
-        frames whose assembly a dead replica left undone (every RECOVER_SWEEPS)."""
+        holder; another takes over when it dies). The holder checks running jobs' budgets
+        (every BUDGET_EVERY) and, with replicas, queues frames whose assembly a dead
+        replica left undone (every RECOVER_SWEEPS)."""
         sweeps = 0
         while not self.stopping.wait(SWEEP_SECONDS):
             try:
@@ -145,12 +150,23 @@ class Farm:
                     self.requeue_expired()
                     self.resolve_stale_samples()
                     self.fail_unconfirmed()
+                    if sweeps % BUDGET_EVERY == 0:
+                        self.steer_budgets()
                     sweeps += 1
                     recover = self.relay is not None and sweeps % RECOVER_SWEEPS == 0
                     if recover and self.assembler is not None:
                         self.assembler.recover()
             except Exception:
                 log.exception("lease sweep failed")
+
+    def steer_budgets(self) -> int:
+        """Top up the escrow of running jobs whose measured work costs more than held, and
+        pause those that would pass their cap or their owner's balance (with the reason);
+        the number paused (`coordinator.billing`)."""
+        pauses = self.credits.steer_budgets()
+        for job_id, reason in pauses:
+            self.states.set_job_status(job_id, JobStatus.PAUSED, reason)
+        return len(pauses)
 
     @property
     def on_frame_ready(self) -> list[FrameReady]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sqlite3
 
-from coordinator import ledger
 from coordinator.db import now_iso
 from coordinator.deliverables import Deliverables, StoredFile
 from coordinator.planning import denoise_task, finish_task
@@ -109,8 +108,9 @@ class FrameStates:
         )
         return [row["id"] for row in rows]
 
-    @staticmethod
-    def _complete(conn: sqlite3.Connection, job_id: str, message: str, changes: Changes) -> None:
+    def _complete(
+        self, conn: sqlite3.Connection, job_id: str, message: str, changes: Changes
+    ) -> None:
         updated = conn.execute(
             "UPDATE jobs SET status = ?, message = ?, updated_at = ? WHERE id = ? AND"
             " status IN (?, ?, ?)",
@@ -124,7 +124,7 @@ class FrameStates:
             ),
         ).rowcount
         if updated:
-            ledger.settle(conn, job_id)
+            self.states.credits.settle(conn, job_id)  # the bill follows the measurement
             changes.jobs.append((job_id, JobStatus.COMPLETED))
 
     def _announce(self, job_id: str, frame: int, status: FrameStatus) -> None:

@@ -15,6 +15,7 @@ from coordinator import ledger
 from coordinator.accounts import Principal, require
 from coordinator.bundles import Bundles
 from coordinator.core import Core
+from coordinator.costs import job_bill
 from coordinator.db import now_iso
 from coordinator.deliverables import Deliverables as DeliverableFiles
 from coordinator.errors import ConflictError, InvalidRequestError, JobNotFoundError, NotFoundError
@@ -369,6 +370,7 @@ class Jobs:
         if row["status"] in RUNNABLE_JOBS and not message:
             message = self.scheduler.no_node_message(spec)
         escrowed, paid = ledger.job_credits(db, row["id"])
+        bill = job_bill(db, row["id"], row["owner"], len(frames))
         return Job(
             id=row["id"],
             name=row["name"],
@@ -388,4 +390,7 @@ class Jobs:
             frames_done=[r["frame"] for r in frames],
             credits_escrowed=ledger.credits(escrowed),
             credits_spent=ledger.credits(paid),
+            cost=bill.cost,
+            measured_scene_cost=bill.measured_scene_cost,
+            verification_credits=bill.verification,
         )

@@ -7,8 +7,10 @@ total of all balances is always zero. Every transaction's entries sum to zero.
 
 The moving functions (`grant`, `escrow`, `pay`, `refund`) take an open connection inside
 the caller's transaction, so a ledger move commits together with the state change it pays
-for. `pay` and `refund` use deterministic transaction ids (`pay:<task_id>`,
-`refund:<job_id>`), so a task is paid at most once and a job refunded at most once.
+for. `pay`, `adjust` and `refund` use deterministic transaction ids (`pay:<task_id>`,
+`adjust:<task_id>`, `refund:<job_id>`), so a task is paid at most once, trued up to the
+measured bill at most once (docs/billing.md), and a job refunded at most once. `topup`
+adds to a job's escrow when the measured bill is higher than the estimate.
 `check` proves the invariants.
 """
 
@@ -148,11 +150,13 @@ def unaffordable(amount: int, have: int) -> InsufficientCreditsError | None:
 
 
 def job_credits(db: Database, job_id: str) -> tuple[int, int]:
-    """(escrowed, paid out) milli-credits of a job: what its escrow received and what
-    left it as payments for tasks (refunds are neither)."""
+    """(escrowed, paid out) milli-credits of a job: what its escrow received (top-ups
+    included) and what left it as payments for tasks and their true-ups (refunds are
+    neither)."""
     row = db.fetch_one(
         "SELECT COALESCE(SUM(CASE WHEN t.kind = 'escrow' AND e.amount > 0 THEN e.amount END), 0)"
-        " AS escrowed, COALESCE(SUM(CASE WHEN t.kind = 'pay' THEN -e.amount END), 0) AS paid"
+        " AS escrowed, COALESCE(SUM(CASE WHEN t.kind IN ('pay', 'adjust') THEN -e.amount END),"
+        " 0) AS paid"
         " FROM ledger_entries e JOIN ledger_txns t ON t.id = e.txn WHERE e.account = ?",
         (escrow_account(job_id),),
     )
@@ -189,6 +193,58 @@ def pay(
     return amount - fee if posted else 0
 
 
+def adjust(
+    conn: sqlite3.Connection,
+    task_id: str,
+    job_id: str,
+    provider_owner: str,
+    amount: int,
+    fee_rate: float,
+) -> int:
+    """True a paid task up to its measured price: pay `amount` more from the job's escrow
+    (capped at what it holds), less the fee, at most once per task. Returns what the
+    provider received, 0 when nothing was written."""
+    held = _balance(conn, escrow_account(job_id))
+    amount = min(amount, held)
+    if amount <= 0:
+        return 0
+    fee = math.floor(amount * fee_rate + 1e-9)
+    posted = _post(
+        conn,
+        f"adjust:{task_id}",
+        "adjust",
+        [(escrow_account(job_id), -amount), (user(provider_owner), amount - fee), (FEE, fee)],
+        job_id=job_id,
+        task_id=task_id,
+        memo=f"task {task_id}: measured price",
+    )
+    return amount - fee if posted else 0
+
+
+def topup(conn: sqlite3.Connection, job_id: str, owner: str, amount: int, step: int) -> bool:
+    """Add `amount` from the owner to the job's escrow (the `step`th top-up, so each is
+    written once); False if it was written before, or the owner cannot afford it."""
+    if amount <= 0 or _balance(conn, user(owner)) < amount:
+        return False
+    return _post(
+        conn,
+        f"escrow:{job_id}:topup{step}",
+        "escrow",
+        [(user(owner), -amount), (escrow_account(job_id), amount)],
+        job_id=job_id,
+        memo=f"escrow top-up for job {job_id}: measured work costs more than estimated",
+    )
+
+
+def paid_for_task(conn: sqlite3.Connection, task_id: str) -> int:
+    """Milli-credits that left escrow for the task (its payment and true-up)."""
+    row = conn.execute(
+        "SELECT COALESCE(SUM(amount), 0) FROM ledger_entries WHERE txn IN (?, ?) AND amount < 0",
+        (f"pay:{task_id}", f"adjust:{task_id}"),
+    ).fetchone()
+    return -int(row[0])
+
+
 def refund(conn: sqlite3.Connection, job_id: str, owner: str) -> int:
     """Return what is left in the job's escrow to its owner, once; the amount refunded."""
     held = _balance(conn, escrow_account(job_id))
@@ -203,6 +259,30 @@ def refund(conn: sqlite3.Connection, job_id: str, owner: str) -> int:
         memo=f"leftover of job {job_id}",
     )
     return held if done else 0
+
+
+def balance_in(conn: sqlite3.Connection, account: str) -> int:
+    """An account's balance, read inside the caller's transaction."""
+    return _balance(conn, account)
+
+
+def escrowed_in(conn: sqlite3.Connection, job_id: str) -> int:
+    """What the job's escrow received: its estimate and every top-up."""
+    row = conn.execute(
+        "SELECT COALESCE(SUM(e.amount), 0) FROM ledger_entries e JOIN ledger_txns t ON"
+        " t.id = e.txn WHERE e.account = ? AND t.kind = 'escrow' AND e.amount > 0",
+        (escrow_account(job_id),),
+    ).fetchone()
+    return int(row[0])
+
+
+def topups_in(conn: sqlite3.Connection, job_id: str) -> int:
+    """How many top-ups the job's escrow received."""
+    row = conn.execute(
+        "SELECT COUNT(*) FROM ledger_txns WHERE kind = 'escrow' AND job_id = ? AND id != ?",
+        (job_id, f"escrow:{job_id}"),
+    ).fetchone()
+    return int(row[0])
 
 
 def balance(db: Database, account: str) -> int:
@@ -273,7 +353,7 @@ def check(db: Database) -> list[str]:
             )
         for row in db.query(
             "SELECT t.task_id, k.status FROM ledger_txns t LEFT JOIN tasks k ON k.id = t.task_id"
-            " WHERE t.kind = 'pay' AND (k.status IS NULL OR k.status != 'completed')"
+            " WHERE t.kind IN ('pay', 'adjust') AND (k.status IS NULL OR k.status != 'completed')"
         ):
             problems.append(f"task {row['task_id']} was paid but is {row['status'] or 'missing'}")
         for row in db.query(
@@ -281,6 +361,16 @@ def check(db: Database) -> list[str]:
             " GROUP BY task_id HAVING COUNT(*) > 1"
         ):
             problems.append(f"task {row['task_id']} was paid {row['n']} times")
+        for row in db.query(
+            "SELECT a.task_id FROM ledger_txns a LEFT JOIN ledger_txns p ON p.kind = 'pay'"
+            " AND p.task_id = a.task_id WHERE a.kind = 'adjust' AND p.id IS NULL"
+        ):
+            problems.append(f"task {row['task_id']} was trued up but never paid")
+        for row in db.query(
+            "SELECT task_id, COUNT(*) AS n FROM ledger_txns WHERE kind = 'adjust'"
+            " GROUP BY task_id HAVING n > 1"
+        ):
+            problems.append(f"task {row['task_id']} was trued up {row['n']} times")
         for row in db.query(
             "SELECT j.id, j.status, SUM(e.amount) AS held FROM jobs j JOIN ledger_entries e"
             " ON e.account = 'escrow:' || j.id WHERE j.status IN (?, ?, ?) GROUP BY j.id"

@@ -24,13 +24,17 @@ __all__ = [
 ]
 
 
-def render_units(spec: JobSpec, assignment: RenderAssignment) -> float:
+def render_units(
+    spec: JobSpec, assignment: RenderAssignment, scene_cost: float | None = None
+) -> float:
     """Work units of a render task: its region's pixels x the samples it names / 1e6,
-    times the scene's cost relative to the benchmark scene. The assignment's own numbers
+    times the scene's cost relative to the benchmark scene (`scene_cost`: the measured
+    one, `coordinator.metering`; else the spec's estimate). The assignment's own numbers
     (what the node is told to render), never the file's."""
     region = assignment.render_region
     pixels = (region.x1 - region.x0) * (region.y1 - region.y0)
-    return pixels * assignment.samples / 1e6 * spec.scene_cost
+    cost = spec.scene_cost if scene_cost is None else scene_cost
+    return pixels * assignment.samples / 1e6 * cost
 
 
 def denoise_units(spec: JobSpec) -> float:

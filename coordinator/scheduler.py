@@ -19,6 +19,7 @@ from typing import Any, Literal
 from coordinator import ledger
 from coordinator.accounts import Principal, require
 from coordinator.core import Core, TaskRow
+from coordinator.costs import NodeWork, node_work
 from coordinator.db import now_iso
 from coordinator.errors import (
     LeaseNotFoundError,
@@ -134,7 +135,8 @@ class Scheduler:
         )
         if who.role is not Role.ADMIN and who.role is not Role.REQUESTER:
             rows = [row for row in rows if row["owner"] == who.account]
-        infos = [self._node_model(row) for row in rows]
+        work = node_work(db)
+        infos = [self._node_model(row, work.get(row["id"])) for row in rows]
         if who.role is not Role.REQUESTER:
             return infos
         own = {
@@ -198,7 +200,7 @@ class Scheduler:
                 nodes.append(Candidate(caps, owners[row["owner"]] & frozenset(caps.pools)))
         return nodes
 
-    def _node_model(self, row: sqlite3.Row) -> NodeInfo:
+    def _node_model(self, row: sqlite3.Row, work: NodeWork | None = None) -> NodeInfo:
         record = ProviderRecord(row["verified"] or 0, row["rejected"] or 0)
         offline = time.time() - row["last_seen"] > self.core.config.node_offline_after
         with self._touch_lock:
@@ -233,6 +235,8 @@ class Scheduler:
             verified=record.verified,
             rejected=record.rejected,
             suspended=row["suspended"],
+            success_rate=None if work is None else work.success_rate,
+            accepted_seconds=0.0 if work is None else round(work.accepted_seconds, 3),
         )
 
     def _touch_node(self, node_id: str) -> None:

@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator import ledger
 from coordinator.core import Core, TaskRow
 from coordinator.credits import Credits
 from coordinator.db import now_iso
@@ -180,9 +179,20 @@ class TaskStates:
         final: bool = False,
     ) -> None:
         conn.execute(
-            "INSERT INTO failures (task_id, job_id, node_id, kind, message, at, lease_id, final)"
-            " VALUES (?,?,?,?,?,?,?,?)",
-            (task_id, job_id, node_id, kind, message[:2000], now_iso(), lease_id, int(final)),
+            "INSERT INTO failures (seconds, task_id, at, job_id, node_id, kind, message, lease_id,"
+            " final) VALUES ((SELECT COALESCE(render_seconds, ? - leased_at) FROM tasks WHERE"
+            " id = ?), ?2, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                time.time(),
+                task_id,
+                now_iso(),
+                job_id,
+                node_id,
+                kind,
+                message[:2000],
+                lease_id,
+                final,
+            ),
         )
 
     def fail_attempt(
@@ -282,19 +292,8 @@ class TaskStates:
     def _fail_job_for_task(
         self, conn: sqlite3.Connection, task_id: str, job_id: str, why: str, changes: Changes
     ) -> None:
-        """The task failed for good: fail its job, with the reasons its last attempts gave,
-        the whole message at most REPORT_CHARS long (node reports stay closed quotes)."""
-        reasons = [
-            f"{r['kind']}: {r['message']}"
-            for r in conn.execute(
-                "SELECT kind, message FROM failures WHERE task_id = ? ORDER BY id DESC LIMIT 3",
-                (task_id,),
-            )
-        ][::-1]
-        head = f"Task {task_id} failed ({why}): "
-        room = (claims.REPORT_CHARS - len(head) - 3 * (len(reasons) - 1)) // max(1, len(reasons))
-        summary = head + " | ".join(claims.shortened(reason, room) for reason in reasons)
-        self.fail_job(conn, job_id, summary, changes)
+        """The task failed for good: fail its job, saying why (`claims.failure_summary`)."""
+        self.fail_job(conn, job_id, claims.failure_summary(conn, task_id, why), changes)
 
     def fail_unconfirmable(self, conn: sqlite3.Connection, row: TaskRow, changes: Changes) -> bool:
         """A soft-failed task whose providers so far are kept off it (one called it
@@ -577,7 +576,8 @@ class TaskStates:
         """Pause or resume a job (its tasks keep their states)."""
         with self.core.db.transaction() as conn:
             conn.execute(
-                "UPDATE jobs SET status = ?, message = ?, updated_at = ? WHERE id = ?",
+                "UPDATE jobs SET status = ?, message = ?, updated_at = ? WHERE id = ? AND status"
+                " NOT IN ('completed', 'failed', 'canceled')",
                 (status.value, message, now_iso(), job_id),
             )
         self.announce(Changes(jobs=[(job_id, status)], work=status is JobStatus.QUEUED))
@@ -600,7 +600,7 @@ class TaskStates:
                 "UPDATE jobs SET status = ?, message = ?, updated_at = ? WHERE id = ?",
                 (JobStatus.CANCELED.value, "Canceled by its owner.", now_iso(), job_id),
             )
-            ledger.settle(conn, job_id)
+            self.credits.settle(conn, job_id)
         self.announce(Changes(jobs=[(job_id, JobStatus.CANCELED)]))
 
     def fail_job(
@@ -627,7 +627,7 @@ class TaskStates:
             " tasks WHERE job_id = ? AND status = ?)",
             (job_id, TaskStatus.CANCELED.value),
         )
-        ledger.settle(conn, job_id)
+        self.credits.settle(conn, job_id)
         changes.jobs.append((job_id, JobStatus.FAILED))
 
     def fail_job_now(self, job_id: str, message: str) -> None:

@@ -389,6 +389,24 @@ class JobProgress(Strict):
     frames_done: int
 
 
+class JobCost(Strict):
+    """What a job cost per successful frame (docs/billing.md). Exactly these keys, in
+    `tessera job`, `tessera render/submit --json` (`cost`), the app and the add-on."""
+
+    credits_per_frame: float | None = Field(
+        default=None, description="credits paid so far / frames done (None before a frame)"
+    )
+    success_rate: float | None = Field(
+        default=None, description="accepted task results / task results delivered"
+    )
+    wasted_seconds: float = Field(
+        default=0.0,
+        description="render time of rejected, failed, expired and losing backup work",
+    )
+    estimate: float = Field(default=0.0, description="credits escrowed at submit")
+    final: float = Field(default=0.0, description="credits paid (the bill, once finished)")
+
+
 class Job(Strict):
     id: str
     name: str
@@ -408,6 +426,13 @@ class Job(Strict):
     #: Set on the reply to a submit only: why no registered node meets the job's
     #: requirements now ("" when one does). The job is queued all the same.
     warning: str = ""
+    cost: JobCost = Field(default_factory=JobCost)
+    measured_scene_cost: float | None = Field(
+        default=None, description="scene cost measured from its providers' renders"
+    )
+    verification_credits: float = Field(
+        default=0.0, description="credits paid for duplicate samples (the price of checking)"
+    )
 
 
 class JobEstimate(Strict):
@@ -601,6 +626,12 @@ class NodeInfo(Strict):
     verified: int = Field(default=0, description="duplicate samples that agreed")
     rejected: int = Field(default=0, description="results refused by checks or samples")
     suspended: str | None = Field(default=None, description="why the provider is suspended")
+    success_rate: float | None = Field(
+        default=None, description="this node's accepted results / results it delivered"
+    )
+    accepted_seconds: float = Field(
+        default=0.0, description="render time of this node's accepted results"
+    )
 
 
 Readiness = Literal["ready", "warming", "failed"]

@@ -291,6 +291,18 @@ def test_the_panel_shows_progress_credits_and_an_eta() -> None:
     assert shown["credits_spent"] == 1.5
     assert shown["eta"] == pytest.approx(90.0), "2 tasks in 30 s: 6 more take 90 s"
     assert spec_module.describe_job(job, now=130.0, created=None)["eta"] is None
+    assert shown["cost"] == [], "an older coordinator sends no cost"
+    job["cost"] = {
+        "credits_per_frame": 0.75,
+        "success_rate": 0.9,
+        "wasted_seconds": 3.25,
+        "estimate": 2.0,
+        "final": 1.5,
+    }
+    assert spec_module.describe_job(job, now=130.0, created=100.0)["cost"] == [
+        "0.75 credits/frame; final 1.5 (estimate 2)",
+        "90% of results accepted; 3.2 s wasted",
+    ]
     assert spec_module.frame_file_name(7) == "frame_0007.exr"
     assert spec_module.output_folder("/renders/shot_", "/p/a.blend") == "/renders"
     assert spec_module.output_folder("/renders/", "/p/a.blend") == "/renders/"

@@ -388,6 +388,8 @@ def test_the_provider_summary_reads_what_the_coordinator_reports() -> None:
         "account": "local-1",
         "cheat": None,
         "accepted": 9,
+        "accepted_seconds": 0.0,
+        "success_rate": None,
         "rejected": 0,
         "earned": 1.25,
         "reputation": 1.0,
@@ -398,9 +400,10 @@ def test_the_provider_summary_reads_what_the_coordinator_reports() -> None:
     json.dumps(providers)  # JSON-ready
     lines = format_providers(providers, True)
     assert lines[0].split() == [
-        "PROVIDER", "CHEAT", "ACCEPTED", "REJECTED", "EARNED", "REPUTATION", "SUSPENDED",
+        "PROVIDER", "CHEAT", "ACCEPTED", "REJECTED", "SUCCESS", "EARNED", "REPUTATION",
+        "SUSPENDED",
     ]  # fmt: skip
-    assert lines[1].split() == ["local-1", "-", "9", "0", "1.25", "1.00", "-"]
+    assert lines[1].split() == ["local-1", "-", "9", "0", "-", "1.25", "1.00", "-"]
     assert "SUSPENDED: 3 results rejected" in lines[2]
     assert lines[-1].strip() == "Ledger: checks out (every invariant holds)"
     failed = format_providers(providers, False, ["task t paid twice"])
@@ -409,8 +412,12 @@ def test_the_provider_summary_reads_what_the_coordinator_reports() -> None:
 
 
 def test_a_nodes_row_shows_price_reputation_earnings_and_suspension() -> None:
-    row = _node_row(_node("n", price=0.5, earned=2.0, reputation=0.25, rejected=2))
+    row = _node_row(
+        _node("n", price=0.5, earned=2.0, reputation=0.25, rejected=2, tasks_completed=6,
+              success_rate=0.75, accepted_seconds=75.0)
+    )  # fmt: skip
     assert row[1] == "idle" and row[-4:] == ("2", "0.5", "0.25", "2")
+    assert row[-6:-4] == ("75%", "6 (1 min 15 s)")
     assert _node_row(_node("n", suspended="too many rejections"))[1] == "SUSPENDED"
 
 

@@ -158,6 +158,7 @@ def test_submit_wait_renders_and_downloads_frames(
     assert detail.returncode == 0, detail.stderr
     assert "completed" in detail.stdout and "tiles 8/8 (100%)" in detail.stdout
     assert "1-2          done" in detail.stdout
+    assert "per successful frame" in detail.stdout and "of render time wasted" in detail.stdout
     as_json = json.loads(
         tessera("job", job_id, "--json", url=coordinator.url, token=requester).stdout
     )
@@ -165,12 +166,17 @@ def test_submit_wait_renders_and_downloads_frames(
     assert as_json["tasks_by_status"]["completed"] >= 8
     assert [f["status"] for f in as_json["frames"]] == ["done", "done"]
     assert as_json["failures"] == []
+    assert set(as_json["cost"]) == {
+        "credits_per_frame", "success_rate", "wasted_seconds", "estimate", "final",
+    }  # fmt: skip
+    assert as_json["cost"]["success_rate"] == 1.0 and as_json["cost"]["wasted_seconds"] == 0
 
     nodes = tessera("nodes", "--json", url=coordinator.url, token=requester)
     assert nodes.returncode == 0, nodes.stderr
     (info,) = json.loads(nodes.stdout)
     assert info["capabilities"]["name"] == "test-node"
     assert info["tasks_completed"] >= 8 and info["status"] in ("idle", "busy")
+    assert info["success_rate"] == 1.0 and info["accepted_seconds"] > 0
 
 
 def test_pause_resume_priority_and_cancel(

@@ -114,7 +114,7 @@ def test_nodes_table_from_plain_models(qtbot: QtBot) -> None:
     table.set_nodes([_node("fast"), _node("cheat", suspended="2 rejected results")])
     fast, cheat = cell_texts(table, 0), cell_texts(table, 1)
     assert fast[:5] == ["fast", "fast-owner", "idle", "CPU, OPTIX", "5.0.1"]
-    assert fast[6:11] == ["7", "2", "1.5", "0.75", "12.50"]
+    assert fast[6:13] == ["7", "-", "7 (0 s)", "2", "1.5", "0.75", "12.50"]
     assert cheat[2] == "SUSPENDED"
     status = table.item(1, 2)
     assert status is not None and "2 rejected results" in status.toolTip()

@@ -194,6 +194,9 @@ def test_nodes_table_marks_lan_only_nodes(qtbot: QtBot) -> None:
         ),
         status="idle",
         last_seen=NOW,
+        tasks_completed=3,
+        success_rate=0.75,
+        accepted_seconds=4.25,
     )
     lan = [
         Advertised("node", "gpu-box", (LOOPBACK,), 0, {"name": "gpu-box", "devices": "OPTIX"}),
@@ -218,6 +221,8 @@ def test_nodes_table_marks_lan_only_nodes(qtbot: QtBot) -> None:
         "2.5",
         SEEN_BOTH,
     )
+    assert (first["Success"], first["Accepted work"]) == ("75%", "3 (4.2 s)")
+    assert (second["Success"], second["Accepted work"]) == ("-", "-")
     assert (second["Name"], second["Devices"], second["Seen"]) == (
         "studio-7",
         "CPU (16 threads)",

@@ -22,6 +22,7 @@ from app.gui.submit_page import TILES
 from app.gui.tile_grid import TileGrid, TileState
 from protocol.models import (
     Job,
+    JobCost,
     JobProgress,
     JobStatus,
     Role,
@@ -129,7 +130,19 @@ def test_job_view_from_plain_models(qtbot: QtBot) -> None:
     tasks = [_task(i, TaskStatus.COMPLETED) for i in range(6)] + [
         _task(0, TaskStatus.ACTIVE, frame=2, node="n1")
     ]
-    view.set_job(_job(frames_done=[1]), tasks, {})
+    job = _job(frames_done=[1]).model_copy(
+        update={
+            "cost": JobCost(
+                credits_per_frame=1.5, success_rate=0.8, wasted_seconds=12.5, estimate=2, final=1.5
+            ),
+            "measured_scene_cost": 2.5,
+        }
+    )
+    view.set_job(job, tasks, {})
+    cost = view.cost.text()
+    assert "1.5 credits per successful frame" in cost and "(estimate 2)" in cost, cost
+    assert "80% of delivered results accepted" in cost and "12.5 s" in cost, cost
+    assert "measured scene cost 2.5 (declared 1)" in cost, cost
     assert view.strip.frame_texts() == ["✓ 1", "2", "3"]
     assert view.frame == 1
     assert view.grid.grid == (3, 2)
@@ -143,7 +156,7 @@ def test_job_view_from_plain_models(qtbot: QtBot) -> None:
         TileState.QUEUED,
     ]
     view.set_job(None)
-    assert view.grid.tiles() == []
+    assert view.grid.tiles() == [] and view.cost.text() == ""
 
 
 # --- against a real coordinator ------------------------------------------------------------

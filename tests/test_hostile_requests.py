@@ -371,8 +371,16 @@ def test_the_disk_full_message_hides_the_free_bytes(tmp_path: Path) -> None:
     assert str(store.free_bytes()) not in raised.value.message
 
 
-def test_old_assignments_get_explicit_settings_on_upgrade(tmp_path: Path) -> None:
+def test_old_assignments_get_explicit_settings_on_upgrade(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from coordinator import db as db_module
     from coordinator.db import MIGRATIONS, Database
+
+    # A database from before the migration that made the settings explicit (and every
+    # later one): created with only the migrations before it, then upgraded.
+    explicit = next(i for i, script in enumerate(MIGRATIONS) if "'$.resolution_x'" in script)
+    monkeypatch.setattr(db_module, "MIGRATIONS", MIGRATIONS[:explicit])
 
     scene = small_spec().scene.model_copy(update={"samples": 64})
     spec = small_spec().model_copy(update={"scene": scene, "samples": None})
@@ -382,7 +390,6 @@ def test_old_assignments_get_explicit_settings_on_upgrade(tmp_path: Path) -> Non
     old.update(samples=None, percentage=None)
     db = Database(tmp_path / "old.sqlite")
     with db.transaction() as conn:
-        conn.execute(f"PRAGMA user_version={len(MIGRATIONS) - 1}")
         conn.execute(
             "INSERT INTO accounts (name, role, token_hash, created_at)"
             " VALUES ('a', 'requester', 'h', 'x')"
@@ -398,6 +405,7 @@ def test_old_assignments_get_explicit_settings_on_upgrade(tmp_path: Path) -> Non
             (json.dumps(old),),
         )
     db.close()
+    monkeypatch.setattr(db_module, "MIGRATIONS", MIGRATIONS)
     db = Database(tmp_path / "old.sqlite")
     raw = db.fetch_one("SELECT assignment FROM tasks WHERE id = 't'")[0]
     db.close()

@@ -35,6 +35,8 @@ class VirtualNode:
     faked: list[str] = field(default_factory=list)
     done: int = 0
     refused: list[str] = field(default_factory=list)
+    #: Seconds it waits before each upload (a provider that stalls to look slow).
+    delay: float = 0.0
 
     def register(self) -> None:
         self.node_id = self.client.register_node(self.capabilities).node_id
@@ -54,6 +56,7 @@ class VirtualNode:
         if self.cheat is not None and plan is not None:
             self.cheat.finish(plan, output)
         self.client.heartbeat(lease.lease_id, Heartbeat(progress=1.0))
+        time.sleep(self.delay)
         try:
             self.client.upload_result(lease.lease_id, output)
         except ApiError as exc:
@@ -72,6 +75,8 @@ def make_node(
     price: float = 1.0,
     cheat: str | None = None,
     seed: int | str | None = None,
+    delay: float = 0.0,
+    score: float | None = None,
 ) -> VirtualNode:
     """A node with its own provider account called `name`."""
     token = admin.create_account(name, Role.PROVIDER).token
@@ -81,10 +86,11 @@ def make_node(
         cpu="Test CPU",
         cpu_kernel=kernel,
         price=price,
+        benchmark_score=score,
     )
     rng = random.Random(name if seed is None else seed)
     faker = Cheat(CheatMode(cheat), rng=rng) if cheat else None
-    node = VirtualNode(name, TesseraClient(url, token), worker, caps, faker)
+    node = VirtualNode(name, TesseraClient(url, token), worker, caps, faker, delay=delay)
     node.register()
     return node
 

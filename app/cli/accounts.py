@@ -16,6 +16,7 @@ from app.cli.options import (
     print_json,
 )
 from app.cli.output import MESSAGE_WIDTH, clip, table
+from app.cost_text import rate, work_text
 from common.settings import Settings
 from protocol.accounts import (
     AccountInfo,
@@ -31,7 +32,9 @@ def add_commands(sub: Subparsers) -> None:
         "nodes",
         help="list the farm's render nodes",
         description="List the render nodes the coordinator knows: status, devices, "
-        "Blender versions, current task, tasks done, failed and rejected by verification, "
+        "Blender versions, current task, tasks done and failed, its success rate (accepted "
+        "/ delivered results) and accepted work (results and their render time), results "
+        "rejected by verification, "
         "price, the provider's reputation, credits earned, and SUSPENDED with the reason "
         "when the coordinator suspended the provider.",
     )
@@ -328,6 +331,8 @@ NODE_COLUMNS = (
     "TASK",
     "DONE",
     "FAILED",
+    "SUCCESS",
+    "ACCEPTED WORK",
     "REJECTED",
     "PRICE",
     "REPUTATION",
@@ -349,6 +354,8 @@ def _node_row(node: NodeInfo) -> tuple[str, ...]:
         node.current_task or "-",
         str(node.tasks_completed),
         str(node.tasks_failed),
+        rate(node.success_rate),
+        work_text(node),
         str(node.rejected),
         f"{caps.price:g}",
         f"{node.reputation:.2f}",

@@ -30,6 +30,7 @@ from app.cli.options import (
 )
 from app.cli.options import priority as priority_value
 from app.cli.output import MESSAGE_WIDTH, JobProgress, Status, clip, percent, table
+from app.cost_text import cost_json, cost_lines
 from common.errors import UsageError
 from common.settings import Settings
 from protocol.client import TesseraClient
@@ -193,6 +194,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
         prepared, job = prepare_and_submit(args, settings, client, status, options)
         summary: dict[str, Any] = {
             "job": job.model_dump(mode="json"),
+            "cost": cost_json(job.cost),
             "bundle": {
                 "sha256": prepared.bundle.sha256,
                 "size": prepared.bundle.size,
@@ -314,6 +316,7 @@ def _report_followed(
     job = result.job
     if args.json:
         summary["job"] = job.model_dump(mode="json")
+        summary["cost"] = cost_json(job.cost)
         summary["folder"] = str(result.folder)
         summary["frames_written"] = [
             {"frame": f.frame, "files": [str(p) for p in f.files]} for f in result.frames
@@ -383,6 +386,7 @@ def cmd_job(args: argparse.Namespace, settings: Settings) -> int:
         print_json(
             {
                 "job": job.model_dump(mode="json"),
+                "cost": cost_json(job.cost),
                 "frames": frames,
                 "tasks_by_status": counts,
                 "failures": failures,
@@ -477,6 +481,7 @@ def format_job(
         ("Tasks", ", ".join(f"{status} {n}" for status, n in counts.items()) or "none"),
     ]
     text = "\n".join(f"{label:<9} {value}" for label, value in lines)
+    text += "\nCost:\n" + "\n".join(f"  {line}" for line in cost_lines(job))
     text += "\nFrames:\n" + "\n".join(f"  {line}" for line in _frame_lines(frames))
     if failures:
         text += "\nFailures:\n" + "\n".join(

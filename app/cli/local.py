@@ -27,6 +27,7 @@ from app.cli.options import (
 )
 from app.cli.output import MESSAGE_WIDTH, JobProgress, Status, clip, table
 from app.connection import CLI_RETRIES
+from app.cost_text import cost_json, cost_lines, rate
 from app.local_farm import LOCAL_CREDITS, LOCAL_PRICE
 from common.errors import TesseraError
 from common.settings import Settings
@@ -126,6 +127,7 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
                 progress.finish()
                 tasks = client.tasks(job.id)
                 nodes = client.nodes()
+                final = client.job(job.id)
             ledger_ok, ledger_problems = _ledger_check(farm.url, farm.admin_token, status)
             local_nodes = list(farm.local_nodes)
     summary: dict[str, Any] = {
@@ -135,6 +137,7 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
         "folder": str(result.folder),
         "frames_written": [f.frame for f in result.frames],
         "files": [str(p) for f in result.frames for p in f.files],
+        "cost": cost_json(final.cost),
         "tasks": len(tasks),
         "render_tasks": sum(t.kind.value == "render" for t in tasks),
         "nodes": [
@@ -161,6 +164,8 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
             f"{args.nodes + len(cheats)} node(s) in {summary['wall_seconds']:.1f} s: "
             f"{result.folder}"
         )
+    for line in ["Cost:", *(f"  {line}" for line in cost_lines(final))]:
+        status.line(line)
     for line in format_providers(summary["providers"], ledger_ok, ledger_problems):
         status.line(line)
     if completed:
@@ -191,6 +196,8 @@ def provider_summary(
             "account": node.owner,
             "cheat": cheats.get(node.capabilities.name),
             "accepted": node.tasks_completed,
+            "accepted_seconds": round(node.accepted_seconds, 3),
+            "success_rate": node.success_rate,
             "rejected": node.rejected,
             "earned": round(node.earned, 6),
             "reputation": round(node.reputation, 4),
@@ -210,13 +217,23 @@ def format_providers(
             p["cheat"] or "-",
             str(p["accepted"]),
             str(p["rejected"]),
+            rate(p.get("success_rate")),
             f"{p['earned']:g}",
             f"{p['reputation']:.2f}",
             "SUSPENDED: " + clip(p["suspended"], MESSAGE_WIDTH) if p["suspended"] else "-",
         )
         for p in providers
     ]
-    headers = ("  PROVIDER", "CHEAT", "ACCEPTED", "REJECTED", "EARNED", "REPUTATION", "SUSPENDED")
+    headers = (
+        "  PROVIDER",
+        "CHEAT",
+        "ACCEPTED",
+        "REJECTED",
+        "SUCCESS",
+        "EARNED",
+        "REPUTATION",
+        "SUSPENDED",
+    )
     lines = table(headers, rows).splitlines()
     if ledger_ok is None:
         lines.append("  Ledger: not checked (" + "; ".join(problems) + ")")

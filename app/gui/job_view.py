@@ -9,6 +9,7 @@ background (`JobDetail`) and hands them over. Picking a frame in the strip emits
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from PySide6.QtCore import Signal
 from PySide6.QtGui import QImage
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QTabWidget, QVBoxLayout, QWidget
 
+from app.cost_text import cost_lines
 from app.gui.task_log import TaskLog
 from app.gui.tile_grid import STATE_COLOURS, TILE_KINDS, FrameStrip, TileGrid, TileState
 from protocol.models import Job, Task, TaskStatus
@@ -73,6 +75,9 @@ class JobView(QWidget):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.heading = QLabel("Select a job to watch its tiles.")
+        #: What the job cost: per successful frame, success rate, waste, estimate vs final.
+        self.cost = QLabel()
+        self.cost.setWordWrap(True)
         self.strip = FrameStrip()
         self.grid = TileGrid()
         self.tile_summary = QLabel()
@@ -96,6 +101,7 @@ class JobView(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.heading)
+        layout.addWidget(self.cost)
         layout.addWidget(self.tabs, 1)
         self._tasks: list[Task] = []
         self._previews: Mapping[str, QImage | bytes] = {}
@@ -120,6 +126,7 @@ class JobView(QWidget):
         if job is None:
             self._job, self._frame = None, None
             self.heading.setText("Select a job to watch its tiles.")
+            self.cost.clear()
             self.strip.set_frames([], [], None)
             self.grid.clear()
             self.tile_summary.clear()
@@ -139,6 +146,7 @@ class JobView(QWidget):
             f"<b>{job.name}</b> — {job.status.value}, {done} of "
             f"{job.progress.frames_total} frame(s) done"
         )
+        self.cost.setText("Cost: " + "<br>".join(html.escape(line) for line in cost_lines(job)))
         self.strip.set_frames(frames, job.frames_done, self._frame)
         self.log.set_tasks(self._tasks, self._node_names)
         self._show_frame()

@@ -37,6 +37,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.connection import FarmConnection
+from app.cost_text import cost_lines
 from app.follow import FollowResult, download_finished_frames
 from app.gui.background import BackgroundWork, ErrorReport, ProgressRelay
 from app.gui.connection import AppSettings
@@ -134,8 +135,8 @@ class JobsTable(QTableWidget):
             spent = cell(
                 credits_text(job),
                 align_right=True,
-                tooltip="Credits paid for accepted tiles, of those held when submitted "
-                "(what is left comes back when the job ends)",
+                tooltip="Credits paid for accepted tiles, of those held (what is left comes"
+                " back when the job ends)\n" + "\n".join(cost_lines(job)),
             )
             self.setItem(row, 5, spent)
             self.setItem(row, 6, cell(str(job.priority), align_right=True))

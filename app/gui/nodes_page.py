@@ -1,7 +1,8 @@
 """The Nodes page: the render nodes the coordinator knows, and those seen on the LAN.
 
 `NodesTable` shows `protocol.models.NodeInfo` rows (name, owner, status or SUSPENDED,
-devices, Blender versions, current task, tasks done, rejected results, price, the
+devices, Blender versions, current task, tasks done, success rate (accepted / delivered
+results), accepted work (results and their render time), rejected results, price, the
 provider's reputation, credits earned, VRAM, benchmark score, where it was seen) and,
 below them, nodes advertised on the LAN (`protocol.discovery.Advertised`) that the
 coordinator does not list, marked "LAN only"; it is built from plain models
@@ -19,6 +20,7 @@ from PySide6.QtGui import QFont
 from PySide6.QtWidgets import QLabel, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
 from app.connection import FarmConnection
+from app.cost_text import rate, work_text
 from app.gui.background import BackgroundWork
 from app.gui.farm_page import FarmPage
 from app.gui.lan_browser import LanBrowser, lan_node_fields
@@ -35,6 +37,8 @@ NODE_COLUMNS = (
     "Blender",
     "Current task",
     "Done",
+    "Success",
+    "Accepted work",
     "Rejected",
     "Price",
     "Reputation",
@@ -114,6 +118,12 @@ class NodesTable(QTableWidget):
             cell(", ".join(caps.blender_versions) or "-"),
             cell(node.current_task or "-"),
             cell(str(node.tasks_completed), align_right=True),
+            cell(
+                rate(node.success_rate),
+                tooltip="accepted results / results delivered",
+                align_right=True,
+            ),
+            cell(work_text(node), tooltip="accepted results (their render time)", align_right=True),
             cell(str(node.rejected), align_right=True),
             cell(f"{caps.price:g}", align_right=True),
             cell(f"{node.reputation:.2f}", align_right=True),
@@ -137,6 +147,8 @@ class NodesTable(QTableWidget):
             cell(fields.devices or "-"),
             cell(fields.blender or "-"),
             cell(fields.current_task or "-"),
+            cell("-", align_right=True),
+            cell("-", align_right=True),
             cell("-", align_right=True),
             cell("-", align_right=True),
             cell(fields.price or "-", align_right=True),

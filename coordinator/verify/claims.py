@@ -23,6 +23,7 @@ __all__ = [
     "REPORT_PREFIX",
     "accounts",
     "contradict",
+    "failure_summary",
     "provider_online",
     "quoted_report",
     "shortened",
@@ -56,6 +57,21 @@ def shortened(reason: str, limit: int) -> str:
         head, _, said = reason.partition(REPORT_PREFIX)
         return head + quoted_report(said[:-1], max(limit - len(head), len(REPORT_PREFIX) + 2))
     return reason[: max(1, limit - 1)] + "\u2026"
+
+
+def failure_summary(conn: sqlite3.Connection, task_id: str, why: str) -> str:
+    """Why a task failed for good, with the reasons its last attempts gave, the whole
+    message at most REPORT_CHARS long (node reports stay closed quotes)."""
+    reasons = [
+        f"{r['kind']}: {r['message']}"
+        for r in conn.execute(
+            "SELECT kind, message FROM failures WHERE task_id = ? ORDER BY id DESC LIMIT 3",
+            (task_id,),
+        )
+    ][::-1]
+    head = f"Task {task_id} failed ({why}): "
+    room = (REPORT_CHARS - len(head) - 3 * (len(reasons) - 1)) // max(1, len(reasons))
+    return head + " | ".join(shortened(reason, room) for reason in reasons)
 
 
 def accounts(conn: sqlite3.Connection, task_id: str, *, final_only: bool = False) -> set[str]:
