@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
+from datetime import datetime
 
 from coordinator import ledger
 from coordinator.db import Database
@@ -43,14 +44,19 @@ def _wasted_seconds(conn: sqlite3.Connection, job_id: str) -> float:
         "SELECT COALESCE(SUM(render_seconds), 0) FROM tasks WHERE job_id = ? AND status = ?",
         (job_id, TaskStatus.REJECTED.value),
     ).fetchone()[0]
-    # Backups that lost: their whole render when it came in late, else until canceled.
-    backups = conn.execute(
-        "SELECT COALESCE(SUM(MAX(COALESCE(render_seconds, (julianday(updated_at)"
-        " - julianday('1970-01-01')) * 86400.0 - leased_at), 0)), 0) FROM tasks WHERE"
-        " job_id = ? AND kind = ? AND status = ? AND leased_at IS NOT NULL AND message NOT"
-        " LIKE 'finished first%'",
+    # Backups that lost: their whole render when it came in late, else until canceled
+    # (read here, not in SQL: the two engines tell time from an ISO stamp differently).
+    backups = 0.0
+    for row in conn.execute(
+        "SELECT render_seconds, updated_at, leased_at FROM tasks WHERE job_id = ? AND"
+        " kind = ? AND status = ? AND leased_at IS NOT NULL AND message NOT LIKE"
+        " 'finished first%'",
         (job_id, TaskKind.BACKUP.value, TaskStatus.CANCELED.value),
-    ).fetchone()[0]
+    ).fetchall():
+        seconds = row[0]
+        if seconds is None:
+            seconds = datetime.fromisoformat(row[1]).timestamp() - float(row[2])
+        backups += max(float(seconds), 0.0)
     # Originals a backup replaced: the slow node rendered until the backup's result came.
     replaced = conn.execute(
         "SELECT COALESCE(SUM(MAX(b.leased_at + b.render_seconds - o.leased_at, 0)), 0) FROM"

@@ -368,7 +368,7 @@ def check(db: Database) -> list[str]:
             problems.append(f"task {row['task_id']} was trued up but never paid")
         for row in db.query(
             "SELECT task_id, COUNT(*) AS n FROM ledger_txns WHERE kind = 'adjust'"
-            " GROUP BY task_id HAVING n > 1"
+            " GROUP BY task_id HAVING COUNT(*) > 1"
         ):
             problems.append(f"task {row['task_id']} was trued up {row['n']} times")
         for row in db.query(

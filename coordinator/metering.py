@@ -26,10 +26,12 @@ Pure reads: this module never writes, pays or changes a status.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 from protocol.models import TaskKind, TaskStatus
 
@@ -96,26 +98,42 @@ def robust_cost(per_provider: dict[str, list[Tile]]) -> float | None:
     return min(MAX_SCENE_COST, max(MIN_SCENE_COST, statistics.median_low(costs)))
 
 
+def _tile_row(row: Any) -> dict[str, Any] | None:
+    """An accepted tile's owner, seconds, benchmark score and pixel-samples, or None
+    when its stored assignment cannot say (an unreadable row is not measured)."""
+    try:
+        region = json.loads(row["assignment"])["render_region"]
+        samples = json.loads(row["assignment"])["samples"]
+        score = json.loads(row["caps"]).get("benchmark_score")
+        pixel_samples = (region["x1"] - region["x0"]) * (region["y1"] - region["y0"]) * samples
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not pixel_samples:
+        return None
+    return {
+        "owner": row["owner"],
+        "seconds": row["seconds"],
+        "score": score,
+        "pixel_samples": pixel_samples,
+    }
+
+
 def measure(conn: sqlite3.Connection, job_id: str, job_owner: str) -> Measurement | None:
     """The job's measured scene cost from its accepted render tiles so far, or None when
     none was measured yet."""
+    # JSON is read here, not in SQL: SQLite and PostgreSQL spell it differently.
     rows = conn.execute(
         "SELECT n.owner AS owner, t.node_id AS node, t.render_seconds AS seconds,"
-        " json_extract(n.capabilities, '$.benchmark_score') AS score,"
-        " (json_extract(t.assignment, '$.render_region.x1')"
-        "  - json_extract(t.assignment, '$.render_region.x0'))"
-        " * (json_extract(t.assignment, '$.render_region.y1')"
-        "  - json_extract(t.assignment, '$.render_region.y0'))"
-        " * json_extract(t.assignment, '$.samples') AS pixel_samples"
-        " FROM tasks t JOIN nodes n ON n.id = t.node_id WHERE t.job_id = ? AND t.kind = ?"
-        " AND t.status = ? AND t.render_seconds > 0 AND t.assignment IS NOT NULL"
-        " ORDER BY t.leased_at",
+        " n.capabilities AS caps, t.assignment AS assignment FROM tasks t JOIN nodes n ON"
+        " n.id = t.node_id WHERE t.job_id = ? AND t.kind = ? AND t.status = ? AND"
+        " t.render_seconds > 0 AND t.assignment IS NOT NULL ORDER BY t.leased_at",
         (job_id, TaskKind.RENDER.value, TaskStatus.COMPLETED.value),
     ).fetchall()
-    per_node: dict[str, list[sqlite3.Row]] = defaultdict(list)
+    per_node: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        if row["pixel_samples"]:
-            per_node[row["node"]].append(row)
+        measured = _tile_row(row)
+        if measured is not None:
+            per_node[row["node"]].append(measured)
     per_provider: dict[str, list[Tile]] = defaultdict(list)
     for node_rows in per_node.values():
         for row in node_rows[1:] if len(node_rows) > 1 else node_rows:

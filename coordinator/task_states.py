@@ -181,9 +181,10 @@ class TaskStates:
         conn.execute(
             "INSERT INTO failures (seconds, task_id, at, job_id, node_id, kind, message, lease_id,"
             " final) VALUES ((SELECT COALESCE(render_seconds, ? - leased_at) FROM tasks WHERE"
-            " id = ?), ?2, ?, ?, ?, ?, ?, ?, ?)",
+            " id = ?), ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 time.time(),
+                task_id,
                 task_id,
                 now_iso(),
                 job_id,

@@ -388,8 +388,9 @@ def test_submit_with_an_estimate_then_follow_pay_and_download_the_job(
     folder = downloaded.args[0]
     assert folder == tmp_path / "out" / "demo"
     assert opened == [folder]
-    for kind in ("exr", "png"):
-        assert (folder / frame_file_name(1, kind)).stat().st_size > 0
+    # The scene's own file where Blender writes it, beside the raw EXR of every pass.
+    assert (folder / frame_file_name(1, "exr")).stat().st_size > 0
+    assert (folder / "render" / "demo_0001.png").stat().st_size > 0
     jobs.set_output_dir(tmp_path / "elsewhere")
     assert store.last_folder("output") == str(tmp_path / "elsewhere")
 
