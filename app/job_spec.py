@@ -167,6 +167,8 @@ def scene_summary(info: SceneInfo) -> SceneSummary:
         resolution_percentage=info.resolution_percentage,
         samples=info.samples,
         adaptive_sampling=info.adaptive_sampling,
+        adaptive_threshold=info.adaptive_threshold,
+        adaptive_min_samples=info.adaptive_min_samples,
         denoising=info.denoising,
         camera=info.camera,
         engine=info.engine,

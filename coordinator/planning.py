@@ -17,7 +17,7 @@ from protocol.models import (
     RenderAssignment,
     TaskKind,
 )
-from renderers.regions import RegionPlan, plan_frame
+from renderers.regions import RegionPlan, plan_grid, render_margin
 
 __all__ = [
     "NewTask",
@@ -25,6 +25,7 @@ __all__ = [
     "denoise_task",
     "frame_assignments",
     "lease_device",
+    "margin_for",
     "node_can_run",
     "plan_assignments",
     "plan_for",
@@ -53,12 +54,17 @@ class NewTask:
 def plan_for(spec: JobSpec) -> RegionPlan:
     """The region plan of every frame of a job (the same for all its frames)."""
     width, height = spec.effective_size()
-    return plan_frame(
-        width,
-        height,
-        spec.tiles.columns,
-        spec.tiles.rows,
-        adaptive_sampling=spec.scene.adaptive_sampling,
+    return plan_grid(width, height, spec.tiles.columns, spec.tiles.rows, margin_for(spec))
+
+
+def margin_for(spec: JobSpec) -> int:
+    """Pixels every region of the job renders beyond its core (renderers.regions)."""
+    scene = spec.scene
+    return render_margin(
+        scene.adaptive_sampling,
+        samples=spec.effective_samples,
+        adaptive_threshold=scene.adaptive_threshold,
+        adaptive_min_samples=scene.adaptive_min_samples,
     )
 
 

@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -192,6 +192,9 @@ class RenderResult:
     frame_width: int
     frame_height: int
     device: str
+    #: Seconds per stage inside Blender (prepare, startup, sync, trace, write) and `cpu`,
+    #: the CPU seconds of all its threads during the render.
+    stages: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,6 +381,7 @@ class RenderWorker:
             frame_width=int(reply["frame_width"]),
             frame_height=int(reply["frame_height"]),
             device=str(reply["device"]),
+            stages={str(k): float(v) for k, v in dict(reply.get("stages") or {}).items()},
         )
 
     def denoise(self, source: Path, output: Path, timeout: float | None = None) -> Path:
