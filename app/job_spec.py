@@ -18,7 +18,16 @@ from typing import Any
 from pydantic import ValidationError
 
 from common.errors import UsageError
-from protocol.models import FramePreview, FrameRange, JobOptions, JobSpec, SceneSummary
+from coordinator.planning import margin_for
+from protocol.models import (
+    FramePreview,
+    FrameRange,
+    JobOptions,
+    JobSpec,
+    SceneSummary,
+    TileGrid,
+)
+from renderers.auto_tiles import GridChoice, choose_grid, grid_cost
 from renderers.scene_info import SceneInfo, inspect_scene
 from renderers.scene_probe import PreviewImage, SceneProbe, preview_frames, probe_scene
 from renderers.worker import RenderWorker
@@ -103,6 +112,24 @@ def job_spec_for(
         fields["scene_cost"] = round(measured.cost, 4)
         fields["previews"] = [frame_preview(image) for image in measured.previews]
     return spec_with_bundle(info, bundle, scene_path, fields)
+
+
+def tile_choice(
+    info: SceneInfo, options: JobOptions, *, auto_nodes: int | None = None
+) -> tuple[JobOptions, GridChoice]:
+    """The options with their grid settled, and what that grid costs (an estimate from
+    the margins' pixels, renderers.auto_tiles). With `auto_nodes` (`--tiles auto`) the
+    grid is chosen for that many nodes and the job's frames; else it is the options'."""
+    spec = job_spec_for(info, options)
+    width, height = spec.effective_size()
+    margin = margin_for(spec)
+    if auto_nodes is None:
+        return options, grid_cost(width, height, spec.tiles.columns, spec.tiles.rows, margin)
+    choice = choose_grid(
+        width, height, nodes=max(1, auto_nodes), frames=len(spec.frames.frames()), margin=margin
+    )
+    tiles = TileGrid(columns=choice.columns, rows=choice.rows)
+    return options.model_copy(update={"tiles": tiles}), choice
 
 
 def probe_fits(measured: SceneProbe, frames: FrameRange, samples: int) -> bool:

@@ -76,7 +76,19 @@ def main() -> None:
                     name = f"{grid[0]}x{grid[1]}, adaptive {label}, margin {margin}"
                     rows.append(_row(name, result, whole))
                     print(rows[-1], flush=True)
-    columns = ["case", "tiles", "margin_px", "pixels", *STAGES, "merge", "other", "wall", "ratio", "cpu", "cpu_ratio"]
+    columns = [
+        "case",
+        "tiles",
+        "margin_px",
+        "pixels",
+        *STAGES,
+        "merge",
+        "other",
+        "wall",
+        "ratio",
+        "cpu",
+        "cpu_ratio",
+    ]
     report("profile_tiles", rows, columns)
     print(f"frame {whole.width}x{whole.height}, samples {samples or 'scene'}; seconds per stage")
 

@@ -268,7 +268,7 @@ def _min_samples(samples: int, threshold: float | None, min_samples: int | None)
         threshold = max(0.001, 1.0 / samples)  # Cycles' automatic threshold
     # ceilf(16 / powf(threshold, 0.3)) in float32; one below when float32 and float64 could
     # round to different sides of a whole number (fewer minimum samples: more passes).
-    exact = 16.0 / threshold**0.3
+    exact: float = 16.0 / math.pow(threshold, 0.3)
     automatic = math.ceil(exact)
     if automatic - exact < 1e-4 or math.ceil(exact - 1e-4) != automatic:
         automatic -= 1

@@ -166,7 +166,9 @@ class SceneInfo:
             adaptive_sampling=bool(raw["adaptive_sampling"]),
             adaptive_threshold=float(raw["adaptive_threshold"]),
             adaptive_min_samples=(
-                None if raw.get("adaptive_min_samples") is None else int(raw["adaptive_min_samples"])
+                None
+                if raw.get("adaptive_min_samples") is None
+                else int(raw["adaptive_min_samples"])
             ),
             denoising=bool(raw["denoising"]),
             denoiser=str(raw["denoiser"]),

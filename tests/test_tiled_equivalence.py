@@ -98,20 +98,34 @@ def converging_scene(demo_scene: Path, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.mark.parametrize("frame", [4, 13, 19])
 def test_converging_adaptive_sampling_needs_and_gets_its_margin(
-    worker: RenderWorker,
-    converging_scene: Path,
-    tmp_path: Path,
-    frame: int,
-    monkeypatch: pytest.MonkeyPatch,
+    worker: RenderWorker, converging_scene: Path, tmp_path: Path, frame: int
 ) -> None:
     common = {"frame": frame, "percentage": 10, "samples": 512}
     whole = _render(worker, converging_scene, tmp_path / "whole.exr", (1, 1), **common)
     tiled = _render(worker, converging_scene, tmp_path / "tiled.exr", (4, 4), **common)
     _assert_identical(tiled, whole)
     # Without the margin, the convergence mask differs along tile edges: the check bites.
-    monkeypatch.setattr(regions, "ADAPTIVE_SAMPLING_MARGIN", 0)
-    naive = _render(worker, converging_scene, tmp_path / "naive.exr", (4, 4), **common)
-    differing = sum(
-        int(np.count_nonzero(naive.channel(n) != whole.channel(n))) for n in whole.channel_names()
-    )
-    assert differing > 0
+    naive = _render(worker, converging_scene, tmp_path / "naive.exr", (4, 4), margin=0, **common)
+    assert _differing(naive, whole) > 0
+
+
+def _differing(a: ExrImage, b: ExrImage) -> int:
+    return sum(int(np.count_nonzero(a.channel(n) != b.channel(n))) for n in b.channel_names())
+
+
+@pytest.mark.parametrize(("samples", "passes"), [(32, 1), (48, 2)])
+def test_derived_margin_of_one_pixel_per_filter_pass_is_exact(
+    worker: RenderWorker, converging_scene: Path, tmp_path: Path, samples: int, passes: int
+) -> None:
+    """Threshold 0.1, minimum 4 samples: Cycles filters after samples 16, 32, ...; at 32
+    samples one pass changes what is sampled, at 48 two. The margin is that many pixels,
+    and it is enough; no margin is not."""
+    assert regions.adaptive_filter_passes(samples, 0.1, 4) == passes
+    common = {"frame": 4, "percentage": 10, "samples": samples}
+    whole = _render(worker, converging_scene, tmp_path / "whole.exr", (1, 1), **common)
+    options = LocalRenderOptions(grid=(4, 4), denoise=False, preview=False, **common)  # type: ignore[arg-type]
+    result = render_frame_local(worker, converging_scene, tmp_path / "tiled.exr", options)
+    assert result.plan.margin == passes
+    _assert_identical(read_exr(tmp_path / "tiled.exr"), whole)
+    naive = _render(worker, converging_scene, tmp_path / "naive.exr", (4, 4), margin=0, **common)
+    assert _differing(naive, whole) > 0

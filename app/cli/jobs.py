@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.blender_choice import choose_build
 from app.cli.options import (
+    AUTO,
     Subparsers,
     add_blender_option,
     add_connection_options,
@@ -47,6 +48,7 @@ from protocol.models import (
 if TYPE_CHECKING:
     from app.follow import FollowResult
     from app.submit import Prepared
+    from renderers.worker import RenderWorker
 
 
 def add_submit(sub: Subparsers) -> None:
@@ -235,6 +237,7 @@ def _print_estimate(
 
     status.line(f"Measuring {args.scene.name} in Blender...")
     with RenderWorker(choose_build(args.blender, settings)) as worker:
+        options = settle_tiles(args, worker, client, status, options)
         described = describe_job(worker, args.scene, options)
     estimate = client.estimate_job(described.spec)
     if args.json:
@@ -277,6 +280,7 @@ def prepare_and_submit(
 
     with bundle_folder(settings.home / "bundles") as bundle_dir:
         with RenderWorker(choose_build(args.blender, settings)) as worker:
+            options = settle_tiles(args, worker, client, status, options)
             prepared = prepare_submission(
                 worker,
                 args.scene,
@@ -294,6 +298,32 @@ def prepare_and_submit(
         f"{job.progress.tasks_total} task(s)"
     )
     return prepared, job
+
+
+def settle_tiles(
+    args: argparse.Namespace,
+    worker: RenderWorker,
+    client: TesseraClient,
+    status: Status,
+    options: JobOptions,
+) -> JobOptions:
+    """The options with `--tiles auto` settled (for `--nodes`, else the farm's nodes that
+    are not offline), saying what the grid costs whenever it splits frames."""
+    from app.job_spec import tile_choice
+    from renderers.scene_info import inspect_scene
+
+    nodes: int | None = None
+    if args.tiles == AUTO:
+        nodes = getattr(args, "nodes", None) or sum(
+            1 for node in client.nodes() if node.status != "offline"
+        )
+    elif tuple(args.tiles) == (1, 1):
+        return options
+    options, choice = tile_choice(inspect_scene(worker, args.scene), options, auto_nodes=nodes)
+    if nodes is not None or choice.tiles > 1:
+        chosen = f" (auto, for {nodes} node(s))" if nodes is not None else ""
+        status.line(f"Tiles{chosen}: {choice.describe()}")
+    return options
 
 
 def _report_followed(
