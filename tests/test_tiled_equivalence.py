@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from renderers import regions
+from renderers.auto_tiles import choose_grid
 from renderers.exr import ExrImage, read_exr
 from renderers.local_render import LocalRenderOptions, render_frame_local
 from renderers.worker import RenderWorker
@@ -129,3 +130,33 @@ def test_derived_margin_of_one_pixel_per_filter_pass_is_exact(
     _assert_identical(read_exr(tmp_path / "tiled.exr"), whole)
     naive = _render(worker, converging_scene, tmp_path / "naive.exr", (4, 4), margin=0, **common)
     assert _differing(naive, whole) > 0
+
+
+@pytest.mark.parametrize(
+    ("size", "nodes", "adaptive"),
+    [
+        ((960, 540), 64, True),
+        ((960, 540), 64, False),
+        ((1920, 1080), 6, True),
+        ((1280, 720), 3, True),
+    ],
+    ids=["8x8", "8x8-adaptive-off", "3x2", "3x1"],
+)
+def test_grids_tiles_auto_picks_are_exact(
+    worker: RenderWorker,
+    converging_scene: Path,
+    tmp_path: Path,
+    size: tuple[int, int],
+    nodes: int,
+    adaptive: bool,
+) -> None:
+    """The grids `--tiles auto` picks for one frame on that many nodes, rendered at a
+    small size (64x36 px) with adaptive sampling that really converges (2 filter passes,
+    a 2 px margin): every one equals the one-piece frame."""
+    choice = choose_grid(*size, nodes=nodes, frames=1, margin=0)
+    assert choice.tiles >= min(nodes, 6)
+    common = {"frame": 13, "percentage": 10, "samples": 48, "adaptive_sampling": adaptive}
+    whole = _render(worker, converging_scene, tmp_path / "whole.exr", (1, 1), **common)
+    grid = (choice.columns, choice.rows)
+    tiled = _render(worker, converging_scene, tmp_path / "tiled.exr", grid, **common)
+    _assert_identical(tiled, whole)
