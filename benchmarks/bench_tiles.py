@@ -116,8 +116,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=None, help="default: the scene's (64)")
     parser.add_argument("--pairs", type=int, default=2, help="(one piece, tiles) pairs per row")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-start row")
+    parser.add_argument(
+        "--size", choices=["480x270", "960x540"], default=None, help="only this frame size"
+    )
     args = parser.parse_args()
-    cases = QUICK_CASES if args.quick else CASES
+    cases: tuple[tuple[tuple[int, int], int], ...] = QUICK_CASES if args.quick else CASES
+    if args.size and not args.quick:
+        cases = tuple(case for case in CASES if 640 * case[1] // 100 == int(args.size[:3]))
     pairs = 1 if args.quick else args.pairs
     samples = 16 if args.quick and args.samples is None else args.samples
     build = default_build()
@@ -160,7 +165,8 @@ def main() -> None:
                         }
                     )
     columns = ["method", "size", "margin_px", "pixels", "seconds", "ratio", "cpu_ratio"]
-    report("tiles", rows, [*columns, "differing"])
+    name = "tiles" if args.size is None or args.quick else f"tiles_{args.size}"
+    report(name, rows, [*columns, "differing"])
     print(
         f"samples {samples or 'of the scene (64)'}; 'seconds' is one piece; ratios are medians "
         f"of {pairs} pair(s); 'differing' counts values unlike the one-piece frame (0: exact)."
