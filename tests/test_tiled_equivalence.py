@@ -132,31 +132,36 @@ def test_derived_margin_of_one_pixel_per_filter_pass_is_exact(
     assert _differing(naive, whole) > 0
 
 
-@pytest.mark.parametrize(
-    ("size", "nodes", "adaptive"),
-    [
-        ((960, 540), 64, True),
-        ((960, 540), 64, False),
-        ((1920, 1080), 6, True),
-        ((1280, 720), 3, True),
-    ],
-    ids=["8x8", "8x8-adaptive-off", "3x2", "3x1"],
-)
-def test_grids_tiles_auto_picks_are_exact(
-    worker: RenderWorker,
-    converging_scene: Path,
-    tmp_path: Path,
-    size: tuple[int, int],
-    nodes: int,
-    adaptive: bool,
+def _grids_auto_picks(width: int, height: int) -> list[tuple[int, int]]:
+    """Every grid `--tiles auto` picks for one frame of this size, on 1 to 299 nodes."""
+    choices = (choose_grid(width, height, nodes=n, frames=1, margin=0) for n in range(1, 300))
+    return sorted({(choice.columns, choice.rows) for choice in choices})
+
+
+def test_every_grid_tiles_auto_picks_for_the_demo_is_exact(
+    worker: RenderWorker, converging_scene: Path, tmp_path: Path
 ) -> None:
-    """The grids `--tiles auto` picks for one frame on that many nodes, rendered at a
-    small size (64x36 px) with adaptive sampling that really converges (2 filter passes,
-    a 2 px margin): every one equals the one-piece frame."""
-    choice = choose_grid(*size, nodes=nodes, frames=1, margin=0)
-    assert choice.tiles >= min(nodes, 6)
-    common = {"frame": 13, "percentage": 10, "samples": 48, "adaptive_sampling": adaptive}
+    """All grids `--tiles auto` picks for the demo's 640x360 frame (14 of them, up to
+    5x5), and the 8x8 it picks for 960x540, rendered at a small size (64x36 px) with
+    adaptive sampling that really converges (2 filter passes, a 2 px margin): every one
+    equals the one-piece frame."""
+    grids = _grids_auto_picks(640, 360)
+    assert len(grids) >= 10 and (5, 5) in grids
+    big = choose_grid(960, 540, nodes=64, frames=1, margin=0)
+    assert (big.columns, big.rows) == (8, 8)
+    grids.append((big.columns, big.rows))
+    common = {"frame": 13, "percentage": 10, "samples": 48}
     whole = _render(worker, converging_scene, tmp_path / "whole.exr", (1, 1), **common)
-    grid = (choice.columns, choice.rows)
-    tiled = _render(worker, converging_scene, tmp_path / "tiled.exr", grid, **common)
-    _assert_identical(tiled, whole)
+    for columns, rows in grids:
+        out = tmp_path / f"tiled-{columns}x{rows}.exr"
+        _assert_identical(_render(worker, converging_scene, out, (columns, rows), **common), whole)
+
+
+def test_the_8x8_grid_is_exact_with_adaptive_sampling_off(
+    worker: RenderWorker, converging_scene: Path, tmp_path: Path
+) -> None:
+    common = {"frame": 13, "percentage": 10, "samples": 48, "adaptive_sampling": False}
+    whole = _render(worker, converging_scene, tmp_path / "whole.exr", (1, 1), **common)
+    _assert_identical(
+        _render(worker, converging_scene, tmp_path / "t.exr", (8, 8), **common), whole
+    )
