@@ -314,8 +314,8 @@ def settle_tiles(
 
     nodes: int | None = None
     if args.tiles == AUTO:
-        nodes = getattr(args, "nodes", None) or sum(
-            1 for node in client.nodes() if node.status != "offline"
+        nodes = getattr(args, "nodes", None) or max(
+            1, sum(1 for node in client.nodes() if node.status != "offline")
         )
     elif tuple(args.tiles) == (1, 1):
         return options
