@@ -21,6 +21,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +91,8 @@ def measure(
     pairs: int,
 ) -> dict[str, object]:
     """Median wall and CPU ratios of `pairs` (one piece, tiles) renders, and equality."""
-    render_frame_local(worker, scene, out / "warmup.exr", whole)
+    # Blender's first render in a process loads kernels: a tiny one takes that cost.
+    render_frame_local(worker, scene, out / "warmup.exr", replace(whole, percentage=5, samples=1))
     walls, cpus, plan, seconds = [], [], None, 0.0
     for _ in range(max(1, pairs)):
         one = render_frame_local(worker, scene, out / "w.exr", whole)
