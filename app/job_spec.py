@@ -27,7 +27,7 @@ from protocol.models import (
     SceneSummary,
     TileGrid,
 )
-from renderers.auto_tiles import GridChoice, choose_grid, grid_cost
+from renderers.auto_tiles import GridChoice, choose_grid, efficient_tile_pixels, grid_cost
 from renderers.scene_info import SceneInfo, inspect_scene
 from renderers.scene_probe import PreviewImage, SceneProbe, preview_frames, probe_scene
 from renderers.worker import RenderWorker
@@ -115,18 +115,34 @@ def job_spec_for(
 
 
 def tile_choice(
-    info: SceneInfo, options: JobOptions, *, auto_nodes: int | None = None
+    info: SceneInfo,
+    options: JobOptions,
+    *,
+    auto_nodes: int | None = None,
+    measured: SceneProbe | None = None,
 ) -> tuple[JobOptions, GridChoice]:
     """The options with their grid settled, and what that grid costs (an estimate from
     the margins' pixels, renderers.auto_tiles). With `auto_nodes` (`--tiles auto`) the
-    grid is chosen for that many nodes and the job's frames; else it is the options'."""
+    grid is chosen for that many nodes and the job's frames, with tiles no smaller than
+    the scene's efficient size when `measured` (a probe) gives its fixed cost per render;
+    else it is the options'."""
     spec = job_spec_for(info, options)
     width, height = spec.effective_size()
     margin = margin_for(spec)
     if auto_nodes is None:
         return options, grid_cost(width, height, spec.tiles.columns, spec.tiles.rows, margin)
+    smallest = None
+    if measured is not None:
+        smallest = efficient_tile_pixels(
+            measured.fixed_seconds, measured.scene_seconds, spec.effective_samples
+        )
     choice = choose_grid(
-        width, height, nodes=max(1, auto_nodes), frames=len(spec.frames.frames()), margin=margin
+        width,
+        height,
+        nodes=max(1, auto_nodes),
+        frames=len(spec.frames.frames()),
+        margin=margin,
+        min_tile_pixels=smallest,
     )
     tiles = TileGrid(columns=choice.columns, rows=choice.rows)
     return options.model_copy(update={"tiles": tiles}), choice

@@ -6,7 +6,9 @@ Rows (the demo scene, frame 7, its own 64 samples and adaptive threshold 0.02):
   adaptive sampling on and off, through one warm worker, merge included. The tiles
   render the margin renderers.regions.render_margin derives (0 px at these settings:
   Cycles' only adaptive filter pass follows the last sample). `--tiles auto` picks 8x8
-  for one 960x540 frame on 64 nodes (printed), so the 8x8 row measures its choice.
+  for one 960x540 frame on 64 nodes at its default minimum tile (printed; a probe that
+  measures a costlier sync per render makes it pick fewer, larger tiles), so the 8x8 row
+  measures its choice.
 - 4x4 tiles with a cold Blender start per tile (what farms that restart Blender pay).
 Ratios are medians over `--pairs` (one piece, tiles) pairs run back to back; `cpu_ratio`
 compares Blender's CPU seconds, which a busy shared machine blurs far less than wall

@@ -28,6 +28,8 @@ MIN_TILE_HEIGHT = 64
 #: The most extra pixels (margins) a grid `auto` picks may render: the farm's goal for
 #: tiles (<= 1.05x one piece) with room for the fixed cost per tile.
 MAX_MARGIN_OVERHEAD = 0.03
+#: The share of a tile's time its render's fixed cost may take (`efficient_tile_pixels`).
+FIXED_COST_SHARE = 0.015
 #: The protocol's limit (protocol.models.MAX_TILES_PER_AXIS), repeated: renderers never
 #: import the protocol. tests/test_auto_tiles.py checks they agree.
 MAX_AXIS = 64
@@ -65,14 +67,36 @@ def grid_cost(width: int, height: int, columns: int, rows: int, margin: int) -> 
     return GridChoice(columns, rows, columns * rows, overhead_estimate(plan), reason)
 
 
-def choose_grid(width: int, height: int, *, nodes: int, frames: int, margin: int) -> GridChoice:
+def efficient_tile_pixels(
+    fixed_seconds: float, seconds_per_pixel_sample: float, samples: int
+) -> int:
+    """The smallest tile (pixels) whose path tracing takes 1 / FIXED_COST_SHARE times a
+    render's fixed cost (scene sync and BVH, which every tile pays again: measured by the
+    submit-time probe), and never below MIN_TILE_WIDTH x MIN_TILE_HEIGHT."""
+    floor = MIN_TILE_WIDTH * MIN_TILE_HEIGHT
+    per_pixel = seconds_per_pixel_sample * max(1, samples)
+    if fixed_seconds <= 0.0 or per_pixel <= 0.0:
+        return floor
+    return max(floor, math.ceil(fixed_seconds / (FIXED_COST_SHARE * per_pixel)))
+
+
+def choose_grid(
+    width: int,
+    height: int,
+    *,
+    nodes: int,
+    frames: int,
+    margin: int,
+    min_tile_pixels: int | None = None,
+) -> GridChoice:
     """The grid `--tiles auto` renders each frame with.
 
     `nodes` renders at once and `frames` frames in the job; `margin` is the job's
-    (renderers.regions.render_margin). Among the grids whose tiles are at least the
-    efficient size and whose margins stay within the budget, the smallest one with
-    enough tiles for the idle nodes, else the one with most tiles; ties go to the lower
-    overhead, then to squarer tiles.
+    (renderers.regions.render_margin); `min_tile_pixels` the scene's efficient tile size
+    (`efficient_tile_pixels`; default MIN_TILE_WIDTH x MIN_TILE_HEIGHT). Among the grids
+    whose tiles are at least the efficient size and whose margins stay within the
+    budget, the smallest one with enough tiles for the idle nodes, else the one with most
+    tiles; ties go to the lower overhead, then to squarer tiles.
     """
     if nodes < 1 or frames < 1:
         raise RegionError(
@@ -82,11 +106,12 @@ def choose_grid(width: int, height: int, *, nodes: int, frames: int, margin: int
     wanted = max(1, math.ceil(nodes / frames))
     if wanted == 1:
         return GridChoice(1, 1, 1, 0.0, f"{frames} frame(s) keep {nodes} node(s) busy")
+    smallest = max(MIN_TILE_WIDTH * MIN_TILE_HEIGHT, min_tile_pixels or 0)
     best: tuple[tuple[float, ...], GridChoice] | None = None
     for columns in range(1, max(1, min(MAX_AXIS, width // MIN_TILE_WIDTH)) + 1):
         for rows in range(1, max(1, min(MAX_AXIS, height // MIN_TILE_HEIGHT)) + 1):
             if columns * rows > 1:
-                if (width // columns) * (height // rows) < MIN_TILE_WIDTH * MIN_TILE_HEIGHT:
+                if (width // columns) * (height // rows) < smallest:
                     continue
                 overhead = overhead_estimate(plan_grid(width, height, columns, rows, margin))
                 if overhead > MAX_MARGIN_OVERHEAD:
@@ -109,8 +134,8 @@ def choose_grid(width: int, height: int, *, nodes: int, frames: int, margin: int
         reason = f"{choice.tiles} tiles per frame for {nodes} node(s) on {frames} frame(s)"
     else:
         reason = (
-            f"{wanted} tiles per frame would keep {nodes} node(s) busy, but smaller tiles "
-            f"than {MIN_TILE_WIDTH}x{MIN_TILE_HEIGHT} px or margins over "
-            f"{100 * MAX_MARGIN_OVERHEAD:.0f}% cost more than they save"
+            f"{wanted} tiles per frame would keep {nodes} node(s) busy, but tiles under "
+            f"{smallest} px or margins over {100 * MAX_MARGIN_OVERHEAD:.0f}% cost more "
+            "than they save"
         )
     return GridChoice(choice.columns, choice.rows, wanted, choice.overhead, reason)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from common.errors import RegionError
 from protocol.models import MAX_TILES_PER_AXIS
 from renderers import auto_tiles
-from renderers.auto_tiles import choose_grid, grid_cost
+from renderers.auto_tiles import choose_grid, efficient_tile_pixels, grid_cost
 
 
 def test_axis_limit_agrees_with_the_protocol() -> None:
@@ -66,8 +66,23 @@ def test_every_choice_fits_the_rules(
         assert choice.columns == 1 or tile_width >= auto_tiles.MIN_TILE_WIDTH
         assert choice.rows == 1 or tile_height >= auto_tiles.MIN_TILE_HEIGHT
         assert choice.overhead <= auto_tiles.MAX_MARGIN_OVERHEAD
-    assert choice.tiles <= max(choice.wanted, 1) or choice.tiles == 1
+    if choice.tiles < choice.wanted:
+        assert "cost more than they save" in choice.reason
     assert choice.overhead == grid_cost(width, height, choice.columns, choice.rows, margin).overhead
+
+
+def test_a_scene_with_a_costly_sync_gets_bigger_tiles() -> None:
+    # The demo scene: ~20 ms fixed per render, 2.5 us per pixel-sample, 64 samples.
+    demo = efficient_tile_pixels(0.02, 2.5e-6, 64)
+    assert demo <= 9000
+    # A scene whose sync takes 2 s at the same speed: tiles of ~830k pixels.
+    heavy = efficient_tile_pixels(2.0, 2.5e-6, 64)
+    assert heavy == pytest.approx(2.0 / (0.015 * 64 * 2.5e-6), rel=1e-3)
+    light = choose_grid(1920, 1080, nodes=64, frames=1, margin=0, min_tile_pixels=demo)
+    slow = choose_grid(1920, 1080, nodes=64, frames=1, margin=0, min_tile_pixels=heavy)
+    assert light.tiles == 64 and slow.tiles == 2
+    assert f"tiles under {heavy} px" in slow.reason
+    assert efficient_tile_pixels(0.0, 2.5e-6, 64) == 120 * 64  # nothing measured
 
 
 def test_grid_cost_names_the_estimate() -> None:

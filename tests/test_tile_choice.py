@@ -3,13 +3,16 @@ and the margin the coordinator plans from what the submitter reports."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from app.job_spec import job_options, job_spec_for, tile_choice
 from coordinator.planning import margin_for, plan_for
+from renderers.auto_tiles import efficient_tile_pixels
 from renderers.scene_info import SceneInfo, inspect_scene
+from renderers.scene_probe import probe_scene
 from renderers.worker import RenderWorker
 
 
@@ -57,3 +60,18 @@ def test_a_chosen_grid_is_kept_and_costed(demo_info: SceneInfo) -> None:
     options, choice = tile_choice(demo_info, asked)
     assert options == asked
     assert choice.overhead > 0.0 and "estimated overhead" in choice.describe()
+
+
+def test_auto_uses_the_probed_fixed_cost_per_render(
+    worker: RenderWorker, demo_scene: Path, demo_info: SceneInfo
+) -> None:
+    one_frame = job_options(frames="7", percentage=150)
+    probe = probe_scene(worker, demo_scene, [7], samples=None, info=demo_info)
+    assert 0.0 < probe.fixed_seconds < 5.0  # scene sync and the file write, per render
+    smallest = efficient_tile_pixels(probe.fixed_seconds, probe.scene_seconds, 64)
+    _, choice = tile_choice(demo_info, one_frame, auto_nodes=64, measured=probe)
+    assert (960 // choice.columns) * (540 // choice.rows) >= smallest or choice.tiles == 1
+    # A scene ten thousand times as slow to sync gets whole frames.
+    slow = replace(probe, fixed_seconds=probe.fixed_seconds * 10_000)
+    _, whole = tile_choice(demo_info, one_frame, auto_nodes=64, measured=slow)
+    assert whole.tiles == 1 and "cost more than they save" in whole.reason

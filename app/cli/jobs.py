@@ -48,6 +48,7 @@ from protocol.models import (
 if TYPE_CHECKING:
     from app.follow import FollowResult
     from app.submit import Prepared
+    from renderers.scene_probe import SceneProbe
     from renderers.worker import RenderWorker
 
 
@@ -237,8 +238,8 @@ def _print_estimate(
 
     status.line(f"Measuring {args.scene.name} in Blender...")
     with RenderWorker(choose_build(args.blender, settings)) as worker:
-        options = settle_tiles(args, worker, client, status, options)
-        described = describe_job(worker, args.scene, options)
+        options, measured = settle_tiles(args, worker, client, status, options)
+        described = describe_job(worker, args.scene, options, measured=measured)
     estimate = client.estimate_job(described.spec)
     if args.json:
         print_json(
@@ -280,13 +281,14 @@ def prepare_and_submit(
 
     with bundle_folder(settings.home / "bundles") as bundle_dir:
         with RenderWorker(choose_build(args.blender, settings)) as worker:
-            options = settle_tiles(args, worker, client, status, options)
+            options, measured = settle_tiles(args, worker, client, status, options)
             prepared = prepare_submission(
                 worker,
                 args.scene,
                 options,
                 bundle_dir=Path(bundle_dir),
                 on_pack=status.pack,
+                measured=measured,
             )
         for warning in prepared.warnings:
             status.warn(warning)
@@ -306,24 +308,28 @@ def settle_tiles(
     client: TesseraClient,
     status: Status,
     options: JobOptions,
-) -> JobOptions:
+) -> tuple[JobOptions, SceneProbe | None]:
     """The options with `--tiles auto` settled (for `--nodes`, else the farm's nodes that
-    are not offline), saying what the grid costs whenever it splits frames."""
-    from app.job_spec import tile_choice
+    are not offline; the scene is probed first, for its fixed cost per render), saying
+    what the grid costs whenever it splits frames; and the probe, to reuse."""
+    from app.job_spec import describe_job, tile_choice
     from renderers.scene_info import inspect_scene
 
-    nodes: int | None = None
-    if args.tiles == AUTO:
-        nodes = getattr(args, "nodes", None) or max(
-            1, sum(1 for node in client.nodes() if node.status != "offline")
-        )
-    elif tuple(args.tiles) == (1, 1):
-        return options
-    options, choice = tile_choice(inspect_scene(worker, args.scene), options, auto_nodes=nodes)
-    if nodes is not None or choice.tiles > 1:
-        chosen = f" (auto, for {nodes} node(s))" if nodes is not None else ""
-        status.line(f"Tiles{chosen}: {choice.describe()}")
-    return options
+    if args.tiles != AUTO:
+        if tuple(args.tiles) == (1, 1):
+            return options, None
+        _, choice = tile_choice(inspect_scene(worker, args.scene), options)
+        status.line(f"Tiles: {choice.describe()}")
+        return options, None
+    nodes = getattr(args, "nodes", None) or max(
+        1, sum(1 for node in client.nodes() if node.status != "offline")
+    )
+    described = describe_job(worker, args.scene, options)
+    options, choice = tile_choice(
+        described.info, options, auto_nodes=nodes, measured=described.probe
+    )
+    status.line(f"Tiles (auto, for {nodes} node(s)): {choice.describe()}")
+    return options, described.probe
 
 
 def _report_followed(
