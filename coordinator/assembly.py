@@ -22,9 +22,9 @@ from pathlib import Path
 
 from common.disk_space import no_room_reason
 from coordinator.errors import StorageFullError
-from coordinator.planning import plan_for
+from coordinator.planning import plan_of_tasks
 from coordinator.task_states import RUNNABLE_JOBS, TaskStates
-from protocol.models import FrameStatus, JobSpec, TaskKind, TaskStatus
+from protocol.models import FrameStatus, JobSpec, RenderAssignment, TaskKind, TaskStatus
 from renderers.exr import ExrImage, read_exr, write_exr
 from renderers.merge import merge_tiles
 from renderers.preview import write_preview_png
@@ -152,13 +152,21 @@ class Assembler:
                 self._finish(job_id, frame, image, exr_sha=denoised["result_sha"])
             return
         tiles = self.db.query(
-            "SELECT tile_index, result_sha, status FROM tasks WHERE job_id = ? AND frame = ?"
+            "SELECT tile_index, result_sha, status, assignment FROM tasks"
+            " WHERE job_id = ? AND frame = ?"
             " AND kind = ?",
             (job_id, frame, TaskKind.RENDER.value),
         )
         if any(t["status"] != TaskStatus.COMPLETED.value for t in tiles):
             return
-        plan = plan_for(spec)
+        plan = plan_of_tasks(
+            spec,
+            {
+                t["tile_index"]: RenderAssignment.model_validate_json(t["assignment"])
+                for t in tiles
+                if t["assignment"]
+            },
+        )
         if plan.is_whole_frame:
             # One tile is the frame (denoised in-render if asked): keep the node's file.
             sha = tiles[0]["result_sha"]

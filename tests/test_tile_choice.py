@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from app.job_spec import job_options, job_spec_for, tile_choice
-from coordinator.planning import margin_for, plan_for
+from coordinator.planning import frame_assignments, margin_for, plan_for, plan_of_tasks
+from protocol.models import Region
 from renderers.auto_tiles import efficient_tile_pixels
+from renderers.regions import plan_grid
 from renderers.scene_info import SceneInfo, inspect_scene
 from renderers.scene_probe import probe_scene
 from renderers.worker import RenderWorker
@@ -75,3 +77,26 @@ def test_auto_uses_the_probed_fixed_cost_per_render(
     slow = replace(probe, fixed_seconds=probe.fixed_seconds * 10_000)
     _, whole = tile_choice(demo_info, one_frame, auto_nodes=64, measured=slow)
     assert whole.tiles == 1 and "cost more than they save" in whole.reason
+
+
+def test_merge_keeps_the_margins_a_job_was_rendered_with(demo_info: SceneInfo) -> None:
+    """A job planned before the margin was derived (4 px then, 0 now) still merges: the
+    coordinator takes the regions from its tasks' assignments."""
+    spec = job_spec_for(demo_info, job_options(tiles={"columns": 4, "rows": 4}))
+    old = plan_grid(640, 360, 4, 4, margin=4)
+    assignments = {
+        index: assignment.model_copy(
+            update={
+                "render_region": Region(
+                    x0=tile.render.x0, y0=tile.render.y0, x1=tile.render.x1, y1=tile.render.y1
+                )
+            }
+        )
+        for (index, assignment), tile in zip(frame_assignments(spec, 1), old.tiles, strict=True)
+    }
+    plan = plan_of_tasks(spec, assignments)
+    assert plan.margin == 4 and [t.render for t in plan.tiles] == [t.render for t in old.tiles]
+    assert [t.core for t in plan.tiles] == [t.core for t in old.tiles]
+    del assignments[5]
+    assert plan_of_tasks(spec, assignments) == plan_for(spec)
+    assert plan_for(spec).margin == 0
