@@ -27,9 +27,18 @@ from pydantic import ValidationError
 
 from common.blender_versions import blender_series
 from common.errors import UsageError
-from protocol.models import FramePreview, FrameRange, JobOptions, JobSpec, SceneSummary
+from coordinator.planning import margin_for
+from protocol.models import (
+    FramePreview,
+    FrameRange,
+    JobOptions,
+    JobSpec,
+    SceneSummary,
+    TileGrid,
+)
 from protocol.output import MovieOutput
 from protocol.requirements import JobRequirements, gb_to_mib
+from renderers.auto_tiles import GridChoice, choose_grid, efficient_tile_pixels, grid_cost
 from renderers.finish import check_finishable
 from renderers.regions import effective_resolution
 from renderers.scene_info import SceneInfo, inspect_scene, movie_problem
@@ -150,6 +159,40 @@ def requirements_for(
     )
 
 
+def tile_choice(
+    info: SceneInfo,
+    options: JobOptions,
+    *,
+    auto_nodes: int | None = None,
+    measured: SceneProbe | None = None,
+) -> tuple[JobOptions, GridChoice]:
+    """The options with their grid settled, and what that grid costs (an estimate from
+    the margins' pixels, renderers.auto_tiles). With `auto_nodes` (`--tiles auto`) the
+    grid is chosen for that many nodes and the job's frames, with tiles no smaller than
+    the scene's efficient size when `measured` (a probe) gives its fixed cost per render;
+    else it is the options'."""
+    spec = job_spec_for(info, options)
+    width, height = spec.effective_size()
+    margin = margin_for(spec)
+    if auto_nodes is None:
+        return options, grid_cost(width, height, spec.tiles.columns, spec.tiles.rows, margin)
+    smallest = None
+    if measured is not None:
+        smallest = efficient_tile_pixels(
+            measured.fixed_seconds, measured.scene_seconds, spec.effective_samples
+        )
+    choice = choose_grid(
+        width,
+        height,
+        nodes=max(1, auto_nodes),
+        frames=len(spec.frames.frames()),
+        margin=margin,
+        min_tile_pixels=smallest,
+    )
+    tiles = TileGrid(columns=choice.columns, rows=choice.rows)
+    return options.model_copy(update={"tiles": tiles}), choice
+
+
 def probe_fits(measured: SceneProbe, frames: FrameRange, samples: int) -> bool:
     """Whether a probe made before serves a job of `frames` at `samples`: its previews
     are of the frames the job would preview, at no more samples than the job renders."""
@@ -212,6 +255,8 @@ def scene_summary(info: SceneInfo) -> SceneSummary:
         resolution_percentage=info.resolution_percentage,
         samples=info.samples,
         adaptive_sampling=info.adaptive_sampling,
+        adaptive_threshold=info.adaptive_threshold,
+        adaptive_min_samples=info.adaptive_min_samples,
         denoising=info.denoising,
         camera=info.camera,
         engine=info.engine,

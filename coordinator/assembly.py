@@ -29,9 +29,9 @@ from common.disk_space import no_room_reason
 from coordinator.deliverables import Deliverables, StoredFile, raw_exr_name, unpack_finish
 from coordinator.errors import StorageFullError
 from coordinator.frame_states import FrameStates
-from coordinator.planning import plan_for
+from coordinator.planning import plan_of_tasks
 from coordinator.task_states import RUNNABLE_JOBS, TaskStates
-from protocol.models import FrameStatus, JobSpec, TaskKind, TaskStatus
+from protocol.models import FrameStatus, JobSpec, RenderAssignment, TaskKind, TaskStatus
 from renderers.exr import ExrImage, read_exr, write_exr
 from renderers.merge import merge_tiles
 from renderers.preview import ThumbnailError, write_preview_png, write_thumbnail
@@ -186,13 +186,21 @@ class Assembler:
                 self._finished(job_id, frame, spec, dict(state), finished)
             return
         tiles = self.db.query(
-            "SELECT tile_index, result_sha, status FROM tasks WHERE job_id = ? AND frame = ?"
+            "SELECT tile_index, result_sha, status, assignment FROM tasks"
+            " WHERE job_id = ? AND frame = ?"
             " AND kind = ?",
             (job_id, frame, TaskKind.RENDER.value),
         )
         if any(t["status"] != TaskStatus.COMPLETED.value for t in tiles):
             return
-        plan = plan_for(spec)
+        plan = plan_of_tasks(
+            spec,
+            {
+                t["tile_index"]: RenderAssignment.model_validate_json(t["assignment"])
+                for t in tiles
+                if t["assignment"]
+            },
+        )
         if plan.is_whole_frame:
             # One tile is the frame (denoised in-render if asked): keep the node's file.
             sha = tiles[0]["result_sha"]

@@ -18,7 +18,7 @@ from protocol.models import (
     RenderAssignment,
     TaskKind,
 )
-from renderers.regions import RegionPlan, plan_frame
+from renderers.regions import PixelRect, RegionPlan, Tile, plan_grid, render_margin
 
 __all__ = [
     "NewTask",
@@ -27,9 +27,11 @@ __all__ = [
     "finish_task",
     "frame_assignments",
     "lease_device",
+    "margin_for",
     "node_can_run",
     "plan_assignments",
     "plan_for",
+    "plan_of_tasks",
     "render_tasks",
     "task_count",
     "verify_task",
@@ -55,12 +57,40 @@ class NewTask:
 def plan_for(spec: JobSpec) -> RegionPlan:
     """The region plan of every frame of a job (the same for all its frames)."""
     width, height = spec.effective_size()
-    return plan_frame(
-        width,
-        height,
-        spec.tiles.columns,
-        spec.tiles.rows,
-        adaptive_sampling=spec.scene.adaptive_sampling,
+    return plan_grid(width, height, spec.tiles.columns, spec.tiles.rows, margin_for(spec))
+
+
+def plan_of_tasks(spec: JobSpec, assignments: dict[int, RenderAssignment]) -> RegionPlan:
+    """The plan a frame's tiles were really rendered with: their assignments' regions.
+    A job planned under an older margin rule (before the margin was derived) keeps its
+    own margins; without an assignment for every tile, `plan_for(spec)`."""
+    plan = plan_for(spec)
+    if any(tile.index not in assignments for tile in plan.tiles):
+        return plan
+    tiles = []
+    for tile in plan.tiles:
+        core, render = assignments[tile.index].core_region, assignments[tile.index].render_region
+        tiles.append(
+            Tile(
+                tile.index,
+                tile.column,
+                tile.row,
+                PixelRect(core.x0, core.y0, core.x1, core.y1),
+                PixelRect(render.x0, render.y0, render.x1, render.y1),
+            )
+        )
+    margin = max(max(t.core.x0 - t.render.x0, t.render.x1 - t.core.x1) for t in tiles)
+    return RegionPlan(plan.width, plan.height, margin, tuple(tiles))
+
+
+def margin_for(spec: JobSpec) -> int:
+    """Pixels every region of the job renders beyond its core (renderers.regions)."""
+    scene = spec.scene
+    return render_margin(
+        scene.adaptive_sampling,
+        samples=spec.effective_samples,
+        adaptive_threshold=scene.adaptive_threshold,
+        adaptive_min_samples=scene.adaptive_min_samples,
     )
 
 

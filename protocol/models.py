@@ -157,6 +157,11 @@ class SceneSummary(Strict):
     resolution_percentage: int = Field(ge=1, le=32767)
     samples: int = Field(ge=1, le=MAX_SAMPLES)
     adaptive_sampling: bool
+    #: Cycles' adaptive threshold and minimum samples (0: automatic): they fix how many
+    #: pixels a tile's margin needs (renderers.regions.render_margin). None: unknown, and
+    #: the margin assumes the most filter passes Cycles can make.
+    adaptive_threshold: float | None = Field(default=None, ge=0, le=1)
+    adaptive_min_samples: int | None = Field(default=None, ge=0, le=MAX_SAMPLES)
     denoising: bool
     camera: str | None
     engine: str = "CYCLES"

@@ -46,6 +46,7 @@ __all__ = [
     "add_view_layer_passes",
     "check_finishable",
     "deliver_finished",
+    "finish_message",
     "place_files",
 ]
 
@@ -151,6 +152,18 @@ def check_finishable(output: OutputInfo) -> None:
     ]:
         if ".." in path.replace("\\", "/").split("/"):
             raise OutputPathError(f"{what} '{path}' climbs out of its folder with '..'.")
+
+
+def finish_message(request: FinishRequest, merged_size: tuple[int, int]) -> dict[str, Any]:
+    """The worker's `finish` request for `request` (paths are added by the caller)."""
+    return {
+        "op": "finish",
+        "frame": request.frame,
+        "confine_to": None,
+        "resolution": list(request.resolution) if request.resolution else None,
+        "percentage": request.percentage,
+        "merged_size": list(merged_size),
+    }
 
 
 def deliver_finished(

@@ -28,6 +28,7 @@ from renderers.regions import (
     border_fractions,
     effective_resolution,
     plan_frame,
+    plan_grid,
 )
 from renderers.scene_info import SceneInfo, inspect_scene
 from renderers.worker import ProgressCallback, RenderRequest, RenderWorker
@@ -50,6 +51,9 @@ class LocalRenderOptions:
     threads: int = 0
     tile_timeout: float | None = None
     preview: bool = True
+    #: Pixels rendered around each tile instead of the derived margin (None: derived,
+    #: see renderers.regions.render_margin). For experiments that measure the margin.
+    margin: int | None = None
 
     def validate(self) -> None:
         columns, rows = self.grid
@@ -63,6 +67,8 @@ class LocalRenderOptions:
             )
         if self.threads < 0:
             raise UsageError(f"--threads must be 0 (all cores) or more, got {self.threads}.")
+        if self.margin is not None and self.margin < 0:
+            raise UsageError(f"A tile margin must be 0 or more pixels, got {self.margin}.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +100,9 @@ class LocalRenderResult:
     denoise_seconds: float = 0.0
     wall_seconds: float = 0.0
     tile_seconds: list[float] = field(default_factory=list)
+    #: Seconds per stage summed over the tiles: Blender's own (see RenderResult.stages)
+    #: plus `read` (reading each tile's EXR back here).
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def plan_for_scene(scene: SceneInfo, options: LocalRenderOptions) -> RegionPlan:
@@ -105,7 +114,18 @@ def plan_for_scene(scene: SceneInfo, options: LocalRenderOptions) -> RegionPlan:
         scene.adaptive_sampling if options.adaptive_sampling is None else options.adaptive_sampling
     )
     columns, rows = options.grid
-    return plan_frame(width, height, columns, rows, adaptive_sampling=adaptive)
+    if options.margin is not None:
+        return plan_grid(width, height, columns, rows, margin=options.margin)
+    return plan_frame(
+        width,
+        height,
+        columns,
+        rows,
+        adaptive_sampling=adaptive,
+        samples=options.samples or scene.samples,
+        adaptive_threshold=scene.adaptive_threshold,
+        adaptive_min_samples=scene.adaptive_min_samples,
+    )
 
 
 def render_frame_local(
@@ -158,7 +178,13 @@ def render_frame_local(
             rendered = worker.render(request, on_progress=on_progress, timeout=options.tile_timeout)
             result.tile_seconds.append(rendered.seconds)
             result.render_seconds += rendered.seconds
+            for stage, seconds in rendered.stages.items():
+                result.stage_seconds[stage] = result.stage_seconds.get(stage, 0.0) + seconds
+            read_started = time.monotonic()
             tile_images[tile.index] = read_exr(tile_path)
+            result.stage_seconds["read"] = (
+                result.stage_seconds.get("read", 0.0) + time.monotonic() - read_started
+            )
             if on_tile is not None:
                 on_tile(TileDone(tile, len(tile_images), len(plan.tiles), rendered.seconds))
         merge_started = time.monotonic()

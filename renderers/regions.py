@@ -20,11 +20,13 @@ import numpy as np
 
 from common.errors import RegionError, UsageError
 
-#: Pixels rendered around each tile when adaptive sampling is on. Adaptive sampling
-#: dilates its convergence mask by one pixel at every adaptive step, so a pixel's sample
-#: count can depend on pixels a few steps away. Measured with bpy 5.0.1 on a scene that
-#: really converges early (threshold 0.1, 512 samples, 32 tiled renders): margin 1 and 2
-#: left mismatches, 3 left none; 4 keeps one pixel of headroom (tests/test_tiled_equivalence).
+#: Cycles runs its adaptive-sampling convergence check and filter every 16 samples
+#: (`Integrator::get_adaptive_sampling`: `adaptive_step = 16`), never before its minimum
+#: sample count, which is at least 4 (`max(4, ...)`). See docs/tile-overhead.md.
+ADAPTIVE_STEP: int = 16
+MIN_ADAPTIVE_MIN_SAMPLES: int = 4
+#: A margin for tests of merge and crop arithmetic (a few pixels, as tiles have);
+#: real plans take theirs from `render_margin`.
 ADAPTIVE_SAMPLING_MARGIN: int = 4
 
 
@@ -169,7 +171,7 @@ def plan_grid(width: int, height: int, columns: int, rows: int, margin: int = 0)
     if margin < 0:
         raise RegionError(
             f"A tile margin of {margin} pixels is negative.",
-            hint=f"Use 0, or {ADAPTIVE_SAMPLING_MARGIN} when adaptive sampling is on.",
+            hint="Use 0, or the margin render_margin() derives when adaptive sampling is on.",
         )
     x_edges = [column * width // columns for column in range(columns + 1)]
     y_edges = [row * height // rows for row in range(rows + 1)]
@@ -188,17 +190,97 @@ def plan_grid(width: int, height: int, columns: int, rows: int, margin: int = 0)
 
 
 def plan_frame(
-    width: int, height: int, columns: int, rows: int, *, adaptive_sampling: bool
+    width: int,
+    height: int,
+    columns: int,
+    rows: int,
+    *,
+    adaptive_sampling: bool,
+    samples: int,
+    adaptive_threshold: float | None = None,
+    adaptive_min_samples: int | None = None,
 ) -> RegionPlan:
     """The plan of a frame to render in tiles: the grid, with the margin that keeps tiles
     exact when adaptive sampling is on (its convergence mask crosses tile edges). The one
-    rule the farm and local renders share."""
-    return plan_grid(width, height, columns, rows, margin=render_margin(adaptive_sampling))
+    rule the farm and local renders share; see `render_margin`."""
+    margin = render_margin(
+        adaptive_sampling,
+        samples=samples,
+        adaptive_threshold=adaptive_threshold,
+        adaptive_min_samples=adaptive_min_samples,
+    )
+    return plan_grid(width, height, columns, rows, margin=margin)
 
 
-def render_margin(adaptive_sampling: bool) -> int:
-    """Pixels a region is rendered beyond its core so that its core is exact."""
-    return ADAPTIVE_SAMPLING_MARGIN if adaptive_sampling else 0
+def render_margin(
+    adaptive_sampling: bool,
+    *,
+    samples: int,
+    adaptive_threshold: float | None = None,
+    adaptive_min_samples: int | None = None,
+) -> int:
+    """Pixels a region is rendered beyond its core so that its core is exact: 0 without
+    adaptive sampling, else one pixel per adaptive filter pass that still changes which
+    pixels are sampled (`adaptive_filter_passes`).
+
+    Why that is enough (Cycles `kernel/film/adaptive_sampling.h`): a pixel's own samples
+    depend on nothing outside it (the pixel filter is importance-sampled per pixel); only
+    the convergence mask crosses pixels, and each pass widens it by exactly one pixel
+    (`film_adaptive_sampling_filter_x`/`_y`: a 3x3 box, clipped at the region's edge). A
+    region's edge can therefore change the samples of pixels at most one pixel further
+    in per pass, and a pixel `n` passes in from the edge is exact.
+    """
+    if not adaptive_sampling:
+        return 0
+    return adaptive_filter_passes(samples, adaptive_threshold, adaptive_min_samples)
+
+
+def adaptive_filter_passes(
+    samples: int, threshold: float | None = None, min_samples: int | None = None
+) -> int:
+    """How many of Cycles' adaptive filter passes are followed by more samples (the last
+    pass changes nothing that is written), for a render of `samples` samples.
+
+    `threshold` and `min_samples` are the scene's `cycles.adaptive_threshold` and
+    `cycles.adaptive_min_samples` (0 means automatic in both, as in Blender); None means
+    unknown, and then the count assumes the earliest passes Cycles can make (minimum
+    samples 4), which is never fewer passes than the real ones.
+    Cycles filters after the 0-based sample `s` when `s > min_samples` and
+    `s % 16 == 15` (`AdaptiveSampling::need_filter`).
+    """
+    if samples < 1:
+        raise RegionError(f"A render of {samples} samples is empty.", hint="Use 1 or more.")
+    minimum = _min_samples(samples, threshold, min_samples)
+    first = (minimum + 1) | (ADAPTIVE_STEP - 1)  # the 0-based sample of the first pass
+    last = samples - 2  # the last 0-based sample a pass can follow with samples to come
+    return 0 if last < first else (last - first) // ADAPTIVE_STEP + 1
+
+
+def _min_samples(samples: int, threshold: float | None, min_samples: int | None) -> int:
+    """Cycles' adaptive minimum samples (`Integrator::get_adaptive_sampling`), or the
+    smallest it can be when the settings are unknown."""
+    if threshold is None or min_samples is None:
+        return MIN_ADAPTIVE_MIN_SAMPLES
+    if min_samples > 0:
+        return max(MIN_ADAPTIVE_MIN_SAMPLES, min_samples)
+    threshold = float(np.float32(threshold))  # Blender stores it as a float32
+    if threshold == 0.0:
+        threshold = max(0.001, 1.0 / samples)  # Cycles' automatic threshold
+    # ceilf(16 / powf(threshold, 0.3)) in float32; one below when float32 and float64 could
+    # round to different sides of a whole number (fewer minimum samples: more passes).
+    exact: float = 16.0 / math.pow(threshold, 0.3)
+    automatic = math.ceil(exact)
+    if automatic - exact < 1e-4 or math.ceil(exact - 1e-4) != automatic:
+        automatic -= 1
+    return max(MIN_ADAPTIVE_MIN_SAMPLES, automatic)
+
+
+def overhead_estimate(plan: RegionPlan) -> float:
+    """The share of extra pixels a plan renders beyond the frame (0.0 for none): the
+    margins' cost as pixel arithmetic. An estimate of time: per-tile fixed costs (about
+    15-25 ms of scene sync per tile, docs/tile-overhead.md) come on top."""
+    rendered = sum(tile.render.area for tile in plan.tiles)
+    return rendered / (plan.width * plan.height) - 1.0
 
 
 def plan_tile_size(

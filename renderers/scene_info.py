@@ -136,6 +136,8 @@ class SceneInfo:
     warnings: tuple[str, ...] = field(default=())
     #: The scene's output as the finish step sees it (None from an older worker).
     output: OutputInfo | None = None
+    #: `cycles.adaptive_min_samples` (0: automatic; None from an older worker).
+    adaptive_min_samples: int | None = None
 
     @classmethod
     def from_worker(cls, path: Path, raw: dict[str, Any]) -> SceneInfo:
@@ -164,6 +166,11 @@ class SceneInfo:
             samples=int(raw["samples"]),
             adaptive_sampling=bool(raw["adaptive_sampling"]),
             adaptive_threshold=float(raw["adaptive_threshold"]),
+            adaptive_min_samples=(
+                None
+                if raw.get("adaptive_min_samples") is None
+                else int(raw["adaptive_min_samples"])
+            ),
             denoising=bool(raw["denoising"]),
             denoiser=str(raw["denoiser"]),
             seed=int(raw["seed"]),

@@ -125,6 +125,9 @@ class SceneProbe:
     seconds: float = 0.0
     #: The scene's peak render memory by pixels rendered (`MemoryModel.peak`).
     memory: MemoryModel = field(default_factory=MemoryModel)
+    #: Seconds one render of the scene costs whatever its pixels and samples (scene sync,
+    #: BVH, writing the file): what every tile pays again (renderers.auto_tiles).
+    fixed_seconds: float = 0.0
 
 
 def preview_frames(frames: Sequence[int]) -> list[int]:
@@ -193,6 +196,7 @@ def probe_scene(
         scene_seconds = run.seconds_per_pixel_sample(
             scene, wanted[0], info.resolution_x, info.resolution_y, target
         )
+        fixed_seconds = run.fixed_seconds
         # Inspecting loads the benchmark scene, so that load is never timed either.
         bench = inspect_scene(worker, benchmark_scene or _benchmark_scene(worker, Path(scratch)))
         benchmark_seconds = run.seconds_per_pixel_sample(
@@ -206,6 +210,7 @@ def probe_scene(
         benchmark_seconds=benchmark_seconds,
         seconds=time.monotonic() - started,
         memory=memory,
+        fixed_seconds=fixed_seconds,
     )
 
 
@@ -221,6 +226,8 @@ class _ProbeRun:
         self.device = device.upper()
         self.timeout = timeout
         self.count = 0
+        #: The fixed cost of one render, from the last `seconds_per_pixel_sample`.
+        self.fixed_seconds = 0.0
 
     def render(
         self, scene: Path, frame: int, percentage: int, samples: int, denoise: bool = False
@@ -272,7 +279,12 @@ class _ProbeRun:
         # Timing noise can make the difference tiny or negative on a very cheap scene;
         # a floor of 5 % of the whole render keeps the ratio finite and positive.
         difference = max(best_high - best_low, 0.05 * best_high)
-        return difference / (width * height * (COST_SAMPLES - COST_BASE_SAMPLES))
+        per_pixel_sample = difference / (width * height * (COST_SAMPLES - COST_BASE_SAMPLES))
+        # The time a render takes at no samples at all: its fixed cost.
+        self.fixed_seconds = max(
+            0.0, best_low - per_pixel_sample * width * height * COST_BASE_SAMPLES
+        )
+        return per_pixel_sample
 
 
 def _render_previews(

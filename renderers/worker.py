@@ -33,8 +33,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -54,7 +53,13 @@ from common.errors import (
 )
 from renderers.builds import BlenderBuild
 from renderers.exr_header import read_exr_header
-from renderers.finish import FINISH_ERROR_KINDS, FinishRequest, FinishResult, deliver_finished
+from renderers.finish import (
+    FINISH_ERROR_KINDS,
+    FinishRequest,
+    FinishResult,
+    deliver_finished,
+    finish_message,
+)
 from renderers.limits import (
     OUT_OF_MEMORY_MARKERS,
     PASSTHROUGH_ENV,
@@ -69,7 +74,7 @@ from renderers.limits import (
     parse_cpu_list,
     scrubbed_environment,
 )
-from renderers.regions import BorderFractions
+from renderers.render_request import Progress, ProgressCallback, RenderRequest, RenderResult
 from renderers.sandbox import (
     SandboxUnavailableError,
     describe_exit,
@@ -133,86 +138,6 @@ _ERROR_KINDS: dict[str, type[TesseraError]] = {
     "external_path": ExternalPathError,
     **FINISH_ERROR_KINDS,
 }
-
-
-@dataclass(frozen=True, slots=True)
-class RenderRequest:
-    """One render of one frame or one region of it, written to `output` as multilayer EXR."""
-
-    scene: Path
-    frame: int
-    output: Path
-    border: BorderFractions | None = None
-    samples: int | None = None
-    percentage: int | None = None
-    #: The frame's full size (before `percentage`), or None for the file's own: a farm
-    #: task names it, so a node renders the size that was paid for, whatever the file says.
-    resolution: tuple[int, int] | None = None
-    seed: int | None = None
-    adaptive_sampling: bool | None = None
-    denoise_data: bool = False
-    denoise: bool = False
-    device: str = "CPU"
-    #: The Cycles ids of the devices to turn on (one card of a multi-GPU node); empty:
-    #: every device of `device`'s type. See `renderers.worker_devices`.
-    device_ids: tuple[str, ...] = ()
-    threads: int = 0
-    #: The folder the scene must stay in (its bundle), or None for a person's own scene
-    #: that may read their files anywhere. See `RenderWorker.render`.
-    confine_to: Path | None = None
-
-    def to_message(self) -> dict[str, Any]:
-        border = None
-        if self.border is not None:
-            border = {
-                "min_x": self.border.min_x,
-                "max_x": self.border.max_x,
-                "min_y": self.border.min_y,
-                "max_y": self.border.max_y,
-            }
-        return {
-            "op": "render",
-            "scene": str(self.scene),
-            "frame": self.frame,
-            "output": str(self.output),
-            "border": border,
-            "samples": self.samples,
-            "percentage": self.percentage,
-            "resolution": None if self.resolution is None else list(self.resolution),
-            "seed": self.seed,
-            "adaptive_sampling": self.adaptive_sampling,
-            "denoise_data": self.denoise_data,
-            "denoise": self.denoise,
-            "device": self.device,
-            "device_ids": list(self.device_ids),
-            "threads": self.threads,
-            "confine_to": None if self.confine_to is None else str(self.confine_to),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class RenderResult:
-    output: Path
-    seconds: float
-    frame_width: int
-    frame_height: int
-    device: str
-    #: The most memory Cycles reported during the render ("Mem:" in its render stats),
-    #: in bytes; 0 when it reported none.
-    peak_memory: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Progress:
-    samples_done: int
-    samples_total: int
-
-    @property
-    def fraction(self) -> float:
-        return self.samples_done / self.samples_total if self.samples_total else 0.0
-
-
-ProgressCallback = Callable[[Progress], None]
 
 
 class _WorkerGoneError(Exception):
@@ -387,6 +312,7 @@ class RenderWorker:
             frame_height=int(reply["frame_height"]),
             device=str(reply["device"]),
             peak_memory=int(reply.get("peak_memory", 0)),
+            stages={str(k): float(v) for k, v in dict(reply.get("stages") or {}).items()},
         )
 
     def denoise(self, source: Path, output: Path, timeout: float | None = None) -> Path:
@@ -409,17 +335,13 @@ class RenderWorker:
     def finish(self, request: FinishRequest) -> FinishResult:
         """Composite `request.merged_exr` with the scene's compositor, colour management
         and output settings, writing Blender's own files for the frame into
-        `request.output_dir` (see renderers.finish for names, paths and movies).
-
-        Raises OutputPathError, UnsupportedOutputFormatError or FinishRefusedError for
-        what cannot be finished; nothing is written outside `output_dir`."""
+        `request.output_dir` (see renderers.finish for names, paths and movies). Raises
+        OutputPathError, UnsupportedOutputFormatError or FinishRefusedError for what
+        cannot be finished; nothing is written outside `output_dir`."""
         started = time.monotonic()
         self._check_disk(request.output_dir)
         header = read_exr_header(request.merged_exr).parts[0]  # ExrError if not an EXR
-        message: dict[str, Any] = {"op": "finish", "frame": request.frame, "confine_to": None}
-        message["resolution"] = list(request.resolution) if request.resolution else None
-        message["percentage"] = request.percentage
-        message["merged_size"] = [header.width, header.height]
+        message = finish_message(request, (header.width, header.height))
         view = self._confine(request.scene, request.confine_to, message)
         key = f"{os.getpid()}-{threading.get_ident()}"
         inputs, staged = self._scratch / "inputs", self._scratch / "outputs" / f"finish-{key}"

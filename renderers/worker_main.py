@@ -110,6 +110,8 @@ class Worker:
         self.last_progress = 0.0
         #: The largest memory Cycles reported during the current render, in bytes.
         self.peak_memory = 0
+        #: Moments of the render in flight (see `_stage_seconds`): monotonic seconds.
+        self.marks: dict[str, float] = {}
         # Factory settings already say so; set it anyway, it is what keeps scene Python
         # (registered texts, Python drivers) off. See docs/provider-safety.md.
         bpy.context.preferences.filepaths.use_scripts_auto_execute = False
@@ -170,8 +172,9 @@ class Worker:
         if memory is not None:
             used = int(float(memory.group(1)) * MEM_UNITS[memory.group(2)])
             self.peak_memory = max(self.peak_memory, used)
-        match = SAMPLE_RE.search(str(stats))
         now = time.monotonic()
+        _mark_stage(self.marks, str(stats), now)
+        match = SAMPLE_RE.search(str(stats))
         if match is None or now - self.last_progress < 0.2:
             return
         self.last_progress = now
@@ -235,7 +238,12 @@ class Worker:
         output = request["output"]
         self.last_progress = 0.0
         self.peak_memory = 0
+        self.marks = {"start": started, "prepared": time.monotonic()}
+        cpu_started = time.process_time()
         bpy.ops.render.render(write_still=True, scene=scene.name)
+        self.marks["done"] = time.monotonic()
+        # CPU seconds of every Blender thread: what a shared, busy machine cannot blur.
+        self.marks["cpu"] = time.process_time() - cpu_started
         if not Path(output).exists():
             raise WorkerFailureError(
                 "render_failed", f"Blender rendered but wrote no file at {output}"
@@ -248,6 +256,7 @@ class Worker:
             "frame_height": height,
             "device": self.active_device or "CPU",
             "peak_memory": self.peak_memory,
+            "stages": _stage_seconds(self.marks),
         }
 
     def op_finish(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -457,6 +466,30 @@ def _apply_render_settings(scene: Any, request: dict[str, Any], originals: dict[
         scene.frame_set(frame)
 
 
+def _mark_stage(marks: dict[str, float], stats: str, now: float) -> None:
+    """Note when a render reaches each stage Cycles reports in its stats line: the first
+    line (sync begins), "Sample 0/" (path tracing begins), "Finished" (saving begins)."""
+    marks.setdefault("sync", now)
+    if "Sample 0/" in stats:
+        marks.setdefault("trace", now)
+    elif "Finished" in stats:
+        marks.setdefault("finished", now)
+
+
+def _stage_seconds(marks: dict[str, float]) -> dict[str, float]:
+    """Seconds per stage of one render request: `prepare` (open the file, apply the
+    request), `startup` (the render operator until Cycles' first stats line: depsgraph
+    evaluation), `sync` (scene sync, BVH, kernels), `trace` (path tracing), `write` (the
+    EXR write and Blender's wrap-up), and `cpu`: the CPU seconds of all Blender's threads
+    over the render (not a stage). A stage Cycles did not report counts as 0 s."""
+    names = ("prepare", "startup", "sync", "trace", "write")
+    stamps = [marks["start"]]
+    for key in ("prepared", "sync", "trace", "finished", "done"):
+        stamps.append(max(marks.get(key, stamps[-1]), stamps[-1]))
+    seconds = {name: round(stamps[i + 1] - stamps[i], 4) for i, name in enumerate(names)}
+    return {**seconds, "cpu": round(marks.get("cpu", 0.0), 4)}
+
+
 def _handler_lists() -> list[tuple[str, Any]]:
     handlers = bpy.app.handlers
     return [
@@ -525,6 +558,7 @@ def _describe_scene(scene: Any) -> dict[str, Any]:
         "samples": cycles.samples,
         "adaptive_sampling": bool(cycles.use_adaptive_sampling),
         "adaptive_threshold": cycles.adaptive_threshold,
+        "adaptive_min_samples": cycles.adaptive_min_samples,
         "denoising": bool(cycles.use_denoising),
         "denoiser": cycles.denoiser,
         "seed": cycles.seed,

@@ -53,6 +53,9 @@ for key in ("resolution_x", "resolution_y", "resolution_percentage"):
         setattr(scene.render, key, opts[key])
 if "samples" in opts:
     scene.cycles.samples = opts["samples"]
+for key in ("frame_start", "frame_end"):
+    if key in opts:
+        setattr(scene, key, opts[key])
 if "film_transparent" in opts:
     scene.render.film_transparent = opts["film_transparent"]
 if "adaptive" in opts:

@@ -173,3 +173,39 @@ def test_inspect_lists_the_files_a_scene_uses_with_the_missing_ones_flagged(
     assert [(Path(f["path"]).name, f["kind"], f["missing"]) for f in files] == [
         ("basic_file.blend", "library", False)
     ]
+
+
+def test_inspect_says_what_a_grid_costs(demo_scene: Path, tmp_path: Path) -> None:
+    # 4x4 tiles of the demo at 4096 samples: the derived margin (251 px, one per adaptive
+    # filter pass) costs far more pixels than the frame; the estimate says so.
+    costly = prepare_scene(demo_scene, tmp_path / "costly.blend", samples=4096)
+    done = tessera("inspect", costly, "--tiles", "4x4", "--json")
+    assert done.returncode == 0, done.stderr
+    tiles = json.loads(done.stdout)["tiles"]
+    assert (tiles["columns"], tiles["rows"], tiles["auto"]) == (4, 4, False)
+    assert tiles["overhead_estimate"] > 1.0
+    assert "estimated overhead" in tiles["text"]
+    # The demo's own 64 samples need no margin: no extra pixels.
+    done = tessera("inspect", demo_scene, "--tiles", "4x4")
+    assert done.returncode == 0, done.stderr
+    assert "4x4 tiles: estimated overhead 0.0% extra pixels" in done.stdout
+
+
+def test_inspect_tiles_auto_chooses_for_the_nodes(demo_scene: Path, tmp_path: Path) -> None:
+    one_frame = prepare_scene(demo_scene, tmp_path / "one.blend", frame_end=1)
+    done = tessera("inspect", one_frame, "--tiles", "auto", "--nodes", "16", "--json")
+    assert done.returncode == 0, done.stderr
+    tiles = json.loads(done.stdout)["tiles"]
+    # 640x360 in tiles of at least 120x64 px: 16 nodes get 5x5 at most; auto wants 16.
+    assert tiles["auto"] and tiles["columns"] * tiles["rows"] >= 16
+    assert tiles["overhead_estimate"] == 0.0
+    # The whole 24-frame demo keeps 16 nodes busy without tiles.
+    done = tessera("inspect", demo_scene, "--tiles", "auto", "--nodes", "16")
+    assert "1x1 tiles" in done.stdout and "keep 16 node(s) busy" in done.stdout
+
+
+@pytest.mark.parametrize("bad", ["autox", "4x", "0x2"])
+def test_a_bad_tiles_option_is_a_usage_error(demo_scene: Path, bad: str) -> None:
+    done = tessera("inspect", demo_scene, "--tiles", bad)
+    assert done.returncode == 2
+    assert "tile grid" in done.stderr and "Traceback" not in done.stderr

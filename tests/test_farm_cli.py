@@ -476,3 +476,16 @@ def test_download_of_another_accounts_job_is_refused(
     )
     assert result.returncode == 2 and "no-such-job" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_submit_tiles_auto_says_the_grid_and_its_cost(
+    coordinator: RunningCoordinator, requester: str, demo_scene: Path
+) -> None:
+    done = tessera(
+        "submit", str(demo_scene), "--frames", "7", "--percentage", "150", "--samples", "2",
+        "--tiles", "auto", "--estimate", url=coordinator.url, token=requester, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    line = next(text for text in done.stderr.splitlines() if text.startswith("Tiles (auto"))
+    assert "node(s)" in line and "estimated overhead" in line and "extra pixels" in line
+    assert "Estimated cost" in done.stdout

@@ -16,12 +16,17 @@ from renderers.regions import (
     BorderFractions,
     PixelRect,
     RegionPlan,
+    _min_samples,
+    adaptive_filter_passes,
     blender_pixel_span,
     border_fractions,
     effective_resolution,
+    overhead_estimate,
     parse_grid,
+    plan_frame,
     plan_grid,
     plan_tile_size,
+    render_margin,
 )
 
 PROPERTY_SETTINGS = settings(max_examples=200, deadline=None)
@@ -141,6 +146,81 @@ def test_margin_example() -> None:
 
 def test_adaptive_sampling_margin_is_a_small_positive_overscan() -> None:
     assert 1 <= ADAPTIVE_SAMPLING_MARGIN <= 16
+
+
+# --- the adaptive-sampling margin ------------------------------------------------------------
+
+
+def _cycles_passes(samples: int, min_samples: int) -> int:
+    """Cycles' own rule, sample by sample: a pass follows the 0-based sample s when
+    s > min_samples and s % 16 == 15 (AdaptiveSampling::need_filter); it matters only
+    when more samples follow."""
+    return sum(1 for s in range(samples - 1) if s > min_samples and s % 16 == 15)
+
+
+@pytest.mark.parametrize(("threshold", "expected"), [(0.1, 32), (0.01, 64), (0.001, 128)])
+def test_automatic_min_samples_match_cycles_own_examples(threshold: float, expected: int) -> None:
+    # Cycles' comment in Integrator::get_adaptive_sampling: 0.1 -> 32, 0.01 -> 64, 0.001 -> 128.
+    assert _min_samples(4096, threshold, 0) == expected
+
+
+@PROPERTY_SETTINGS
+@given(st.integers(1, 700), st.integers(0, 80))
+def test_filter_passes_count_what_cycles_runs(samples: int, min_samples: int) -> None:
+    expected = _cycles_passes(samples, max(4, min_samples))
+    assert adaptive_filter_passes(samples, 0.05, min_samples or 4) == expected
+
+
+@PROPERTY_SETTINGS
+@given(
+    st.integers(1, 5000),
+    st.floats(0.0, 1.0, allow_nan=False),
+    st.integers(0, 200),
+)
+def test_unknown_settings_never_give_fewer_passes(
+    samples: int, threshold: float, min_samples: int
+) -> None:
+    known = adaptive_filter_passes(samples, threshold, min_samples)
+    assert adaptive_filter_passes(samples) >= known
+    assert render_margin(True, samples=samples) >= known
+
+
+def test_margin_examples() -> None:
+    # The demo scene (64 samples, threshold 0.02, automatic minimum 52): its only pass
+    # follows the last sample, so tiles need no margin at all.
+    assert render_margin(True, samples=64, adaptive_threshold=0.02, adaptive_min_samples=0) == 0
+    assert render_margin(True, samples=64) == 3  # unknown settings: passes at 16, 32, 48
+    assert render_margin(True, samples=512, adaptive_threshold=0.1, adaptive_min_samples=4) == 31
+    assert render_margin(True, samples=4096, adaptive_threshold=0.01, adaptive_min_samples=0) == 251
+    assert render_margin(False, samples=4096) == 0
+    assert render_margin(True, samples=16) == 0
+
+
+def test_margin_of_an_empty_render_is_refused() -> None:
+    with pytest.raises(RegionError) as caught:
+        adaptive_filter_passes(0)
+    assert caught.value.hint
+
+
+def test_plan_frame_uses_the_derived_margin() -> None:
+    plan = plan_frame(
+        96,
+        54,
+        4,
+        4,
+        adaptive_sampling=True,
+        samples=48,
+        adaptive_threshold=0.1,
+        adaptive_min_samples=4,
+    )
+    assert plan.margin == 2
+    assert plan_frame(96, 54, 4, 4, adaptive_sampling=False, samples=48).margin == 0
+
+
+def test_overhead_estimate_is_the_margin_pixels() -> None:
+    assert overhead_estimate(plan_grid(100, 100, 2, 2)) == 0.0
+    # Each 50x50 core renders 54x54 (two interior edges grow by 4): 4 * 2916 / 10000 - 1.
+    assert overhead_estimate(plan_grid(100, 100, 2, 2, margin=4)) == pytest.approx(0.1664)
 
 
 def test_whole_frame_plan() -> None:

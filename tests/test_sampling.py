@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from coordinator.farm import Farm, Principal
+from coordinator.planning import margin_for
 from coordinator.store import ContentStore
 from coordinator.verify.judge import Result, judge, render_class, window_assignment
 from coordinator.verify.policy import (
@@ -108,14 +109,19 @@ def _assignment(render: Region, core: Region, size: tuple[int, int] = (64, 48)) 
 def test_a_window_keeps_the_tile_settings_and_adds_the_margin(spec: JobSpec) -> None:
     tile = _assignment(Region(x0=28, y0=0, x1=64, y1=28), Region(x0=32, y0=0, x1=64, y1=24))
     adaptive = spec.model_copy(
-        update={"scene": spec.scene.model_copy(update={"adaptive_sampling": True})}
+        update={
+            "samples": 64,
+            "scene": spec.scene.model_copy(update={"adaptive_sampling": True}),
+        }
     )
+    margin = margin_for(adaptive)  # the job's plan's: one pixel per adaptive filter pass
+    assert margin > 0
     for seed in range(50):
         window = window_assignment(tile, adaptive, POLICY, random.Random(seed))
         core, render = window.core_region, window.render_region
         assert 32 <= core.x0 < core.x1 <= 64 and 0 <= core.y0 < core.y1 <= 24
-        assert render.x0 == max(0, core.x0 - 4) and render.x1 == min(64, core.x1 + 4)
-        assert render.y0 == max(0, core.y0 - 4) and render.y1 == min(48, core.y1 + 4)
+        assert render.x0 == max(0, core.x0 - margin) and render.x1 == min(64, core.x1 + margin)
+        assert render.y0 == max(0, core.y0 - margin) and render.y1 == min(48, core.y1 + margin)
         assert window.samples == tile.samples and window.denoise_data
         assert not window.whole_frame
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from renderers import regions
+from renderers.auto_tiles import choose_grid
 from renderers.exr import ExrImage, read_exr
 from renderers.local_render import LocalRenderOptions, render_frame_local
 from renderers.worker import RenderWorker
@@ -98,20 +99,69 @@ def converging_scene(demo_scene: Path, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.mark.parametrize("frame", [4, 13, 19])
 def test_converging_adaptive_sampling_needs_and_gets_its_margin(
-    worker: RenderWorker,
-    converging_scene: Path,
-    tmp_path: Path,
-    frame: int,
-    monkeypatch: pytest.MonkeyPatch,
+    worker: RenderWorker, converging_scene: Path, tmp_path: Path, frame: int
 ) -> None:
     common = {"frame": frame, "percentage": 10, "samples": 512}
     whole = _render(worker, converging_scene, tmp_path / "whole.exr", (1, 1), **common)
     tiled = _render(worker, converging_scene, tmp_path / "tiled.exr", (4, 4), **common)
     _assert_identical(tiled, whole)
     # Without the margin, the convergence mask differs along tile edges: the check bites.
-    monkeypatch.setattr(regions, "ADAPTIVE_SAMPLING_MARGIN", 0)
-    naive = _render(worker, converging_scene, tmp_path / "naive.exr", (4, 4), **common)
-    differing = sum(
-        int(np.count_nonzero(naive.channel(n) != whole.channel(n))) for n in whole.channel_names()
+    naive = _render(worker, converging_scene, tmp_path / "naive.exr", (4, 4), margin=0, **common)
+    assert _differing(naive, whole) > 0
+
+
+def _differing(a: ExrImage, b: ExrImage) -> int:
+    return sum(int(np.count_nonzero(a.channel(n) != b.channel(n))) for n in b.channel_names())
+
+
+@pytest.mark.parametrize(("samples", "passes"), [(32, 1), (48, 2)])
+def test_derived_margin_of_one_pixel_per_filter_pass_is_exact(
+    worker: RenderWorker, converging_scene: Path, tmp_path: Path, samples: int, passes: int
+) -> None:
+    """Threshold 0.1, minimum 4 samples: Cycles filters after samples 16, 32, ...; at 32
+    samples one pass changes what is sampled, at 48 two. The margin is that many pixels,
+    and it is enough; no margin is not."""
+    assert regions.adaptive_filter_passes(samples, 0.1, 4) == passes
+    common = {"frame": 4, "percentage": 10, "samples": samples}
+    whole = _render(worker, converging_scene, tmp_path / "whole.exr", (1, 1), **common)
+    options = LocalRenderOptions(grid=(4, 4), denoise=False, preview=False, **common)  # type: ignore[arg-type]
+    result = render_frame_local(worker, converging_scene, tmp_path / "tiled.exr", options)
+    assert result.plan.margin == passes
+    _assert_identical(read_exr(tmp_path / "tiled.exr"), whole)
+    naive = _render(worker, converging_scene, tmp_path / "naive.exr", (4, 4), margin=0, **common)
+    assert _differing(naive, whole) > 0
+
+
+def _grids_auto_picks(width: int, height: int) -> list[tuple[int, int]]:
+    """Every grid `--tiles auto` picks for one frame of this size, on 1 to 299 nodes."""
+    choices = (choose_grid(width, height, nodes=n, frames=1, margin=0) for n in range(1, 300))
+    return sorted({(choice.columns, choice.rows) for choice in choices})
+
+
+def test_every_grid_tiles_auto_picks_for_the_demo_is_exact(
+    worker: RenderWorker, converging_scene: Path, tmp_path: Path
+) -> None:
+    """All grids `--tiles auto` picks for the demo's 640x360 frame (14 of them, up to
+    5x5), and the 8x8 it picks for 960x540, rendered at a small size (64x36 px) with
+    adaptive sampling that really converges (2 filter passes, a 2 px margin): every one
+    equals the one-piece frame."""
+    grids = _grids_auto_picks(640, 360)
+    assert len(grids) >= 10 and (5, 5) in grids
+    big = choose_grid(960, 540, nodes=64, frames=1, margin=0)
+    assert (big.columns, big.rows) == (8, 8)
+    grids.append((big.columns, big.rows))
+    common = {"frame": 13, "percentage": 10, "samples": 48}
+    whole = _render(worker, converging_scene, tmp_path / "whole.exr", (1, 1), **common)
+    for columns, rows in grids:
+        out = tmp_path / f"tiled-{columns}x{rows}.exr"
+        _assert_identical(_render(worker, converging_scene, out, (columns, rows), **common), whole)
+
+
+def test_the_8x8_grid_is_exact_with_adaptive_sampling_off(
+    worker: RenderWorker, converging_scene: Path, tmp_path: Path
+) -> None:
+    common = {"frame": 13, "percentage": 10, "samples": 48, "adaptive_sampling": False}
+    whole = _render(worker, converging_scene, tmp_path / "whole.exr", (1, 1), **common)
+    _assert_identical(
+        _render(worker, converging_scene, tmp_path / "t.exr", (8, 8), **common), whole
     )
-    assert differing > 0

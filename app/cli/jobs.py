@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.blender_choice import choose_build
 from app.cli.options import (
+    AUTO,
     Subparsers,
     add_blender_option,
     add_connection_options,
@@ -50,6 +51,8 @@ from protocol.requirements import format_mib
 if TYPE_CHECKING:
     from app.follow import FollowResult
     from app.submit import Prepared
+    from renderers.scene_probe import SceneProbe
+    from renderers.worker import RenderWorker
 
 
 def add_submit(sub: Subparsers) -> None:
@@ -245,7 +248,8 @@ def _print_estimate(
 
     status.line(f"Measuring {args.scene.name} in Blender...")
     with RenderWorker(choose_build(args.blender, settings)) as worker:
-        described = describe_job(worker, args.scene, options)
+        options, measured = settle_tiles(args, worker, client, status, options)
+        described = describe_job(worker, args.scene, options, measured=measured)
     estimate = client.estimate_job(described.spec)
     if args.json:
         print_json(
@@ -289,12 +293,14 @@ def prepare_and_submit(
 
     with bundle_folder(settings.home / "bundles") as bundle_dir:
         with RenderWorker(choose_build(args.blender, settings)) as worker:
+            options, measured = settle_tiles(args, worker, client, status, options)
             prepared = prepare_submission(
                 worker,
                 args.scene,
                 options,
                 bundle_dir=Path(bundle_dir),
                 on_pack=status.pack,
+                measured=measured,
             )
         for warning in prepared.warnings:
             status.warn(warning)
@@ -308,6 +314,36 @@ def prepare_and_submit(
     if job.warning:
         status.warn(f"{job.warning} The job waits in the queue until such a node connects.")
     return prepared, job
+
+
+def settle_tiles(
+    args: argparse.Namespace,
+    worker: RenderWorker,
+    client: TesseraClient,
+    status: Status,
+    options: JobOptions,
+) -> tuple[JobOptions, SceneProbe | None]:
+    """The options with `--tiles auto` settled (for `--nodes`, else the farm's nodes that
+    are not offline; the scene is probed first, for its fixed cost per render), saying
+    what the grid costs whenever it splits frames; and the probe, to reuse."""
+    from app.job_spec import describe_job, tile_choice
+    from renderers.scene_info import inspect_scene
+
+    if args.tiles != AUTO:
+        if tuple(args.tiles) == (1, 1):
+            return options, None
+        _, choice = tile_choice(inspect_scene(worker, args.scene), options)
+        status.line(f"Tiles: {choice.describe()}")
+        return options, None
+    nodes = getattr(args, "nodes", None) or max(
+        1, sum(1 for node in client.nodes() if node.status != "offline")
+    )
+    described = describe_job(worker, args.scene, options)
+    options, choice = tile_choice(
+        described.info, options, auto_nodes=nodes, measured=described.probe
+    )
+    status.line(f"Tiles (auto, for {nodes} node(s)): {choice.describe()}")
+    return options, described.probe
 
 
 def _report_followed(

@@ -54,6 +54,13 @@ def from_tessera_error(parse: Callable[[str], T]) -> Callable[[str], T]:
 
 #: "CxR": C columns by R rows of tiles.
 grid = from_tessera_error(parse_grid)
+#: What `--tiles auto` parses to: the grid is chosen once the scene and nodes are known.
+AUTO = "auto"
+
+
+def grid_or_auto(text: str) -> tuple[int, int] | str:
+    """ "CxR", or "auto" (app.job_spec.tile_choice chooses)."""
+    return AUTO if text.strip().lower() == AUTO else grid(text)
 
 
 def positive_int(text: str) -> int:
@@ -284,10 +291,11 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--tiles",
-        type=grid,
+        type=grid_or_auto,
         default=(1, 1),
-        metavar="CxR",
-        help="split each frame into C columns x R rows of tiles (default 1x1)",
+        metavar="CxR|auto",
+        help="split each frame into C columns x R rows of tiles (default 1x1); auto: "
+        "choose from the frame size, frames and nodes",
     )
     parser.add_argument(
         "--samples", type=positive_int, default=None, help="override the scene's samples"
@@ -357,7 +365,7 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
 
 def job_options_of(args: argparse.Namespace) -> JobOptions:
     """The `JobOptions` of `add_job_options`' flags (and `submit`'s prices, if given)."""
-    columns, rows = args.tiles
+    columns, rows = (1, 1) if args.tiles == AUTO else args.tiles
     return job_options(
         frames=args.frames,
         tiles={"columns": columns, "rows": rows},

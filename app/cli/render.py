@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from app.blender_choice import choose_build
-from app.cli.options import Subparsers, add_blender_option, add_json_option, grid
+from app.cli.options import (
+    Subparsers,
+    add_blender_option,
+    add_json_option,
+    grid,
+    grid_or_auto,
+    positive_int,
+)
 from common.settings import Settings
 from renderers.builds import BlenderBuild, find_builds
 from renderers.devices import parse_cycles_devices, probe_nvidia, summarise
@@ -30,6 +37,17 @@ def add_commands(sub: Subparsers) -> None:
         "resolution, engine, samples, camera, passes and problems.",
     )
     inspect.add_argument("scene", type=Path, help="the .blend file")
+    inspect.add_argument(
+        "--tiles",
+        type=grid_or_auto,
+        default=None,
+        metavar="CxR|auto",
+        help="also say what splitting its frames into this grid costs (auto: the grid "
+        "submit --tiles auto would choose for --nodes)",
+    )
+    inspect.add_argument(
+        "--nodes", type=positive_int, default=1, help="nodes for --tiles auto (default 1)"
+    )
     add_json_option(inspect)
     add_blender_option(inspect)
     inspect.set_defaults(handler=cmd_inspect)
@@ -111,18 +129,43 @@ def cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
     with _worker(args, settings) as worker:
         info = inspect_scene(worker, args.scene)
     dependencies = list_dependencies(args.scene)
+    tiles = _tile_cost(info, args.tiles, args.nodes)
     if args.json:
         files = [
             {"path": str(dep.path), "kind": dep.kind, "missing": dep.missing}
             for dep in dependencies
         ]
-        print(json.dumps({**info.to_dict(), "dependencies": files}, indent=2))
+        extra = {} if tiles is None else {"tiles": tiles}
+        print(json.dumps({**info.to_dict(), "dependencies": files, **extra}, indent=2))
     else:
         print(format_scene(info))
+        if tiles is not None:
+            print(f"Tiles:       {tiles['text']}")
         print(f"Files:       {len(dependencies) or 'none'}")
         for dep in dependencies:
             print(f"  {'MISSING ' if dep.missing else ''}{dep.kind}: {dep.path}")
     return 0
+
+
+def _tile_cost(
+    info: SceneInfo, tiles: tuple[int, int] | str | None, nodes: int
+) -> dict[str, object] | None:
+    """What rendering the scene's frames in `tiles` (or `auto` for `nodes`) costs."""
+    from app.job_spec import job_options, tile_choice
+
+    if tiles is None:
+        return None
+    auto = not isinstance(tiles, tuple)
+    columns, rows = (1, 1) if not isinstance(tiles, tuple) else tiles
+    options = job_options(tiles={"columns": columns, "rows": rows})
+    _, choice = tile_choice(info, options, auto_nodes=nodes if auto else None)
+    return {
+        "columns": choice.columns,
+        "rows": choice.rows,
+        "auto": auto,
+        "overhead_estimate": round(choice.overhead, 4),
+        "text": choice.describe(),
+    }
 
 
 def format_scene(info: SceneInfo) -> str:

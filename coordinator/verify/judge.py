@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from coordinator.planning import margin_for
 from coordinator.store import Store
 from coordinator.verify.policy import VerificationPolicy, choose_window
 from protocol.models import JobSpec, NodeCapabilities, Region, RenderAssignment
 from renderers.compare import WindowComparison, compare_windows
 from renderers.exr import read_exr
-from renderers.regions import PixelRect, render_margin
+from renderers.regions import PixelRect
 
 __all__ = [
     "Comparison",
@@ -86,7 +87,7 @@ def window_assignment(
     pixels equal the tile's), and the tile's settings."""
     core = tile.core_region
     window = choose_window(PixelRect(core.x0, core.y0, core.x1, core.y1), policy, rng, around)
-    margin = render_margin(spec.scene.adaptive_sampling)
+    margin = margin_for(spec)
     render = Region(
         x0=max(0, window.x0 - margin),
         y0=max(0, window.y0 - margin),
