@@ -59,6 +59,9 @@ class NodeConfig:
     #: Credits asked per work unit (pixels x samples / 1e6); jobs offering less skip us.
     price: float = 0.0
     benchmark: bool = True
+    #: Where the benchmark score is kept (default: ``benchmark.json`` in `data_dir`); a
+    #: throw-away node (`tessera render`'s) keeps it somewhere lasting, to measure once.
+    benchmark_cache: Path | None = None
     max_warm_workers: int = DEFAULT_MAX_WARM
     retry_initial: float = 1.0
     retry_max: float = 60.0
@@ -93,7 +96,7 @@ class NodeConfig:
 
     @property
     def benchmark_file(self) -> Path:
-        return self.data_dir / "benchmark.json"
+        return self.benchmark_cache or self.data_dir / "benchmark.json"
 
     def validate(self) -> None:
         """Fail fast, with the option's name, on values that cannot work."""

@@ -271,29 +271,52 @@ def prepare_and_submit(
     options: JobOptions,
 ) -> tuple[Prepared, Job]:
     """Inspect `args.scene`, pack it (in a folder of this run's own), upload it and submit
-    the job of `options` (`submit`, `render` and `demo` do it so)."""
-    from app.submit import bundle_folder, prepare_submission, submit
-    from renderers.worker import RenderWorker
+    the job of `options` (`submit` and `demo` do it so)."""
+    from app.submit import bundle_folder
 
     with bundle_folder(settings.home / "bundles") as bundle_dir:
-        with RenderWorker(choose_build(args.blender, settings)) as worker:
-            prepared = prepare_submission(
-                worker,
-                args.scene,
-                options,
-                bundle_dir=Path(bundle_dir),
-                on_pack=status.pack,
-            )
-        for warning in prepared.warnings:
-            status.warn(warning)
-        status.packed(prepared)
-        job = submit(client, prepared, on_upload=status.upload)
+        prepared = prepare_job(args, settings, status, options, Path(bundle_dir))
+        job = submit_prepared(client, prepared, status)
+    return prepared, job
+
+
+def prepare_job(
+    args: argparse.Namespace,
+    settings: Settings,
+    status: Status,
+    options: JobOptions,
+    bundle_dir: Path,
+) -> Prepared:
+    """Inspect, probe and pack `args.scene` into `bundle_dir` in one Blender worker,
+    reporting warnings and the bundle on `status`."""
+    from app.submit import prepare_submission
+    from renderers.worker import RenderWorker
+
+    with RenderWorker(choose_build(args.blender, settings)) as worker:
+        prepared = prepare_submission(
+            worker,
+            args.scene,
+            options,
+            bundle_dir=bundle_dir,
+            on_pack=status.pack,
+        )
+    for warning in prepared.warnings:
+        status.warn(warning)
+    status.packed(prepared)
+    return prepared
+
+
+def submit_prepared(client: TesseraClient, prepared: Prepared, status: Status) -> Job:
+    """Upload the prepared bundle (unless the farm has it) and submit its job."""
+    from app.submit import submit
+
+    job = submit(client, prepared, on_upload=status.upload)
     status.uploaded(prepared)
     status.line(
         f"Submitted job {job.id} ({job.name}): {job.progress.frames_total} frame(s), "
         f"{job.progress.tasks_total} task(s)"
     )
-    return prepared, job
+    return job
 
 
 def _report_followed(
