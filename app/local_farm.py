@@ -209,15 +209,19 @@ class LocalFarm:
     def port(self) -> int:
         return int(self.url.rsplit(":", 1)[1])
 
-    def stop(self, grace: float = 20.0) -> None:
+    def stop(self, grace: float = 20.0, *, together: bool = False) -> None:
         """SIGINT the nodes, then the coordinator (so nodes can hand back their leases);
         kill whatever is still running after `grace` seconds. A start still under way
-        in the background is waited for first."""
+        in the background is waited for first.
+
+        `together`: signal every process at once, for a farm whose work is over (no
+        lease to hand back; the coordinator's shutdown ends the nodes' polls)."""
         starter = self._starter
         if starter is not None and starter is not threading.current_thread():
             starter.join()
         nodes, coordinator = self.processes[1:], self.processes[:1]
-        for group in (nodes, coordinator):
+        groups = [nodes + coordinator] if together else [nodes, coordinator]
+        for group in groups:
             for process in group:
                 if process.poll() is None:
                     process.send_signal(signal.SIGINT)

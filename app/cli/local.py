@@ -152,8 +152,10 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
             ledger_ok, ledger_problems = _ledger_check(farm.url, farm.admin_token, status)
             local_nodes = list(farm.local_nodes)
             mark("stopping")
+            # A completed job leaves no lease to hand back: every process stops at once.
+            farm.stop(together=result.job.status is JobStatus.COMPLETED)
         finally:
-            farm.stop()
+            farm.stop()  # a no-op after the stop above
         mark("stopped")
     summary: dict[str, Any] = {
         "job": result.job.id,
