@@ -126,7 +126,7 @@ def tessera_render(scene: Path, out: Path, home: Path, job: Job) -> FarmRun:
     return FarmRun(total, steps, outside)
 
 
-def _rows(plain: PlainRun, cold: FarmRun, warm: FarmRun) -> list[dict[str, object]]:
+def _rows(plain: PlainRun, cold: FarmRun, warm: FarmRun, frames: int) -> list[dict[str, object]]:
     s = warm.steps
     rows: list[dict[str, object]] = [
         _row("whole", "plain Blender, one process", plain.total, 1.0),
@@ -167,6 +167,21 @@ def _rows(plain: PlainRun, cold: FarmRun, warm: FarmRun) -> list[dict[str, objec
         _row(
             "part", "  fixed overhead in all (farm total - plain total)", warm.total - plain.total
         ),
+        _row(
+            "part",
+            "  farm: everything but the job (total - submit to last frame)",
+            warm.total - (s["job_done"] - s["submitted"]),
+        ),
+        _row(
+            "frame",
+            "  plain Blender, seconds per frame after the first",
+            (plain.total - plain.first_frame) / max(1, frames - 1),
+        ),
+        _row(
+            "frame",
+            "  tessera render, seconds per frame after the first",
+            (s["job_done"] - s["first_frame"]) / max(1, frames - 1),
+        ),
     ]
     return rows
 
@@ -203,7 +218,7 @@ def main() -> None:
     warm = min(warms, key=lambda run: run.total)
     report(
         "render_overhead",
-        _rows(plain, cold, warm),
+        _rows(plain, cold, warm, job.frames[1] - job.frames[0] + 1),
         ["measure", "setup", "seconds", "ratio", "goal"],
     )
     width, height = 640 * job.percentage // 100, 360 * job.percentage // 100
