@@ -178,3 +178,29 @@ def test_render_prepares_while_the_farm_starts_and_frames_equal_blenders(
                 frame,
                 channel,
             )
+
+
+def test_the_bpy_build_is_remembered_until_its_install_changes(tmp_path: Path) -> None:
+    from app.blender_choice import BPY_CACHE, choose_build, remembered_bpy
+    from common.settings import Settings
+    from renderers.builds import clear_probe_cache
+
+    settings = Settings(home=tmp_path / "home")
+    assert remembered_bpy(settings.home) is None  # nothing known yet
+    clear_probe_cache()
+    probed = choose_build(None, settings)
+    assert probed.kind == "bpy"
+    assert remembered_bpy(settings.home) == probed  # the next command skips the probe
+    cache = settings.home / BPY_CACHE
+    record = json.loads(cache.read_text())
+    # What the next command gets is what the file says, for this very install...
+    record["build_hash"] = "remembered"
+    cache.write_text(json.dumps(record))
+    assert choose_build(None, settings).build_hash == "remembered"
+    # ...and nothing once the install looks different (a reinstall changes its module).
+    record["identity"]["size"] += 1
+    cache.write_text(json.dumps(record))
+    assert remembered_bpy(settings.home) is None
+    assert choose_build(None, settings) == probed
+    cache.write_text("{not json")
+    assert remembered_bpy(settings.home) is None
