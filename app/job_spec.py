@@ -83,15 +83,18 @@ def describe_job(
     probe: bool = True,
     benchmark_scene: Path | None = None,
     measured: SceneProbe | None = None,
+    info: SceneInfo | None = None,
 ) -> Described:
     """Inspect `scene`, check the job it makes and probe it (nothing is packed).
 
     `options` and the probe's arguments are `app.submit.prepare_submission`'s.
     `measured` is a probe made before (the desktop app probes a scene when it is chosen):
     it is reused when its previews are of the frames this job previews and at no more
-    samples than the job renders, else the scene is probed again.
+    samples than the job renders, else the scene is probed again. `info`, the scene
+    inspected before by the same worker, saves inspecting it again.
     """
-    info = inspect_scene(worker, scene)
+    if info is None or info.path != scene.resolve():
+        info = inspect_scene(worker, scene)
     # Check the spec before probing and packing: a bad option fails in a second.
     spec = job_spec_for(info, options)
     if not probe:

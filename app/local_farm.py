@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,9 @@ class LocalFarm:
     price: float = 0.0
     credits: float = 0.0
     cheats: list[str] = field(default_factory=list)
+    #: A lasting folder for the nodes' benchmark scores (one file per thread count), so
+    #: that a farm started afresh each time measures them once; None: each node's own.
+    benchmark_cache: Path | None = None
     url: str = ""
     admin_token: str = ""
     requester_token: str = ""
@@ -82,6 +86,10 @@ class LocalFarm:
     local_nodes: list[LocalNode] = field(default_factory=list)
     #: How each node was started (arguments, extra environment), to restart it.
     _node_launch: list[tuple[list[str], dict[str, str]]] = field(default_factory=list)
+    #: When (time.monotonic()) the coordinator was listening and the nodes registered.
+    marks: dict[str, float] = field(default_factory=dict)
+    _starter: threading.Thread | None = None
+    _start_error: BaseException | None = None
 
     def __enter__(self) -> LocalFarm:
         self.start()
@@ -90,10 +98,31 @@ class LocalFarm:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
+    def start_in_background(self) -> None:
+        """Start the farm in a thread, so the caller can inspect and pack its scene
+        meanwhile; `wait_started` waits for it (and raises what went wrong)."""
+
+        def run() -> None:
+            try:
+                self.start()
+            except BaseException as exc:  # handed to wait_started, in the caller's thread
+                self._start_error = exc
+
+        self._starter = threading.Thread(target=run, name="local-farm-start", daemon=True)
+        self._starter.start()
+
+    def wait_started(self) -> None:
+        """Wait for `start_in_background` to finish; raise its error, if any."""
+        if self._starter is not None:
+            self._starter.join()
+        if self._start_error is not None:
+            raise self._start_error
+
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         try:
             self.start_coordinator()
+            self.marks["coordinator_listening"] = time.monotonic()
             self.admin_token = (self.folder / "coordinator" / "admin.token").read_text().strip()
             with TesseraClient(self.url, self.admin_token) as admin:
                 self.requester_token = admin.create_account(REQUESTER, Role.REQUESTER).token
@@ -128,6 +157,9 @@ class LocalFarm:
                 ]
                 if node.cheat is not None:
                     args += ["--cheat", node.cheat]
+                if self.benchmark_cache is not None:
+                    cache = self.benchmark_cache / f"benchmark-{threads}-threads.json"
+                    args += ["--benchmark-cache", str(cache)]
                 if threads * count <= len(cpus):
                     # Nodes sharing a machine get cores of their own (see worker_main).
                     own = cpus[index * threads : (index + 1) * threads]
@@ -136,6 +168,7 @@ class LocalFarm:
                 self.processes.append(self._spawn(args, self.folder / f"{node.name}.log", env))
                 self.node_names.append(node.name)
             self._wait_for_nodes()
+            self.marks["nodes_registered"] = time.monotonic()
         except BaseException:
             self.stop()
             raise
@@ -176,11 +209,19 @@ class LocalFarm:
     def port(self) -> int:
         return int(self.url.rsplit(":", 1)[1])
 
-    def stop(self, grace: float = 20.0) -> None:
+    def stop(self, grace: float = 20.0, *, together: bool = False) -> None:
         """SIGINT the nodes, then the coordinator (so nodes can hand back their leases);
-        kill whatever is still running after `grace` seconds."""
+        kill whatever is still running after `grace` seconds. A start still under way
+        in the background is waited for first.
+
+        `together`: signal every process at once, for a farm whose work is over (no
+        lease to hand back; the coordinator's shutdown ends the nodes' polls)."""
+        starter = self._starter
+        if starter is not None and starter is not threading.current_thread():
+            starter.join()
         nodes, coordinator = self.processes[1:], self.processes[:1]
-        for group in (nodes, coordinator):
+        groups = [nodes + coordinator] if together else [nodes, coordinator]
+        for group in groups:
             for process in group:
                 if process.poll() is None:
                     process.send_signal(signal.SIGINT)

@@ -41,7 +41,7 @@ from typing import Literal
 
 from blender_asset_tracer import blendfile, bpathlib, trace
 from blender_asset_tracer.blendfile.exceptions import BlendFileError
-from blender_asset_tracer.pack import Aborted, Packer
+from blender_asset_tracer.pack import Aborted, Packer, transfer
 from blender_asset_tracer.pack import progress as pack_progress
 from blender_asset_tracer.trace import file_sequence
 
@@ -199,7 +199,21 @@ def _pack(
 class _BundlePacker(Packer):
     """BAT's directory packer, but a dependency inside the project folder that a .blend
     names by an absolute path keeps its place in the project tree; BAT alone would move
-    it under `_outside_project/` with its full path (leaking the folder layout)."""
+    it under `_outside_project/` with its full path (leaking the folder layout).
+
+    Closing it also stops BAT's copier thread: BAT leaves it running when copying fails
+    with anything but Ctrl-C, and a process with that thread alive never exits."""
+
+    _copier: transfer.FileTransferer | None = None
+
+    def _create_file_transferer(self) -> transfer.FileTransferer:
+        self._copier = super()._create_file_transferer()
+        return self._copier
+
+    def close(self) -> None:
+        if self._copier is not None and self._copier.is_alive():
+            self._copier.abort_and_join()
+        super().close()
 
     def _find_new_paths(self) -> None:
         project = bpathlib.make_absolute(self.project)

@@ -11,17 +11,18 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
-from app.job_spec import DEFAULT_OPTIONS, describe_job, spec_with_bundle
+from app.job_spec import DEFAULT_OPTIONS, describe_job, job_spec_for, spec_with_bundle
 from app.packing import PackProgress, PackResult, pack_scene
 from common.errors import BundleError, CoordinatorUnreachableError, UsageError
 from protocol.client import TesseraClient
 from protocol.models import Job, JobOptions, JobSpec
-from renderers.scene_info import SceneInfo
+from renderers.scene_info import SceneInfo, inspect_scene
 from renderers.scene_probe import SceneProbe
 from renderers.worker import RenderWorker
 
@@ -80,16 +81,26 @@ def prepare_submission(
     errors when a probe render fails, and `BundleError` when packing fails; nothing is
     uploaded here.
     """
-    described = describe_job(
-        worker,
-        scene,
-        options,
-        probe=probe,
-        benchmark_scene=benchmark_scene,
-        measured=measured,
-    )
-    info = described.info
-    bundle = pack_scene(scene, bundle_dir, on_progress=on_pack)
+    # Inspect and check the options first: a bad option fails in a second, before any
+    # packing. Then the bundle is packed (files, no Blender) while the worker probes.
+    info = inspect_scene(worker, scene)
+    job_spec_for(info, options)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack") as pool:
+        packing = pool.submit(pack_scene, scene, bundle_dir, on_progress=on_pack)
+        try:
+            described = describe_job(
+                worker,
+                scene,
+                options,
+                probe=probe,
+                benchmark_scene=benchmark_scene,
+                measured=measured,
+                info=info,
+            )
+        except BaseException:
+            packing.cancel()
+            raise
+        bundle = packing.result()
     spec = spec_with_bundle(
         info,
         bundle.sha256,

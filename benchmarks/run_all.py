@@ -11,6 +11,7 @@ BENCHMARKS = (
     "benchmarks.bench_merge",
     "benchmarks.bench_upload",
     "benchmarks.bench_farm",
+    "benchmarks.bench_render_overhead",
     "benchmarks.bench_coordinator",
     "benchmarks.bench_verify_compare",
     "benchmarks.bench_verify",

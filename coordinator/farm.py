@@ -284,6 +284,12 @@ class Farm:
     def try_lease(self, who: Principal, node_id: str, request: LeaseRequest) -> Lease | None:
         return self.scheduler.try_lease(who, node_id, request)
 
+    def end_poll(self, who: Principal, node_id: str) -> None:
+        self.scheduler.end_poll(who, node_id)
+
+    def poll_ended(self, node_id: str) -> bool:
+        return self.scheduler.poll_ended(node_id)
+
     def heartbeat(self, who: Principal, lease_id: str, beat: Heartbeat) -> HeartbeatReply:
         return self.scheduler.heartbeat(who, lease_id, beat)
 

@@ -78,6 +78,8 @@ class Scheduler:
         #: node -> "warming"/"failed": a GPU worker whose warm-up render has not
         #: succeeded (memory only, like `_paused`; its reason is in `_paused`).
         self._unready: dict[str, str] = {}
+        #: Nodes that are stopping: their open long poll answers "no task" at once.
+        self._poll_ended: set[str] = set()
 
     # --- nodes -----------------------------------------------------------------------------
 
@@ -117,6 +119,8 @@ class Scheduler:
                         time.time(),
                     ),
                 )
+        with self._touch_lock:
+            self._poll_ended.discard(node_id)
         self.core.bus.publish("node", node=node_id, status="idle")
         return NodeRegistration(
             node_id=node_id,
@@ -151,6 +155,21 @@ class Scheduler:
             info if info.current_task in own else info.model_copy(update={"current_task": None})
             for info in infos
         ]
+
+    def end_poll(self, who: Principal, node_id: str) -> None:
+        """The node is stopping: its open long poll (or its next one) ends with no task
+        now, rather than when its wait runs out (a stopping node waited out the poll)."""
+        self._node_row(who, node_id)
+        with self._touch_lock:
+            self._poll_ended.add(node_id)
+
+    def poll_ended(self, node_id: str) -> bool:
+        """Whether the node asked to end its long poll (answered once: memory only)."""
+        with self._touch_lock:
+            if node_id not in self._poll_ended:
+                return False
+            self._poll_ended.discard(node_id)
+            return True
 
     def _node_row(self, who: Principal, node_id: str) -> sqlite3.Row:
         require(who, Role.PROVIDER)

@@ -68,6 +68,9 @@ class NodeConfig:
     #: account was added to and says which it refused.
     pools: list[str] = field(default_factory=list)
     benchmark: bool = True
+    #: Where the benchmark score is kept (default: ``benchmark.json`` in `data_dir`); a
+    #: throw-away node (`tessera render`'s) keeps it somewhere lasting, to measure once.
+    benchmark_cache: Path | None = None
     max_warm_workers: int = DEFAULT_MAX_WARM
     retry_initial: float = 1.0
     retry_max: float = 60.0
@@ -114,7 +117,7 @@ class NodeConfig:
 
     @property
     def benchmark_file(self) -> Path:
-        return self.data_dir / "benchmark.json"
+        return self.benchmark_cache or self.data_dir / "benchmark.json"
 
     @property
     def warms_up(self) -> bool:

@@ -75,6 +75,8 @@ log = logging.getLogger(__name__)
 
 #: How often a warming (or failed) worker tells the coordinator so; it stays listed.
 _READINESS_REPORT_SECONDS = 5.0
+#: How often the thread that ends the long poll on stop checks that the node still runs.
+STOP_CHECK_SECONDS = 0.05
 
 
 class _Poll(Enum):
@@ -115,6 +117,8 @@ class NodeDaemon:
         self.registration: NodeRegistration | None = None
         self._rng = rng or random.Random()
         self._abort = threading.Event()
+        #: Set when `run` returns (ends the thread that wakes the long poll on stop).
+        self._served = threading.Event()
         self._coordinator = ProblemLog("Talking to the coordinator")
         self._heartbeats = ProblemLog("Sending heartbeats")
         self._tasks_dir = config.scratch_dir / "tasks"
@@ -160,10 +164,15 @@ class NodeDaemon:
             )
             if self.availability.active:
                 log.info("Providing %s", self.config.policy.describe())
+            waker = threading.Thread(
+                target=self._end_poll_on_stop, args=(stop,), name="end-poll", daemon=True
+            )
+            waker.start()
             self._serve(stop, capabilities)
         finally:
             if self.warmup is not None:
                 self.warmup.stop()
+            self._served.set()
             self.runner.close()
             log.info("Node stopped")
 
@@ -214,6 +223,21 @@ class NodeDaemon:
         return self.outbox.deliver_all()
 
     # --- the loop ---------------------------------------------------------------------------
+
+    def _end_poll_on_stop(self, stop: threading.Event) -> None:
+        """Once `stop` is set, ask the coordinator to end this node's long poll, so an
+        idle node stops at once instead of waiting out the poll (`poll_wait`)."""
+        while not stop.wait(STOP_CHECK_SECONDS):
+            if self._served.is_set():
+                return
+        node_id = self.node_id
+        if node_id is None or self._served.is_set():
+            return
+        try:
+            self.client.stop_polling(node_id)
+        except (ApiError, CoordinatorUnreachableError) as exc:
+            # An older coordinator, or none: the poll ends when its wait runs out.
+            log.debug("Could not end the long poll early: %s", exc)
 
     def _serve(self, stop: threading.Event, capabilities: NodeCapabilities) -> None:
         backoff = Backoff(self.config.retry_initial, self.config.retry_max, self._rng)

@@ -373,6 +373,11 @@ class TesseraClient:
             return None
         return Lease.model_validate(response.json())
 
+    def stop_polling(self, node_id: str) -> None:
+        """Tell the coordinator this node is stopping: its open long poll (or its next)
+        ends at once with no task."""
+        self._request("POST", f"/nodes/{node_id}/stop-polling", ok=(204,))
+
     def heartbeat(self, lease_id: str, beat: Heartbeat) -> HeartbeatReply:
         return self._json(
             "POST", f"/leases/{lease_id}/heartbeat", HeartbeatReply, **self._body(beat)

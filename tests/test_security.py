@@ -353,6 +353,14 @@ TABLE: list[Case] = [
         403,
         "/leases/{lease_2}/release",
     ),
+    # after nb3's lease row: it ends the node's next poll (none is made after this)
+    Case(
+        "POST",
+        "/nodes/{node_id}/stop-polling",
+        {"bob": 204, "admin": 204},
+        403,
+        "/nodes/{nb3}/stop-polling",
+    ),
 ]
 
 #: Calls beyond one per route: other objects, query parameters.

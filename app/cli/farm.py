@@ -204,6 +204,14 @@ def add_commands(sub: Subparsers) -> None:
         "--no-benchmark", action="store_true", help="skip the start-up benchmark render"
     )
     node.add_argument(
+        "--benchmark-cache",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="keep the benchmark score in FILE (default: benchmark.json in --data), so a "
+        "node started afresh each time measures it once",
+    )
+    node.add_argument(
         "--cheat",
         type=_cheat,
         default=None,
@@ -594,6 +602,7 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
         blender_executables=[args.blender] if args.blender else list(settings.blender),
         use_bpy=settings.use_bpy and args.blender is None,
         benchmark=not args.no_benchmark,
+        benchmark_cache=args.benchmark_cache,
         cheat=args.cheat,
         task_timeout=args.task_timeout,
         policy=policy,

@@ -287,25 +287,50 @@ def prepare_and_submit(
     options: JobOptions,
 ) -> tuple[Prepared, Job]:
     """Inspect `args.scene`, pack it (in a folder of this run's own), upload it and submit
-    the job of `options` (`submit`, `render` and `demo` do it so)."""
-    from app.submit import bundle_folder, prepare_submission, submit
-    from renderers.worker import RenderWorker
+    the job of `options` (`submit` and `demo` do it so)."""
+    from app.submit import bundle_folder
 
     with bundle_folder(settings.home / "bundles") as bundle_dir:
-        with RenderWorker(choose_build(args.blender, settings)) as worker:
-            options, measured = settle_tiles(args, worker, client, status, options)
-            prepared = prepare_submission(
-                worker,
-                args.scene,
-                options,
-                bundle_dir=Path(bundle_dir),
-                on_pack=status.pack,
-                measured=measured,
-            )
-        for warning in prepared.warnings:
-            status.warn(warning)
-        status.packed(prepared)
-        job = submit(client, prepared, on_upload=status.upload)
+        prepared = prepare_job(args, settings, status, options, Path(bundle_dir), client)
+        job = submit_prepared(client, prepared, status)
+    return prepared, job
+
+
+def prepare_job(
+    args: argparse.Namespace,
+    settings: Settings,
+    status: Status,
+    options: JobOptions,
+    bundle_dir: Path,
+    client: TesseraClient | None = None,
+) -> Prepared:
+    """Inspect, probe and pack `args.scene` into `bundle_dir` in one Blender worker (the
+    tile grid settled first for `--tiles auto`), reporting warnings and the bundle on
+    `status`."""
+    from app.submit import prepare_submission
+    from renderers.worker import RenderWorker
+
+    with RenderWorker(choose_build(args.blender, settings)) as worker:
+        options, measured = settle_tiles(args, worker, client, status, options)
+        prepared = prepare_submission(
+            worker,
+            args.scene,
+            options,
+            bundle_dir=bundle_dir,
+            on_pack=status.pack,
+            measured=measured,
+        )
+    for warning in prepared.warnings:
+        status.warn(warning)
+    status.packed(prepared)
+    return prepared
+
+
+def submit_prepared(client: TesseraClient, prepared: Prepared, status: Status) -> Job:
+    """Upload the prepared bundle (unless the farm has it) and submit its job."""
+    from app.submit import submit
+
+    job = submit(client, prepared, on_upload=status.upload)
     status.uploaded(prepared)
     status.line(
         f"Submitted job {job.id} ({job.name}): {job.progress.frames_total} frame(s), "
@@ -313,19 +338,20 @@ def prepare_and_submit(
     )
     if job.warning:
         status.warn(f"{job.warning} The job waits in the queue until such a node connects.")
-    return prepared, job
+    return job
 
 
 def settle_tiles(
     args: argparse.Namespace,
     worker: RenderWorker,
-    client: TesseraClient,
+    client: TesseraClient | None,
     status: Status,
     options: JobOptions,
 ) -> tuple[JobOptions, SceneProbe | None]:
     """The options with `--tiles auto` settled (for `--nodes`, else the farm's nodes that
-    are not offline; the scene is probed first, for its fixed cost per render), saying
-    what the grid costs whenever it splits frames; and the probe, to reuse."""
+    are not offline, asked of `client`; the scene is probed first, for its fixed cost per
+    render), saying what the grid costs whenever it splits frames; and the probe, to
+    reuse."""
     from app.job_spec import describe_job, tile_choice
     from renderers.scene_info import inspect_scene
 
@@ -335,9 +361,10 @@ def settle_tiles(
         _, choice = tile_choice(inspect_scene(worker, args.scene), options)
         status.line(f"Tiles: {choice.describe()}")
         return options, None
-    nodes = getattr(args, "nodes", None) or max(
-        1, sum(1 for node in client.nodes() if node.status != "offline")
-    )
+    nodes = getattr(args, "nodes", None)
+    if not nodes:
+        online = [] if client is None else [n for n in client.nodes() if n.status != "offline"]
+        nodes = max(1, len(online))
     described = describe_job(worker, args.scene, options)
     options, choice = tile_choice(
         described.info, options, auto_nodes=nodes, measured=described.probe

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from app.blender_choice import choose_build
-from app.cli.jobs import prepare_and_submit
+from app.cli.jobs import prepare_job, submit_prepared
 from app.cli.options import (
     Subparsers,
     add_blender_option,
@@ -91,8 +91,9 @@ def _add_cheaters_option(parser: argparse.ArgumentParser) -> None:
 
 def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
     """Submit to a coordinator and nodes started on this machine for this one job."""
-    from app.follow import follow_job
+    from app.follow import FrameFiles, follow_job
     from app.local_farm import LocalFarm
+    from app.submit import bundle_folder
     from farm_node.cheats import cheat_modes
 
     started = time.monotonic()
@@ -103,6 +104,11 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
             f"{args.nodes + len(cheats)} providers in all: a disagreement between two of "
             "them has no third provider to settle it (raise --nodes)"
         )
+    timings: dict[str, float] = {}
+
+    def mark(phase: str) -> None:
+        timings[phase] = round(time.monotonic() - started, 3)
+
     with tempfile.TemporaryDirectory(prefix="tessera-farm-") as folder:
         cheating = f" and {len(cheats)} cheating node(s)" if cheats else ""
         status.line(f"Starting a local farm: a coordinator and {args.nodes} node(s){cheating}...")
@@ -110,26 +116,49 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
         # offers at least that price, from credits granted to the local requester.
         options = job_options_of(args)
         options = options.model_copy(update={"max_price": max(options.max_price, LOCAL_PRICE)})
-        with LocalFarm(
+        farm = LocalFarm(
             Path(folder),
             nodes=args.nodes,
             threads_per_node=args.threads_per_node,
             cheats=cheats,
             price=LOCAL_PRICE,
             credits=LOCAL_CREDITS,
-        ) as farm:
+            benchmark_cache=settings.home / "local-farm",
+        )
+        try:
+            # The farm starts while the scene is inspected, probed and packed.
+            farm.start_in_background()
+            with bundle_folder(settings.home / "bundles") as bundle_dir:
+                prepared = prepare_job(args, settings, status, options, Path(bundle_dir))
+                mark("prepared")
+                farm.wait_started()
+                mark("farm_started")
+                with TesseraClient(farm.url, farm.requester_token, retries=CLI_RETRIES) as client:
+                    job = submit_prepared(client, prepared, status)
+            mark("submitted")
             with TesseraClient(farm.url, farm.requester_token, retries=CLI_RETRIES) as client:
-                prepared, job = prepare_and_submit(args, settings, client, status, options)
                 progress = JobProgress(status)
+
+                def on_frame(frame: FrameFiles) -> None:
+                    timings.setdefault("first_frame", round(time.monotonic() - started, 3))
+                    progress.frame(frame)
+
                 result = follow_job(
-                    client, job.id, args.out, on_frame=progress.frame, on_job=progress.update
+                    client, job.id, args.out, on_frame=on_frame, on_job=progress.update
                 )
+                mark("job_done")
                 progress.finish()
                 tasks = client.tasks(job.id)
                 nodes = client.nodes()
                 final = client.job(job.id)
             ledger_ok, ledger_problems = _ledger_check(farm.url, farm.admin_token, status)
             local_nodes = list(farm.local_nodes)
+            mark("stopping")
+            # A completed job leaves no lease to hand back: every process stops at once.
+            farm.stop(together=result.job.status is JobStatus.COMPLETED)
+        finally:
+            farm.stop()  # a no-op after the stop above
+        mark("stopped")
     summary: dict[str, Any] = {
         "job": result.job.id,
         "status": result.job.status.value,
@@ -153,6 +182,12 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
         "ledger_ok": ledger_ok,
         "ledger_problems": ledger_problems,
         "wall_seconds": round(time.monotonic() - started, 3),
+        # Seconds since the command started at which each step ended (see
+        # docs/render-overhead.md).
+        "timings": {
+            **{name: round(at - started, 3) for name, at in farm.marks.items()},
+            **timings,
+        },
         "warnings": list(prepared.warnings),
     }
     if args.json:

@@ -259,6 +259,8 @@ def router(services: Services) -> APIRouter:
         deadline = time.monotonic() + min(body.wait, config.poll_timeout)
         seen, tried_at = -1, 0.0
         while True:
+            if farm.poll_ended(node_id):  # the node is stopping: no new task for it
+                return Response(status_code=204)
             version = bus.work_version
             if version != seen or time.monotonic() - tried_at > IDLE_RETRY_SECONDS:
                 seen, tried_at = version, time.monotonic()
@@ -272,6 +274,11 @@ def router(services: Services) -> APIRouter:
                     "The token was revoked.", hint="Ask the farm's admin for an account."
                 )
             await asyncio.sleep(0.05)
+
+    @api.post("/nodes/{node_id}/stop-polling", status_code=204)
+    def stop_polling(node_id: str, who: Provider) -> Response:
+        farm.end_poll(who, node_id)
+        return Response(status_code=204)
 
     @api.post("/leases/{lease_id}/heartbeat", response_model=HeartbeatReply)
     def heartbeat(lease_id: str, body: Heartbeat, who: Provider) -> HeartbeatReply:
