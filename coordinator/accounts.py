@@ -208,6 +208,7 @@ class Accounts:
         if note.get("revoked"):
             with self._lock:
                 self._revoked.add(name)
+            self.core.bus.wake_pollers()  # its open long polls end at once
         self._forget(name)
 
     def _forget(self, name: str) -> None:

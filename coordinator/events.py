@@ -29,6 +29,8 @@ class EventBus:
         self._seq = 0
         #: Bumped whenever leasable work may have appeared (new job, requeue, resume).
         self.work_version = 0
+        #: Open long polls' wake-ups (each sets its poll's asyncio event, thread-safely).
+        self._wakers: set[Callable[[], None]] = set()
         #: Passes a note (kind, fields) to the other replicas; None with no replicas.
         self.peers: Callable[[str, dict[str, Any]], None] | None = None
         #: What to do with the other replicas' notes of a kind other than event/work.
@@ -48,8 +50,25 @@ class EventBus:
     def work_changed(self, *, _from_peer: bool = False) -> None:
         with self._lock:
             self.work_version += 1
+        self.wake_pollers()
         if not _from_peer:
             self.tell_peers("work")
+
+    def add_waker(self, wake: Callable[[], None]) -> None:
+        """Call `wake` whenever a long poll should look again (work changed, the farm or
+        a node is stopping); `remove_waker` when the poll ends."""
+        with self._lock:
+            self._wakers.add(wake)
+
+    def remove_waker(self, wake: Callable[[], None]) -> None:
+        with self._lock:
+            self._wakers.discard(wake)
+
+    def wake_pollers(self) -> None:
+        with self._lock:
+            wakers = list(self._wakers)
+        for wake in wakers:
+            wake()
 
     def tell_peers(self, kind: str, **fields: Any) -> None:
         if self.peers is not None:

@@ -128,6 +128,7 @@ class Farm:
 
     def stop(self) -> None:
         self.stopping.set()
+        self.bus.wake_pollers()  # open long polls answer at once
         if self._sweeper is not None:
             self._sweeper.join(timeout=10)
         if self.assembler is not None:

@@ -162,6 +162,7 @@ class Scheduler:
         self._node_row(who, node_id)
         with self._touch_lock:
             self._poll_ended.add(node_id)
+        self.core.bus.wake_pollers()
 
     def poll_ended(self, node_id: str) -> bool:
         """Whether the node asked to end its long poll (answered once: memory only)."""

@@ -78,6 +78,31 @@ def test_stop_polling_ends_an_open_long_poll_with_no_task(
         assert node.lease(node_id, LeaseRequest(wait=0.2)) is None
 
 
+def test_an_open_long_poll_ends_when_its_token_is_revoked(
+    coordinator: RunningCoordinator,
+) -> None:
+    """The poll sleeps on the coordinator's event bus; a revocation wakes it."""
+    token = _provider(coordinator, "alice")
+    with coordinator.client(token) as node, coordinator.client(coordinator.admin_token) as admin:
+        node_id = node.register_node(_capabilities("n1")).node_id
+        errors: list[BaseException] = []
+
+        def poll() -> None:
+            try:
+                node.lease(node_id, LeaseRequest(wait=POLL_SECONDS))
+            except BaseException as exc:
+                errors.append(exc)
+
+        waiting = threading.Thread(target=poll)
+        waiting.start()
+        threading.Event().wait(0.5)  # the poll is open (or opens refused: both end it)
+        admin.revoke_account("alice")
+        waiting.join(timeout=POLL_SECONDS / 2)
+        assert not waiting.is_alive(), "the revoked token's long poll went on"
+        assert len(errors) == 1 and isinstance(errors[0], ApiError)
+        assert errors[0].status == 401
+
+
 def test_only_the_nodes_owner_may_end_its_poll(coordinator: RunningCoordinator) -> None:
     alice, mallory = _provider(coordinator, "alice"), _provider(coordinator, "mallory")
     with coordinator.client(alice) as owner, coordinator.client(mallory) as stranger:

@@ -188,7 +188,13 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
         lease_1, lease_2 = lease("nb1"), lease("nb2")
         assert lease_1.task.job_id == lease_2.task.job_id == job_b
         job_c = submit("C")
+        frames_a = call(url, "GET", f"/jobs/{job_a}/frames", tokens["alice"]).json()
+        # alice's pool, bob in it (carol is added and removed in the route table)
+        assert call(url, "POST", "/pools", tokens["alice"], json_body={"name": "studio"}).ok
+        member = {"account": "bob"}
+        assert call(url, "POST", "/pools/studio/members", tokens["alice"], json_body=member).ok
         state.ids = {
+            "exr_a": frames_a[0]["files"]["exr"],
             "sha": sha,
             "A": job_a,
             "B": job_b,
@@ -295,7 +301,36 @@ TABLE: list[Case] = [
     Case("GET", "/jobs/{job_id}/tasks", OWNER, 404, "/jobs/{A}/tasks"),
     Case("GET", "/jobs/{job_id}/frames", OWNER, 404, "/jobs/{A}/frames"),
     Case("GET", "/jobs/{job_id}/frames/{frame}.{kind}", OWNER, 404, "/jobs/{A}/frames/1.exr"),
+    Case("GET", "/jobs/{job_id}/deliverables", OWNER, 404, "/jobs/{A}/deliverables"),
+    # job A's raw EXR is one of its deliverables; a hash is no key to another's file
+    Case(
+        "GET",
+        "/jobs/{job_id}/deliverables/{sha256}",
+        OWNER,
+        404,
+        "/jobs/{A}/deliverables/{exr_a}",
+    ),
     Case("GET", "/tasks/{task_id}/preview.png", OWNER, 404, "/tasks/{task_a}/preview.png"),
+    Case("POST", "/pools", {}, 201, body=lambda _, caller: {"name": f"pool-{caller}"}),
+    Case("GET", "/pools", {}, 200),
+    # strangers are not told the pool exists; bob is in it but does not own it
+    Case(
+        "POST",
+        "/pools/{name}/members",
+        {"alice": 200, "admin": 200, "bob": 403},
+        404,
+        "/pools/studio/members",
+        body=lambda *_: {"account": "carol"},
+    ),
+    # carol, added above, may see the pool but not change it; the admin comes last and
+    # finds her gone
+    Case(
+        "DELETE",
+        "/pools/{name}/members/{account}",
+        {"alice": 200, "bob": 403, "carol": 403, "admin": 404},
+        404,
+        "/pools/studio/members/carol",
+    ),
     Case("POST", "/jobs/{job_id}/pause", OWNER, 404, "/jobs/{C}/pause"),
     Case("POST", "/jobs/{job_id}/resume", OWNER, 404, "/jobs/{C}/resume"),
     Case("POST", "/jobs/{job_id}/cancel", OWNER, 404, "/jobs/{C}/cancel"),

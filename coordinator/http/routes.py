@@ -14,6 +14,7 @@ uses it, the provider whose node holds a lease on such a job, and admins.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +68,8 @@ __all__ = ["router"]
 
 #: Work appearing wakes long polls at once (EventBus.work_version); this is a safety net.
 IDLE_RETRY_SECONDS = 5.0
+#: A sleeping long poll looks at its token's revocation at least this often.
+REVOKE_CHECK_SECONDS = 0.5
 
 
 def router(services: Services) -> APIRouter:
@@ -258,22 +261,39 @@ def router(services: Services) -> APIRouter:
     async def lease(node_id: str, body: LeaseRequest, who: Provider) -> Any:
         deadline = time.monotonic() + min(body.wait, config.poll_timeout)
         seen, tried_at = -1, 0.0
-        while True:
-            if farm.poll_ended(node_id):  # the node is stopping: no new task for it
-                return Response(status_code=204)
-            version = bus.work_version
-            if version != seen or time.monotonic() - tried_at > IDLE_RETRY_SECONDS:
-                seen, tried_at = version, time.monotonic()
-                granted = await run_in_threadpool(farm.try_lease, who, node_id, body)
-                if granted is not None:
-                    return granted
-            if time.monotonic() >= deadline or farm.stopping.is_set():
-                return Response(status_code=204)
-            if farm.accounts.is_revoked(who.account):
-                raise NotAuthenticatedError(
-                    "The token was revoked.", hint="Ask the farm's admin for an account."
-                )
-            await asyncio.sleep(0.05)
+        # The poll sleeps until the bus wakes it (work appeared, the node or the farm is
+        # stopping), never polling the database; REVOKE_CHECK_SECONDS bounds each sleep.
+        loop, woken = asyncio.get_running_loop(), asyncio.Event()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(woken.set)
+
+        bus.add_waker(wake)
+        try:
+            while True:
+                woken.clear()
+                if farm.poll_ended(node_id):  # the node is stopping: no new task for it
+                    return Response(status_code=204)
+                version = bus.work_version
+                if version != seen or time.monotonic() - tried_at > IDLE_RETRY_SECONDS:
+                    seen, tried_at = version, time.monotonic()
+                    granted = await run_in_threadpool(farm.try_lease, who, node_id, body)
+                    if granted is not None:
+                        return granted
+                now = time.monotonic()
+                if now >= deadline or farm.stopping.is_set():
+                    return Response(status_code=204)
+                if farm.accounts.is_revoked(who.account):
+                    raise NotAuthenticatedError(
+                        "The token was revoked.", hint="Ask the farm's admin for an account."
+                    )
+                if bus.work_version != seen:
+                    continue  # work changed while the lease was tried
+                sleep = min(deadline - now, IDLE_RETRY_SECONDS, REVOKE_CHECK_SECONDS)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), timeout=max(0.0, sleep))
+        finally:
+            bus.remove_waker(wake)
 
     @api.post("/nodes/{node_id}/stop-polling", status_code=204)
     def stop_polling(node_id: str, who: Provider) -> Response:
