@@ -70,7 +70,12 @@ def test_two_replicas_killed_at_random_mid_job_lose_nothing_and_pay_once(
     try:
         requester, tokens = _accounts(replicas[0], 4)
         job_id, spec = _submit(
-            replicas[1], requester, worker, demo_scene, tmp_path / "bundle", frames="1-8"
+            replicas[1],
+            requester,
+            worker,
+            demo_scene,
+            tmp_path / "bundle",
+            frames="1-16",  # long enough for several kills, however fast tiles render
         )
         both = [f"{urls[0]},{urls[1]}", f"{urls[1]},{urls[0]}"]
         kills: list[str] = []
