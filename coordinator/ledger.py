@@ -176,21 +176,8 @@ def pay(
     The payment is capped at what is left in escrow. Returns what the provider received
     (milli-credits), 0 when nothing was written (already paid, or nothing to pay).
     """
-    held = _balance(conn, escrow_account(job_id))
-    amount = min(amount, held)
-    if amount <= 0:
-        return 0
-    fee = math.floor(amount * fee_rate + 1e-9)
-    posted = _post(
-        conn,
-        f"pay:{task_id}",
-        "pay",
-        [(escrow_account(job_id), -amount), (user(provider_owner), amount - fee), (FEE, fee)],
-        job_id=job_id,
-        task_id=task_id,
-        memo=f"task {task_id}",
-    )
-    return amount - fee if posted else 0
+    memo = f"task {task_id}"
+    return _from_escrow(conn, "pay", task_id, job_id, provider_owner, amount, fee_rate, memo)
 
 
 def adjust(
@@ -204,6 +191,23 @@ def adjust(
     """True a paid task up to its measured price: pay `amount` more from the job's escrow
     (capped at what it holds), less the fee, at most once per task. Returns what the
     provider received, 0 when nothing was written."""
+    memo = f"task {task_id}: measured price"
+    return _from_escrow(conn, "adjust", task_id, job_id, provider_owner, amount, fee_rate, memo)
+
+
+def _from_escrow(
+    conn: sqlite3.Connection,
+    kind: str,
+    task_id: str,
+    job_id: str,
+    provider_owner: str,
+    amount: int,
+    fee_rate: float,
+    memo: str,
+) -> int:
+    """Move `amount` (capped at what the job's escrow holds) to the provider, less the
+    fee, as the one `kind:task_id` transaction; what the provider received (0: nothing
+    written, already posted or nothing to move)."""
     held = _balance(conn, escrow_account(job_id))
     amount = min(amount, held)
     if amount <= 0:
@@ -211,12 +215,12 @@ def adjust(
     fee = math.floor(amount * fee_rate + 1e-9)
     posted = _post(
         conn,
-        f"adjust:{task_id}",
-        "adjust",
+        f"{kind}:{task_id}",
+        kind,
         [(escrow_account(job_id), -amount), (user(provider_owner), amount - fee), (FEE, fee)],
         job_id=job_id,
         task_id=task_id,
-        memo=f"task {task_id}: measured price",
+        memo=memo,
     )
     return amount - fee if posted else 0
 
