@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,7 @@ def describe_job(
     benchmark_scene: Path | None = None,
     measured: SceneProbe | None = None,
     info: SceneInfo | None = None,
+    benchmark_memo: MutableMapping[str, float] | None = None,
 ) -> Described:
     """Inspect `scene`, check the job it makes and probe it (nothing is packed).
 
@@ -108,6 +110,7 @@ def describe_job(
             info=info,
             benchmark_scene=benchmark_scene,
             denoise=options.denoise,
+            benchmark_memo=benchmark_memo,
         )
     return Described(info, job_spec_for(info, options, measured=measured), measured)
 

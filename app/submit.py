@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +67,7 @@ def prepare_submission(
     probe: bool = True,
     benchmark_scene: Path | None = None,
     measured: SceneProbe | None = None,
+    benchmark_memo: MutableMapping[str, float] | None = None,
 ) -> Prepared:
     """Inspect `scene`, check the job it makes, probe it, and pack it into
     `bundle_dir/<sha>.zip`.
@@ -75,7 +76,8 @@ def prepare_submission(
     `None` for samples, percentage and denoise keeps the scene's settings. The probe (skipped with
     `probe=False`, leaving the spec's defaults: cost 1.0, no previews) renders with the
     same worker and sets the spec's `scene_cost` and `previews`; `benchmark_scene` is
-    the scene it compares against (default: the demo scene); `measured`, a probe made
+    the scene it compares against (default: the demo scene) and `benchmark_memo` its
+    figure remembered on this machine (`app.probe_memo`); `measured`, a probe made
     before, is reused when it fits (`describe_job`). Raises a `SceneError` for a scene
     that cannot render, `UsageError` for options that do not fit it, the worker's
     errors when a probe render fails, and `BundleError` when packing fails; nothing is
@@ -96,6 +98,7 @@ def prepare_submission(
                 benchmark_scene=benchmark_scene,
                 measured=measured,
                 info=info,
+                benchmark_memo=benchmark_memo,
             )
         except BaseException:
             packing.cancel()

@@ -10,7 +10,9 @@ inspected the scene, and measures two things the farm cannot learn any other way
   the time of `COST_SAMPLES - COST_BASE_SAMPLES` samples, free of the fixed costs of a
   render (scene sync, writing the file). Each pair is timed `COST_REPEATS` times and the
   fastest kept (other load only ever slows a render). The first render of each scene
-  (loading it, building its BVH) is never timed.
+  (loading it, building its BVH) is never timed. The benchmark scene is the same on
+  every probe, so its side can be remembered per machine (`benchmark_memo`: the caller
+  keys it by Blender build, device and CPU) and only the scene's side is rendered.
 - **memory**: the scene's peak render memory as a function of the pixels rendered,
   from two one-sample renders with the job's denoising (`renderers.scene_memory`); the
   app turns it into the job's default VRAM and RAM requirements.
@@ -38,7 +40,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,6 +130,8 @@ class SceneProbe:
     #: Seconds one render of the scene costs whatever its pixels and samples (scene sync,
     #: BVH, writing the file): what every tile pays again (renderers.auto_tiles).
     fixed_seconds: float = 0.0
+    #: Whether `benchmark_seconds` came from the caller's memo (not rendered this time).
+    benchmark_remembered: bool = False
 
 
 def preview_frames(frames: Sequence[int]) -> list[int]:
@@ -156,6 +160,7 @@ def probe_scene(
     device: str = "CPU",
     timeout: float | None = 300.0,
     denoise: bool | None = None,
+    benchmark_memo: MutableMapping[str, float] | None = None,
 ) -> SceneProbe:
     """Measure `scene`'s cost against the benchmark scene and render its previews.
 
@@ -163,8 +168,11 @@ def probe_scene(
     job's samples (None: the scene's), which caps the preview samples; `info` the scene's
     inspection (done here when None; given, its `path` is what renders); `denoise` the
     job's denoising (None: the scene's), which the memory renders use.
-    `benchmark_scene` defaults to the demo scene (generated when missing). The worker is
-    left with the benchmark scene open. Raises the worker's errors when a render fails,
+    `benchmark_scene` defaults to the demo scene (generated when missing).
+    `benchmark_memo` holds the benchmark scene's seconds per pixel-sample measured before
+    on this machine, by pixel count (see the module): a known figure is used, a new one
+    stored. The worker is left with the benchmark scene open, unless the memo knew it.
+    Raises the worker's errors when a render fails,
     and UsageError for no frames or fewer than 1 sample.
     """
     started = time.monotonic()
@@ -197,11 +205,19 @@ def probe_scene(
             scene, wanted[0], info.resolution_x, info.resolution_y, target
         )
         fixed_seconds = run.fixed_seconds
-        # Inspecting loads the benchmark scene, so that load is never timed either.
-        bench = inspect_scene(worker, benchmark_scene or _benchmark_scene(worker, Path(scratch)))
-        benchmark_seconds = run.seconds_per_pixel_sample(
-            bench.path, BENCHMARK_FRAME, bench.resolution_x, bench.resolution_y, target
-        )
+        memo_key = f"{target} px"
+        benchmark_seconds = (benchmark_memo or {}).get(memo_key, 0.0)
+        remembered = benchmark_seconds > 0
+        if not remembered:
+            # Inspecting loads the benchmark scene, so that load is never timed either.
+            bench = inspect_scene(
+                worker, benchmark_scene or _benchmark_scene(worker, Path(scratch))
+            )
+            benchmark_seconds = run.seconds_per_pixel_sample(
+                bench.path, BENCHMARK_FRAME, bench.resolution_x, bench.resolution_y, target
+            )
+            if benchmark_memo is not None:
+                benchmark_memo[memo_key] = benchmark_seconds
     cost = scene_seconds / max(benchmark_seconds, 1e-12)
     return SceneProbe(
         cost=min(MAX_COST, max(MIN_COST, cost)),
@@ -211,6 +227,7 @@ def probe_scene(
         seconds=time.monotonic() - started,
         memory=memory,
         fixed_seconds=fixed_seconds,
+        benchmark_remembered=remembered,
     )
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from app.probe_memo import MEMO_FILE, BenchmarkMemo
 from app.submit import prepare_submission
 from common.errors import NoCameraError, UsageError
 from protocol.models import JobOptions, JobSpec
@@ -262,3 +264,36 @@ def test_the_probe_memory_estimate_is_within_2x_of_blenders_reported_peak(
     )
     # The estimate grows with the frame: a 4x larger frame needs more.
     assert demo_probe.memory.peak(4 * whole.frame_width * whole.frame_height) > estimate
+
+
+def test_the_benchmark_side_is_remembered_per_machine_and_only_the_scene_renders_again(
+    worker: RenderWorker, demo_scene: Path, tmp_path: Path
+) -> None:
+    memo = BenchmarkMemo(tmp_path, worker.build)
+    first = probe_scene(worker, demo_scene, [1], samples=4, benchmark_memo=memo)
+    assert not first.benchmark_remembered
+    assert list(memo.values()) == [first.benchmark_seconds]
+    # A later probe on this machine (a new memo reads the file) renders only the scene.
+    # (The figure is kept by the pixel count the cost renders use, which a scene much
+    # heavier than this one lowers: such a scene measures the benchmark at its own.)
+    again = BenchmarkMemo(tmp_path, worker.build)
+    later = probe_scene(worker, demo_scene, [3, 5], samples=4, benchmark_memo=again)
+    assert later.benchmark_remembered
+    assert later.benchmark_seconds == first.benchmark_seconds
+    assert later.cost == pytest.approx(later.scene_seconds / first.benchmark_seconds, rel=1e-6)
+    assert [p.frame for p in later.previews] == [3, 5]
+    # Another Blender build (or device) is another machine: nothing is remembered for it.
+    other = BenchmarkMemo(tmp_path, replace(worker.build, build_hash="0123456789ab"))
+    assert dict(other) == {}
+    assert dict(BenchmarkMemo(tmp_path, worker.build, device="CUDA")) == {}
+
+
+def test_an_unreadable_probe_memo_is_measured_again_and_rewritten(
+    worker: RenderWorker, demo_scene: Path, tmp_path: Path
+) -> None:
+    (tmp_path / MEMO_FILE).write_text("{not json")
+    memo = BenchmarkMemo(tmp_path, worker.build)
+    assert dict(memo) == {}
+    probe = probe_scene(worker, demo_scene, [1], samples=2, benchmark_memo=memo)
+    assert not probe.benchmark_remembered
+    assert dict(BenchmarkMemo(tmp_path, worker.build)) == dict(memo) != {}

@@ -50,6 +50,7 @@ from protocol.requirements import format_mib
 
 if TYPE_CHECKING:
     from app.follow import FollowResult
+    from app.probe_memo import BenchmarkMemo
     from app.submit import Prepared
     from renderers.scene_probe import SceneProbe
     from renderers.worker import RenderWorker
@@ -244,12 +245,16 @@ def _print_estimate(
     """`tessera submit --estimate`: inspect and probe the scene (no packing), then ask
     the farm what the job would cost; 1 when the farm would refuse it."""
     from app.job_spec import describe_job
+    from app.probe_memo import BenchmarkMemo
     from renderers.worker import RenderWorker
 
     status.line(f"Measuring {args.scene.name} in Blender...")
     with RenderWorker(choose_build(args.blender, settings)) as worker:
-        options, measured = settle_tiles(args, worker, client, status, options)
-        described = describe_job(worker, args.scene, options, measured=measured)
+        memo = BenchmarkMemo(settings.home, worker.build)
+        options, measured = settle_tiles(args, worker, client, status, options, memo)
+        described = describe_job(
+            worker, args.scene, options, measured=measured, benchmark_memo=memo
+        )
     estimate = client.estimate_job(described.spec)
     if args.json:
         print_json(
@@ -307,11 +312,13 @@ def prepare_job(
     """Inspect, probe and pack `args.scene` into `bundle_dir` in one Blender worker (the
     tile grid settled first for `--tiles auto`), reporting warnings and the bundle on
     `status`."""
+    from app.probe_memo import BenchmarkMemo
     from app.submit import prepare_submission
     from renderers.worker import RenderWorker
 
     with RenderWorker(choose_build(args.blender, settings)) as worker:
-        options, measured = settle_tiles(args, worker, client, status, options)
+        memo = BenchmarkMemo(settings.home, worker.build)
+        options, measured = settle_tiles(args, worker, client, status, options, memo)
         prepared = prepare_submission(
             worker,
             args.scene,
@@ -319,6 +326,7 @@ def prepare_job(
             bundle_dir=bundle_dir,
             on_pack=status.pack,
             measured=measured,
+            benchmark_memo=memo,
         )
     for warning in prepared.warnings:
         status.warn(warning)
@@ -347,11 +355,12 @@ def settle_tiles(
     client: TesseraClient | None,
     status: Status,
     options: JobOptions,
+    benchmark_memo: BenchmarkMemo | None = None,
 ) -> tuple[JobOptions, SceneProbe | None]:
     """The options with `--tiles auto` settled (for `--nodes`, else the farm's nodes that
     are not offline, asked of `client`; the scene is probed first, for its fixed cost per
     render), saying what the grid costs whenever it splits frames; and the probe, to
-    reuse."""
+    reuse. `benchmark_memo`: the probe's benchmark figure remembered on this machine."""
     from app.job_spec import describe_job, tile_choice
     from renderers.scene_info import inspect_scene
 
@@ -365,7 +374,7 @@ def settle_tiles(
     if not nodes:
         online = [] if client is None else [n for n in client.nodes() if n.status != "offline"]
         nodes = max(1, len(online))
-    described = describe_job(worker, args.scene, options)
+    described = describe_job(worker, args.scene, options, benchmark_memo=benchmark_memo)
     options, choice = tile_choice(
         described.info, options, auto_nodes=nodes, measured=described.probe
     )

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from app.blender_choice import choose_build
+from app.probe_memo import BenchmarkMemo
 from common.settings import Settings, load_settings
 from renderers.worker import RenderWorker
 
@@ -35,6 +36,11 @@ class BlenderAccess:
     def bundles_dir(self) -> Path:
         """Where packed bundles wait for their upload ($TESSERA_HOME/bundles)."""
         return self.settings().home / BUNDLES_FOLDER
+
+    def benchmark_memo(self) -> BenchmarkMemo:
+        """The probe's benchmark figure remembered on this machine (background threads
+        only: it starts the worker)."""
+        return BenchmarkMemo(self.settings().home, self.worker().build)
 
     def worker(self) -> RenderWorker:
         """The worker (background threads only)."""

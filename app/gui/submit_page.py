@@ -536,7 +536,12 @@ class SubmitPage(QWidget):
             except TesseraError:
                 frames = range(info.frame_start, info.frame_end + 1)  # fixed at submit
             return probe_scene(
-                blender.worker(), info.path, frames, samples=options.samples, info=info
+                blender.worker(),
+                info.path,
+                frames,
+                samples=options.samples,
+                info=info,
+                benchmark_memo=blender.benchmark_memo(),
             )
 
         self._work.submit(
@@ -674,6 +679,7 @@ def _submission_work(
                 bundle_dir=Path(bundle_dir),
                 on_pack=report,
                 measured=measured,
+                benchmark_memo=blender.benchmark_memo(),
             )
             with connection.client() as client:
                 return submit(client, prepared, on_upload=lambda done, total: report((done, total)))
