@@ -22,6 +22,7 @@ from tests.coordinator_tools import FreshFarm
 from tests.inprocess_farm import TRUTH, setup_farm, small_spec, task_status, write_tile_exr
 
 A, B = Principal("a", Role.PROVIDER), Principal("b", Role.PROVIDER)
+ARTIST = Principal("artist", Role.REQUESTER)
 
 
 @pytest.fixture()
@@ -59,7 +60,7 @@ def _paid(farm: Farm, task_id: str) -> int:
 def test_a_backup_that_finishes_first_wins_and_the_slow_node_is_told(
     farm: Farm, spec: JobSpec, demo_scene: Path, tmp_path: Path
 ) -> None:
-    _, (node_a, node_b) = setup_farm(farm, spec, demo_scene, tmp_path / "bundle")
+    job_id, (node_a, node_b) = setup_farm(farm, spec, demo_scene, tmp_path / "bundle")
     first = _lease(farm, A, node_a)
     assert _upload(farm, A, first, tmp_path)
     slow = _lease(farm, B, node_b)  # the frame's last tile, held by b
@@ -82,16 +83,20 @@ def test_a_backup_that_finishes_first_wins_and_the_slow_node_is_told(
     node = farm.db.fetch_one("SELECT node_id FROM tasks WHERE id = ?", (slow.task.id,))
     assert node[0] == node_a, "the winner is paid for the tile"
     assert farm.ledger_check(Principal("admin", Role.ADMIN)).ok
+    # The slow original rendered for nothing from its lease until the backup's result
+    # came (at least the 0.3 s slept): the job's cost counts it as wasted work.
+    assert farm.job(ARTIST, job_id).cost.wasted_seconds >= 0.3
 
 
 def test_the_original_finishing_first_cancels_its_backup(
     farm: Farm, spec: JobSpec, demo_scene: Path, tmp_path: Path
 ) -> None:
-    _, (node_a, node_b) = setup_farm(farm, spec, demo_scene, tmp_path / "bundle")
+    job_id, (node_a, node_b) = setup_farm(farm, spec, demo_scene, tmp_path / "bundle")
     assert _upload(farm, A, _lease(farm, A, node_a), tmp_path)
     slow = _lease(farm, B, node_b)
     time.sleep(0.3)
     backup = _lease(farm, A, node_a)
+    time.sleep(0.2)  # the backup renders a while before the original's result comes
     assert _upload(farm, B, slow, tmp_path)
     assert farm.heartbeat(A, backup.lease_id, Heartbeat()).cancel
     with pytest.raises(DomainError) as late:
@@ -100,6 +105,8 @@ def test_the_original_finishing_first_cancels_its_backup(
     assert task_status(farm, slow.task.id) == TaskStatus.COMPLETED
     assert _paid(farm, backup.task.id) == 0 and _paid(farm, slow.task.id) == 1
     assert farm.ledger_check(Principal("admin", Role.ADMIN)).ok
+    # The losing backup's render, from its lease to its cancel, was wasted.
+    assert farm.job(ARTIST, job_id).cost.wasted_seconds >= 0.2
 
 
 def test_backups_can_be_turned_off(

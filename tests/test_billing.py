@@ -5,7 +5,8 @@ separate accounts served in turn (tests/verify_tools.py).
   its providers are paid within 30% of what an honest job of the same scene pays.
 - A provider that stalls before uploading earns no more per unit than an honest one.
 - A job whose measured work would pass its max_credits pauses with the reason, and the
-  cap is never exceeded.
+  cap is never exceeded; one that would pass its owner's balance pauses, and resumes
+  once credits are granted, keeping the tiles already accepted.
 - A cheating provider's wasted work shows in the job's cost figures (served here, and in
   `tessera render --cheaters 1 --json`); the ledger checks.
 - Two scenes of different weight cost in proportion to their render times.
@@ -306,6 +307,65 @@ def test_a_job_whose_measured_work_passes_its_cap_pauses_and_never_exceeds_it(
     job = requester.job(job_id)
     assert job.credits_spent <= cap and job.cost.final <= cap
     assert requester.wallet().escrow == 0
+    _ledger_ok(admin)
+
+
+def test_a_job_whose_measured_work_passes_the_balance_pauses_then_resumes_when_granted(
+    coordinator: RunningCoordinator,
+    admin: TesseraClient,
+    demo_info: SceneInfo,
+    demo_scene: Path,
+    worker: RenderWorker,
+    tmp_path: Path,
+) -> None:
+    url = coordinator.url
+    nodes = [
+        make_node(admin, url, "bob", worker, delay=0.3),
+        make_node(admin, url, "carol", worker, delay=0.3),
+    ]
+    token = admin.create_account("thrifty", Role.REQUESTER).token
+    spec_fields: dict[str, object] = {
+        "percentage": 25,
+        "samples": 16,
+        "denoise": False,
+        "max_price": 1.0,
+        "scene_cost": 0.01,
+    }
+    estimate = admin.estimate_job(
+        job_spec(demo_info, "0" * 64, "1-3", (2, 2), **spec_fields)
+    ).credits
+    # Enough for the declared (false, light) scene, far from what its renders measure.
+    admin.grant("thrifty", round(estimate * 1.5, 3))
+    with coordinator.client(token) as thrifty:
+        job_id = _submit(
+            thrifty,
+            demo_info,
+            demo_scene,
+            tmp_path / "a",
+            frames="1-3",
+            tiles=(2, 2),
+            scene_cost=0.01,
+        )
+
+        def paused_or_done() -> bool:
+            return thrifty.job(job_id).status in (JobStatus.PAUSED, JobStatus.COMPLETED)
+
+        serve(nodes, demo_scene, tmp_path, paused_or_done)
+        job = thrifty.job(job_id)
+        assert job.status is JobStatus.PAUSED, job
+        assert "balance" in job.message and "Ask an admin for credits" in job.message
+        accepted = {t.id for t in thrifty.tasks(job_id) if t.status == "completed"}
+        assert accepted, "work was accepted before the pause"
+        assert thrifty.wallet().balance >= 0
+        _ledger_ok(admin)
+        # Credits granted and the job resumed: it completes, keeping what was accepted.
+        admin.grant("thrifty", 5000)
+        thrifty.resume(job_id)
+        serve(nodes, demo_scene, tmp_path, lambda: _finished(thrifty, job_id))
+        job = thrifty.job(job_id)
+        assert job.status is JobStatus.COMPLETED, job
+        assert accepted <= {t.id for t in thrifty.tasks(job_id) if t.status == "completed"}
+        assert job.cost.final > job.cost.estimate
     _ledger_ok(admin)
 
 
