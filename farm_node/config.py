@@ -61,6 +61,9 @@ class NodeConfig:
     #: with bpy; a job renders on the build of the series that saved its scene.
     more_builds: list[Path] = field(default_factory=list)
     use_bpy: bool = True
+    #: Where the bpy build is remembered (`renderers.bpy_memo`; `tessera node` keeps it in
+    #: `$TESSERA_HOME/bpy-build.json`, as every command does); None: probed each start.
+    bpy_memo: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     #: Credits asked per work unit (pixels x samples / 1e6); jobs offering less skip us.
     price: float = 0.0

@@ -26,8 +26,9 @@ from farm_node.fleet import Fleet
 from farm_node.runner import TaskRunner
 from farm_node.workers import WorkerPlan, plan_workers
 from protocol.client import TesseraClient
+from renderers.bpy_memo import probe_bpy_remembered
 from renderers.build_registry import identify_build
-from renderers.builds import BlenderBuild, find_builds, probe_bpy
+from renderers.builds import BlenderBuild, find_builds
 from renderers.devices import normalise_device_name
 from renderers.sandbox import find_bwrap
 
@@ -52,7 +53,7 @@ def select_build(config: NodeConfig) -> BlenderBuild:
     if config.blender_executables:
         return find_builds(config.blender_executables, search_path=False, include_bpy=False)[0]
     if config.use_bpy:
-        build = probe_bpy()
+        build = probe_bpy_remembered(config.bpy_memo)
         if build is not None:
             return build
     builds = find_builds(search_path=True, include_bpy=False)

@@ -206,26 +206,35 @@ def test_render_prepares_while_the_farm_starts_and_frames_equal_blenders(
 
 
 def test_the_bpy_build_is_remembered_until_its_install_changes(tmp_path: Path) -> None:
-    from app.blender_choice import BPY_CACHE, choose_build, remembered_bpy
+    from app.blender_choice import BPY_CACHE, choose_build
     from common.settings import Settings
+    from farm_node.config import NodeConfig
+    from farm_node.main import select_build
+    from renderers.bpy_memo import remembered_bpy
     from renderers.builds import clear_probe_cache
 
     settings = Settings(home=tmp_path / "home")
-    assert remembered_bpy(settings.home) is None  # nothing known yet
+    cache = settings.home / BPY_CACHE
+    assert remembered_bpy(cache) is None  # nothing known yet
     clear_probe_cache()
     probed = choose_build(None, settings)
     assert probed.kind == "bpy"
-    assert remembered_bpy(settings.home) == probed  # the next command skips the probe
-    cache = settings.home / BPY_CACHE
+    assert remembered_bpy(cache) == probed  # the next command skips the probe
     record = json.loads(cache.read_text())
-    # What the next command gets is what the file says, for this very install...
+    # What the next command gets is what the file says, for this very install, and a
+    # node given the file (`tessera node` passes $TESSERA_HOME's) starts without a probe...
     record["build_hash"] = "remembered"
     cache.write_text(json.dumps(record))
     assert choose_build(None, settings).build_hash == "remembered"
+    node = NodeConfig(
+        coordinator_url="http://127.0.0.1:1", token="t", data_dir=tmp_path / "node", bpy_memo=cache
+    )
+    assert select_build(node).build_hash == "remembered"
     # ...and nothing once the install looks different (a reinstall changes its module).
     record["identity"]["size"] += 1
     cache.write_text(json.dumps(record))
-    assert remembered_bpy(settings.home) is None
+    assert remembered_bpy(cache) is None
     assert choose_build(None, settings) == probed
+    assert select_build(node) == probed
     cache.write_text("{not json")
-    assert remembered_bpy(settings.home) is None
+    assert remembered_bpy(cache) is None

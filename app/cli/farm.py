@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from app.blender_choice import BPY_CACHE
 from app.cli.coordinator_db import add_database_options, cmd_migrate
 from app.cli.node_workers import add_worker_options, worker_options
 from app.cli.options import (
@@ -601,6 +602,7 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
         cache_max_bytes=int(args.cache_gb * 2**30),
         blender_executables=[args.blender] if args.blender else list(settings.blender),
         use_bpy=settings.use_bpy and args.blender is None,
+        bpy_memo=settings.home / BPY_CACHE,
         benchmark=not args.no_benchmark,
         benchmark_cache=args.benchmark_cache,
         cheat=args.cheat,
