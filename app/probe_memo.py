@@ -17,15 +17,13 @@ This module only reads and writes that file: no Blender, no network.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 
-from common.errors import ExrError
+from common.json_files import read_json_object, write_json_atomically
 from farm_node.hardware import CPUINFO, parse_cpuinfo, read_proc_file
-from renderers.atomic import write_atomically
 from renderers.builds import BlenderBuild
 
 log = logging.getLogger(__name__)
@@ -43,7 +41,7 @@ class BenchmarkMemo(MutableMapping[str, float]):
         self.machine = " | ".join(
             (build.version, build.build_hash, device.upper(), model, f"{os.cpu_count()} cpus")
         )
-        self._all = _load(self.path)
+        self._all = read_json_object(self.path, "probe memo")
         entry = self._all.get(self.machine)
         self._mine: dict[str, float] = {
             key: float(value)
@@ -57,11 +55,9 @@ class BenchmarkMemo(MutableMapping[str, float]):
     def __setitem__(self, key: str, value: float) -> None:
         self._mine[key] = float(value)
         self._all[self.machine] = dict(self._mine)
-        text = json.dumps(self._all, indent=1, sort_keys=True)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(self.path, lambda temp: temp.write_text(text), "probe memo")
-        except (OSError, ExrError) as exc:
+            write_json_atomically(self.path, self._all)
+        except OSError as exc:
             log.warning("Could not remember the probe's benchmark figure (%s)", exc)
 
     def __delitem__(self, key: str) -> None:
@@ -72,14 +68,3 @@ class BenchmarkMemo(MutableMapping[str, float]):
 
     def __len__(self) -> int:
         return len(self._mine)
-
-
-def _load(path: Path) -> dict[str, object]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        log.warning("Ignoring the unreadable probe memo %s (%s)", path, exc)
-        return {}
-    return data if isinstance(data, dict) else {}

@@ -13,14 +13,13 @@ This module must not touch the network or decide what a node earns; it only meas
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from common.json_files import read_json_object, write_json_atomically
 from farm_node.hardware import CPUINFO, cpu_kernel, parse_cpuinfo, read_proc_file
 from farm_node.runner import TaskRunner
 from renderers.builds import BlenderBuild
@@ -56,7 +55,7 @@ def benchmark_key(blender_version: str, device: str, cpu_model: str, kernel: str
 
 def cached_score(cache_file: Path, key: str) -> float | None:
     """The score stored under `key`, or None (an unreadable cache is ignored with a warning)."""
-    entry = _load(cache_file).get(key)
+    entry = read_json_object(cache_file, "benchmark cache").get(key)
     if isinstance(entry, dict) and isinstance(entry.get("score"), int | float):
         return float(entry["score"])
     return None
@@ -91,9 +90,9 @@ def benchmark_score(
     seconds = _measure(runner_or_build, scene_path, device, env or {})
     score = round(REFERENCE_SECONDS / max(seconds, 1e-6), 4)
     log.info("Benchmark: %.3f s for the reference frame, score %.3f (%s)", seconds, score, key)
-    data = _load(cache_file)
+    data = read_json_object(cache_file, "benchmark cache")
     data[key] = {"score": score, "seconds": round(seconds, 4), "measured_at": time.time()}
-    _save(cache_file, data)
+    write_json_atomically(cache_file, data)
     return score
 
 
@@ -126,26 +125,3 @@ def _measure(
                     timings.append(result.seconds)
     # The best of the timed renders: other load on the machine only ever slows a render.
     return min(timings[1:])
-
-
-def _load(cache_file: Path) -> dict[str, object]:
-    try:
-        data = json.loads(cache_file.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        log.warning("Ignoring the unreadable benchmark cache %s (%s)", cache_file, exc)
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _save(cache_file: Path, data: dict[str, object]) -> None:
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=".benchmark-", dir=cache_file.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(data, stream, indent=1, sort_keys=True)
-        Path(temp).replace(cache_file)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise

@@ -29,7 +29,7 @@ import pytest
 from coordinator import metering
 from farm_node import benchmark
 from protocol.client import TesseraClient
-from protocol.models import JobStatus, Role
+from protocol.models import Job, JobStatus, Role
 from renderers.scene_info import SceneInfo, inspect_scene
 from renderers.worker import RenderRequest, RenderWorker
 from tests.farm_tools import REPO, RunningCoordinator, job_spec, make_bundle, start_coordinator
@@ -255,6 +255,38 @@ def test_a_false_scene_cost_is_billed_by_the_measurement_and_stalling_earns_noth
     _ledger_ok(admin)
 
 
+#: The pause tests' job: 3 frames of 2x2 tiles whose requester declares a scene 100x
+#: lighter than the demo scene (the minimum cost), so the measurement bills far more.
+LIGHT_CLAIM: dict[str, object] = {"frames": "1-3", "tiles": (2, 2), "scene_cost": 0.01}
+
+
+def _slow_pair(admin: TesseraClient, url: str, worker: RenderWorker) -> list[VirtualNode]:
+    return [
+        make_node(admin, url, "bob", worker, delay=0.3),
+        make_node(admin, url, "carol", worker, delay=0.3),
+    ]
+
+
+def _light_estimate(client: TesseraClient, info: SceneInfo) -> float:
+    """What the farm holds in escrow for the LIGHT_CLAIM job of `_submit`'s defaults."""
+    fields = {"percentage": 25, "samples": 16, "denoise": False, "max_price": 1.0}
+    return client.estimate_job(
+        job_spec(info, "0" * 64, "1-3", (2, 2), scene_cost=0.01, **fields)
+    ).credits
+
+
+def _serve_until_paused(
+    nodes: list[VirtualNode], client: TesseraClient, job_id: str, scene: Path, scratch: Path
+) -> Job:
+    def paused_or_done() -> bool:
+        return client.job(job_id).status in (JobStatus.PAUSED, JobStatus.COMPLETED)
+
+    serve(nodes, scene, scratch, paused_or_done)
+    job = client.job(job_id)
+    assert job.status is JobStatus.PAUSED, job
+    return job
+
+
 def test_a_job_whose_measured_work_passes_its_cap_pauses_and_never_exceeds_it(
     coordinator: RunningCoordinator,
     admin: TesseraClient,
@@ -264,42 +296,12 @@ def test_a_job_whose_measured_work_passes_its_cap_pauses_and_never_exceeds_it(
     worker: RenderWorker,
     tmp_path: Path,
 ) -> None:
-    url = coordinator.url
-    nodes = [
-        make_node(admin, url, "bob", worker, delay=0.3),
-        make_node(admin, url, "carol", worker, delay=0.3),
-    ]
-    estimate = requester.estimate_job(
-        job_spec(
-            demo_info,
-            "0" * 64,
-            "1-3",
-            (2, 2),
-            percentage=25,
-            samples=16,
-            denoise=False,
-            max_price=1.0,
-            scene_cost=0.01,
-        )
-    ).credits
-    cap = round(estimate * 1.5, 3)
+    nodes = _slow_pair(admin, coordinator.url, worker)
+    cap = round(_light_estimate(requester, demo_info) * 1.5, 3)
     job_id = _submit(
-        requester,
-        demo_info,
-        demo_scene,
-        tmp_path / "a",
-        frames="1-3",
-        tiles=(2, 2),
-        scene_cost=0.01,
-        max_credits=cap,
+        requester, demo_info, demo_scene, tmp_path / "a", **LIGHT_CLAIM, max_credits=cap
     )
-
-    def paused_or_done() -> bool:
-        return requester.job(job_id).status in (JobStatus.PAUSED, JobStatus.COMPLETED)
-
-    serve(nodes, demo_scene, tmp_path, paused_or_done)
-    job = requester.job(job_id)
-    assert job.status is JobStatus.PAUSED, job
+    job = _serve_until_paused(nodes, requester, job_id, demo_scene, tmp_path)
     assert "max_credits" in job.message and "--max-credits" in job.message
     assert job.credits_escrowed <= cap
     requester.cancel(job_id)
@@ -318,41 +320,13 @@ def test_a_job_whose_measured_work_passes_the_balance_pauses_then_resumes_when_g
     worker: RenderWorker,
     tmp_path: Path,
 ) -> None:
-    url = coordinator.url
-    nodes = [
-        make_node(admin, url, "bob", worker, delay=0.3),
-        make_node(admin, url, "carol", worker, delay=0.3),
-    ]
+    nodes = _slow_pair(admin, coordinator.url, worker)
     token = admin.create_account("thrifty", Role.REQUESTER).token
-    spec_fields: dict[str, object] = {
-        "percentage": 25,
-        "samples": 16,
-        "denoise": False,
-        "max_price": 1.0,
-        "scene_cost": 0.01,
-    }
-    estimate = admin.estimate_job(
-        job_spec(demo_info, "0" * 64, "1-3", (2, 2), **spec_fields)
-    ).credits
     # Enough for the declared (false, light) scene, far from what its renders measure.
-    admin.grant("thrifty", round(estimate * 1.5, 3))
+    admin.grant("thrifty", round(_light_estimate(admin, demo_info) * 1.5, 3))
     with coordinator.client(token) as thrifty:
-        job_id = _submit(
-            thrifty,
-            demo_info,
-            demo_scene,
-            tmp_path / "a",
-            frames="1-3",
-            tiles=(2, 2),
-            scene_cost=0.01,
-        )
-
-        def paused_or_done() -> bool:
-            return thrifty.job(job_id).status in (JobStatus.PAUSED, JobStatus.COMPLETED)
-
-        serve(nodes, demo_scene, tmp_path, paused_or_done)
-        job = thrifty.job(job_id)
-        assert job.status is JobStatus.PAUSED, job
+        job_id = _submit(thrifty, demo_info, demo_scene, tmp_path / "a", **LIGHT_CLAIM)
+        job = _serve_until_paused(nodes, thrifty, job_id, demo_scene, tmp_path)
         assert "balance" in job.message and "Ask an admin for credits" in job.message
         accepted = {t.id for t in thrifty.tasks(job_id) if t.status == "completed"}
         assert accepted, "work was accepted before the pause"
