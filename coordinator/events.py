@@ -7,11 +7,20 @@ Replicas sharing a database hear each other through `peers` (set by
 `on_peer` replays the other replicas' ones here (numbered in this replica's sequence),
 so that clients of every replica see them. Other notes (`tell_peers`) reach the
 `handlers` registered for their kind.
+
+Event numbers (`seq`, the SSE id a client resumes after) rise by at least one per event
+and never fall behind the wall clock in microseconds: numbers of every replica, and of
+one replica before and after a restart, are comparable (to within the clocks' and the
+relay's lag), so a client that reconnects to another replica behind a load balancer,
+or to a restarted coordinator, resumes at about the same moment instead of waiting for
+a counter that started elsewhere to catch up. (A client also re-reads its job when it
+reconnects, `app.follow`, so an event lost in that lag costs nothing.)
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -38,7 +47,7 @@ class EventBus:
 
     def publish(self, type_: str, *, _from_peer: bool = False, **fields: Any) -> Event:
         with self._lock:
-            self._seq += 1
+            self._seq = max(self._seq + 1, time.time_ns() // 1000)
             event = Event.model_validate(
                 {"seq": self._seq, "type": type_, "at": datetime.now(UTC), **fields}
             )
