@@ -435,6 +435,7 @@ def test_tessera_render_with_a_cheater_reports_the_cost_and_the_wasted_work(
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)
+    assert summary["probed"] is True  # a farm with a cheater needs the previews
     cost = summary["cost"]
     assert set(cost) == COST_KEYS
     assert summary["status"] == "completed" and summary["ledger_ok"] is True

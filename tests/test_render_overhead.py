@@ -177,6 +177,9 @@ def test_render_prepares_while_the_farm_starts_and_frames_equal_blenders(
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)
     assert summary["status"] == "completed" and summary["frames_written"] == [2, 3]
+    # A farm of this machine's own honest nodes needs no probe (see the next test).
+    assert summary["probed"] is False
+    assert summary["cost"]["final"] > 0 and summary["ledger_ok"]
     steps = summary["timings"]
     # Every step is reported, in the order the command takes them; preparing the scene
     # did not wait for the farm (it may finish before the nodes register, or after).
@@ -203,6 +206,22 @@ def test_render_prepares_while_the_farm_starts_and_frames_equal_blenders(
                 frame,
                 channel,
             )
+
+
+def test_a_local_farm_probes_only_when_previews_or_fixed_costs_are_needed() -> None:
+    from app.cli.local import local_probe_needed
+    from app.cli.main import build_parser
+
+    def needed(*options: str) -> bool:
+        args = build_parser().parse_args(["render", "scene.blend", *options])
+        cheats = ["noise"] * args.cheaters
+        return local_probe_needed(args, cheats)
+
+    assert not needed()
+    assert not needed("--tiles", "2x2", "--nodes", "3")
+    assert needed("--cheaters", "1")  # previews are how the coordinator refuses black tiles
+    assert needed("--tiles", "auto")  # the probe weighs each render's fixed cost
+    assert needed("--probe")
 
 
 def test_the_bpy_build_is_remembered_until_its_install_changes(tmp_path: Path) -> None:

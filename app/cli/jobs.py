@@ -308,10 +308,12 @@ def prepare_job(
     options: JobOptions,
     bundle_dir: Path,
     client: TesseraClient | None = None,
+    *,
+    probe: bool = True,
 ) -> Prepared:
     """Inspect, probe and pack `args.scene` into `bundle_dir` in one Blender worker (the
     tile grid settled first for `--tiles auto`), reporting warnings and the bundle on
-    `status`."""
+    `status`. `probe` False skips the probe (`--tiles auto` still measures the scene)."""
     from app.probe_memo import BenchmarkMemo
     from app.submit import prepare_submission
     from renderers.worker import RenderWorker
@@ -327,6 +329,7 @@ def prepare_job(
             on_pack=status.pack,
             measured=measured,
             benchmark_memo=memo,
+            probe=probe or measured is not None,
         )
     for warning in prepared.warnings:
         status.warn(warning)

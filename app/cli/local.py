@@ -16,6 +16,7 @@ from typing import Any
 from app.blender_choice import choose_build
 from app.cli.jobs import prepare_job, submit_prepared
 from app.cli.options import (
+    AUTO,
     Subparsers,
     add_blender_option,
     add_job_options,
@@ -61,6 +62,7 @@ def _add_render(sub: Subparsers) -> None:
         help="render threads of each node (default: the cores shared out)",
     )
     _add_cheaters_option(render)
+    _add_probe_option(render)
     add_job_options(render)
     render.add_argument(
         "--out",
@@ -84,6 +86,25 @@ def _add_cheaters_option(parser: argparse.ArgumentParser) -> None:
         "they take the modes samples, copy, noise, black, sometimes in turn "
         "(see `tessera node --cheat`)",
     )
+
+
+def _add_probe_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="probe the scene before submitting, as `submit` does (its cost estimate, "
+        "previews and memory); a farm of your own nodes needs it only with --cheaters "
+        "or --tiles auto, which turn it on",
+    )
+
+
+def local_probe_needed(args: argparse.Namespace, cheats: list[str]) -> bool:
+    """Whether a farm of this machine's own nodes needs the scene probe: its previews
+    are how the coordinator refuses a cheat's flat or black tiles, and `--tiles auto`
+    weighs each render's fixed cost. Otherwise it only sets the escrow's estimate (the
+    bill follows the nodes' measured renders) and memory requirements (the nodes are
+    this machine), so the job is submitted without it, seconds sooner."""
+    return bool(args.probe or cheats or args.tiles == AUTO)
 
 
 # --- render (a farm of its own) -----------------------------------------------------------
@@ -129,7 +150,19 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
             # The farm starts while the scene is inspected, probed and packed.
             farm.start_in_background()
             with bundle_folder(settings.home / "bundles") as bundle_dir:
-                prepared = prepare_job(args, settings, status, options, Path(bundle_dir))
+                prepared = prepare_job(
+                    args,
+                    settings,
+                    status,
+                    options,
+                    Path(bundle_dir),
+                    probe=local_probe_needed(args, cheats),
+                )
+                if prepared.probe is None:
+                    status.line(
+                        "Not probed (a farm of this machine's nodes; --probe to measure): the "
+                        "cost estimate assumes the benchmark scene's cost; the bill is measured."
+                    )
                 mark("prepared")
                 farm.wait_started()
                 mark("farm_started")
@@ -189,6 +222,9 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
             **timings,
         },
         "warnings": list(prepared.warnings),
+        # Whether the scene was probed (see local_probe_needed): without, `cost.estimate`
+        # assumes the benchmark scene's cost per pixel-sample.
+        "probed": prepared.probe is not None,
     }
     if args.json:
         print_json(summary)
@@ -308,6 +344,7 @@ def _add_demo(sub: Subparsers) -> None:
         help="render threads of each node (default: the cores shared out)",
     )
     _add_cheaters_option(demo)
+    _add_probe_option(demo)
     add_job_options(demo)
     demo.set_defaults(frames="1-4", tiles=(2, 2), percentage=50, samples=32)
     demo.add_argument(
