@@ -119,9 +119,22 @@ class LocalFarm:
             raise self._start_error
 
     def start(self) -> None:
+        """Start the coordinator and the nodes side by side: each node does its own
+        set-up (sandbox, Blender) while the coordinator starts, then reads the URL and
+        its token from files (`tessera node --coordinator-file/--token-file`)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         try:
-            self.start_coordinator()
+            log, offset = self._spawn_coordinator(0)
+            plans = self._plan_nodes()
+            cpus = sorted(os.sched_getaffinity(0))
+            threads = self.threads_per_node or max(1, len(cpus) // max(1, len(plans)))
+            for index, (name, cheat) in enumerate(plans):
+                env = self.node_env[index] if index < len(self.node_env) else {}
+                args = self._node_args(name, cheat, threads, index, len(plans), cpus)
+                self._node_launch.append((args, env))
+                self.processes.append(self._spawn(args, self.folder / f"{name}.log", env))
+                self.node_names.append(name)
+            self.url = self._wait_for_line(log, "listening on ", offset).strip()
             self.marks["coordinator_listening"] = time.monotonic()
             self.admin_token = (self.folder / "coordinator" / "admin.token").read_text().strip()
             with TesseraClient(self.url, self.admin_token) as admin:
@@ -130,48 +143,50 @@ class LocalFarm:
                     admin.grant(REQUESTER, self.credits)
                 self.local_nodes = [
                     LocalNode(name, name, admin.create_account(name, Role.PROVIDER).token, cheat)
-                    for name, cheat in self._plan_nodes()
+                    for name, cheat in plans
                 ]
+            for node in self.local_nodes:
+                _write_secret(self._token_file(node.name), node.token)
             self.provider_token = self.local_nodes[0].token if self.local_nodes else ""
-            cpus = sorted(os.sched_getaffinity(0))
-            count = len(self.local_nodes)
-            threads = self.threads_per_node or max(1, len(cpus) // max(1, count))
-            for index, node in enumerate(self.local_nodes):
-                env = self.node_env[index] if index < len(self.node_env) else {}
-                args = [
-                    "node",
-                    "--coordinator",
-                    self.url,
-                    "--token",
-                    node.token,
-                    "--name",
-                    node.name,
-                    "--threads",
-                    str(threads),
-                    "--device",
-                    self.device,
-                    "--data",
-                    str(self.folder / node.name),
-                    *(["--price", f"{self.price:g}"] if self.price > 0 else []),
-                    *self.node_args,
-                ]
-                if node.cheat is not None:
-                    args += ["--cheat", node.cheat]
-                if self.benchmark_cache is not None:
-                    cache = self.benchmark_cache / f"benchmark-{threads}-threads.json"
-                    args += ["--benchmark-cache", str(cache)]
-                if threads * count <= len(cpus):
-                    # Nodes sharing a machine get cores of their own (see worker_main).
-                    own = cpus[index * threads : (index + 1) * threads]
-                    args += ["--cpus", ",".join(map(str, own))]
-                self._node_launch.append((args, env))
-                self.processes.append(self._spawn(args, self.folder / f"{node.name}.log", env))
-                self.node_names.append(node.name)
             self._wait_for_nodes()
             self.marks["nodes_registered"] = time.monotonic()
         except BaseException:
             self.stop()
             raise
+
+    def _node_args(
+        self, name: str, cheat: str | None, threads: int, index: int, count: int, cpus: list[int]
+    ) -> list[str]:
+        args = [
+            "node",
+            "--coordinator-file",
+            str(self.folder / "coordinator" / "coordinator.url"),
+            "--token-file",
+            str(self._token_file(name)),
+            "--name",
+            name,
+            "--threads",
+            str(threads),
+            "--device",
+            self.device,
+            "--data",
+            str(self.folder / name),
+            *(["--price", f"{self.price:g}"] if self.price > 0 else []),
+            *self.node_args,
+        ]
+        if cheat is not None:
+            args += ["--cheat", cheat]
+        if self.benchmark_cache is not None:
+            cache = self.benchmark_cache / f"benchmark-{threads}-threads.json"
+            args += ["--benchmark-cache", str(cache)]
+        if threads * count <= len(cpus):
+            # Nodes sharing a machine get cores of their own (see worker_main).
+            own = cpus[index * threads : (index + 1) * threads]
+            args += ["--cpus", ",".join(map(str, own))]
+        return args
+
+    def _token_file(self, name: str) -> Path:
+        return self.folder / "tokens" / f"{name}.token"
 
     def _plan_nodes(self) -> list[tuple[str, str | None]]:
         """(name, cheat) of every node: the honest ones, then the cheaters."""
@@ -188,6 +203,11 @@ class LocalFarm:
 
     def start_coordinator(self, port: int = 0) -> None:
         """Start (or, after a crash, restart on `port`) the coordinator process."""
+        log, offset = self._spawn_coordinator(port)
+        self.url = self._wait_for_line(log, "listening on ", offset).strip()
+
+    def _spawn_coordinator(self, port: int) -> tuple[Path, int]:
+        """Start the coordinator process; its log and where this start's lines begin."""
         log = self.folder / "coordinator.log"
         offset = log.stat().st_size if log.exists() else 0
         args = [
@@ -203,7 +223,7 @@ class LocalFarm:
             self.processes[0] = process
         else:
             self.processes.append(process)
-        self.url = self._wait_for_line(log, "listening on ", offset).strip()
+        return log, offset
 
     @property
     def port(self) -> int:
@@ -290,3 +310,14 @@ class LocalFarm:
                     )
                 time.sleep(0.1)
         raise LocalFarmError(f"The nodes did not register within {STARTUP_SECONDS:.0f} s.")
+
+
+def _write_secret(path: Path, text: str) -> None:
+    """Write `text` and a newline to `path`, readable by this user only, whole or not at
+    all (a node waiting for the file reads it once it holds a line)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    handle = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(handle, "w") as out:
+        out.write(text + "\n")
+    partial.replace(path)

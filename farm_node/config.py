@@ -61,6 +61,10 @@ class NodeConfig:
     #: with bpy; a job renders on the build of the series that saved its scene.
     more_builds: list[Path] = field(default_factory=list)
     use_bpy: bool = True
+    #: Files to read the coordinator URL and the token from, once they exist (see
+    #: `farm_node.connection_files`); they replace `coordinator_url` and `token`.
+    coordinator_file: Path | None = None
+    token_file: Path | None = None
     #: Where the bpy build is remembered (`renderers.bpy_memo`; `tessera node` keeps it in
     #: `$TESSERA_HOME/bpy-build.json`, as every command does); None: probed each start.
     bpy_memo: Path | None = None
@@ -134,7 +138,10 @@ class NodeConfig:
         problems: list[str] = []
         url: object = self.coordinator_url
         if not url:
-            problems.append("no coordinator URL (pass --coordinator or set TESSERA_COORDINATOR)")
+            if self.coordinator_file is None:
+                problems.append(
+                    "no coordinator URL (pass --coordinator or set TESSERA_COORDINATOR)"
+                )
         elif not isinstance(url, str) or not all(
             part.startswith(("http://", "https://")) for part in split_urls(url) or [url]
         ):

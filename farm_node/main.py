@@ -22,6 +22,7 @@ from common.blender_versions import blender_series
 from common.errors import BlenderNotFoundError, TesseraError, UsageError
 from farm_node.bundle_cache import BundleCache
 from farm_node.config import FORWARDED_ENV, NodeConfig, sandbox_refusal
+from farm_node.connection_files import read_connection_files
 from farm_node.fleet import Fleet
 from farm_node.runner import TaskRunner
 from farm_node.workers import WorkerPlan, plan_workers
@@ -86,6 +87,10 @@ def run_node(config: NodeConfig) -> int:
             "s" * (len(plans) > 1),
             "; ".join(plan.describe() for plan in plans),
         )
+        # Everything above needs no coordinator: a node started beside its coordinator
+        # (`tessera render`) does it while the coordinator starts, then reads its files.
+        config = read_connection_files(config)
+        config.validate()
     except TesseraError as exc:
         log.error("The node cannot start: %s", exc)
         return 1

@@ -153,6 +153,16 @@ def test_node_refuses_a_negative_price(tmp_path: Path) -> None:
     assert "--price must be 0 or more" in done.stderr
 
 
+def test_node_connection_files_do_not_mix_with_lan_and_a_missing_one_is_named(
+    tmp_path: Path,
+) -> None:
+    done = tessera("node", "--lan", "--farm", "f", "--token-file", tmp_path / "t", timeout=60)
+    assert done.returncode != 0 and "drop --*-file" in done.stderr
+    # No token anywhere: --token-file is offered as a way to give one.
+    done = tessera("node", "--coordinator", "http://127.0.0.1:9", timeout=60)
+    assert done.returncode != 0 and "--token-file" in done.stderr
+
+
 def test_inspect_lists_the_files_a_scene_uses_with_the_missing_ones_flagged(
     bat_scenes: Path, tmp_path: Path
 ) -> None:

@@ -156,6 +156,22 @@ def add_commands(sub: Subparsers) -> None:
         help="coordinator URL (default: $TESSERA_COORDINATOR)",
     )
     node.add_argument("--token", default=None, help="provider token (default: $TESSERA_TOKEN)")
+    node.add_argument(
+        "--coordinator-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="read the coordinator URL from PATH (as `tessera coordinator` writes it in its "
+        "--data folder: coordinator.url), waiting up to 120 s for it to appear",
+    )
+    node.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="read the provider token from PATH (keeps it out of the process list), "
+        "waiting up to 120 s for it to appear",
+    )
     node.add_argument("--farm", default=None, help="with --lan: the farm to join")
     _add_lan_options(
         node,
@@ -564,9 +580,14 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
     name = args.name or socket.gethostname()
     if args.lan:
         url, token = "", None  # found on the LAN below
+        if args.coordinator_file or args.token_file:
+            raise UsageError("--lan finds the coordinator and joins it: drop --*-file.")
     else:
         connection = resolve_connection(settings, url=args.coordinator, token=args.token)
         url, token = connection.url, connection.token
+        # A file named wins; it is read once the node's own set-up is done.
+        url = "" if args.coordinator_file else url
+        token = None if args.token_file else token
     advertisement: Advertisement | None = None
     if args.lan:
         farm, secret = _lan_farm(args)
@@ -582,10 +603,10 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
         with TesseraClient(url) as anonymous:
             token = anonymous.join_lan_farm(name, secret).token
         print(f"Joined farm '{farm}' at {url} as {name}", flush=True)
-    elif not token:
+    elif not token and not args.token_file:
         raise UsageError(
-            "A node needs a provider token: pass --token, set TESSERA_TOKEN, or "
-            "join a LAN farm with --lan --farm NAME --secret S."
+            "A node needs a provider token: pass --token or --token-file, set "
+            "TESSERA_TOKEN, or join a LAN farm with --lan --farm NAME --secret S."
         )
     cpus = parse_cpu_list(args.cpus) if args.cpus else []
     threads = args.threads if args.threads is not None else (len(cpus) or settings.threads)
@@ -603,6 +624,8 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
         blender_executables=[args.blender] if args.blender else list(settings.blender),
         use_bpy=settings.use_bpy and args.blender is None,
         bpy_memo=settings.home / BPY_CACHE,
+        coordinator_file=args.coordinator_file,
+        token_file=args.token_file,
         benchmark=not args.no_benchmark,
         benchmark_cache=args.benchmark_cache,
         cheat=args.cheat,
