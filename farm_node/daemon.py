@@ -518,6 +518,8 @@ class NodeDaemon:
             (Path.home(), "~"),
             (self.cache.path(lease.bundle), "<bundle>"),  # a Sha256: always a valid name
         ]
+        # A pre-started worker renders the bundle from its slot folder.
+        places += [(slot, "<bundle>") for slot in self.runner.bundle_folders(lease.bundle)]
         return places
 
     def _task_cancelled(self, lease: Lease, control: TaskControl) -> bool:

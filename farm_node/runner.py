@@ -245,6 +245,16 @@ class TaskRunner:
                 )
             )
 
+    def bundle_folders(self, bundle: str) -> list[Path]:
+        """The slot folders `bundle` was linked into (its scene renders from there): the
+        daemon hides them in failure messages, as it hides the bundle cache."""
+        with self._state_lock:
+            return [
+                self._slots[worker]
+                for (sha, *_), worker in self._workers.items()
+                if sha == bundle and worker in self._slots
+            ]
+
     @property
     def worker_starts(self) -> int:
         """Blender processes started by every worker this runner holds (for tests, stats)."""
