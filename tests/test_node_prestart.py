@@ -15,6 +15,7 @@ import os
 import shutil
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from farm_node.errors import UnsafeBundleError
 from farm_node.runner import TaskRunner
 from farm_node.slots import fill_slot, make_slot
 from protocol.client import TesseraClient
-from protocol.models import Lease
+from protocol.models import Lease, TaskKind
+from protocol.output import FINISH_MANIFEST, FinishManifest
 from renderers.builds import BlenderBuild
 from renderers.exr import read_exr
 from renderers.scene_info import inspect_scene
@@ -152,6 +154,27 @@ def _gone(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
     except OSError:
         return True
+
+
+def test_a_finish_of_the_bundle_uses_the_same_slot_and_blender(
+    bpy_build: BlenderBuild, demo_scene: Path, tmp_path: Path
+) -> None:
+    """A finish lease names the bundle's cached scene, as a render lease does: it runs on
+    the bundle's warm worker, from its slot, with no restart (the view is the same)."""
+    scene = _bundle(tmp_path / "bundles" / SHA_A, demo_scene, "a")
+    with TaskRunner(bpy_build, tmp_path / "scratch") as runner:
+        runner.prestart()
+        pid = _ready(runner)
+        merged = runner.render(make_lease(SHA_A), scene, tmp_path / "merged.exr").output
+        finish = make_lease(
+            SHA_A, lease_id="fin", kind=TaskKind.FINISH, with_assignment=False
+        ).model_copy(update={"percentage": 10})  # make_lease renders 10 % of the scene
+        packed = runner.finish(finish, scene, merged, tmp_path / "finished.zip")
+        assert runner.worker_pids() == [pid] and runner.worker_starts == 1
+    with zipfile.ZipFile(packed) as archive:
+        manifest = FinishManifest.model_validate_json(archive.read(FINISH_MANIFEST))
+        assert [entry.kind for entry in manifest.files] == ["frame"]
+        assert archive.read(manifest.files[0].path)
 
 
 @needs_bwrap
