@@ -109,6 +109,9 @@ class NodeConfig:
     warmup: bool | None = None
     #: The warm-up render's own time limit (seconds): kernel compilation can be long.
     warmup_timeout: float = DEFAULT_WARMUP_TIMEOUT
+    #: Whether an idle node keeps a Blender started, confined to an empty slot, for the
+    #: next new bundle (`TaskRunner.prestart`): its first frame then skips Blender's start.
+    prestart: bool = True
 
     @property
     def cache_dir(self) -> Path:

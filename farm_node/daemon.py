@@ -8,7 +8,9 @@
    succeeded, reports "warming" (or "failed", with the reason) and leases nothing;
 3. ask the `gate` whether to take work (availability, free disk); when it says no, do not
    poll, and tell the coordinator why now and then;
-4. long-poll for a lease and run its task with a `heartbeat` thread beside it;
+4. long-poll for a lease and run its task with a `heartbeat` thread beside it; while
+   idle (before the first poll, after a poll that brought nothing), keep a Blender
+   pre-started for the next new bundle (`TaskRunner.prestart`, `NodeConfig.prestart`);
 5. keep the finished EXR in the outbox until the coordinator has it, so losing the
    coordinator (or the node) loses no finished work.
 
@@ -133,6 +135,9 @@ class NodeDaemon:
         self.gate = Gate(config, availability, (config.results_dir, self._tasks_dir))
         #: The warm-up render of a GPU worker (None: this worker takes work at once).
         self.warmup: WarmUp | None = None
+        #: No lease since the last poll that brought none (or since the start): a
+        #: Blender may be pre-started without taking CPU from a render.
+        self._idle = True
 
     # --- public ---------------------------------------------------------------------------
 
@@ -261,13 +266,17 @@ class NodeDaemon:
                 self.gate.report_pause(self.client, self.node_id, self._release)
                 stop.wait(self.config.availability_interval)
                 continue
+            if self._idle and self.config.prestart:
+                self.runner.prestart()  # in the background; a no-op when one is ready
             lease = self._lease()
             if lease is _Poll.BACK_OFF:
                 stop.wait(backoff.next_delay())
                 continue
             backoff.reset()
             if isinstance(lease, _Poll):
+                self._idle = True
                 continue
+            self._idle = False
             if stop.is_set():
                 self._release(lease)
                 break
@@ -509,6 +518,8 @@ class NodeDaemon:
             (Path.home(), "~"),
             (self.cache.path(lease.bundle), "<bundle>"),  # a Sha256: always a valid name
         ]
+        # A pre-started worker renders the bundle from its slot folder.
+        places += [(slot, "<bundle>") for slot in self.runner.bundle_folders(lease.bundle)]
         return places
 
     def _task_cancelled(self, lease: Lease, control: TaskControl) -> bool:

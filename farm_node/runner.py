@@ -7,6 +7,11 @@ already has the bundle's scene open when one does. Workers of other bundles are 
 beyond `max_warm`. `denoise` denoises a merged frame through the same workers, and
 `finish` makes a final frame into the scene's own files (a zip with its manifest).
 
+`prestart` starts, in the background, a Blender of the main build confined to an empty
+*slot* folder (`farm_node.slots`), so that the first frame of the next new bundle does
+not wait for Blender to start: the bundle's files are linked into the slot, the scene is
+rendered from there, and that worker is the bundle's warm worker from then on.
+
 Every Blender it starts gets the runner's `RenderLimits` (memory ceiling, free disk
 checked before each render, sandbox); a render refused for lack of disk space raises
 `InsufficientDiskSpaceError` before Blender starts, and the daemon hands the task back.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import shutil
 import threading
 import zipfile
@@ -33,9 +39,11 @@ from common.blender_versions import blender_series
 from common.errors import (
     RenderCancelledError,
     RenderFailedError,
+    TesseraError,
     WorkerError,
 )
 from farm_node.errors import LeaseError
+from farm_node.slots import fill_slot, make_slot, remove_slot
 from protocol.models import (
     Lease,
 )
@@ -125,6 +133,16 @@ class TaskRunner:
         # A started worker not yet tied to a bundle (the device probe's or the
         # benchmark's): the next new bundle takes it instead of starting Blender again.
         self._spare: RenderWorker | None = None
+        # A worker started (or starting, in the `_prestarter` thread) confined to an empty slot
+        # folder: the next new bundle of the main build is linked into its slot.
+        self._prestarted: RenderWorker | None = None
+        self._prestarter: threading.Thread | None = None
+        self._prestart_queue: queue.SimpleQueue[tuple[RenderWorker, Path] | None] = (
+            queue.SimpleQueue()
+        )
+        self._starting: RenderWorker | None = None
+        #: The slot folder of each worker started confined to one (one bundle per slot).
+        self._slots: dict[RenderWorker, Path] = {}
         self._devices: list[ComputeDevice] | None = None
         self._serial = 0
         self._state_lock = threading.Lock()
@@ -142,16 +160,79 @@ class TaskRunner:
         self.close()
 
     def close(self) -> None:
-        """Quit every warm Blender and delete the workers' scratch folders."""
+        """Quit every warm Blender (a pre-start in progress is cut short) and delete the
+        workers' scratch and slot folders."""
         with self._state_lock:
             self._closed = True
             workers = list(self._workers.values())
             self._workers.clear()
-            if self._spare is not None:
-                workers.append(self._spare)
-                self._spare = None
+            for unbound in (self._spare, self._prestarted):
+                if unbound is not None:
+                    workers.append(unbound)
+            self._spare = self._prestarted = None
+            starting, prestarter = self._starting, self._prestarter
+            self._prestarter = None
+        if starting is not None:
+            starting.cancel()  # kills a Blender still starting; the start then fails
         for worker in workers:
             self._close_worker(worker)
+        if prestarter is not None:
+            self._prestart_queue.put(None)
+            prestarter.join()
+
+    def prestart(self) -> bool:
+        """Start a Blender of the main build in the background, confined to an empty slot
+        folder, for the next lease of a bundle no warm worker has. It takes over the spare
+        worker (the benchmark's, the device probe's) when there is one; outside a
+        sandbox that one is simply kept. Returns False (and does nothing) when one is
+        pre-started already, or the runner is closed. Best effort: a failed start is
+        logged and the next new bundle starts its own Blender, as without it."""
+        with self._state_lock:
+            if self._closed or self._prestarted is not None:
+                return False
+            worker = self._spare if self._spare is not None else self._new_worker()
+            self._spare = None
+            self._serial += 1
+            try:
+                slot = make_slot(self.scratch / f"slot-{self._serial}")
+            except OSError as exc:
+                log.warning("Cannot make a slot folder to pre-start Blender in: %s", exc)
+                self._spare = worker
+                return False
+            self._prestarted = worker
+            self._slots[worker] = slot
+            if self._prestarter is None:
+                # One thread for the runner's life: a sandbox dies with the thread that
+                # started it (bubblewrap's --die-with-parent follows the parent thread).
+                self._prestarter = threading.Thread(
+                    target=self._prestart_loop, name="prestart", daemon=True
+                )
+                self._prestarter.start()
+            self._prestart_queue.put((worker, slot))
+        return True
+
+    def _prestart_loop(self) -> None:
+        while (item := self._prestart_queue.get()) is not None:
+            worker, slot = item
+            with self._state_lock:
+                if self._prestarted is not worker:
+                    continue  # taken or closed before its turn: its user starts it
+                self._starting = worker
+            try:
+                worker.start(confine_to=slot)
+            except (TesseraError, OSError) as exc:
+                with self._state_lock:
+                    unused = self._prestarted is worker and not self._closed
+                    if unused:
+                        self._prestarted = None
+                if unused:  # else a task took it (and starts it again) or the runner closes
+                    log.warning("Could not pre-start Blender (%s); starting it when needed", exc)
+                    self._close_worker(worker)
+            else:
+                log.debug("Blender %s pre-started in %s for the next bundle", worker.pid, slot)
+            finally:
+                with self._state_lock:
+                    self._starting = None
 
     def warm_bundles(self) -> list[str]:
         """Hashes of bundles whose scene a live worker has open, most recent first."""
@@ -164,18 +245,41 @@ class TaskRunner:
                 )
             )
 
+    def bundle_folders(self, bundle: str) -> list[Path]:
+        """The slot folders `bundle` was linked into (its scene renders from there): the
+        daemon hides them in failure messages, as it hides the bundle cache."""
+        with self._state_lock:
+            return [
+                self._slots[worker]
+                for (sha, *_), worker in self._workers.items()
+                if sha == bundle and worker in self._slots
+            ]
+
     @property
     def worker_starts(self) -> int:
         """Blender processes started by every worker this runner holds (for tests, stats)."""
-        with self._state_lock:
-            workers = [*self._workers.values(), *([self._spare] if self._spare else [])]
-        return sum(worker.starts for worker in workers)
+        return sum(worker.starts for worker in self._held())
 
     def worker_pids(self) -> list[int]:
-        """Process ids of this runner's running Blenders (for tests and stats)."""
+        """Process ids of this runner's running Blenders, the bundles' warm workers first
+        (for tests and stats)."""
+        return [
+            pid for worker in self._held() if worker.is_alive() and (pid := worker.pid) is not None
+        ]
+
+    @property
+    def prestarted_pid(self) -> int | None:
+        """The process id of the pre-started Blender once it is ready (for tests)."""
         with self._state_lock:
-            workers = [*self._workers.values(), *([self._spare] if self._spare else [])]
-        return [pid for worker in workers if worker.is_alive() and (pid := worker.pid) is not None]
+            worker = self._prestarted
+            if worker is None or worker is self._starting:
+                return None
+        return worker.pid if worker.is_alive() else None
+
+    def _held(self) -> list[RenderWorker]:
+        with self._state_lock:
+            unbound = [w for w in (self._spare, self._prestarted) if w is not None]
+            return [*self._workers.values(), *unbound]
 
     # --- devices ------------------------------------------------------------------------------
 
@@ -229,6 +333,7 @@ class TaskRunner:
         )
         with self._task():
             device = self.resolve(lease.device)
+            worker, scene, root = self._worker_for(lease, device, scene)
             request = RenderRequest(
                 scene=scene,
                 frame=assignment.frame,
@@ -245,9 +350,8 @@ class TaskRunner:
                 device_ids=self._ids_for(device),
                 threads=self.threads,
                 # A stranger's scene sees its own bundle and nothing else of this machine.
-                confine_to=bundle_root(scene, lease.scene_path),
+                confine_to=root,
             )
-            worker = self._worker_for(lease.bundle, device, self.build_for(lease.blender_version))
             result = self._run(worker, lambda: self._render_on(worker, request, on_progress))
         if (result.frame_width, result.frame_height) != (assignment.width, assignment.height):
             raise RenderFailedError(
@@ -286,18 +390,16 @@ class TaskRunner:
         try:
             with self._task():
                 device = self.resolve(lease.device)
+                worker, scene, root = self._worker_for(lease, device, scene)
                 request = FinishRequest(
                     scene=scene,
                     merged_exr=input_exr,
                     frame=lease.task.frame,
                     output_dir=staged,
-                    confine_to=bundle_root(scene, lease.scene_path),
+                    confine_to=root,
                     timeout=self.task_timeout,
                     resolution=lease_resolution(lease),
                     percentage=lease.percentage,
-                )
-                worker = self._worker_for(
-                    lease.bundle, device, self.build_for(lease.blender_version)
                 )
                 result = self._run(worker, lambda: worker.finish(request))
             pack_finished(result, output)
@@ -373,27 +475,58 @@ class TaskRunner:
             with self._state_lock:
                 self._current = None
 
-    def _worker_for(self, bundle: str, device: str, build: BlenderBuild) -> RenderWorker:
-        key = (bundle, device, build.path)
+    def _worker_for(
+        self, lease: Lease, device: str, scene: Path
+    ) -> tuple[RenderWorker, Path, Path]:
+        """The worker for `lease`'s bundle on `device`, and the scene and bundle folder it
+        renders from: the bundle's own, or its slot's when the worker was pre-started
+        (a new bundle takes the pre-started worker and is linked into its slot)."""
+        build = self.build_for(lease.blender_version)
+        root = bundle_root(scene, lease.scene_path)
+        key = (lease.bundle, device, build.path)
         retired: list[RenderWorker] = []
+        fill = False
         with self._state_lock:
             if self._closed:
                 raise WorkerError("The task runner is closed.")
             worker = self._workers.get(key)
             if worker is not None:
                 self._workers.move_to_end(key)
-                return worker
-            if self._spare is not None and build == self.build:
-                worker, self._spare = self._spare, None
             else:
-                worker = self._new_worker(build)
-            self._workers[key] = worker
-            while len(self._workers) > self.max_warm:
-                _, old = self._workers.popitem(last=False)
-                retired.append(old)
+                if self._prestarted is not None and self._takes(build, root):
+                    worker, self._prestarted, fill = self._prestarted, None, True
+                elif self._spare is not None and build == self.build:
+                    worker, self._spare = self._spare, None
+                else:
+                    worker = self._new_worker(build)
+                self._workers[key] = worker
+                while len(self._workers) > self.max_warm:
+                    _, old = self._workers.popitem(last=False)
+                    retired.append(old)
+            slot = self._slots.get(worker)
         for old in retired:
             self._close_worker(old)
-        return worker
+        if slot is None:
+            return worker, scene, root
+        if fill:
+            try:
+                fill_slot(slot, root)
+            except BaseException:
+                # A half-filled slot never serves: its worker goes with it.
+                with self._state_lock:
+                    if self._workers.get(key) is worker:
+                        del self._workers[key]
+                self._close_worker(worker)
+                raise
+            log.debug("Bundle %s linked into %s for the pre-started Blender", key[0][:12], slot)
+        return worker, slot / scene.relative_to(root), slot
+
+    def _takes(self, build: BlenderBuild, root: Path) -> bool:
+        """Whether the pre-started worker may take a bundle of `build` in `root`: the main
+        build only, and never a folder that holds its slot (linking it would recurse)."""
+        assert self._prestarted is not None
+        slot = self._slots[self._prestarted]
+        return build == self.build and not slot.resolve().is_relative_to(root.resolve())
 
     def _any_worker(self) -> RenderWorker:
         with self._state_lock:
@@ -401,6 +534,8 @@ class TaskRunner:
                 raise WorkerError("The task runner is closed.")
             if self._workers:
                 return next(reversed(self._workers.values()))
+            if self._spare is None and self._prestarted is not None:
+                return self._prestarted  # e.g. a denoise, which needs no scene
             if self._spare is None:
                 self._spare = self._new_worker()
             return self._spare
@@ -417,11 +552,14 @@ class TaskRunner:
     ) -> RenderWorker:
         return RenderWorker(build, scratch_dir=scratch, extra_env=env, limits=self.limits)
 
-    @staticmethod
-    def _close_worker(worker: RenderWorker) -> None:
+    def _close_worker(self, worker: RenderWorker) -> None:
         scratch = worker.log_path.parent
         worker.close()
         shutil.rmtree(scratch, ignore_errors=True)
+        with self._state_lock:
+            slot = self._slots.pop(worker, None)
+        if slot is not None:
+            remove_slot(slot)  # a slot holds one bundle for its worker's life only
 
 
 class _TaskScope:

@@ -217,10 +217,21 @@ class RenderWorker:
     def is_alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self) -> None:
-        """Start Blender (if not running) and wait until it is ready for requests."""
+    def start(self, confine_to: Path | None = None) -> None:
+        """Start Blender (if not running) and wait until it is ready for requests.
+
+        `confine_to`: start it with the sandbox view that renders confined to that folder
+        need (`RenderRequest.confine_to`), replacing a running sandbox that shows something
+        else, so that the first such render finds Blender started (files added to the
+        folder later are seen in there too: it is a bind mount of the folder itself)."""
         with self._lock:
-            self._ensure_started()
+            if confine_to is None:
+                self._ensure_started()
+                return
+            view = (confine_to.absolute(),)
+            if view != self._view and self._sandboxed:
+                self._discard_process()
+            self._ensure_started(view)
 
     def close(self) -> None:
         """Ask Blender to quit, kill its process group if it does not, free the scratch dir."""
