@@ -4,9 +4,8 @@
 every argument to every user) and reads it from a file a secret store mounts, and
 `--coordinator-file PATH` reads the URL that `tessera coordinator` writes into its
 `--data` folder (`coordinator.url`). Both may be given before the files exist: the node
-does everything it can on its own first (the sandbox check, choosing Blender, starting
-its first Blender), then waits for them, so a farm started on one machine
-(`tessera render`) starts its coordinator and nodes side by side.
+starts (Python and its imports, about a second) and then waits for them, so a farm
+started on one machine (`tessera render`) starts its coordinator and nodes side by side.
 
 A file counts once it holds a whole line (ending in a newline, as both writers end it)
 or, for a token file written by hand, any text unchanged for `SETTLE_SECONDS`. This

@@ -169,6 +169,10 @@ class NodeDaemon:
             )
             if self.availability.active:
                 log.info("Providing %s", self.config.policy.describe())
+            if self.config.prestart and self.warmup is None:
+                # Start Blender while registering: a job already queued (`tessera render`
+                # submits as its nodes come up) is leased at once.
+                self.runner.prestart()
             waker = threading.Thread(
                 target=self._end_poll_on_stop, args=(stop,), name="end-poll", daemon=True
             )

@@ -73,6 +73,10 @@ def run_node(config: NodeConfig) -> int:
     """
     try:
         config.validate()
+        # A node started beside its coordinator (`tessera render`) has its imports done
+        # by now; the sandbox rule below depends on where the coordinator is.
+        config = read_connection_files(config)
+        config.validate()
         config = dataclasses.replace(
             config, extra_env=worker_environment(config.extra_env, os.environ)
         )
@@ -87,10 +91,6 @@ def run_node(config: NodeConfig) -> int:
             "s" * (len(plans) > 1),
             "; ".join(plan.describe() for plan in plans),
         )
-        # Everything above needs no coordinator: a node started beside its coordinator
-        # (`tessera render`) does it while the coordinator starts, then reads its files.
-        config = read_connection_files(config)
-        config.validate()
     except TesseraError as exc:
         log.error("The node cannot start: %s", exc)
         return 1
