@@ -22,6 +22,7 @@ from coordinator.errors import (
     NotAllowedError,
     UploadTooLargeError,
 )
+from coordinator.followups import expects_follow_up
 from coordinator.scheduler import Scheduler
 from coordinator.store import SpooledUpload, TooLargeError
 from coordinator.task_states import Changes, TaskStates
@@ -142,6 +143,8 @@ class Results:
                 self.states.cancel_backups(conn, row["id"], "the original render finished first")
                 self._settle(conn, row, changes, doubt)
             self._write_receipt(conn, row, lease_id, sha256, accepted, bool(changes.frames))
+        if accepted and changes.frames:
+            self._hold_for_follow_ups(row, changes.frames)
         self.states.announce(changes)
         if not accepted:
             return UploadReceipt(task_id=row["id"], sha256=sha256, accepted=False)
@@ -192,6 +195,18 @@ class Results:
         return UploadReceipt(
             task_id=row["id"], sha256=sha256, accepted=True, frame_completed=bool(changes.frames)
         )
+
+    def _hold_for_follow_ups(self, row: TaskRow, frames: Iterable[tuple[str, int]]) -> None:
+        """The uploading node takes the next step of the frames it completed, when there is
+        one (`coordinator.followups`); set before the frames go to the assembler."""
+        if row["node_id"] is None:
+            return
+        whole = row["assignment"] is None or (
+            RenderAssignment.model_validate_json(row["assignment"]).whole_frame
+        )
+        if expects_follow_up(TaskKind(row["kind"]), self.core.spec(row["job_id"]), whole):
+            for job_id, frame in frames:
+                self.scheduler.followups.completed(row["node_id"], job_id, frame)
 
     def _check(self, row: sqlite3.Row, sha256: str) -> tuple[str | None, Doubt | None]:
         """Structure and values of an uploaded EXR against its task (why it is refused),

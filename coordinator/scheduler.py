@@ -28,6 +28,7 @@ from coordinator.errors import (
     NotAllowedError,
     NotFoundError,
 )
+from coordinator.followups import FrameFollowUps
 from coordinator.matching import Candidate, why_none
 from coordinator.planning import backup_task, lease_device, node_can_run
 from coordinator.pools import granted
@@ -80,6 +81,9 @@ class Scheduler:
         self._unready: dict[str, str] = {}
         #: Nodes that are stopping: their open long poll answers "no task" at once.
         self._poll_ended: set[str] = set()
+        #: Nodes whose result completed a frame wait for its next step (merge, then
+        #: denoise or finish) before new work.
+        self.followups = FrameFollowUps(core.db)
 
     # --- nodes -----------------------------------------------------------------------------
 
@@ -312,6 +316,8 @@ class Scheduler:
                 return None
             self._paused.pop(node_id, None)
             self._unready.pop(node_id, None)
+        if request.wait > 0 and self.followups.holds(node_id):
+            return None  # its frame's next step is moments away (coordinator.followups)
         caps = NodeCapabilities.model_validate_json(node["capabilities"])
         db = self.core.db
         with db.lock:
