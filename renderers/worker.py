@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
@@ -125,6 +126,9 @@ HELPER_SCRIPTS = tuple(
 )
 #: `_call`'s default: the request runs in whatever sandbox view the process has.
 _ANY_VIEW = object()
+#: The one thread every Blender process is started from (see `_ensure_started`); an
+#: executor's idle thread waits for the next start for the life of the process.
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blender-start")
 
 _ERROR_KINDS: dict[str, type[TesseraError]] = {
     "no_camera": NoCameraError,
@@ -498,7 +502,11 @@ class RenderWorker:
         if self.limits.memory is not None:
             env["TESSERA_MEMORY_LIMIT"] = str(self.limits.memory)
         try:
-            self._proc = subprocess.Popen(
+            # Started from a thread that lives as long as this process: a sandbox dies
+            # with the *thread* that started it (bubblewrap's --die-with-parent uses the
+            # kernel's parent-death signal), and callers' threads come and go.
+            self._proc = _SPAWNER.submit(
+                subprocess.Popen,
                 command,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -506,7 +514,7 @@ class RenderWorker:
                 cwd=self._scratch,
                 env=env,
                 start_new_session=True,
-            )
+            ).result()
         except OSError as exc:
             self._discard_process()
             raise WorkerStartError(f"Could not start Blender ({command[0]}): {exc}") from exc

@@ -56,6 +56,10 @@ def isolated_settings(
     return home
 
 
+#: Threads that live as long as the process on purpose (renderers.worker's Blender starter).
+LASTING = ("blender-start",)
+
+
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     threads_before = set(threading.enumerate())
@@ -63,7 +67,11 @@ def no_leaks() -> Iterator[None]:
     yield
     deadline = time.monotonic() + 5
     while True:
-        threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+        threads = [
+            t
+            for t in threading.enumerate()
+            if t not in threads_before and t.is_alive() and not t.name.startswith(LASTING)
+        ]
         children = _child_pids() - children_before
         if not (threads or children) or time.monotonic() > deadline:
             break
