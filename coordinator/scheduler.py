@@ -224,6 +224,9 @@ class Scheduler:
             nodes = []
             for row in rows.fetchall():
                 caps = node_caps(row["capabilities"])
+                if not caps.pools:  # serves no pool: its owner's pools do not matter
+                    nodes.append(Candidate(caps, frozenset()))
+                    continue
                 if row["owner"] not in owners:
                     owners[row["owner"]] = granted(db.conn, row["owner"])
                 nodes.append(Candidate(caps, owners[row["owner"]] & frozenset(caps.pools)))
