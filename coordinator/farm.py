@@ -144,8 +144,11 @@ class Farm:
         (every BUDGET_EVERY) and, with replicas, queues frames whose assembly a dead
         replica left undone (every RECOVER_SWEEPS)."""
         sweeps = 0
+        replicated = self.db.engine != "sqlite"
         while not self.stopping.wait(SWEEP_SECONDS):
             try:
+                if replicated:  # every replica, claim or not (SWEEP_SECONDS: about 1 s)
+                    self.accounts.recheck()
                 with self.db.claim("sweep") as mine:
                     if not mine:
                         continue

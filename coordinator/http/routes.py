@@ -23,9 +23,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 
 from coordinator.errors import NotAuthenticatedError
+from coordinator.farm import Principal
 from coordinator.http.auth import Admin, Provider, Requester, Who
 from coordinator.http.events import event_stream
-from coordinator.http.uploads import check_room, check_sha, spool
+from coordinator.http.uploads import check_room, check_sha, read_small, small_length, spool
 from protocol.accounts import (
     AccountCreate,
     AccountInfo,
@@ -144,6 +145,14 @@ def router(services: Services) -> APIRouter:
     @api.put("/leases/{lease_id}/result", response_model=UploadReceipt)
     async def upload(lease_id: str, request: Request, who: Provider) -> UploadReceipt:
         claimed = request.headers.get("x-content-sha256")
+        small = small_length(request, min(config.max_json_bytes, config.max_result_bytes))
+        if small is not None:
+            # Read into memory (no more than any JSON body), then one worker call.
+            data = await read_small(request)
+            small_receipt: UploadReceipt = await run_in_threadpool(
+                accept_small, who, lease_id, claimed, data
+            )
+            return small_receipt
         # Only the lease's holder may make the coordinator spool anything to disk.
         checked = await run_in_threadpool(farm.check_upload, who, lease_id)
         check_room(store, request, config.min_free_disk)
@@ -152,6 +161,15 @@ def router(services: Services) -> APIRouter:
             farm.accept_result, who, lease_id, claimed, body, checked
         )
         return receipt
+
+    def accept_small(
+        who: Principal, lease_id: str, claimed: str | None, data: bytes
+    ) -> UploadReceipt:
+        """A small result read into memory: the same checks, in the same order, as a
+        streamed one (the lease's holder, room on disk), then spooled and accepted."""
+        checked = farm.check_upload(who, lease_id)
+        store.check_room(len(data), config.min_free_disk)
+        return farm.accept_result(who, lease_id, claimed, [data], checked)
 
     @api.post("/leases/{lease_id}/failure", status_code=204)
     def failure(lease_id: str, body: TaskFailure, who: Provider) -> Response:
