@@ -28,6 +28,7 @@ from coordinator.errors import (
     NotAllowedError,
     NotFoundError,
 )
+from coordinator.lease_query import best_leasable
 from coordinator.matching import Candidate, why_none
 from coordinator.planning import backup_task, lease_device, node_can_run
 from coordinator.pools import granted
@@ -420,22 +421,7 @@ class Scheduler:
             # failed on this node is not leased to it again in a row while another node
             # might take it: only once `same_node_retry_seconds` passed unleased. (A
             # lease that merely expired is no failure of the task: the node may have it.)
-            row = db.query_one(
-                "SELECT t.id, t.job_id, t.kind, t.frame, t.tile_index FROM tasks t WHERE"
-                " t.job_id = ? AND t.status IN (?, ?) AND instr(',' || t.excluded_owners ||"
-                " ',', ',' || ? || ',') = 0 AND NOT EXISTS (SELECT 1 FROM failures f WHERE"
-                " f.id = (SELECT MAX(g.id) FROM failures g WHERE g.task_id = t.id) AND"
-                " f.node_id = ? AND f.kind != 'lease_expired' AND f.at > ?)"
-                " ORDER BY t.kind != ?, t.frame, t.tile_index LIMIT 1",
-                (
-                    job["job_id"],
-                    *LEASABLE,
-                    node["owner"],
-                    node["id"],
-                    retry_cutoff,
-                    TaskKind.VERIFY.value,
-                ),
-            )
+            row = best_leasable(db, job["job_id"], node["owner"], node["id"], retry_cutoff)
             if row is None:
                 continue
             locality = 2 if job["bundle"] in warm else 1 if job["bundle"] in cached else 0
