@@ -361,19 +361,17 @@ class TaskStates:
     def record_result(
         self, conn: sqlite3.Connection, row: TaskRow, lease_id: str, sha256: str
     ) -> None:
-        """Record an upload that passed its checks and end the lease (status unchanged)."""
-        current = conn.execute(
-            "SELECT status, lease_id FROM tasks WHERE id = ?", (row["id"],)
-        ).fetchone()
-        if current["status"] != TaskStatus.ACTIVE.value or current["lease_id"] != lease_id:
-            raise LeaseOverError("The lease ended while the result was uploading.")
+        """Record an upload that passed its checks and end the lease (status unchanged).
+        One conditional UPDATE checks that the lease still holds and records the result."""
         # Lease to accepted upload, measured here rather than claimed by the node.
         seconds = max(0.0, time.time() - (row["leased_at"] or time.time()))
-        conn.execute(
+        recorded = conn.execute(
             "UPDATE tasks SET result_sha = ?, lease_expires = NULL, render_seconds = ?,"
-            " updated_at = ? WHERE id = ?",
-            (sha256, seconds, now_iso(), row["id"]),
-        )
+            " updated_at = ? WHERE id = ? AND status = ? AND lease_id = ?",
+            (sha256, seconds, now_iso(), row["id"], TaskStatus.ACTIVE.value, lease_id),
+        ).rowcount
+        if not recorded:
+            raise LeaseOverError("The lease ended while the result was uploading.")
         self._free_node(conn, row["node_id"], seconds=seconds)
 
     def checking(
