@@ -11,7 +11,11 @@ Valid tokens are remembered in memory (digest -> `Principal`), so that authentic
 a known token - which the HTTP layer does on every request, before its rate and load
 limits - costs no database access. Every change to the accounts table goes through this
 class, which forgets the digests it changes (a revoked or replaced token), so the memory
-is never staler than the database.
+is never staler than the database. Replicas of one PostgreSQL database tell each other
+about revoked and replaced tokens (`engines.notify`); as such a note can be lost (a
+listener reconnecting), each replica also reads the accounts table again every
+`TOKEN_RECHECK_SECONDS` (`recheck`: one query for all tokens, on the sweeper thread), so
+no replica honours a revoked token for much longer than that.
 """
 
 from __future__ import annotations
@@ -36,7 +40,10 @@ from protocol.models import (
     Role,
 )
 
-__all__ = ["Accounts", "Principal", "hash_token", "require"]
+__all__ = ["TOKEN_RECHECK_SECONDS", "Accounts", "Principal", "hash_token", "require"]
+
+#: With replicas, how often each one re-reads which remembered tokens are still valid.
+TOKEN_RECHECK_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +217,29 @@ class Accounts:
                 self._revoked.add(name)
             self.core.bus.wake_pollers()  # its open long polls end at once
         self._forget(name)
+
+    def recheck(self) -> int:
+        """Forget remembered tokens the database no longer holds as valid, and note
+        revoked accounts (ending their long polls): what a lost note from another
+        replica would have said. One query for every account; returns the tokens
+        forgotten. The sweeper calls it with replicas only (see the module docstring)."""
+        with self._lock:
+            if not self._known:
+                return 0
+        rows = self.core.db.query("SELECT name, token_hash, revoked_at FROM accounts")
+        valid = {(row["token_hash"], row["name"]) for row in rows if row["revoked_at"] is None}
+        revoked = {row["name"] for row in rows if row["revoked_at"] is not None}
+        with self._lock:
+            stale = [d for d, who in self._known.items() if (d, who.account) not in valid]
+            for digest in stale:
+                del self._known[digest]
+            if stale:
+                self._generation += 1
+            newly = revoked - self._revoked
+            self._revoked |= revoked
+        if newly:
+            self.core.bus.wake_pollers()
+        return len(stale)
 
     def _forget(self, name: str) -> None:
         with self._lock:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from coordinator import ledger
 from coordinator.config import CoordinatorConfig
+from coordinator.core import node_caps
 from coordinator.metering import Measurement, measure
 from coordinator.pricing import denoise_units, estimate_milli, render_units
 from protocol.models import JobSpec, NodeCapabilities, RenderAssignment, TaskKind, TaskStatus
@@ -94,9 +95,7 @@ def true_up(
     for row in rows:
         if row["has_adjust"]:
             continue
-        target = task_amount(
-            spec, row, NodeCapabilities.model_validate_json(row["caps"]), scene_cost
-        )
+        target = task_amount(spec, row, node_caps(row["caps"]), scene_cost)
         delta = target - ledger.paid_for_task(conn, row["id"])
         if delta > 0:
             owed.append((row, delta))

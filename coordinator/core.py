@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from pydantic import ValidationError
@@ -15,12 +16,19 @@ from coordinator.config import CoordinatorConfig
 from coordinator.db import Database
 from coordinator.events import EventBus
 from coordinator.store import Store
-from protocol.models import JobSpec
+from protocol.models import JobSpec, NodeCapabilities
 
 log = logging.getLogger(__name__)
 
 #: A task's database row, or a copy of one with changes (a backup's result moved in).
 TaskRow = sqlite3.Row | dict[str, Any]
+
+
+@lru_cache(maxsize=4096)
+def node_caps(raw: str) -> NodeCapabilities:
+    """A node's capabilities parsed from their stored JSON, cached by the text: every lease
+    and every job listing parsed them again (the load test). Shared: never mutate one."""
+    return NodeCapabilities.model_validate_json(raw)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from datetime import datetime
 
 from coordinator import billing, ledger
 from coordinator.accounts import Accounts, Principal
-from coordinator.core import Core
+from coordinator.core import Core, node_caps
 from coordinator.errors import InvalidRequestError, NotAllowedError, NotFoundError
 from protocol.accounts import (
     LedgerCheck,
@@ -18,7 +18,6 @@ from protocol.accounts import (
     Wallet,
 )
 from protocol.models import (
-    NodeCapabilities,
     Role,
 )
 
@@ -84,7 +83,7 @@ class Credits:
         if node is None:
             return
         spec = self.core.spec_in(conn, row["job_id"])
-        caps = NodeCapabilities.model_validate_json(node["capabilities"])
+        caps = node_caps(node["capabilities"])
         if min(caps.price, spec.max_price) <= 0:
             return
         owner = conn.execute("SELECT owner FROM jobs WHERE id = ?", (row["job_id"],)).fetchone()

@@ -258,6 +258,11 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX failures_by_job ON failures(job_id);
     CREATE INDEX ledger_txns_by_job ON ledger_txns(job_id, kind);
     """,
+    # 13: leasing seeks a job's best task per status and kind in frame and tile order
+    # (coordinator.lease_query) instead of sorting the job's whole queue on every lease.
+    """
+    CREATE INDEX tasks_to_lease ON tasks(job_id, status, kind, frame, tile_index);
+    """,
 )
 
 

@@ -18,6 +18,7 @@ one database hear each other (`coordinator.engines.notify`).
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -143,8 +144,11 @@ class Farm:
         (every BUDGET_EVERY) and, with replicas, queues frames whose assembly a dead
         replica left undone (every RECOVER_SWEEPS)."""
         sweeps = 0
+        replicated = self.db.engine != "sqlite"
         while not self.stopping.wait(SWEEP_SECONDS):
             try:
+                if replicated:  # every replica, claim or not (SWEEP_SECONDS: about 1 s)
+                    self.accounts.recheck()
                 with self.db.claim("sweep") as mine:
                     if not mine:
                         continue
@@ -311,8 +315,8 @@ class Farm:
 
     # --- results ---------------------------------------------------------------------------
 
-    def check_upload(self, who: Principal, lease_id: str) -> None:
-        self.results.check_upload(who, lease_id)
+    def check_upload(self, who: Principal, lease_id: str) -> sqlite3.Row | None:
+        return self.results.check_upload(who, lease_id)
 
     def accept_result(
         self,
@@ -320,8 +324,9 @@ class Farm:
         lease_id: str,
         claimed_sha256: str | None,
         upload: SpooledUpload | Iterable[bytes],
+        checked: sqlite3.Row | None = None,
     ) -> UploadReceipt:
-        return self.results.accept(who, lease_id, claimed_sha256, upload)
+        return self.results.accept(who, lease_id, claimed_sha256, upload, checked)
 
     def report_failure(self, who: Principal, lease_id: str, failure: TaskFailure) -> None:
         self.results.report_failure(who, lease_id, failure)

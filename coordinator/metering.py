@@ -98,13 +98,18 @@ def robust_cost(per_provider: dict[str, list[Tile]]) -> float | None:
     return min(MAX_SCENE_COST, max(MIN_SCENE_COST, statistics.median_low(costs)))
 
 
-def _tile_row(row: Any) -> dict[str, Any] | None:
+def _tile_row(row: Any, scores: dict[str, Any]) -> dict[str, Any] | None:
     """An accepted tile's owner, seconds, benchmark score and pixel-samples, or None
-    when its stored assignment cannot say (an unreadable row is not measured)."""
+    when its stored assignment cannot say (an unreadable row is not measured).
+    `scores`: benchmark scores by capabilities JSON already read (one per node)."""
     try:
-        region = json.loads(row["assignment"])["render_region"]
-        samples = json.loads(row["assignment"])["samples"]
-        score = json.loads(row["caps"]).get("benchmark_score")
+        assignment = json.loads(row["assignment"])
+        region = assignment["render_region"]
+        samples = assignment["samples"]
+        caps = row["caps"]
+        if caps not in scores:
+            scores[caps] = json.loads(caps).get("benchmark_score")
+        score = scores[caps]
         pixel_samples = (region["x1"] - region["x0"]) * (region["y1"] - region["y0"]) * samples
     except (ValueError, KeyError, TypeError):
         return None
@@ -130,8 +135,9 @@ def measure(conn: sqlite3.Connection, job_id: str, job_owner: str) -> Measuremen
         (job_id, TaskKind.RENDER.value, TaskStatus.COMPLETED.value),
     ).fetchall()
     per_node: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    scores: dict[str, Any] = {}
     for row in rows:
-        measured = _tile_row(row)
+        measured = _tile_row(row, scores)
         if measured is not None:
             per_node[row["node"]].append(measured)
     per_provider: dict[str, list[Tile]] = defaultdict(list)

@@ -62,18 +62,30 @@ class Results:
         except TooLargeError as exc:
             raise self.too_large(exc) from None
 
-    def check_upload(self, who: Principal, lease_id: str) -> None:
+    def check_upload(self, who: Principal, lease_id: str) -> sqlite3.Row | None:
         """Refuse an upload to a lease that is not this provider's, before any of its body
-        is stored. A lease whose result was accepted takes a repeat."""
-        row = self.core.db.query_one(
+        is stored. A lease whose result was accepted takes a repeat.
+
+        Returns the lease's row when its task is still running (the common case), for
+        `accept` to use rather than read it again; None otherwise (`accept` then looks
+        for a receipt first). The row may be stale by the time the body is in: `accept`
+        decides inside its transaction (the receipt, the lease still held), never on it.
+        """
+        db = self.core.db
+        row = db.query_one(self.scheduler.LEASE_ROW_SQL, (lease_id,))
+        if row is not None and row["status"] == TaskStatus.ACTIVE.value:
+            self.scheduler.check_holder(who, row)
+            return row
+        receipt = db.query_one(
             "SELECT n.owner FROM receipts r LEFT JOIN nodes n ON n.id = r.node_id"
             " WHERE r.lease_id = ?",
             (lease_id,),
         )
-        if row is None:
+        if receipt is None:
             self.scheduler.lease_row(who, lease_id)
-        elif row["owner"] != who.account and who.role is not Role.ADMIN:
+        elif receipt["owner"] != who.account and who.role is not Role.ADMIN:
             raise NotAllowedError("This lease is held by another provider's node.")
+        return None
 
     def accept(
         self,
@@ -81,27 +93,37 @@ class Results:
         lease_id: str,
         claimed_sha256: str | None,
         upload: SpooledUpload | Iterable[bytes],
+        checked: sqlite3.Row | None = None,
     ) -> UploadReceipt:
-        """Store, check and accept a task's EXR from the node that holds its lease."""
+        """Store, check and accept a task's EXR from the node that holds its lease.
+        `checked`: the lease's row as `check_upload` returned it for this caller."""
         if not isinstance(upload, SpooledUpload):
             upload = self.spool(upload)
         try:
-            return self._accept(who, lease_id, claimed_sha256, upload)
+            return self._accept(who, lease_id, claimed_sha256, upload, checked)
         finally:
             upload.path.unlink(missing_ok=True)
 
     def _accept(
-        self, who: Principal, lease_id: str, claimed_sha256: str | None, upload: SpooledUpload
+        self,
+        who: Principal,
+        lease_id: str,
+        claimed_sha256: str | None,
+        upload: SpooledUpload,
+        checked: sqlite3.Row | None,
     ) -> UploadReceipt:
         if not claimed_sha256:
             raise BadUploadError(
                 "The upload has no X-Content-SHA256 header.",
                 hint="Send the SHA-256 of the EXR with the upload.",
             )
-        receipt = self._receipt(who, lease_id, claimed_sha256)
-        if receipt is not None:
-            return receipt
-        row = self.scheduler.lease_row(who, lease_id)
+        if checked is not None and checked["lease_id"] == lease_id:
+            row = checked  # a running lease: a receipt is looked for inside the transaction
+        else:
+            receipt = self._receipt(who, lease_id, claimed_sha256)
+            if receipt is not None:
+                return receipt
+            row = self.scheduler.lease_row(who, lease_id)
         if row["status"] == TaskStatus.COMPLETED.value and row["result_sha"] == claimed_sha256:
             # A retried upload of a result accepted before receipts were kept.
             return UploadReceipt(task_id=row["id"], sha256=claimed_sha256, accepted=True)
@@ -219,15 +241,12 @@ class Results:
             if row["kind"] != TaskKind.DENOISE.value
             else None
         )
-        trusted = self.core.db.query_one(
-            "SELECT previews_trusted FROM jobs WHERE id = ?", (row["job_id"],)
-        )
         return inspect_result(
             self.core.store.path(sha256),
             TaskKind(row["kind"]),
             assignment,
             spec,
-            previews=trusted is not None and bool(trusted[0]),
+            previews=bool(row["previews_trusted"]),
         )
 
     def _receipt(self, who: Principal, lease_id: str, claimed_sha256: str) -> UploadReceipt | None:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from coordinator import ledger
 from coordinator.accounts import Principal, require
-from coordinator.core import Core, TaskRow
+from coordinator.core import Core, TaskRow, node_caps
 from coordinator.costs import NodeWork, node_work
 from coordinator.db import now_iso
 from coordinator.errors import (
@@ -29,6 +29,7 @@ from coordinator.errors import (
     NotFoundError,
 )
 from coordinator.followups import FrameFollowUps
+from coordinator.lease_query import best_leasable
 from coordinator.matching import Candidate, why_none
 from coordinator.planning import backup_task, lease_device, node_can_run
 from coordinator.pools import granted
@@ -176,9 +177,18 @@ class Scheduler:
             self._poll_ended.discard(node_id)
             return True
 
-    def _node_row(self, who: Principal, node_id: str) -> sqlite3.Row:
+    def _node_row(
+        self, who: Principal, node_id: str, *, with_suspension: bool = False
+    ) -> sqlite3.Row:
+        """The caller's node (`with_suspension`: and its provider's `suspended` reason)."""
         require(who, Role.PROVIDER)
-        row = self.core.db.query_one("SELECT * FROM nodes WHERE id = ?", (node_id,))
+        sql = "SELECT * FROM nodes WHERE id = ?"
+        if with_suspension:
+            sql = (
+                "SELECT n.*, p.suspended AS suspended FROM nodes n LEFT JOIN providers p"
+                " ON p.account = n.owner WHERE n.id = ?"
+            )
+        row = self.core.db.query_one(sql, (node_id,))
         if row is None:
             raise NodeNotFoundError(f"Unknown node {node_id}.")
         if row["owner"] != who.account and who.role is not Role.ADMIN:
@@ -218,7 +228,10 @@ class Scheduler:
             owners: dict[str, frozenset[str]] = {}
             nodes = []
             for row in rows.fetchall():
-                caps = NodeCapabilities.model_validate_json(row["capabilities"])
+                caps = node_caps(row["capabilities"])
+                if not caps.pools:  # serves no pool: its owner's pools do not matter
+                    nodes.append(Candidate(caps, frozenset()))
+                    continue
                 if row["owner"] not in owners:
                     owners[row["owner"]] = granted(db.conn, row["owner"])
                 nodes.append(Candidate(caps, owners[row["owner"]] & frozenset(caps.pools)))
@@ -299,8 +312,10 @@ class Scheduler:
         (Expired leases are re-queued by the sweeper thread, not here: hundreds of idle
         nodes poll.)
         """
-        node = self._node_row(who, node_id)
-        suspended = self.reputation.suspended(node["owner"])
+        # The node and its provider's suspension in one statement (a lease's reads are
+        # most of its cost on PostgreSQL, where each is a round trip).
+        node = self._node_row(who, node_id, with_suspension=True)
+        suspended = node["suspended"]
         if suspended is not None:
             raise NotAllowedError(
                 f"The provider account '{node['owner']}' is suspended: {suspended}.",
@@ -318,11 +333,15 @@ class Scheduler:
             self._unready.pop(node_id, None)
         if request.wait > 0 and self.followups.holds(node_id):
             return None  # its frame's next step is moments away (coordinator.followups)
-        caps = NodeCapabilities.model_validate_json(node["capabilities"])
+        caps = node_caps(node["capabilities"])
         db = self.core.db
         with db.lock:
             # The pools it claims that its owner is in, now (a removal counts at once).
-            pools = granted(db.conn, node["owner"]) & frozenset(caps.pools)
+            pools = (
+                granted(db.conn, node["owner"]) & frozenset(caps.pools)
+                if caps.pools
+                else frozenset()
+            )
             for _attempt in range(LEASE_ATTEMPTS):
                 found = self._best_task(node, caps, pools, request)
                 backup: dict[str, Any] | None = None
@@ -338,13 +357,16 @@ class Scheduler:
                 lease_id = uuid.uuid4().hex
                 expires = time.time() + self.core.config.lease_seconds
                 with db.transaction() as conn:
-                    if not still_free(conn, chosen, backup, db.row_lock):
-                        continue  # another replica leased it since the search: search again
                     if backup is not None:
+                        if not backup_still_wanted(conn, backup):
+                            continue  # another replica backed the tile up: search again
                         self.states.insert(conn, [backup_task(backup["tile"], backup["number"])])
-                    task_row = self.states.lease(
+                    leased = self.states.lease(
                         conn, chosen["id"], chosen["job_id"], node_id, lease_id, expires
                     )
+                    if leased is None:
+                        continue  # another replica leased it since the search: search again
+                    task_row = leased
                 break
             else:
                 self.core.bus.work_changed()  # work is left: the node's long poll tries again
@@ -378,14 +400,19 @@ class Scheduler:
             " b WHERE b.job_id = j.id AND b.node_id = ?)",
             (*RUNNABLE_JOBS, node["id"]),
         )
-        busy = {
-            row[0]: row[1]
-            for row in db.query(
-                "SELECT j.owner, COUNT(*) FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE"
-                " t.status = ? GROUP BY j.owner",
-                (TaskStatus.ACTIVE.value,),
-            )
-        }
+        # Tiles in flight per owner only break ties between owners: not read for one.
+        busy = (
+            {
+                row[0]: row[1]
+                for row in db.query(
+                    "SELECT j.owner, COUNT(*) FROM tasks t JOIN jobs j ON j.id = t.job_id"
+                    " WHERE t.status = ? GROUP BY j.owner",
+                    (TaskStatus.ACTIVE.value,),
+                )
+            }
+            if len({job["owner"] for job in jobs}) > 1
+            else {}
+        )
         best: tuple[Any, ...] | None = None
         # A task that just failed on this node goes to another first (see below).
         retry_cutoff = datetime.fromtimestamp(
@@ -400,22 +427,7 @@ class Scheduler:
             # failed on this node is not leased to it again in a row while another node
             # might take it: only once `same_node_retry_seconds` passed unleased. (A
             # lease that merely expired is no failure of the task: the node may have it.)
-            row = db.query_one(
-                "SELECT t.id, t.job_id, t.kind, t.frame, t.tile_index FROM tasks t WHERE"
-                " t.job_id = ? AND t.status IN (?, ?) AND instr(',' || t.excluded_owners ||"
-                " ',', ',' || ? || ',') = 0 AND NOT EXISTS (SELECT 1 FROM failures f WHERE"
-                " f.id = (SELECT MAX(g.id) FROM failures g WHERE g.task_id = t.id) AND"
-                " f.node_id = ? AND f.kind != 'lease_expired' AND f.at > ?)"
-                " ORDER BY t.kind != ?, t.frame, t.tile_index LIMIT 1",
-                (
-                    job["job_id"],
-                    *LEASABLE,
-                    node["owner"],
-                    node["id"],
-                    retry_cutoff,
-                    TaskKind.VERIFY.value,
-                ),
-            )
+            row = best_leasable(db, job["job_id"], node["owner"], node["id"], retry_cutoff)
             if row is None:
                 continue
             locality = 2 if job["bundle"] in warm else 1 if job["bundle"] in cached else 0
@@ -568,21 +580,28 @@ class Scheduler:
         self.states.announce(changes)
         return failed
 
+    #: A lease's task, with its node's owner and its job's status and preview trust.
+    LEASE_ROW_SQL = (
+        "SELECT t.*, n.owner AS node_owner, j.status AS job_status, j.previews_trusted AS"
+        " previews_trusted FROM tasks t JOIN jobs j ON j.id = t.job_id LEFT JOIN nodes n"
+        " ON n.id = t.node_id WHERE t.lease_id = ?"
+    )
+
     def lease_row(self, who: Principal, lease_id: str) -> sqlite3.Row:
-        row = self.core.db.query_one(
-            "SELECT t.*, n.owner AS node_owner, j.status AS job_status FROM tasks t"
-            " JOIN jobs j ON j.id = t.job_id LEFT JOIN nodes n ON n.id = t.node_id"
-            " WHERE t.lease_id = ?",
-            (lease_id,),
-        )
+        row = self.core.db.query_one(self.LEASE_ROW_SQL, (lease_id,))
         if row is None:
             raise LeaseNotFoundError(
                 "Unknown lease: it expired and the task was given to another node, "
                 "or it never existed."
             )
+        self.check_holder(who, row)
+        return row
+
+    @staticmethod
+    def check_holder(who: Principal, row: sqlite3.Row) -> None:
+        """Refuse a caller whose account does not hold the lease of `row` (a lease row)."""
         if row["node_owner"] != who.account and who.role is not Role.ADMIN:
             raise NotAllowedError("This lease is held by another provider's node.")
-        return row
 
     def heartbeat(self, who: Principal, lease_id: str, beat: Heartbeat) -> HeartbeatReply:
         row = self.lease_row(who, lease_id)
@@ -623,14 +642,9 @@ class Scheduler:
         return self.core.store.path(row["denoise_input"])
 
 
-def still_free(
-    conn: sqlite3.Connection, chosen: TaskRow, backup: dict[str, Any] | None, row_lock: str
-) -> bool:
-    """Inside the granting transaction: is the chosen task still leasable (locked for the
-    grant), or, for a backup copy, is its tile still running with no copy on the way?"""
-    if backup is None:
-        sql = f"SELECT 1 FROM tasks WHERE id = ? AND status IN (?, ?){row_lock}"
-        return conn.execute(sql, (chosen["id"], *LEASABLE)).fetchone() is not None
+def backup_still_wanted(conn: sqlite3.Connection, backup: dict[str, Any]) -> bool:
+    """Inside the granting transaction: is the backed-up tile still running with no copy
+    on the way? (A plain task's grant checks itself: `TaskStates.lease`.)"""
     tile = backup["tile"]
     return (
         conn.execute(

@@ -117,13 +117,26 @@ class TaskStates:
         node_id: str,
         lease_id: str,
         expires: float,
-    ) -> sqlite3.Row:
-        """queued -> active on `node_id`; its job becomes active. Returns the task row."""
-        conn.execute(
+    ) -> sqlite3.Row | None:
+        """queued -> active on `node_id`; its job becomes active. Returns the task row, or
+        None when the task is no longer leasable (another replica leased it since the
+        search): the one conditional UPDATE checks, locks and changes it."""
+        row: sqlite3.Row | None = conn.execute(
             "UPDATE tasks SET status = ?, lease_id = ?, node_id = ?, lease_expires = ?,"
-            " leased_at = ?, updated_at = ? WHERE id = ?",
-            (TaskStatus.ACTIVE.value, lease_id, node_id, expires, time.time(), now_iso(), task_id),
-        )
+            " leased_at = ?, updated_at = ? WHERE id = ? AND status IN (?, ?) RETURNING *",
+            (
+                TaskStatus.ACTIVE.value,
+                lease_id,
+                node_id,
+                expires,
+                time.time(),
+                now_iso(),
+                task_id,
+                *LEASABLE,
+            ),
+        ).fetchone()
+        if row is None:
+            return None
         conn.execute(
             "UPDATE jobs SET status = ?, updated_at = ? WHERE id = ? AND status = ?",
             (JobStatus.ACTIVE.value, now_iso(), job_id, JobStatus.QUEUED.value),
@@ -132,7 +145,6 @@ class TaskStates:
             "UPDATE nodes SET current_task = ?, last_seen = ? WHERE id = ?",
             (task_id, time.time(), node_id),
         )
-        row: sqlite3.Row = conn.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
         return row
 
     @staticmethod
@@ -349,19 +361,17 @@ class TaskStates:
     def record_result(
         self, conn: sqlite3.Connection, row: TaskRow, lease_id: str, sha256: str
     ) -> None:
-        """Record an upload that passed its checks and end the lease (status unchanged)."""
-        current = conn.execute(
-            "SELECT status, lease_id FROM tasks WHERE id = ?", (row["id"],)
-        ).fetchone()
-        if current["status"] != TaskStatus.ACTIVE.value or current["lease_id"] != lease_id:
-            raise LeaseOverError("The lease ended while the result was uploading.")
+        """Record an upload that passed its checks and end the lease (status unchanged).
+        One conditional UPDATE checks that the lease still holds and records the result."""
         # Lease to accepted upload, measured here rather than claimed by the node.
         seconds = max(0.0, time.time() - (row["leased_at"] or time.time()))
-        conn.execute(
+        recorded = conn.execute(
             "UPDATE tasks SET result_sha = ?, lease_expires = NULL, render_seconds = ?,"
-            " updated_at = ? WHERE id = ?",
-            (sha256, seconds, now_iso(), row["id"]),
-        )
+            " updated_at = ? WHERE id = ? AND status = ? AND lease_id = ?",
+            (sha256, seconds, now_iso(), row["id"], TaskStatus.ACTIVE.value, lease_id),
+        ).rowcount
+        if not recorded:
+            raise LeaseOverError("The lease ended while the result was uploading.")
         self._free_node(conn, row["node_id"], seconds=seconds)
 
     def checking(

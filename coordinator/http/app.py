@@ -59,6 +59,9 @@ def create_app(config: CoordinatorConfig) -> FastAPI:
         lifespan=lifespan,
         openapi_url=f"{API_PREFIX}/openapi.json",
         docs_url=f"{API_PREFIX}/docs",
+        # The coordinator configures no OpenTelemetry; FastAPI's native telemetry would
+        # still ask on every request whether a provider appeared (the load test saw it).
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.services = services
     app.add_middleware(RequestLimits, limits=services.limits)

@@ -11,10 +11,12 @@ import time
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from coordinator.errors import NotAllowedError, NotAuthenticatedError, NotFoundError
 from coordinator.farm import Farm, Principal
+from coordinator.http.limits import PRINCIPAL_KEY
 from protocol.accounts import (
     AccountToken,
     JoinRequest,
@@ -30,23 +32,33 @@ JOIN_NONCE_SECONDS = 60.0
 bearer = HTTPBearer(auto_error=False)
 
 
-def principal(
+async def principal(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Principal:
-    """The account behind the request's bearer token (401 if none or unknown)."""
+    """The account behind the request's bearer token (401 if none or unknown).
+
+    Async on purpose: a sync dependency costs a thread-pool round trip per request (and
+    the role check below another), which was a large share of a heartbeat's CPU (see
+    docs/load-test.md). The limits middleware already looked the token up for its rate
+    limits, from the accounts' memory of valid tokens (or the database, off the event
+    loop); its answer is reused. Revocation is honoured as before: `Accounts` forgets a
+    revoked token at once (and every replica's memory within `TOKEN_RECHECK_SECONDS`).
+    """
     if credentials is None:
         raise NotAuthenticatedError(
             "This endpoint needs a token.", hint="Send 'Authorization: Bearer <token>'."
         )
-    farm: Farm = request.app.state.services.farm
-    # Tokens are stored as SHA-256 digests and found by the digest of the token sent, so
-    # the comparison's timing depends only on a hash of the caller's guess: it tells an
-    # attacker nothing about any stored token (finding a token from its digest means
-    # inverting SHA-256). No raw token is ever compared or stored.
-    # Known tokens are answered from memory; a revoked one is never known. (Made-up
-    # tokens were charged to the client address's bucket by `limits.RequestLimits`.)
-    who = farm.authenticate(credentials.credentials)
+    who: Principal | None = request.scope.get(PRINCIPAL_KEY)
+    if who is None:
+        farm: Farm = request.app.state.services.farm
+        # Tokens are stored as SHA-256 digests and found by the digest of the token sent,
+        # so the comparison's timing depends only on a hash of the caller's guess: it
+        # tells an attacker nothing about any stored token. No raw token is ever compared
+        # or stored. A token not in memory is looked up off the event loop.
+        who = farm.accounts.known(credentials.credentials)
+        if who is None:
+            who = await run_in_threadpool(farm.authenticate, credentials.credentials)
     if who is None:
         raise NotAuthenticatedError(
             "The token is not valid (unknown, replaced or revoked).",
@@ -59,7 +71,7 @@ Who = Annotated[Principal, Depends(principal)]
 
 
 def _role(role: Role, refusal: str) -> Any:
-    def check(who: Who) -> Principal:
+    async def check(who: Who) -> Principal:
         if not who.can(role):
             raise NotAllowedError(f"{refusal} Your token is a {who.role.value} token.")
         return who

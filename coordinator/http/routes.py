@@ -23,9 +23,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 
 from coordinator.errors import NotAuthenticatedError
+from coordinator.farm import Principal
 from coordinator.http.auth import Admin, Provider, Requester, Who
 from coordinator.http.events import event_stream
-from coordinator.http.uploads import check_room, check_sha, spool
+from coordinator.http.uploads import check_room, check_sha, read_small, small_length, spool
 from protocol.accounts import (
     AccountCreate,
     AccountInfo,
@@ -76,6 +77,113 @@ def router(services: Services) -> APIRouter:
     farm, config = services.farm, services.config
     store, bus = farm.store, farm.bus
     api = APIRouter(prefix=API_PREFIX)
+
+    # nodes and leases: first, as most requests are theirs (routes are matched in order)
+
+    @api.post("/nodes", response_model=NodeRegistration)
+    def register(body: NodeCapabilities, who: Provider) -> NodeRegistration:
+        return farm.register_node(who, body)
+
+    @api.get("/nodes", response_model=list[NodeInfo])
+    def nodes(who: Who) -> list[NodeInfo]:
+        return farm.nodes(who)
+
+    @api.post(
+        "/nodes/{node_id}/lease",
+        response_model=Lease,
+        responses={204: {"description": "no task within the wait"}},
+    )
+    async def lease(node_id: str, body: LeaseRequest, who: Provider) -> Any:
+        deadline = time.monotonic() + min(body.wait, config.poll_timeout)
+        seen, tried_at = -1, 0.0
+        # The poll sleeps until the bus wakes it (work appeared, the node or the farm is
+        # stopping), never polling the database; REVOKE_CHECK_SECONDS bounds each sleep.
+        loop, woken = asyncio.get_running_loop(), asyncio.Event()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(woken.set)
+
+        bus.add_waker(wake)
+        try:
+            while True:
+                woken.clear()
+                if farm.poll_ended(node_id):  # the node is stopping: no new task for it
+                    return Response(status_code=204)
+                version = bus.work_version
+                if version != seen or time.monotonic() - tried_at > IDLE_RETRY_SECONDS:
+                    seen, tried_at = version, time.monotonic()
+                    granted = await run_in_threadpool(farm.try_lease, who, node_id, body)
+                    if granted is not None:
+                        return granted
+                now = time.monotonic()
+                if now >= deadline or farm.stopping.is_set():
+                    return Response(status_code=204)
+                if farm.accounts.is_revoked(who.account):
+                    raise NotAuthenticatedError(
+                        "The token was revoked.", hint="Ask the farm's admin for an account."
+                    )
+                if bus.work_version != seen:
+                    continue  # work changed while the lease was tried
+                sleep = min(deadline - now, IDLE_RETRY_SECONDS, REVOKE_CHECK_SECONDS)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), timeout=max(0.0, sleep))
+        finally:
+            bus.remove_waker(wake)
+
+    @api.post("/nodes/{node_id}/stop-polling", status_code=204)
+    def stop_polling(node_id: str, who: Provider) -> Response:
+        farm.end_poll(who, node_id)
+        return Response(status_code=204)
+
+    @api.post("/leases/{lease_id}/heartbeat", response_model=HeartbeatReply)
+    async def heartbeat(lease_id: str, body: Heartbeat, who: Provider) -> HeartbeatReply:
+        # async with one thread-pool call: a sync route costs a second round trip to
+        # validate its answer (the load test's heartbeats, docs/load-test.md)
+        reply: HeartbeatReply = await run_in_threadpool(farm.heartbeat, who, lease_id, body)
+        return reply
+
+    @api.put("/leases/{lease_id}/result", response_model=UploadReceipt)
+    async def upload(lease_id: str, request: Request, who: Provider) -> UploadReceipt:
+        claimed = request.headers.get("x-content-sha256")
+        small = small_length(request, min(config.max_json_bytes, config.max_result_bytes))
+        if small is not None:
+            # Read into memory (no more than any JSON body), then one worker call.
+            data = await read_small(request)
+            small_receipt: UploadReceipt = await run_in_threadpool(
+                accept_small, who, lease_id, claimed, data
+            )
+            return small_receipt
+        # Only the lease's holder may make the coordinator spool anything to disk.
+        checked = await run_in_threadpool(farm.check_upload, who, lease_id)
+        check_room(store, request, config.min_free_disk)
+        body = await spool(store, request, config.max_result_bytes)
+        receipt: UploadReceipt = await run_in_threadpool(
+            farm.accept_result, who, lease_id, claimed, body, checked
+        )
+        return receipt
+
+    def accept_small(
+        who: Principal, lease_id: str, claimed: str | None, data: bytes
+    ) -> UploadReceipt:
+        """A small result read into memory: the same checks, in the same order, as a
+        streamed one (the lease's holder, room on disk), then spooled and accepted."""
+        checked = farm.check_upload(who, lease_id)
+        store.check_room(len(data), config.min_free_disk)
+        return farm.accept_result(who, lease_id, claimed, [data], checked)
+
+    @api.post("/leases/{lease_id}/failure", status_code=204)
+    def failure(lease_id: str, body: TaskFailure, who: Provider) -> Response:
+        farm.report_failure(who, lease_id, body)
+        return Response(status_code=204)
+
+    @api.post("/leases/{lease_id}/release", status_code=204)
+    def release(lease_id: str, who: Provider) -> Response:
+        farm.release(who, lease_id)
+        return Response(status_code=204)
+
+    @api.get("/leases/{lease_id}/denoise-input")
+    def denoise_input(lease_id: str, who: Provider) -> FileResponse:
+        return FileResponse(farm.denoise_input(who, lease_id), media_type="image/x-exr")
 
     @api.get("/health", response_model=Health)
     def health() -> Health:
@@ -242,92 +350,5 @@ def router(services: Services) -> APIRouter:
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
-
-    # nodes and leases
-
-    @api.post("/nodes", response_model=NodeRegistration)
-    def register(body: NodeCapabilities, who: Provider) -> NodeRegistration:
-        return farm.register_node(who, body)
-
-    @api.get("/nodes", response_model=list[NodeInfo])
-    def nodes(who: Who) -> list[NodeInfo]:
-        return farm.nodes(who)
-
-    @api.post(
-        "/nodes/{node_id}/lease",
-        response_model=Lease,
-        responses={204: {"description": "no task within the wait"}},
-    )
-    async def lease(node_id: str, body: LeaseRequest, who: Provider) -> Any:
-        deadline = time.monotonic() + min(body.wait, config.poll_timeout)
-        seen, tried_at = -1, 0.0
-        # The poll sleeps until the bus wakes it (work appeared, the node or the farm is
-        # stopping), never polling the database; REVOKE_CHECK_SECONDS bounds each sleep.
-        loop, woken = asyncio.get_running_loop(), asyncio.Event()
-
-        def wake() -> None:
-            loop.call_soon_threadsafe(woken.set)
-
-        bus.add_waker(wake)
-        try:
-            while True:
-                woken.clear()
-                if farm.poll_ended(node_id):  # the node is stopping: no new task for it
-                    return Response(status_code=204)
-                version = bus.work_version
-                if version != seen or time.monotonic() - tried_at > IDLE_RETRY_SECONDS:
-                    seen, tried_at = version, time.monotonic()
-                    granted = await run_in_threadpool(farm.try_lease, who, node_id, body)
-                    if granted is not None:
-                        return granted
-                now = time.monotonic()
-                if now >= deadline or farm.stopping.is_set():
-                    return Response(status_code=204)
-                if farm.accounts.is_revoked(who.account):
-                    raise NotAuthenticatedError(
-                        "The token was revoked.", hint="Ask the farm's admin for an account."
-                    )
-                if bus.work_version != seen:
-                    continue  # work changed while the lease was tried
-                sleep = min(deadline - now, IDLE_RETRY_SECONDS, REVOKE_CHECK_SECONDS)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(woken.wait(), timeout=max(0.0, sleep))
-        finally:
-            bus.remove_waker(wake)
-
-    @api.post("/nodes/{node_id}/stop-polling", status_code=204)
-    def stop_polling(node_id: str, who: Provider) -> Response:
-        farm.end_poll(who, node_id)
-        return Response(status_code=204)
-
-    @api.post("/leases/{lease_id}/heartbeat", response_model=HeartbeatReply)
-    def heartbeat(lease_id: str, body: Heartbeat, who: Provider) -> HeartbeatReply:
-        return farm.heartbeat(who, lease_id, body)
-
-    @api.put("/leases/{lease_id}/result", response_model=UploadReceipt)
-    async def upload(lease_id: str, request: Request, who: Provider) -> UploadReceipt:
-        claimed = request.headers.get("x-content-sha256")
-        # Only the lease's holder may make the coordinator spool anything to disk.
-        await run_in_threadpool(farm.check_upload, who, lease_id)
-        check_room(store, request, config.min_free_disk)
-        body = await spool(store, request, config.max_result_bytes)
-        receipt: UploadReceipt = await run_in_threadpool(
-            farm.accept_result, who, lease_id, claimed, body
-        )
-        return receipt
-
-    @api.post("/leases/{lease_id}/failure", status_code=204)
-    def failure(lease_id: str, body: TaskFailure, who: Provider) -> Response:
-        farm.report_failure(who, lease_id, body)
-        return Response(status_code=204)
-
-    @api.post("/leases/{lease_id}/release", status_code=204)
-    def release(lease_id: str, who: Provider) -> Response:
-        farm.release(who, lease_id)
-        return Response(status_code=204)
-
-    @api.get("/leases/{lease_id}/denoise-input")
-    def denoise_input(lease_id: str, who: Provider) -> FileResponse:
-        return FileResponse(farm.denoise_input(who, lease_id), media_type="image/x-exr")
 
     return api
