@@ -164,6 +164,15 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _cpu_ticks(pid: int) -> int:
+    """CPU time a process has used so far (user + system, in clock ticks)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -238,7 +247,9 @@ def test_blender_segfaulting_mid_render_costs_a_retry_not_the_job(
         node_pid = farm.node_process(farm.node_names.index(victim)).pid
         blenders = [pid for pid in _descendants(node_pid) if b"worker_main" in _cmdline(pid)]
         assert blenders, "the busy node has no Blender process"
-        os.kill(blenders[-1], signal.SIGSEGV)
+        # The rendering Blender, not the one a node keeps started for its next bundle.
+        print("BLENDERS", [(b, _cpu_ticks(b), _cmdline(b)[-120:]) for b in blenders])
+        os.kill(max(blenders, key=_cpu_ticks), signal.SIGSEGV)
         assert wait_for_job(client, job_id, timeout=300) == "completed"
         tiles = _tiles(client.tasks(job_id))
         assert len(tiles) == 2 and all(t.status is TaskStatus.COMPLETED for t in tiles)
