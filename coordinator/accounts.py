@@ -24,6 +24,7 @@ import hashlib
 import secrets
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -106,6 +107,26 @@ class Accounts:
                 f"An account named '{name}' already exists.", hint="Choose another name."
             ) from None
         return AccountToken(account=name, role=role, token=token)
+
+    def new_join_nonce(self, seconds: float) -> str:
+        """A LAN join challenge that works once, within `seconds`, on any replica of this
+        database (expired ones are dropped on the way)."""
+        nonce = secrets.token_hex(16)
+        now = time.time()
+        with self.core.db.transaction() as conn:
+            conn.execute("DELETE FROM join_nonces WHERE expires < ?", (now,))
+            conn.execute(
+                "INSERT INTO join_nonces (nonce, expires) VALUES (?, ?)", (nonce, now + seconds)
+            )
+        return nonce
+
+    def use_join_nonce(self, nonce: str) -> bool:
+        """Spend a join challenge: True once for a live one, False ever after."""
+        with self.core.db.transaction() as conn:
+            spent = conn.execute(
+                "DELETE FROM join_nonces WHERE nonce = ? AND expires >= ?", (nonce, time.time())
+            ).rowcount
+        return spent == 1
 
     def issue_token(self, name: str, role: Role) -> AccountToken:
         """A fresh token for `name` (created if new); the old token stops working."""

@@ -263,6 +263,12 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX tasks_to_lease ON tasks(job_id, status, kind, frame, tile_index);
     """,
+    # 14: LAN join challenges live in the database: a node behind a load balancer may ask
+    # one replica for a challenge and answer another, and each challenge works once on
+    # all of them (a replayed join would hand out the joiner's account).
+    """
+    CREATE TABLE join_nonces (nonce TEXT PRIMARY KEY, expires REAL NOT NULL);
+    """,
 )
 
 

@@ -189,6 +189,12 @@ class Farm:
     def issue_token(self, name: str, role: Role) -> AccountToken:
         return self.accounts.issue_token(name, role)
 
+    def new_join_nonce(self, seconds: float) -> str:
+        return self.accounts.new_join_nonce(seconds)
+
+    def use_join_nonce(self, nonce: str) -> bool:
+        return self.accounts.use_join_nonce(nonce)
+
     def authenticate(self, token: str) -> Principal | None:
         return self.accounts.authenticate(token)
 

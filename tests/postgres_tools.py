@@ -26,7 +26,12 @@ import psycopg
 import pytest
 
 #: Modules whose farm tests run on both engines whatever TESSERA_TEST_DB says.
-BOTH_ENGINES = {"tests.test_coordinator", "tests.test_ledger", "tests.test_hot_paths"}
+BOTH_ENGINES = {
+    "tests.test_coordinator",
+    "tests.test_ledger",
+    "tests.test_hot_paths",
+    "tests.test_lan_join_replicas",
+}
 DEFAULT_ENGINE = os.environ.get("TESSERA_TEST_DB", "sqlite")
 PG_BIN_DIRS = (Path("/usr/lib/postgresql/15/bin"), Path("/usr/local/bin"))
 

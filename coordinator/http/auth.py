@@ -5,9 +5,6 @@ a token."""
 from __future__ import annotations
 
 import hmac
-import secrets
-import threading
-import time
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -87,13 +84,12 @@ Provider = Annotated[Principal, _role(Role.PROVIDER, "This needs a provider toke
 
 
 class LanJoin:
-    """One-use challenges for nodes that prove they know the farm's secret."""
+    """One-use challenges for nodes that prove they know the farm's secret (kept in the
+    database: a challenge asked of one replica may be answered to another)."""
 
     def __init__(self, farm: Farm, secret: str | None) -> None:
         self.farm = farm
         self.secret = secret
-        self._nonces: dict[str, float] = {}
-        self._lock = threading.Lock()
 
     def _require_lan(self) -> str:
         if not self.secret:
@@ -105,19 +101,11 @@ class LanJoin:
 
     def challenge(self) -> str:
         self._require_lan()
-        nonce = secrets.token_hex(16)
-        with self._lock:
-            now = time.monotonic()
-            for stale in [n for n, t in self._nonces.items() if t < now]:
-                del self._nonces[stale]
-            self._nonces[nonce] = now + JOIN_NONCE_SECONDS
-        return nonce
+        return self.farm.new_join_nonce(JOIN_NONCE_SECONDS)
 
     def join(self, body: JoinRequest) -> AccountToken:
         secret = self._require_lan()
-        with self._lock:
-            expires = self._nonces.pop(body.nonce, 0.0)  # each nonce works once
-        if expires < time.monotonic():
+        if not self.farm.use_join_nonce(body.nonce):  # each nonce works once
             raise NotAuthenticatedError(
                 "The join challenge expired or was already used.",
                 hint="Ask for a new challenge (GET /api/v1/join/challenge).",
