@@ -9,7 +9,7 @@ node gets them all). Goal: <= 1.05x.
 
 The command's `--json` summary says when each step ended (`timings`, seconds since it
 started); the table shows the fixed parts from it: the coordinator listening, the node
-registered, the scene inspected, probed and packed (beside the farm's start), the job
+registered, the scene inspected and packed (beside the farm's start), the job
 submitted, the first frame downloaded (vs plain Blender's first frame), the stop. The
 first run on a fresh `TESSERA_HOME` also measures the node's benchmark score (kept for
 later runs) and is shown apart; the ratio is the best of two later runs against the best
@@ -152,7 +152,7 @@ def _rows(plain: PlainRun, cold: FarmRun, warm: FarmRun, frames: int) -> list[di
         ),
         _row(
             "part",
-            "  scene inspected, probed and packed (one Blender, pack beside probe)",
+            "  scene inspected and packed (probed only with --cheaters or --tiles auto)",
             s["prepared"],
         ),
         _row("part", "  waiting for the farm after preparing", s["farm_started"] - s["prepared"]),
