@@ -23,6 +23,7 @@ from farm_node.availability import Availability, AvailabilityTracker
 from farm_node.config import NodeConfig
 from protocol.client import TesseraClient
 from protocol.models import Lease, LeaseRequest
+from protocol.requirements import printable
 from renderers.worker import InsufficientDiskSpaceError, check_free_space, format_bytes
 
 __all__ = ["PAUSE_REPORT_SECONDS", "Gate", "disk_full"]
@@ -116,7 +117,7 @@ class Gate:
             return
         self._reported_pause = (reason, now)
         try:
-            lease = client.lease(node_id, LeaseRequest(wait=0, paused=reason[:300]))
+            lease = client.lease(node_id, LeaseRequest(wait=0, paused=printable(reason)))
         except (ApiError, CoordinatorUnreachableError) as exc:
             log.debug("Could not tell the coordinator this node is paused: %s", exc)
             return

@@ -23,6 +23,7 @@ from pathlib import Path
 from common.errors import TesseraError
 from farm_node.runner import TaskRunner
 from protocol.models import Readiness
+from protocol.requirements import printable
 from renderers.worker import RenderRequest
 
 __all__ = ["DEFAULT_WARMUP_TIMEOUT", "WARMUP_PERCENTAGE", "WARMUP_SAMPLES", "WarmUp"]
@@ -85,7 +86,7 @@ class WarmUp:
     def message(self) -> str:
         """What the node reports while not ready: progress, or why the warm-up failed."""
         if self._state == "failed":
-            return f"warm-up on {self.device} failed: {self._reason}"[:300]
+            return printable(f"warm-up on {self.device} failed: {self._reason}")
         if self._state == "ready":
             return f"ready on {self.device}"
         elapsed = time.monotonic() - self._started

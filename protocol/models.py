@@ -577,25 +577,25 @@ class GpuInfo(Strict):
 
 
 class NodeCapabilities(Strict):
-    name: str = Field(min_length=1, max_length=100)
-    hostname: str = Field(default="", max_length=255)
-    cpu: str = ""
+    name: str = Field(min_length=1, max_length=100, pattern=PRINTABLE_PATTERN)
+    hostname: str = Field(default="", max_length=255, pattern=PRINTABLE_PATTERN)
+    cpu: str = Field(default="", max_length=200, pattern=PRINTABLE_PATTERN)
     cpu_threads: int = Field(default=1, ge=1, le=1 << 20)
     ram_mib: int = Field(default=0, ge=0, le=MAX_MEMORY_MIB)
-    devices: list[Annotated[str, Field(max_length=20)]] = Field(
+    devices: list[Annotated[str, Field(max_length=20, pattern=PRINTABLE_PATTERN)]] = Field(
         default_factory=lambda: ["CPU"],
         max_length=16,
         description="Cycles device types this node can render with",
     )
     gpus: list[GpuInfo] = Field(default_factory=list, max_length=MAX_NODE_GPUS)
-    blender_versions: list[Annotated[str, Field(max_length=40)]] = Field(
+    blender_versions: list[Annotated[str, Field(max_length=40, pattern=PRINTABLE_PATTERN)]] = Field(
         default_factory=list, max_length=32
     )
-    engines: list[Annotated[str, Field(max_length=20)]] = Field(
+    engines: list[Annotated[str, Field(max_length=20, pattern=PRINTABLE_PATTERN)]] = Field(
         default_factory=lambda: ["CYCLES"], max_length=8
     )
     benchmark_score: float | None = Field(default=None, ge=0, le=1e12)
-    cpu_kernel: str = ""
+    cpu_kernel: str = Field(default="", max_length=40, pattern=PRINTABLE_PATTERN)
     price: float = Field(default=0, ge=0, le=MAX_PRICE, description="credits per work unit")
     #: Pools the node asks to serve; the coordinator keeps those its owner was added to.
     pools: list[Annotated[str, Field(pattern=POOL_NAME_PATTERN)]] = Field(
@@ -649,7 +649,9 @@ class LeaseRequest(Strict):
     #: Set by a node that takes no work now (the user is active, outside its hours, a hot
     #: GPU, a full disk): why, in plain words. Such a request leases nothing; it keeps the
     #: node listed as paused, with the reason, instead of going offline.
-    paused: str | None = Field(default=None, min_length=1, max_length=300)
+    paused: str | None = Field(
+        default=None, min_length=1, max_length=300, pattern=PRINTABLE_PATTERN
+    )
     #: A GPU worker compiles its kernels with a warm-up render before it takes work:
     #: "warming" while it runs, "failed" when it failed (`paused` then says why). Such a
     #: request leases nothing either.

@@ -9,6 +9,7 @@ validation only: no I/O.
 from __future__ import annotations
 
 import math
+import re
 from datetime import datetime
 
 from pydantic import Field
@@ -24,8 +25,17 @@ POOL_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 #: How many pools a node may claim and a GPU list may hold, at most.
 MAX_NODE_POOLS = 32
 MAX_NODE_GPUS = 64
-#: A GPU name or the substring a job asks for: printable text, no control characters.
-PRINTABLE_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+#: Text a stranger sends that others will see (a GPU or node name, a CPU model, why a
+#: node is paused): printable, no control characters (C0, DEL or C1: a terminal would
+#: act on an escape sequence in `tessera nodes`).
+PRINTABLE_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str, limit: int = 300) -> str:
+    """`text` with every control character a space, cut to `limit` characters: what a
+    node sends of its own messages (an error's first line may hold a tab or a colour)."""
+    return _CONTROL.sub(" ", text)[:limit]
 
 
 def gb_to_mib(gb: float) -> int:

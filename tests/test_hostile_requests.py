@@ -35,6 +35,7 @@ from protocol.models import (
     Role,
     TaskFailure,
 )
+from protocol.requirements import printable
 from renderers.exr import ExrImage, ExrPart, write_exr
 from tests.coordinator_tools import FreshFarm
 from tests.farm_tools import RunningCoordinator
@@ -164,6 +165,38 @@ def test_the_lease_carries_the_paid_for_render_settings(farm: RunningCoordinator
     assert assignment["percentage"] == 10
     assert (assignment["resolution_x"], assignment["resolution_y"]) == (640, 480)
     call(farm.url, "POST", f"/leases/{reply.json()['lease_id']}/release", ptoken)
+
+
+@pytest.mark.parametrize(
+    ("field", "text"),
+    [
+        ("name", "render\x1b[2J\x1b[Hpwned"),
+        ("cpu", "EPYC\x1b]0;title\x07"),
+        ("hostname", "host\x9b31m"),
+        ("cpu_kernel", "AVX2\r\nforged line"),
+    ],
+)
+def test_a_node_cannot_smuggle_terminal_escapes_into_what_others_see(
+    farm: RunningCoordinator, field: str, text: str
+) -> None:
+    """Node names, CPU models and pause reasons reach requesters' and admins' terminals
+    (`tessera nodes`): control characters are refused at the door, with the field named."""
+    admin = farm.admin_token
+    reply = call(
+        farm.url, "POST", "/accounts", admin, json_body={"name": f"esc-{field}", "role": "provider"}
+    )
+    ptoken = reply.json()["token"]
+    body = {**caps(f"esc-{field}"), field: text}
+    refused = call(farm.url, "POST", "/nodes", ptoken, json_body=body)
+    assert refused.status_code == 422, refused.text
+    assert field in refused.text
+    node = call(farm.url, "POST", "/nodes", ptoken, json_body=caps(f"esc-{field}"))
+    assert node.status_code == 200, node.text
+    paused = {"wait": 0, "paused": "on battery\x1b[31m, back soon"}
+    lease = call(
+        farm.url, "POST", f"/nodes/{node.json()['node_id']}/lease", ptoken, json_body=paused
+    )
+    assert lease.status_code == 422 and "paused" in lease.text
 
 
 # --- 9. plans too large for the request or the requester --------------------------------------
@@ -412,3 +445,11 @@ def test_old_assignments_get_explicit_settings_on_upgrade(
     assignment = RenderAssignment.model_validate_json(raw)
     assert (assignment.samples, assignment.percentage) == (64, 10)
     assert (assignment.resolution_x, assignment.resolution_y) == (640, 480)
+
+
+def test_a_nodes_own_messages_are_made_printable_before_they_are_sent() -> None:
+    # A warm-up error's first line may hold a tab or a colour code: the node sends it
+    # cleaned (farm_node.warmup, farm_node.gate), so an honest node is never refused.
+    reason = printable("warm-up failed:\tCUDA error \x1b[31mout of memory\x1b[0m" + "x" * 400)
+    assert "\t" not in reason and "\x1b" not in reason and len(reason) == 300
+    assert LeaseRequest(wait=0, paused=reason).paused == reason
