@@ -15,7 +15,7 @@ import pytest
 
 from app.cli import build_parser
 from app.cli import main as cli_main
-from app.cli.farm import _providing, _render_limits
+from app.cli.node_limits import providing, render_limits
 from app.cli.options import byte_size
 from common.errors import UsageError
 from farm_node.availability import (
@@ -282,18 +282,16 @@ def test_node_options_build_the_policy_and_limits() -> None:
         "--task-timeout",
         "none",
     )
-    assert _providing(args) == ProvidePolicy(
+    assert providing(args) == ProvidePolicy(
         when="idle", idle_after=120, gpu_busy_above=20, gpu_temp_max=83
     )
-    assert _render_limits(args) == RenderLimits(
-        memory=8 << 30, min_free_disk=5 << 30, sandbox="off"
-    )
+    assert render_limits(args) == RenderLimits(memory=8 << 30, min_free_disk=5 << 30, sandbox="off")
     assert args.machine_state == Path("state.json") and args.task_timeout is None
-    assert _providing(node_args("--hours", "22-7")) == ProvidePolicy(when="hours", hours=(22, 7))
-    assert _render_limits(node_args("--memory-limit", "none")).memory is None
+    assert providing(node_args("--hours", "22-7")) == ProvidePolicy(when="hours", hours=(22, 7))
+    assert render_limits(node_args("--memory-limit", "none")).memory is None
     defaults = node_args()
-    assert _providing(defaults) == ProvidePolicy()
-    assert _render_limits(defaults) == RenderLimits()
+    assert providing(defaults) == ProvidePolicy()
+    assert render_limits(defaults) == RenderLimits()
     assert defaults.task_timeout == 3600
 
 

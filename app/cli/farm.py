@@ -17,9 +17,14 @@ from typing import TYPE_CHECKING
 
 from app.blender_choice import BPY_CACHE
 from app.cli.coordinator_db import add_database_options, cmd_migrate
+from app.cli.node_limits import (
+    add_providing_options,
+    add_render_limit_options,
+    providing,
+    render_limits,
+)
 from app.cli.node_workers import add_worker_options, worker_options
 from app.cli.options import (
-    UNSET,
     Subparsers,
     add_blender_option,
     byte_size,
@@ -27,11 +32,7 @@ from app.cli.options import (
     fraction,
     from_tessera_error,
     non_negative,
-    optional_byte_size,
-    optional_seconds,
-    percent,
     pool_name,
-    positive,
     positive_int,
 )
 from app.connection import resolve_connection
@@ -48,10 +49,10 @@ from protocol.discovery import (
     node_info,
 )
 from renderers.devices import probe_nvidia
-from renderers.worker import RenderLimits, cpu_pinning_env, parse_cpu_list
+from renderers.worker import cpu_pinning_env, parse_cpu_list
 
 if TYPE_CHECKING:
-    from farm_node.availability import ProvidePolicy
+    pass
 
 _DEFAULT_POLICY = VerificationPolicy()
 #: The coordinator's defaults, shown in --help (the data folder is a placeholder).
@@ -238,8 +239,8 @@ def add_commands(sub: Subparsers) -> None:
         "black, or sometimes (honest but 10%% of tasks faked)",
     )
     add_worker_options(node)
-    _add_providing_options(node)
-    _add_render_limit_options(node)
+    add_providing_options(node)
+    add_render_limit_options(node)
     add_blender_option(node)
     node.set_defaults(handler=cmd_node)
 
@@ -357,96 +358,6 @@ def _add_request_limit_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_providing_options(parser: argparse.ArgumentParser) -> None:
-    from farm_node.availability import PROVIDE_MODES, ProvidePolicy
-
-    defaults = ProvidePolicy()
-    group = parser.add_argument_group("when to render (idle-only and scheduled providing)")
-    group.add_argument(
-        "--when",
-        choices=PROVIDE_MODES,
-        default=None,
-        help="always (default), idle (only while nobody uses this machine: no keyboard or "
-        "mouse input, GPU quiet) or hours (only in --hours); the current task is handed "
-        "back within seconds when that ends",
-    )
-    group.add_argument(
-        "--hours",
-        type=_hours,
-        default=None,
-        metavar="START-END",
-        help="with --when hours (implied): render only in these hours of local time, "
-        "e.g. 22-7 (across midnight) or 9-17",
-    )
-    group.add_argument(
-        "--idle-after",
-        type=non_negative,
-        default=defaults.idle_after,
-        metavar="SECONDS",
-        help=f"with --when idle: seconds without input before the machine is idle "
-        f"(default {defaults.idle_after:g})",
-    )
-    group.add_argument(
-        "--gpu-busy-above",
-        type=percent,
-        default=defaults.gpu_busy_above,
-        metavar="PERCENT",
-        help="with --when idle: GPU utilisation by other programs that counts as the "
-        f"machine being in use (default {defaults.gpu_busy_above:g})",
-    )
-    group.add_argument(
-        "--gpu-temp-max",
-        type=positive,
-        default=None,
-        metavar="C",
-        help="pause while a GPU is hotter than this (°C), until it is 5 °C cooler "
-        "(default: no cap)",
-    )
-    group.add_argument(
-        "--machine-state",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="read input idle seconds, GPU utilisation and temperature from this JSON file "
-        "instead of probing the machine (keys input_idle_seconds, gpu_utilisation, "
-        "gpu_temperature); for scripts that know better",
-    )
-
-
-def _add_render_limit_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("limits of each render")
-    group.add_argument(
-        "--memory-limit",
-        type=optional_byte_size,
-        default=UNSET,
-        metavar="SIZE",
-        help="private memory one Blender may use, e.g. 8G, or none (default: 80%% of RAM)",
-    )
-    group.add_argument(
-        "--min-free-disk",
-        type=byte_size,
-        default=1 << 30,
-        metavar="SIZE",
-        help="free disk space needed before a task is taken and a render starts, e.g. 5G "
-        "(default 1G; 0 = no check)",
-    )
-    group.add_argument(
-        "--sandbox",
-        choices=("auto", "bwrap", "off"),
-        default="auto",
-        help="run Blender in bubblewrap: auto (the default: in the sandbox when it works; "
-        "without it only a coordinator on this machine is served), bwrap (required) or off "
-        "(no sandbox, at your own risk)",
-    )
-    group.add_argument(
-        "--task-timeout",
-        type=optional_seconds,
-        default=3600.0,
-        metavar="SECONDS",
-        help="give up on a task after this long (default 3600; none = never)",
-    )
-
-
 def _add_lan_options(parser: argparse.ArgumentParser, lan_help: str) -> None:
     parser.add_argument("--lan", action="store_true", help=lan_help)
     parser.add_argument(
@@ -473,19 +384,12 @@ def _lan_farm(args: argparse.Namespace) -> tuple[str, str]:
     return args.farm, secret
 
 
-def _parse_hours(text: str) -> tuple[int, int]:
-    from farm_node.availability import parse_hours
-
-    return parse_hours(text)
-
-
 def _parse_cheat(text: str) -> str:
     from farm_node.cheats import parse_cheat
 
     return parse_cheat(text).value
 
 
-_hours = from_tessera_error(_parse_hours)
 _cheat = from_tessera_error(_parse_cheat)
 
 
@@ -573,7 +477,7 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
     from farm_node.config import NodeConfig
     from farm_node.main import run_node
 
-    policy, limits = _providing(args), _render_limits(args)
+    policy, limits = providing(args), render_limits(args)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
@@ -682,35 +586,3 @@ def cmd_join(args: argparse.Namespace, settings: Settings) -> int:
         print(f"Token saved to {token_file}. Point the other commands at the farm with:")
         print(f"  export TESSERA_COORDINATOR={found.url}")
     return 0
-
-
-def _providing(args: argparse.Namespace) -> ProvidePolicy:
-    """The `ProvidePolicy` of `tessera node`'s options; `UsageError` names a bad one."""
-    from farm_node.availability import ProvidePolicy
-
-    when = args.when or ("hours" if args.hours is not None else "always")
-    if args.hours is not None and when != "hours":
-        raise UsageError(f"--hours goes with --when hours, not --when {when}.")
-    policy = ProvidePolicy(
-        when=when,
-        hours=args.hours,
-        idle_after=args.idle_after,
-        gpu_busy_above=args.gpu_busy_above,
-        gpu_temp_max=args.gpu_temp_max,
-    )
-    policy.validate()
-    return policy
-
-
-def _render_limits(args: argparse.Namespace) -> RenderLimits:
-    """The `RenderLimits` of `tessera node`'s options (RenderLimits checks them)."""
-    if args.memory_limit is UNSET:
-        return RenderLimits(min_free_disk=args.min_free_disk, sandbox=args.sandbox)
-    if args.memory_limit is not None and args.memory_limit < 64 << 20:
-        raise UsageError(
-            f"--memory-limit {args.memory_limit} bytes is below 64 MiB; no render fits in it.",
-            hint="Give a size such as 8G, or none for no limit.",
-        )
-    return RenderLimits(
-        memory=args.memory_limit, min_free_disk=args.min_free_disk, sandbox=args.sandbox
-    )
