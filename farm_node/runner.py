@@ -202,8 +202,9 @@ class TaskRunner:
             self._prestarted = worker
             self._slots[worker] = slot
             if self._prestarter is None:
-                # One thread for the runner's life: a sandbox dies with the thread that
-                # started it (bubblewrap's --die-with-parent follows the parent thread).
+                # One thread for the runner's life, which close() joins after cutting a
+                # start in progress short. (Which thread starts Blender no longer matters
+                # for its life: renderers.worker starts every one from a lasting thread.)
                 self._prestarter = threading.Thread(
                     target=self._prestart_loop, name="prestart", daemon=True
                 )

@@ -12,12 +12,13 @@ This module must not import bpy; a file it cannot read or write costs only the s
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
+from common.json_files import write_json_atomically
 from renderers.builds import BlenderBuild, probe_bpy
 
 
@@ -67,13 +68,8 @@ def remember_bpy(memo: Path, build: BlenderBuild) -> None:
     if identity is None or build.kind != "bpy" or build.path != Path(sys.executable):
         return
     record = {"identity": identity, "version": build.version, "build_hash": build.build_hash}
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        partial = memo.with_name(f".{memo.name}.{os.getpid()}")
-        partial.write_text(json.dumps(record))
-        partial.replace(memo)
-    except OSError:
-        pass  # only a shortcut: the next command probes again
+    with contextlib.suppress(OSError):  # only a shortcut: the next command probes again
+        write_json_atomically(memo, record)
 
 
 def probe_bpy_remembered(memo: Path | None) -> BlenderBuild | None:
