@@ -5,17 +5,16 @@ announce the URL only once the server accepts connections. TLS when given a cert
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import h11
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from common.errors import TesseraError
 from coordinator.config import CoordinatorConfig
 from coordinator.http import create_app
 
@@ -24,6 +23,15 @@ KEEP_ALIVE_SECONDS = 30
 #: Beyond the keep-alive time, how long a connection may take to send a request's headers
 #: (when `body_timeout` is 0).
 REQUEST_START_SECONDS = 15.0
+#: The most bytes a request's line and headers may take (h11's default limit).
+MAX_HEAD_BYTES = 16 * 1024
+_HEAD_TOO_LARGE_TEXT = f"Request line and headers must fit in {MAX_HEAD_BYTES} bytes.".encode()
+_HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    b"content-type: text/plain; charset=utf-8\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+    % (len(_HEAD_TOO_LARGE_TEXT), _HEAD_TOO_LARGE_TEXT)
+)
 
 
 class _CoalescingTransport:
@@ -60,20 +68,37 @@ class _CoalescingTransport:
         return getattr(self._transport, name)
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with one more timer: a connection must start a request
-    (its headers complete) within `start_limit` seconds of opening or of its last
-    response, or it is closed. uvicorn's keep-alive timer closes idle connections, but
-    any byte received cancels it, so a client trickling header bytes, or the rest of a
-    body the coordinator already answered, would hold its connection for ever. (Bodies
-    being read by a request have their own deadline: `limits.RequestLimits`.)"""
+class _HeadTooLargeError(TesseraError):
+    """A request's line and headers exceed `GuardedHttpProtocol.max_head_bytes` (internal:
+    never leaves the protocol, which answers 431)."""
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol on the `httptools` parser (C, about 0.5 ms less per
+    request than the pure-Python h11 one), with two guards and the coalescing writes
+    above.
+
+    - A connection must start a request (its headers complete) within `start_limit`
+      seconds of opening or of its last response, or it is closed. uvicorn's keep-alive
+      timer closes idle connections, but any byte received cancels it, so a client
+      trickling header bytes, or the rest of a body the coordinator already answered,
+      would hold its connection for ever. (Bodies being read by a request have their own
+      deadline: `limits.RequestLimits`.)
+    - A request's line and headers may take at most `max_head_bytes` (h11's limit, which
+      uvicorn's h11 protocol applied): httptools itself has none, and would gather an
+      endless header in memory. A longer head is answered 431 and the connection closed.
+    """
 
     #: Set per server by `serve` (a subclass with the configured value).
     start_limit: float = 45.0
+    max_head_bytes: int = MAX_HEAD_BYTES
     _guard: asyncio.TimerHandle | None = None
+    _in_head = False
+    _head_bytes = 0
+    _head_too_large = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        coalescing = _CoalescingTransport(transport, asyncio.get_running_loop())
+        coalescing = _CoalescingTransport(transport, self.loop)
         super().connection_made(coalescing)  # type: ignore[arg-type]
         self._arm()
 
@@ -81,11 +106,40 @@ class GuardedH11Protocol(H11Protocol):
         self._disarm()
         super().connection_lost(exc)
 
-    def handle_events(self) -> None:
-        before = self.cycle
-        super().handle_events()
-        if self.cycle is not before:  # a request started
-            self._disarm()
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._in_head:  # the head is still incomplete after these bytes
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_head_bytes and not self.transport.is_closing():
+                self._refuse_head()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head_bytes = 0
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > self.max_head_bytes:
+            # the parser turns this into an HttpParserError: uvicorn answers it with
+            # `send_400_response`, which sends the 431 instead
+            self._head_too_large = True
+            raise _HeadTooLargeError(f"request head of {size} bytes")
+        super().on_headers_complete()
+        self._disarm()  # a request started
+
+    def send_400_response(self, msg: str) -> None:
+        if self._head_too_large:
+            self._refuse_head()
+        else:
+            super().send_400_response(msg)
+
+    def _refuse_head(self) -> None:
+        self._in_head = False
+        self.logger.warning("Request head over %d bytes refused.", self.max_head_bytes)
+        self.transport.write(_HEAD_TOO_LARGE)
+        self.transport.close()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -107,9 +161,6 @@ class GuardedH11Protocol(H11Protocol):
     def _expired(self) -> None:
         self._guard = None
         if not self.transport.is_closing() and self._between_requests():
-            if self.conn.our_state not in (h11.ERROR, h11.CLOSED):
-                with contextlib.suppress(h11.LocalProtocolError):
-                    self.conn.send(h11.ConnectionClosed())
             self.transport.close()
 
 
@@ -171,8 +222,8 @@ def serve(
     # a new one). Idle keep-alive connections cost a file descriptor each.
     keep_alive = max(KEEP_ALIVE_SECONDS, int(2 * config.heartbeat_interval) + 1)
     protocol = type(
-        "FarmH11Protocol",
-        (GuardedH11Protocol,),
+        "FarmHttpProtocol",
+        (GuardedHttpProtocol,),
         {"start_limit": keep_alive + (config.body_timeout or REQUEST_START_SECONDS)},
     )
     uv_config = uvicorn.Config(

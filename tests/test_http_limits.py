@@ -28,7 +28,7 @@ import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
-from coordinator.server import GuardedH11Protocol, bind
+from coordinator.server import GuardedHttpProtocol, bind
 from tests.test_security import call, caps, start_configured
 
 API = "/api/v1"
@@ -321,8 +321,8 @@ async def _answer_at_once(scope: Scope, receive: Receive, send: Send) -> None:
 
 @pytest.fixture()
 def guarded_server() -> Iterator[str]:
-    """uvicorn with `GuardedH11Protocol` (start_limit 1 s, keep-alive 30 s) in a thread."""
-    protocol = type("Guarded", (GuardedH11Protocol,), {"start_limit": 1.0})
+    """uvicorn with `GuardedHttpProtocol` (start_limit 1 s, keep-alive 30 s) in a thread."""
+    protocol = type("Guarded", (GuardedHttpProtocol,), {"start_limit": 1.0})
     config = uvicorn.Config(
         _answer_at_once, http=protocol, lifespan="off", log_level="warning", timeout_keep_alive=30
     )
@@ -366,3 +366,44 @@ def test_connections_that_start_no_request_are_closed(guarded_server: str) -> No
             sock.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
             assert read_reply(sock, timeout=5)[0] == 200
             time.sleep(0.5)
+
+
+def test_a_request_head_over_16_kib_is_refused_and_the_connection_closed(
+    guarded_server: str,
+) -> None:
+    """httptools keeps no limit of its own on a request's headers (h11 had 16 KiB): an
+    endless header would be gathered in memory until the start limit ran out."""
+    with sockets() as opened:
+        at_once, in_pieces = connect(guarded_server), connect(guarded_server)
+        opened += [at_once, in_pieces]
+        at_once.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
+        status, _, body = read_reply(at_once, timeout=5)
+        assert status == 431 and b"16384 bytes" in body
+        assert closed_by_server(at_once)
+        # one header value that never ends, sent in pieces faster than the start limit
+        in_pieces.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\nX-Big: ")
+        for _ in range(10):
+            in_pieces.sendall(b"a" * 2000)
+        assert read_reply(in_pieces, timeout=5)[0] == 431
+        assert closed_by_server(in_pieces)
+
+
+def test_heads_under_the_limit_pipelined_requests_and_big_bodies_are_served(
+    guarded_server: str,
+) -> None:
+    with sockets() as opened:
+        sock = connect(guarded_server)
+        opened.append(sock)
+        # a head of 15,000 bytes, then a 1 MB body in the same write as the next head
+        sock.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 15000 + b"\r\n\r\n")
+        assert read_reply(sock, timeout=5)[0] == 200
+        body = b"b" * 1_000_000
+        sock.sendall(
+            b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        assert read_reply(sock, timeout=5)[0] == 200
+        # two requests in one write: both answered, in order, on the same connection
+        sock.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n" * 2)
+        assert read_reply(sock, timeout=5)[0] == 200
+        assert read_reply(sock, timeout=5)[0] == 200
+        assert not closed_by_server(sock, timeout=0.5)
