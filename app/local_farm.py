@@ -201,11 +201,13 @@ class LocalFarm:
 
     def _plan_nodes(self) -> list[tuple[str, str | None]]:
         """(name, cheat) of every node: the honest ones, then the cheaters."""
-        from farm_node.cheats import parse_cheat
-
         honest: list[tuple[str, str | None]] = [
             (f"local-{index + 1}", None) for index in range(self.nodes)
         ]
+        if not self.cheats:  # farm_node.cheats loads numpy, OpenEXR and the node's runner
+            return honest
+        from farm_node.cheats import parse_cheat
+
         modes = [parse_cheat(mode).value for mode in self.cheats]
         cheaters: list[tuple[str, str | None]] = [
             (f"cheater-{index + 1}-{mode}", mode) for index, mode in enumerate(modes)

@@ -107,17 +107,26 @@ def local_probe_needed(args: argparse.Namespace, cheats: list[str]) -> bool:
     return bool(args.probe or cheats or args.tiles == AUTO)
 
 
+def _cheat_names(count: int) -> list[str]:
+    """The `--cheat` modes of `count` cheating nodes (farm_node.cheats, which loads the
+    node's renderer, numpy and OpenEXR, is imported only when there are some)."""
+    if count == 0:
+        return []
+    from farm_node.cheats import cheat_modes
+
+    return [mode.value for mode in cheat_modes(count)]
+
+
 # --- render (a farm of its own) -----------------------------------------------------------
 
 
 def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
     """Submit to a coordinator and nodes started on this machine for this one job."""
     from app.local_farm import LocalFarm
-    from farm_node.cheats import cheat_modes
 
     started = time.monotonic()
     status = Status(sys.stderr, enabled=not args.json)
-    cheats = [mode.value for mode in cheat_modes(getattr(args, "cheaters", 0))]
+    cheats = _cheat_names(getattr(args, "cheaters", 0))
     if cheats and args.nodes + len(cheats) < 3:
         status.warn(
             f"{args.nodes + len(cheats)} providers in all: a disagreement between two of "
