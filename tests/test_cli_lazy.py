@@ -108,3 +108,12 @@ def test_a_command_loads_only_its_own_family(argv: tuple[str, ...], absent: set[
     loaded = _loaded_by(*argv)
     assert not loaded & absent, sorted(loaded & absent)
     assert not {name for name in loaded if name.startswith("PySide6")}
+
+
+def test_the_coordinator_loads_zeroconf_only_for_lan_mode() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    code = "import sys, coordinator.server; print('zeroconf' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "False"
