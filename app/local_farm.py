@@ -149,15 +149,18 @@ class LocalFarm:
             self.marks["coordinator_listening"] = time.monotonic()
             self.admin_token = (self.folder / "coordinator" / "admin.token").read_text().strip()
             with TesseraClient(self.url, self.admin_token) as admin:
+                # Each node's token first: the node registers while the requester's
+                # account is made.
+                self.local_nodes = []
+                for name, cheat in plans:
+                    node = LocalNode(
+                        name, name, admin.create_account(name, Role.PROVIDER).token, cheat
+                    )
+                    _write_secret(self._token_file(node.name), node.token)
+                    self.local_nodes.append(node)
                 self.requester_token = admin.create_account(REQUESTER, Role.REQUESTER).token
                 if self.credits > 0:
                     admin.grant(REQUESTER, self.credits)
-                self.local_nodes = [
-                    LocalNode(name, name, admin.create_account(name, Role.PROVIDER).token, cheat)
-                    for name, cheat in plans
-                ]
-            for node in self.local_nodes:
-                _write_secret(self._token_file(node.name), node.token)
             self.provider_token = self.local_nodes[0].token if self.local_nodes else ""
             self._wait_for_nodes()
             self.marks["nodes_registered"] = time.monotonic()
