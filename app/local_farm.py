@@ -20,14 +20,17 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import TesseraError
-from protocol.client import TesseraClient
-from protocol.models import Role
 
 STARTUP_SECONDS = 60.0
+#: Polls during start-up (the coordinator's log, the nodes' registration) begin this
+#: often and slow down to the second figure: the farm is waited for, not slept past.
+POLL_FIRST_SECONDS = 0.005
+POLL_MAX_SECONDS = 0.05
 #: What each node of a `tessera render`/`demo` (or the app's local) farm asks per work
 #: unit, and the credits its requester starts with.
 LOCAL_PRICE = 1.0
@@ -90,6 +93,8 @@ class LocalFarm:
     marks: dict[str, float] = field(default_factory=dict)
     _starter: threading.Thread | None = None
     _start_error: BaseException | None = None
+    #: Set by `stop`: a start under way gives up waiting at once.
+    _stopping: threading.Event = field(default_factory=threading.Event)
 
     def __enter__(self) -> LocalFarm:
         self.start()
@@ -122,7 +127,10 @@ class LocalFarm:
         """Start the coordinator and the nodes side by side: each node does its own
         set-up (sandbox, Blender) while the coordinator starts, then reads the URL and
         its token from files (`tessera node --coordinator-file/--token-file`)."""
+        # The HTTP client (requests, pydantic) is imported once the processes are
+        # spawned, so that their start overlaps this import.
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._stopping.clear()
         try:
             log, offset = self._spawn_coordinator(0)
             plans = self._plan_nodes()
@@ -134,19 +142,25 @@ class LocalFarm:
                 self._node_launch.append((args, env))
                 self.processes.append(self._spawn(args, self.folder / f"{name}.log", env))
                 self.node_names.append(name)
+            from protocol.client import TesseraClient
+            from protocol.models import Role
+
             self.url = self._wait_for_line(log, "listening on ", offset).strip()
             self.marks["coordinator_listening"] = time.monotonic()
             self.admin_token = (self.folder / "coordinator" / "admin.token").read_text().strip()
             with TesseraClient(self.url, self.admin_token) as admin:
+                # Each node's token first: the node registers while the requester's
+                # account is made.
+                self.local_nodes = []
+                for name, cheat in plans:
+                    node = LocalNode(
+                        name, name, admin.create_account(name, Role.PROVIDER).token, cheat
+                    )
+                    _write_secret(self._token_file(node.name), node.token)
+                    self.local_nodes.append(node)
                 self.requester_token = admin.create_account(REQUESTER, Role.REQUESTER).token
                 if self.credits > 0:
                     admin.grant(REQUESTER, self.credits)
-                self.local_nodes = [
-                    LocalNode(name, name, admin.create_account(name, Role.PROVIDER).token, cheat)
-                    for name, cheat in plans
-                ]
-            for node in self.local_nodes:
-                _write_secret(self._token_file(node.name), node.token)
             self.provider_token = self.local_nodes[0].token if self.local_nodes else ""
             self._wait_for_nodes()
             self.marks["nodes_registered"] = time.monotonic()
@@ -190,11 +204,13 @@ class LocalFarm:
 
     def _plan_nodes(self) -> list[tuple[str, str | None]]:
         """(name, cheat) of every node: the honest ones, then the cheaters."""
-        from farm_node.cheats import parse_cheat
-
         honest: list[tuple[str, str | None]] = [
             (f"local-{index + 1}", None) for index in range(self.nodes)
         ]
+        if not self.cheats:  # farm_node.cheats loads numpy, OpenEXR and the node's runner
+            return honest
+        from farm_node.cheats import parse_cheat
+
         modes = [parse_cheat(mode).value for mode in self.cheats]
         cheaters: list[tuple[str, str | None]] = [
             (f"cheater-{index + 1}-{mode}", mode) for index, mode in enumerate(modes)
@@ -203,6 +219,7 @@ class LocalFarm:
 
     def start_coordinator(self, port: int = 0) -> None:
         """Start (or, after a crash, restart on `port`) the coordinator process."""
+        self._stopping.clear()
         log, offset = self._spawn_coordinator(port)
         self.url = self._wait_for_line(log, "listening on ", offset).strip()
 
@@ -236,6 +253,7 @@ class LocalFarm:
 
         `together`: signal every process at once, for a farm whose work is over (no
         lease to hand back; the coordinator's shutdown ends the nodes' polls)."""
+        self._stopping.set()  # a start under way stops waiting (and stops what it began)
         starter = self._starter
         if starter is not None and starter is not threading.current_thread():
             starter.join()
@@ -284,22 +302,33 @@ class LocalFarm:
                 cwd=Path(__file__).resolve().parent.parent,
             )
 
-    def _wait_for_line(self, log: Path, marker: str, offset: int = 0) -> str:
+    def _polls(self) -> Iterator[None]:
+        """One step per poll until STARTUP_SECONDS have passed, waiting a few
+        milliseconds at first and longer later (POLL_*_SECONDS); a `stop` ends it with
+        `LocalFarmError`."""
         deadline = time.monotonic() + STARTUP_SECONDS
+        delay = POLL_FIRST_SECONDS
         while time.monotonic() < deadline:
+            yield
+            if self._stopping.wait(delay):
+                raise LocalFarmError("The farm was stopped while it started.")
+            delay = min(delay * 1.5, POLL_MAX_SECONDS)
+
+    def _wait_for_line(self, log: Path, marker: str, offset: int = 0) -> str:
+        for _ in self._polls():
             text = log.read_bytes()[offset:].decode(errors="replace") if log.exists() else ""
             for line in text.splitlines():
                 if marker in line:
                     return line.split(marker, 1)[1]
             if any(p.poll() is not None for p in self.processes):
                 raise LocalFarmError(f"A farm process exited during start-up:\n{text[-2000:]}")
-            time.sleep(0.05)
         raise LocalFarmError(f"The coordinator did not start within {STARTUP_SECONDS:.0f} s.")
 
     def _wait_for_nodes(self) -> None:
-        deadline = time.monotonic() + STARTUP_SECONDS
+        from protocol.client import TesseraClient
+
         with TesseraClient(self.url, self.requester_token) as client:
-            while time.monotonic() < deadline:
+            for _ in self._polls():
                 registered = {node.capabilities.name for node in client.nodes()}
                 if set(self.node_names) <= registered:
                     return
@@ -308,7 +337,6 @@ class LocalFarm:
                     raise LocalFarmError(
                         f"A node exited during start-up; see the node logs in {self.folder}"
                     )
-                time.sleep(0.1)
         raise LocalFarmError(f"The nodes did not register within {STARTUP_SECONDS:.0f} s.")
 
 

@@ -177,8 +177,7 @@ class Assembler:
         if state["status"] == FrameStatus.DENOISING.value:
             denoised = self._completed(job_id, frame, TaskKind.DENOISE)
             if denoised is not None:
-                image = read_exr(self.store.path(denoised))
-                self._final(job_id, frame, spec, image, exr_sha=denoised)
+                self._final(job_id, frame, spec, None, exr_sha=denoised)
             return
         if state["status"] == FrameStatus.FINISHING.value:
             finished = self._completed(job_id, frame, TaskKind.FINISH)
@@ -202,9 +201,10 @@ class Assembler:
             },
         )
         if plan.is_whole_frame:
-            # One tile is the frame (denoised in-render if asked): keep the node's file.
+            # One tile is the frame (denoised in-render if asked): keep the node's file,
+            # read only when a preview is made of it here (not for a finish job).
             sha = tiles[0]["result_sha"]
-            self._final(job_id, frame, spec, read_exr(self.store.path(sha)), exr_sha=sha)
+            self._final(job_id, frame, spec, None, exr_sha=sha)
             return
         merged = merge_tiles(
             plan, {t["tile_index"]: self.store.path(t["result_sha"]) for t in tiles}
@@ -237,18 +237,34 @@ class Assembler:
         job_id: str,
         frame: int,
         spec: JobSpec,
-        image: ExrImage,
+        image: ExrImage | None,
         exr_sha: str | None = None,
     ) -> None:
-        """The frame's final passes: to its finish task, or done as they are."""
-        exr_sha = exr_sha or self._store_exr(image)
+        """The frame's final passes: to its finish task, or done as they are. `image`
+        None: read from `exr_sha` when needed.
+
+        A frame to be finished is handed to its finish at once, with no preview: its
+        node's poll is held for that task (`coordinator.followups`), and its preview
+        is the finished frame's thumbnail (`_finished`), the raw passes' only when that
+        cannot be made."""
+        if image is None and exr_sha is None:
+            raise ValueError("a final frame needs its image or its stored EXR")
+        if exr_sha is None:
+            assert image is not None
+            exr_sha = self._store_exr(image)
+        if spec.finish:
+            self.frames.finishing(job_id, frame, exr_sha, "")
+            return
+        png_sha = self._raw_preview(exr_sha, image)
+        self._done(job_id, frame, exr_sha, png_sha, [])
+
+    def _raw_preview(self, exr_sha: str, image: ExrImage | None = None) -> str:
+        """The stored preview PNG of a frame's raw passes (tone-mapped Combined)."""
+        if image is None:
+            image = read_exr(self.store.path(exr_sha))
         with tempfile.TemporaryDirectory(dir=self.store.tmp) as scratch:
             png = write_preview_png(image, Path(scratch) / "frame.png")
-            png_sha = self.store.put_file(png)
-        if spec.finish:
-            self.frames.finishing(job_id, frame, exr_sha, png_sha)
-        else:
-            self._done(job_id, frame, exr_sha, png_sha, [])
+            return self.store.put_file(png)
 
     def _finished(
         self, job_id: str, frame: int, spec: JobSpec, state: dict[str, object], upload: str
@@ -256,7 +272,7 @@ class Assembler:
         """The finish task's files: stored, the frame file (colour-managed, as the artist
         will see it) made the frame's preview."""
         files = unpack_finish(self.store, self.store.path(upload), frame)
-        png_sha = str(state["png_sha"])
+        exr_sha = str(state["exr_sha"])
         main = next(f for f in files if f.kind == "frame")
         with tempfile.TemporaryDirectory(dir=self.store.tmp) as scratch:
             try:
@@ -267,8 +283,10 @@ class Assembler:
                 )
                 png_sha = self.store.put_file(thumbnail)
             except ThumbnailError as exc:
-                log.info("frame %s of job %s keeps its raw preview: %s", frame, job_id, exc)
-        self._done(job_id, frame, str(state["exr_sha"]), png_sha, files)
+                log.info("frame %s of job %s gets its raw preview: %s", frame, job_id, exc)
+                # A frame handed to its finish before this change has its raw one.
+                png_sha = str(state["png_sha"] or "") or self._raw_preview(exr_sha)
+        self._done(job_id, frame, exr_sha, png_sha, files)
 
     def _done(
         self, job_id: str, frame: int, exr_sha: str, png_sha: str, files: list[StoredFile]

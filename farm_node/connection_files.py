@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 CONNECTION_WAIT_SECONDS = 120.0
 #: Text without a final newline counts once it has not changed for this long.
 SETTLE_SECONDS = 0.5
-_POLL_SECONDS = 0.05
+#: The file is looked at again after a few milliseconds at first, then less often: a
+#: node started beside its coordinator (`tessera render`) registers as soon as it can.
+_POLL_FIRST_SECONDS = 0.005
+_POLL_MAX_SECONDS = 0.05
 
 
 class ConnectionFileError(UsageError):
@@ -58,6 +61,7 @@ def _wait_for_line(path: Path, what: str, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     announced = False
     last, settled_since = "", time.monotonic()
+    delay = _POLL_FIRST_SECONDS
     while True:
         try:
             text = path.read_text()
@@ -88,7 +92,8 @@ def _wait_for_line(path: Path, what: str, timeout: float) -> str:
         if not announced:
             log.info("Waiting for the %s in %s", what, path)
             announced = True
-        time.sleep(_POLL_SECONDS)
+        time.sleep(delay)
+        delay = min(delay * 1.5, _POLL_MAX_SECONDS)
 
 
 def _warn_if_readable_by_others(path: Path) -> None:

@@ -416,7 +416,7 @@ class NodeDaemon:
                     return
                 settled = True
                 control.progress, control.message = 1.0, UPLOADING
-                self.outbox.deliver(result)
+                self.outbox.deliver(result, keep=_feeds_a_finish(lease))
         finally:
             if SAFE_ID.match(lease.lease_id):
                 (self._tasks_dir / f"{lease.lease_id}.exr").unlink(missing_ok=True)
@@ -461,9 +461,15 @@ class NodeDaemon:
             control.message = "fetching the scene bundle"
             folder = self.cache.ensure(sha, lambda target: self.client.download_bundle(sha, target))
             scene = _scene_in_bundle(folder, lease.scene_path)
+            # The frame this node has just delivered (a whole frame, a denoise) is the
+            # finish's input: same SHA-256, same bytes, no download.
+            own = self.outbox.take_delivered(lease.denoise_input or "")
             try:
-                control.message = "fetching the frame"
-                self.client.download_denoise_input(lease.lease_id, source)
+                if own is not None:
+                    source = own
+                else:
+                    control.message = "fetching the frame"
+                    self.client.download_denoise_input(lease.lease_id, source)
                 control.raise_if_cancelled()
                 control.message = "finishing"
                 self.tasks.finish(lease, scene, source, output)
@@ -587,6 +593,16 @@ class NodeDaemon:
         except (TesseraError, OSError) as exc:
             log.warning("The benchmark failed (%s); registering without a score", exc)
             return None
+
+
+def _feeds_a_finish(lease: Lease) -> bool:
+    """Whether the task's result may be the input of a finish task as it is: a frame
+    rendered whole, or a denoised frame (kept after delivery for `_finish`)."""
+    kind = lease.task.kind
+    if kind is TaskKind.DENOISE:
+        return True
+    whole = lease.assignment is not None and lease.assignment.whole_frame
+    return whole and kind in (TaskKind.RENDER, TaskKind.BACKUP)
 
 
 def _check_id(value: str, what: str) -> str:

@@ -5,6 +5,12 @@ size) written atomically after it: a result with a note is complete, an EXR with
 one is debris that `Outbox.prepare` deletes. Losing the coordinator, or the node
 itself, between a render and its upload therefore loses no finished work: the next
 start (or the next loop) delivers what is pending, oldest first.
+
+A delivered result may be kept a little longer (`deliver(..., keep=True)`): a frame
+rendered whole, or denoised, is the input of its finish task, which the same node
+usually leases next; `take_delivered` hands that EXR back by its SHA-256 so the node
+does not download its own upload again. One such file at most, without a note (the
+next start deletes it).
 """
 
 from __future__ import annotations
@@ -105,6 +111,8 @@ class Outbox:
         self.folder = folder
         self.client = client
         self._problems = problems
+        #: The last result delivered with `keep=True`: (its SHA-256, its file).
+        self._delivered: tuple[str, Path] | None = None
 
     def prepare(self) -> None:
         """Create the folder and delete EXRs whose note was never written."""
@@ -148,8 +156,10 @@ class Outbox:
         """Try to deliver every pending result; False if some must wait (coordinator down)."""
         return all(self.deliver(result) for result in self.pending())
 
-    def deliver(self, result: PendingResult) -> bool:
-        """Upload one result; True when it is settled (delivered, or refused for good)."""
+    def deliver(self, result: PendingResult, *, keep: bool = False) -> bool:
+        """Upload one result; True when it is settled (delivered, or refused for good).
+        `keep`: once accepted, keep its EXR for `take_delivered` (replacing the one
+        kept before)."""
         try:
             receipt = self.client.upload_result(result.lease_id, result.path, result.sha256)
         except CoordinatorUnreachableError as exc:
@@ -176,8 +186,35 @@ class Outbox:
             receipt.task_id,
             "accepted" if receipt.accepted else "not accepted",
         )
-        result.discard()
+        if keep and receipt.accepted and receipt.sha256 == result.sha256:
+            self._keep_delivered(result)
+        else:
+            result.discard()
         return True
+
+    def take_delivered(self, sha256: str) -> Path | None:
+        """The kept EXR of a delivered result whose SHA-256 is `sha256`, now the
+        caller's to delete; None when it is not the one kept (that one is deleted)."""
+        kept, self._delivered = self._delivered, None
+        if kept is None:
+            return None
+        if kept[0] == sha256 and kept[1].is_file():
+            return kept[1]
+        kept[1].unlink(missing_ok=True)
+        return None
+
+    def _keep_delivered(self, result: PendingResult) -> None:
+        """Keep a delivered result's EXR (without its note: not a result any more)."""
+        result.note.unlink(missing_ok=True)
+        target = self.folder / f"delivered-{result.lease_id}.exr"
+        try:
+            result.path.replace(target)
+        except OSError as exc:
+            log.debug("Not keeping the delivered result of %s: %s", result.lease_id, exc)
+            result.path.unlink(missing_ok=True)
+            return
+        self.take_delivered("")  # deletes the one kept before
+        self._delivered = (result.sha256, target)
 
 
 def _mtime(path: Path) -> float:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
 import shutil
 import threading
 import zipfile
@@ -133,14 +132,11 @@ class TaskRunner:
         # A started worker not yet tied to a bundle (the device probe's or the
         # benchmark's): the next new bundle takes it instead of starting Blender again.
         self._spare: RenderWorker | None = None
-        # A worker started (or starting, in the `_prestarter` thread) confined to an empty slot
+        # A worker started (or starting, in a background thread) confined to an empty slot
         # folder: the next new bundle of the main build is linked into its slot.
         self._prestarted: RenderWorker | None = None
-        self._prestarter: threading.Thread | None = None
-        self._prestart_queue: queue.SimpleQueue[tuple[RenderWorker, Path] | None] = (
-            queue.SimpleQueue()
-        )
-        self._starting: RenderWorker | None = None
+        #: The background starts not over yet (close() cuts them short and joins them).
+        self._prestarters: dict[RenderWorker, threading.Thread] = {}
         #: The slot folder of each worker started confined to one (one bundle per slot).
         self._slots: dict[RenderWorker, Path] = {}
         self._devices: list[ComputeDevice] | None = None
@@ -170,15 +166,13 @@ class TaskRunner:
                 if unbound is not None:
                     workers.append(unbound)
             self._spare = self._prestarted = None
-            starting, prestarter = self._starting, self._prestarter
-            self._prestarter = None
-        if starting is not None:
-            starting.cancel()  # kills a Blender still starting; the start then fails
+            starting = dict(self._prestarters)
+        for worker in starting:
+            worker.cancel()  # kills a Blender still starting; the start then fails
         for worker in workers:
             self._close_worker(worker)
-        if prestarter is not None:
-            self._prestart_queue.put(None)
-            prestarter.join()
+        for thread in starting.values():
+            thread.join()
 
     def prestart(self) -> bool:
         """Start a Blender of the main build in the background, confined to an empty slot
@@ -201,39 +195,31 @@ class TaskRunner:
                 return False
             self._prestarted = worker
             self._slots[worker] = slot
-            if self._prestarter is None:
-                # One thread for the runner's life, which close() joins after cutting a
-                # start in progress short. (Which thread starts Blender no longer matters
-                # for its life: renderers.worker starts every one from a lasting thread.)
-                self._prestarter = threading.Thread(
-                    target=self._prestart_loop, name="prestart", daemon=True
-                )
-                self._prestarter.start()
-            self._prestart_queue.put((worker, slot))
+            # A plain background start (renderers.worker starts every Blender from a
+            # lasting thread of its own, so this thread may end when the start does).
+            thread = threading.Thread(
+                target=self._prestart_one, args=(worker, slot), name="prestart", daemon=True
+            )
+            self._prestarters[worker] = thread
+            thread.start()
         return True
 
-    def _prestart_loop(self) -> None:
-        while (item := self._prestart_queue.get()) is not None:
-            worker, slot = item
+    def _prestart_one(self, worker: RenderWorker, slot: Path) -> None:
+        try:
+            worker.start(confine_to=slot)
+        except (TesseraError, OSError) as exc:
             with self._state_lock:
-                if self._prestarted is not worker:
-                    continue  # taken or closed before its turn: its user starts it
-                self._starting = worker
-            try:
-                worker.start(confine_to=slot)
-            except (TesseraError, OSError) as exc:
-                with self._state_lock:
-                    unused = self._prestarted is worker and not self._closed
-                    if unused:
-                        self._prestarted = None
-                if unused:  # else a task took it (and starts it again) or the runner closes
-                    log.warning("Could not pre-start Blender (%s); starting it when needed", exc)
-                    self._close_worker(worker)
-            else:
-                log.debug("Blender %s pre-started in %s for the next bundle", worker.pid, slot)
-            finally:
-                with self._state_lock:
-                    self._starting = None
+                unused = self._prestarted is worker and not self._closed
+                if unused:
+                    self._prestarted = None
+            if unused:  # else a task took it (and starts it again) or the runner closes
+                log.warning("Could not pre-start Blender (%s); starting it when needed", exc)
+                self._close_worker(worker)
+        else:
+            log.debug("Blender %s pre-started in %s for the next bundle", worker.pid, slot)
+        finally:
+            with self._state_lock:
+                self._prestarters.pop(worker, None)
 
     def warm_bundles(self) -> list[str]:
         """Hashes of bundles whose scene a live worker has open, most recent first."""
@@ -273,7 +259,7 @@ class TaskRunner:
         """The process id of the pre-started Blender once it is ready (for tests)."""
         with self._state_lock:
             worker = self._prestarted
-            if worker is None or worker is self._starting:
+            if worker is None or worker in self._prestarters:
                 return None
         return worker.pid if worker.is_alive() else None
 

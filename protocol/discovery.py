@@ -6,7 +6,9 @@ itself), so two farms on one LAN cannot be confused. zeroconf is always bound to
 interfaces the caller names (tests and CI use 127.0.0.1 only); its callbacks run on
 zeroconf's own thread, so `browse` only collects results and returns them.
 
-No HTTP, no Blender, no Qt here.
+No HTTP, no Blender, no Qt here. zeroconf itself is imported only by what advertises or
+browses: the coordinator checks join proofs (`join_proof`) without LAN mode, and every
+process's start pays for what it imports (docs/render-overhead.md).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 from urllib.parse import urlparse
 
-from zeroconf import ServiceBrowser, ServiceInfo, ServiceListener, Zeroconf
+if TYPE_CHECKING:
+    from zeroconf import ServiceInfo, ServiceListener, Zeroconf
 
 COORDINATOR_TYPE = "_tessera._tcp.local."
 NODE_TYPE = "_tessera-node._tcp.local."
@@ -60,6 +63,8 @@ class Advertised:
 
 def open_zeroconf(interface: str | None) -> Zeroconf:
     """zeroconf bound to one address (e.g. '127.0.0.1'), or to all when None."""
+    from zeroconf import Zeroconf
+
     if interface:
         return Zeroconf(interfaces=[interface])
     return Zeroconf()
@@ -76,6 +81,8 @@ def coordinator_info(
     host = parsed.hostname or "127.0.0.1"
     address = interface or (host if host not in ("0.0.0.0", "::") else _primary_address())
     name = f"Tessera {farm} on {socket.gethostname()}"[:60]
+    from zeroconf import ServiceInfo
+
     return ServiceInfo(
         COORDINATOR_TYPE,
         f"{name}.{COORDINATOR_TYPE}",
@@ -97,6 +104,8 @@ def coordinator_info(
 def node_info(name: str, interface: str | None, properties: Mapping[str, object]) -> ServiceInfo:
     address = interface or _primary_address()
     instance = f"{name}"[:60]
+    from zeroconf import ServiceInfo
+
     return ServiceInfo(
         NODE_TYPE,
         f"{instance}.{NODE_TYPE}",
@@ -154,7 +163,9 @@ class Advertisement:
         self.close()
 
 
-class _Collector(ServiceListener):
+class _Collector:
+    """A zeroconf service listener (zeroconf takes any object with its three methods)."""
+
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self.found: dict[str, Advertised] = {}
@@ -197,10 +208,15 @@ def browse(
     until: object = None,
 ) -> list[Advertised]:
     """Listen for `seconds` (or until `until(found)` is true) and return what was seen."""
+    from zeroconf import ServiceBrowser
+
     types = {"coordinator": COORDINATOR_TYPE, "node": NODE_TYPE}
     zeroconf = open_zeroconf(interface)
     collectors = {kind: _Collector(kind) for kind in kinds}
-    browsers = [ServiceBrowser(zeroconf, types[kind], collectors[kind]) for kind in kinds]
+    browsers = [
+        ServiceBrowser(zeroconf, types[kind], cast("ServiceListener", collectors[kind]))
+        for kind in kinds
+    ]
     try:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:

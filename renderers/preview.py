@@ -164,7 +164,10 @@ def write_thumbnail(source: Path, target: Path, *, max_size: int = 256, quality:
     profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     buffer = io.BytesIO()
     if suffix == ".png":
-        image.save(buffer, "PNG", icc_profile=profile)
+        # Made for every finished frame on the coordinator, beside the next render:
+        # zlib level 1 takes a fifth of the default's time (384x216: 7 vs 34 ms) for a
+        # file about a quarter larger.
+        image.save(buffer, "PNG", icc_profile=profile, compress_level=1)
     else:
         image.save(buffer, "JPEG", quality=quality, icc_profile=profile)
     _write_bytes_atomically(target, buffer.getvalue())

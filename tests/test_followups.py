@@ -8,9 +8,11 @@ Real SQLite and files, the coordinator's own `Farm` with its assembler driven by
 from __future__ import annotations
 
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from coordinator.assembly import Assembler
 from coordinator.farm import Farm, Principal
@@ -27,6 +29,7 @@ from protocol.models import (
     TaskKind,
     TileGrid,
 )
+from protocol.output import FINISH_MANIFEST, FinishedEntry, FinishManifest
 from tests.coordinator_tools import FreshFarm
 from tests.inprocess_farm import TRUTH, setup_farm, small_spec, write_tile_exr
 
@@ -120,3 +123,43 @@ def test_a_hold_reads_the_frame_from_the_database(farm: Farm) -> None:
     followups.completed("node", "no-such-job", 1)
     assert not followups.holds("node"), "a frame that is not pending holds nothing"
     assert not followups.holds("another-node")
+
+
+def _png_sha(farm: Farm, job_id: str, frame: int) -> str | None:
+    row = farm.db.fetch_one(
+        "SELECT png_sha FROM frames WHERE job_id = ? AND frame = ?", (job_id, frame)
+    )
+    return None if row[0] is None else str(row[0])
+
+
+def test_a_frame_goes_to_its_finish_before_any_preview_and_falls_back_to_its_raw_one(
+    farm: Farm, demo_scene: Path, tmp_path: Path
+) -> None:
+    job_id, (node_a, _) = setup_farm(farm, _whole_frames(1), demo_scene, tmp_path / "bundle")
+    first = farm.try_lease(A, node_a, POLL)
+    assert first is not None
+    _render(farm, first, tmp_path)
+    assembler = Assembler(farm.states)
+    assembler.assemble(job_id, 1)
+    # Queued at once: the held node gets its finish without waiting for a preview.
+    assert _frame_status(farm, job_id, 1) == FrameStatus.FINISHING.value
+    assert not _png_sha(farm, job_id, 1)
+    finish = farm.try_lease(A, node_a, POLL)
+    assert finish is not None and finish.task.kind is TaskKind.FINISH
+    # The scene's file is one no thumbnail is made of (Radiance HDR): the frame's
+    # preview is then its raw passes', made only now.
+    upload = tmp_path / "finish.zip"
+    manifest = FinishManifest(files=[FinishedEntry(path="frame_0001.hdr", kind="frame")])
+    with zipfile.ZipFile(upload, "w") as archive:
+        archive.writestr(FINISH_MANIFEST, manifest.model_dump_json())
+        archive.writestr("frame_0001.hdr", b"#?RADIANCE\nnot really\n")
+    receipt = farm.accept_result(
+        A, finish.lease_id, sha256_file(upload), iter([upload.read_bytes()])
+    )
+    assert receipt.accepted
+    assembler.assemble(job_id, 1)
+    assert _frame_status(farm, job_id, 1) == FrameStatus.DONE.value
+    png = _png_sha(farm, job_id, 1)
+    assert png
+    with Image.open(farm.store.path(png)) as preview:
+        assert preview.format == "PNG" and preview.size[0] > 0

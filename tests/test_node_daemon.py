@@ -89,6 +89,7 @@ class FakeCoordinator:
         self.bundles: dict[str, bytes] = {}
         self.bundle_downloads: list[str] = []
         self.denoise_inputs: dict[str, bytes] = {}
+        self.denoise_input_downloads: list[str] = []
         self.fail_uploads = 0
         self.cancel_on_heartbeat = False
         self.unauthorised: list[str] = []
@@ -201,6 +202,7 @@ class FakeCoordinator:
         return _Reply(204, b"", "")
 
     def _denoise_input(self, lease_id: str, **_: object) -> _Reply:
+        self.denoise_input_downloads.append(lease_id)
         data = self.denoise_inputs.get(lease_id)
         return (
             _error(404, "not a denoise task") if data is None else _Reply(200, data, "image/x-exr")
@@ -454,8 +456,46 @@ def test_a_task_is_rendered_and_uploaded_with_its_hash(
     image = read_exr(exr)
     assert (image.width, image.height) == (WIDTH, HEIGHT)
     assert fake.failures == [] and fake.releases == []
-    assert _results(node) == [], "delivered results are not kept"
+    # A whole frame is its finish's input: kept (no note: not a pending result).
+    assert _results(node) == ["delivered-lease-1.exr"]
     assert fake.unauthorised == []
+
+
+def test_the_frame_a_node_delivered_is_finished_without_downloading_it_again(
+    fake: FakeCoordinator,
+    server: RunningServer,
+    start_node: Callable[..., NodeUnderTest],
+    demo_bundle: tuple[str, bytes],
+) -> None:
+    sha, data = demo_bundle
+    fake.bundles[sha] = data
+    fake.add_lease(make_lease(sha))
+    node = start_node(_url(server))
+    fake.wait_for(lambda: "lease-1" in fake.uploads)
+    frame = fake.uploads["lease-1"]
+    finish = make_lease(sha, "finish-1", kind=TaskKind.FINISH).model_copy(
+        update={
+            "assignment": None,
+            "denoise_input": hashlib.sha256(frame).hexdigest(),
+            "percentage": PERCENTAGE,
+            "resolution_x": 640,
+            "resolution_y": 360,
+        }
+    )
+    fake.denoise_inputs["finish-1"] = frame  # what a node without it downloads
+    fake.add_lease(finish)
+    # Another frame's finish: the node has not got that one, and downloads it.
+    other = finish.model_copy(update={"lease_id": "finish-2", "denoise_input": "e" * 64})
+    fake.denoise_inputs["finish-2"] = frame
+    fake.add_lease(other)
+    fake.wait_for(lambda: "finish-2" in fake.uploads)
+    node.finish()
+    assert fake.denoise_input_downloads == ["finish-2"], "its own frame came from its disk"
+    for lease_id in ("finish-1", "finish-2"):
+        with zipfile.ZipFile(io.BytesIO(fake.uploads[lease_id])) as archive:
+            assert "manifest.json" in archive.namelist()
+    assert fake.failures == []
+    assert _results(node) == [], "a kept frame is used once, or dropped"
 
 
 def test_the_node_waits_for_a_coordinator_that_is_down_at_first(

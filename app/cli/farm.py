@@ -35,24 +35,15 @@ from app.cli.options import (
     pool_name,
     positive_int,
 )
-from app.connection import resolve_connection
 from common.errors import CoordinatorUnreachableError, UsageError
-from common.settings import Settings
 from coordinator.config import CoordinatorConfig
 from coordinator.verify.policy import VerificationPolicy
-from protocol.client import TesseraClient
-from protocol.discovery import (
-    COORDINATOR_TYPE,
-    Advertisement,
-    coordinator_info,
-    find_coordinator,
-    node_info,
-)
-from renderers.devices import probe_nvidia
-from renderers.worker import cpu_pinning_env, parse_cpu_list
 
 if TYPE_CHECKING:
-    pass
+    # The rest is imported by the handler that needs it: the coordinator and node of a
+    # local farm are `tessera` processes, and their start is on `tessera render`'s clock.
+    from common.settings import Settings
+    from protocol.discovery import Advertisement
 
 _DEFAULT_POLICY = VerificationPolicy()
 #: The coordinator's defaults, shown in --help (the data folder is a placeholder).
@@ -397,8 +388,8 @@ _cheat = from_tessera_error(_parse_cheat)
 
 
 def cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
-    from coordinator.config import CoordinatorConfig
     from coordinator.server import serve
+    from protocol.discovery import COORDINATOR_TYPE, Advertisement, coordinator_info
 
     if args.action == "migrate":
         return cmd_migrate(args)
@@ -474,8 +465,10 @@ def cmd_app(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
     import socket
 
+    from app.connection import resolve_connection
     from farm_node.config import NodeConfig
     from farm_node.main import run_node
+    from renderers.worker import cpu_pinning_env, parse_cpu_list
 
     policy, limits = providing(args), render_limits(args)
     logging.basicConfig(
@@ -496,6 +489,9 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
     if args.lan:
         farm, secret = _lan_farm(args)
         print(f"Looking for farm '{farm}' on the LAN...", flush=True)
+        from protocol.client import TesseraClient
+        from protocol.discovery import find_coordinator
+
         found = find_coordinator(farm, secret, interface=args.interface, timeout=30)
         if found is None:
             raise CoordinatorUnreachableError(
@@ -540,6 +536,9 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
         **worker_options(args, settings),
     )
     if args.lan:
+        from protocol.discovery import Advertisement, node_info
+        from renderers.devices import probe_nvidia
+
         gpus = probe_nvidia()
         properties = {
             "devices": config.device,
@@ -559,6 +558,8 @@ def cmd_node(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_join(args: argparse.Namespace, settings: Settings) -> int:
     import socket
 
+    from protocol.client import TesseraClient
+    from protocol.discovery import find_coordinator
     from protocol.models import Role
 
     secret = _farm_secret(args)

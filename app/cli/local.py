@@ -107,19 +107,26 @@ def local_probe_needed(args: argparse.Namespace, cheats: list[str]) -> bool:
     return bool(args.probe or cheats or args.tiles == AUTO)
 
 
+def _cheat_names(count: int) -> list[str]:
+    """The `--cheat` modes of `count` cheating nodes (farm_node.cheats, which loads the
+    node's renderer, numpy and OpenEXR, is imported only when there are some)."""
+    if count == 0:
+        return []
+    from farm_node.cheats import cheat_modes
+
+    return [mode.value for mode in cheat_modes(count)]
+
+
 # --- render (a farm of its own) -----------------------------------------------------------
 
 
 def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
     """Submit to a coordinator and nodes started on this machine for this one job."""
-    from app.follow import FrameFiles, follow_job
     from app.local_farm import LocalFarm
-    from app.submit import bundle_folder
-    from farm_node.cheats import cheat_modes
 
     started = time.monotonic()
     status = Status(sys.stderr, enabled=not args.json)
-    cheats = [mode.value for mode in cheat_modes(getattr(args, "cheaters", 0))]
+    cheats = _cheat_names(getattr(args, "cheaters", 0))
     if cheats and args.nodes + len(cheats) < 3:
         status.warn(
             f"{args.nodes + len(cheats)} providers in all: a disagreement between two of "
@@ -133,10 +140,6 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
     with tempfile.TemporaryDirectory(prefix="tessera-farm-") as folder:
         cheating = f" and {len(cheats)} cheating node(s)" if cheats else ""
         status.line(f"Starting a local farm: a coordinator and {args.nodes} node(s){cheating}...")
-        # The local farm prices its nodes so the run shows who earned what; the job
-        # offers at least that price, from credits granted to the local requester.
-        options = job_options_of(args)
-        options = options.model_copy(update={"max_price": max(options.max_price, LOCAL_PRICE)})
         farm = LocalFarm(
             Path(folder),
             nodes=args.nodes,
@@ -147,8 +150,17 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
             benchmark_cache=settings.home / "local-farm",
         )
         try:
-            # The farm starts while the scene is inspected, probed and packed.
+            # The farm starts while the scene is inspected, probed and packed; first of
+            # all, so that its processes' start overlaps this one's imports too (a bad
+            # option below still fails at once: the farm is stopped).
             farm.start_in_background()
+            from app.follow import FrameFiles, follow_job
+            from app.submit import bundle_folder
+
+            # The local farm prices its nodes so the run shows who earned what; the job
+            # offers at least that price, from credits granted to the local requester.
+            options = job_options_of(args)
+            options = options.model_copy(update={"max_price": max(options.max_price, LOCAL_PRICE)})
             with bundle_folder(settings.home / "bundles") as bundle_dir:
                 prepared = prepare_job(
                     args,

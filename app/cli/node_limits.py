@@ -19,10 +19,10 @@ from app.cli.options import (
     positive,
 )
 from common.errors import UsageError
-from renderers.worker import RenderLimits
 
 if TYPE_CHECKING:
     from farm_node.availability import ProvidePolicy
+    from renderers.worker import RenderLimits  # numpy, OpenEXR: not for `coordinator`
 
 
 def add_providing_options(parser: argparse.ArgumentParser) -> None:
@@ -144,6 +144,8 @@ def providing(args: argparse.Namespace) -> ProvidePolicy:
 
 def render_limits(args: argparse.Namespace) -> RenderLimits:
     """The `RenderLimits` of `tessera node`'s options (RenderLimits checks them)."""
+    from renderers.worker import RenderLimits
+
     if args.memory_limit is UNSET:
         return RenderLimits(min_free_disk=args.min_free_disk, sandbox=args.sandbox)
     if args.memory_limit is not None and args.memory_limit < 64 << 20:

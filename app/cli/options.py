@@ -13,21 +13,21 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
-from pydantic import ValidationError
-
-from app.connection import CLI_RETRIES, resolve_connection
-from app.job_spec import describe_validation_error, job_options
 from common.errors import TesseraError
-from common.settings import DEFAULT_COORDINATOR, Settings
-from protocol.client import TesseraClient
-from protocol.models import DEVICES, FrameRange, JobOptions
 from protocol.requirements import MAX_MEMORY_GB, POOL_NAME_PATTERN
-from renderers.regions import parse_grid
+
+if TYPE_CHECKING:
+    # Imported where used: every command (the coordinator's and node's processes of a
+    # local farm included) loads this module, and these pull in pydantic models, the HTTP
+    # client and numpy (docs/render-overhead.md).
+    from common.settings import Settings
+    from protocol.client import TesseraClient
+    from protocol.models import JobOptions
 
 #: A command's handler: (parsed arguments, settings) -> exit status.
-Handler = Callable[[argparse.Namespace, Settings], int]
+Handler: TypeAlias = "Callable[[argparse.Namespace, Settings], int]"
 #: The default of an option whose absence differs from every value it can take.
 UNSET: Any = object()
 
@@ -53,7 +53,14 @@ def from_tessera_error(parse: Callable[[str], T]) -> Callable[[str], T]:
 
 
 #: "CxR": C columns by R rows of tiles.
-grid = from_tessera_error(parse_grid)
+def _parse_grid(text: str) -> tuple[int, int]:
+    from renderers.regions import parse_grid  # numpy: only for commands that take a grid
+
+    return parse_grid(text)
+
+
+_parse_grid.__name__ = "parse_grid"
+grid = from_tessera_error(_parse_grid)
 #: What `--tiles auto` parses to: the grid is chosen once the scene and nodes are known.
 AUTO = "auto"
 
@@ -231,6 +238,11 @@ def priority(text: str) -> int:
 
 def frames(text: str) -> str:
     """A frame range as `FrameRange.parse` reads it: N, A-B or A-BxSTEP."""
+    from pydantic import ValidationError
+
+    from app.job_spec import describe_validation_error
+    from protocol.models import FrameRange
+
     try:
         FrameRange.parse(text)
     except ValidationError as exc:
@@ -258,6 +270,8 @@ def add_blender_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_connection_options(parser: argparse.ArgumentParser) -> None:
+    from common.settings import DEFAULT_COORDINATOR
+
     group = parser.add_argument_group("farm connection")
     group.add_argument(
         "--coordinator",
@@ -275,6 +289,9 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
 
 def connect(args: argparse.Namespace, settings: Settings) -> TesseraClient:
     """A client for --coordinator/--token (else the settings'); a token is required."""
+    from app.connection import CLI_RETRIES, resolve_connection
+    from protocol.client import TesseraClient
+
     connection = resolve_connection(settings, url=args.coordinator, token=args.token)
     connection = connection.require_token(settings)
     return TesseraClient(connection.url, connection.token, retries=CLI_RETRIES)
@@ -282,6 +299,8 @@ def connect(args: argparse.Namespace, settings: Settings) -> TesseraClient:
 
 def add_job_options(parser: argparse.ArgumentParser) -> None:
     """The options that shape a job: shared by `submit`, `render` and `demo`."""
+    from protocol.models import DEVICES
+
     parser.add_argument(
         "--frames",
         type=frames,
@@ -365,6 +384,8 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
 
 def job_options_of(args: argparse.Namespace) -> JobOptions:
     """The `JobOptions` of `add_job_options`' flags (and `submit`'s prices, if given)."""
+    from app.job_spec import job_options
+
     columns, rows = (1, 1) if args.tiles == AUTO else args.tiles
     return job_options(
         frames=args.frames,

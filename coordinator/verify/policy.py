@@ -14,8 +14,10 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from renderers.regions import PixelRect
+if TYPE_CHECKING:  # renderers.regions loads numpy: not at every CLI command's start
+    from renderers.regions import PixelRect
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,8 @@ def choose_window(
 ) -> PixelRect:
     """A random window inside the tile's core region (pixels of the whole frame); with
     `around`, the window inside the core that is centred as near that pixel as it can."""
+    from renderers.regions import PixelRect
+
     width, height = core.x1 - core.x0, core.y1 - core.y0
     w = min(width, _window_side(width, policy))
     h = min(height, _window_side(height, policy))
